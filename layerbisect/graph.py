@@ -1,0 +1,331 @@
+"""A model as a networkx graph of operations in their float meaning.
+
+Quantization leaves the float computation in place but wraps it: QuantizeLinear/DequantizeLinear
+shells (QDQ), integer operators that carry their own scales (QOperator: QLinearConv, QGemm, ...),
+or dynamic quantization (DynamicQuantizeLinear + MatMulInteger + Cast + Mul). This module sees
+through all three. Each node of the graph built here is one operation with a *role* (its float
+op type: QLinearConv -> Conv, MatMulInteger -> MatMul), and each edge is a value flowing between
+operations. Quantization plumbing, constants and weights are not nodes: they are folded into the
+*readout* of a value (which tensor holds it and how to dequantize it) and into the *fingerprint*
+of a node's weight.
+
+The same function builds the graph of the float model and of the quantized one, so that the
+aligner (``layerbisect.align``) compares like with like. This module is the only one that knows
+ONNX operator semantics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import networkx as nx
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+ValueRef = tuple[str, int]
+"""A value: (graph node id, output index). Graph inputs are nodes with a single output."""
+
+# Quantized operators and the float operator they stand for.
+ROLES = {
+    "QLinearConv": "Conv",
+    "ConvInteger": "Conv",
+    "QLinearMatMul": "MatMul",
+    "MatMulInteger": "MatMul",
+    "MatMulIntegerToFloat": "MatMul",
+    "DynamicQuantizeMatMul": "MatMul",
+    "QGemm": "Gemm",
+    "QLinearAdd": "Add",
+    "QLinearMul": "Mul",
+    "QLinearGlobalAveragePool": "GlobalAveragePool",
+    "QLinearAveragePool": "AveragePool",
+    "QLinearSigmoid": "Sigmoid",
+    "QLinearLeakyRelu": "LeakyRelu",
+    "QLinearSoftmax": "Softmax",
+    "QLinearConcat": "Concat",
+    "QLinearReduceMean": "ReduceMean",
+    "QLinearWhere": "Where",
+    "QAttention": "Attention",
+    "QEmbedLayerNormalization": "EmbedLayerNormalization",
+}
+
+# Input positions of the output scale and zero point of QOperator nodes whose output is integer.
+OUTPUT_QPARAMS = {
+    "QLinearConv": (6, 7),
+    "QLinearMatMul": (6, 7),
+    "QLinearAdd": (6, 7),
+    "QLinearMul": (6, 7),
+    "QGemm": (7, 8),
+    "QLinearGlobalAveragePool": (3, 4),
+    "QLinearAveragePool": (3, 4),
+    "QLinearSigmoid": (3, 4),
+    "QLinearLeakyRelu": (3, 4),
+    "QLinearSoftmax": (3, 4),
+    "QLinearReduceMean": (3, 4),
+    "QLinearConcat": (0, 1),
+    "QLinearWhere": (7, 8),
+}
+
+# Input positions of (quantized weight, its scale, its zero point) of integer operators.
+WEIGHT_QPARAMS = {
+    "QLinearConv": (3, 4, 5),
+    "QLinearMatMul": (3, 4, 5),
+    "QGemm": (3, 4, 5),
+    "ConvInteger": (1, None, 3),
+    "MatMulInteger": (1, None, 3),
+    "DynamicQuantizeMatMul": (1, 2, 3),
+    "MatMulIntegerToFloat": (1, 3, 5),
+}
+
+# Operators that move integers around without rescaling them: their output keeps the
+# quantization parameters of their first input.
+INTEGER_PASSTHROUGH = {
+    "MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather",
+    "Split", "Resize", "Pad", "Expand", "Tile", "DepthToSpace", "SpaceToDepth",
+}
+INTEGER_OPS = {"MatMulInteger", "ConvInteger"}
+# Input position of the bias that operators add inside themselves.
+BIAS_INPUT = {
+    "Conv": 2, "ConvTranspose": 2, "Gemm": 2, "QLinearConv": 8, "QGemm": 6,
+    "DynamicQuantizeMatMul": 4, "MatMulIntegerToFloat": 6, "FusedConv": 2, "FusedGemm": 2,
+}
+SHELL_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Identity", "Dropout"}
+FLOAT_DTYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                onnx.TensorProto.BFLOAT16}
+FINGERPRINT_SIZE = 4096
+CONST, SCALE = "const", "scale"
+
+
+@dataclass(frozen=True)
+class Readout:
+    """Where a value can be read, and how to turn it into float.
+
+    ``scale``/``zero_point`` are set when ``tensor`` holds integers (a QOperator output);
+    ``axis`` is the channel axis of per-channel parameters.
+    """
+
+    tensor: str
+    scale: np.ndarray | None = None
+    zero_point: np.ndarray | None = None
+    axis: int = 1
+
+    def dequantize(self, array: np.ndarray) -> np.ndarray:
+        """Return ``array`` as float values (unchanged when it is already float)."""
+        if self.scale is None or np.issubdtype(array.dtype, np.floating):
+            return array
+        scale, zero_point = self.scale, self.zero_point
+        if scale.ndim == 1 and scale.size > 1 and array.ndim > 1:
+            shape = [1] * array.ndim
+            shape[self.axis] = -1
+            scale = scale.reshape(shape)
+            zero_point = zero_point.reshape(shape) if zero_point is not None else None
+        zp = 0 if zero_point is None else zero_point.astype(np.float64)
+        return ((array.astype(np.float64) - zp) * scale).astype(np.float32)
+
+
+def build_graph(model: onnx.ModelProto) -> nx.DiGraph:
+    """Return the graph of operations of ``model`` (nodes named, shapes inferred if possible).
+
+    Node attributes: ``kind`` ("input" or "op"), ``name``, ``op_type``, ``role``, ``order``
+    (position in the model), ``sources`` (the ValueRef of each data input, in input order),
+    ``readouts``, ``shapes`` and ``dtypes`` (one per output, None where unknown), ``fingerprint`` (a sample of the dequantized
+    weight, or None), ``bias`` (whether the operation adds a bias inside itself). Graph attribute ``tensors`` maps each tensor name to its ValueRef.
+    """
+    return _Builder(model).build()
+
+
+class _Builder:
+    def __init__(self, model: onnx.ModelProto) -> None:
+        try:
+            model = onnx.shape_inference.infer_shapes(model)
+        except Exception:  # shape inference is a help, never a requirement
+            pass
+        self.graph_proto = model.graph
+        self.initializers = {init.name: init for init in model.graph.initializer}
+        self.constant_nodes = {
+            node.output[0]: node for node in model.graph.node if node.op_type == "Constant"
+        }
+        self.types: dict[str, onnx.TypeProto] = {}
+        for info in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+            self.types[info.name] = info.type
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in model.graph.node:
+            for out in node.output:
+                self.producer[out] = node
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+        self.source: dict[str, ValueRef | str] = {}
+        self.graph = nx.DiGraph()
+
+    def build(self) -> nx.DiGraph:
+        for init in self.graph_proto.initializer:
+            self.source[init.name] = CONST
+        for position, info in enumerate(self.graph_proto.input):
+            if info.name in self.source:
+                continue
+            node_id = f"input:{info.name}"
+            self.graph.add_node(
+                node_id, kind="input", name=info.name, op_type="Input", role="Input",
+                order=-len(self.graph_proto.input) + position, sources=(),
+                readouts=(Readout(info.name),), shapes=(self._shape(info.name),),
+                dtypes=(self._dtype(info.name),),
+                fingerprint=None, bias=False,
+            )
+            self.source[info.name] = (node_id, 0)
+        for order, node in enumerate(self.graph_proto.node):
+            self._add(node, order)
+        for node_id, attrs in self.graph.nodes(data=True):
+            if attrs["kind"] == "op":
+                attrs["readouts"] = tuple(self._readout(out) for out in attrs["outputs"])
+        self.graph.graph["tensors"] = {
+            name: ref for name, ref in self.source.items() if isinstance(ref, tuple)
+        }
+        return self.graph
+
+    def _add(self, node: onnx.NodeProto, order: int) -> None:
+        inputs = [self.source.get(name, CONST) if name else CONST for name in node.input]
+        data = [ref for ref in inputs if isinstance(ref, tuple)]
+        if not data:
+            kind = SCALE if SCALE in inputs or node.op_type == "DynamicQuantizeLinear" else CONST
+            for out in node.output:
+                self.source[out] = kind
+            return
+        if self._is_shell(node, inputs):
+            first = next(ref for ref in inputs if isinstance(ref, tuple))
+            self.source[node.output[0]] = first
+            for out in node.output[1:]:
+                self.source[out] = SCALE
+            return
+        self.graph.add_node(
+            node.name, kind="op", name=node.name, op_type=node.op_type,
+            role=ROLES.get(node.op_type, node.op_type), order=order, sources=tuple(data),
+            outputs=tuple(node.output), shapes=tuple(self._shape(out) for out in node.output),
+            dtypes=tuple(self._dtype(out) for out in node.output),
+            fingerprint=self._fingerprint(node), bias=_has_input(node, BIAS_INPUT.get(node.op_type)),
+        )
+        for src, _ in dict.fromkeys(data):
+            self.graph.add_edge(src, node.name)
+        for index, out in enumerate(node.output):
+            self.source[out] = (node.name, index)
+
+    def _is_shell(self, node: onnx.NodeProto, inputs: list) -> bool:
+        """Whether ``node`` only carries a value along (quantization plumbing, identities)."""
+        if node.op_type in SHELL_OPS:
+            return True
+        produced_by = self.producer.get(node.input[0]) if node.input else None
+        if node.op_type == "Cast":  # integer accumulator to float, after MatMulInteger
+            return produced_by is not None and produced_by.op_type in INTEGER_OPS
+        if node.op_type == "Mul" and len(inputs) == 2:  # rescaling after that Cast
+            for value, other in ((0, 1), (1, 0)):
+                cast = self.producer.get(node.input[value])
+                if (cast is not None and cast.op_type == "Cast" and inputs[other] in (CONST, SCALE)
+                        and self._is_shell(cast, [])):
+                    return True
+        return False
+
+    def _readout(self, tensor: str) -> Readout:
+        """Follow a value through its quantization shell to the last float tensor holding it."""
+        current, last_float = tensor, None
+        for _ in range(8):
+            step = self._shell_consumer(current)
+            if step is None:
+                break
+            current = step.output[0]
+            if step.op_type in ("DequantizeLinear", "Cast", "Mul"):
+                last_float = current
+        if last_float is not None:
+            return Readout(last_float)
+        scale, zero_point, axis = self._qparams(tensor)
+        return Readout(tensor, scale, zero_point, axis)
+
+    def _shell_consumer(self, tensor: str) -> onnx.NodeProto | None:
+        shells = [
+            node for node in self.consumers.get(tensor, [])
+            if node.input and node.input[0] == tensor or node.op_type == "Mul"
+        ]
+        for node in shells:
+            if node.op_type in ("QuantizeLinear", "DequantizeLinear", "Cast", "Mul"):
+                if not self.graph.has_node(node.name):
+                    return node
+        return None
+
+    def _qparams(self, tensor: str, depth: int = 0) -> tuple:
+        """Scale and zero point of an integer tensor produced by a quantized operator."""
+        node = self.producer.get(tensor)
+        if node is None or depth > 8:
+            return None, None, 1
+        if node.op_type in OUTPUT_QPARAMS:
+            scale_at, zp_at = OUTPUT_QPARAMS[node.op_type]
+            return self._const(node, scale_at), self._const(node, zp_at), 1
+        if node.op_type == "QuantizeLinear":
+            return self._const(node, 1), self._const(node, 2), _axis(node)
+        if node.op_type in INTEGER_PASSTHROUGH or node.op_type in SHELL_OPS:
+            return self._qparams(node.input[0], depth + 1)
+        return None, None, 1
+
+    def _const(self, node: onnx.NodeProto, index: int) -> np.ndarray | None:
+        if index >= len(node.input) or not node.input[index]:
+            return None
+        return self._value(node.input[index])
+
+    def _value(self, name: str) -> np.ndarray | None:
+        """The value of a constant tensor: an initializer, a Constant, or a dequantized one."""
+        if name in self.initializers:
+            return numpy_helper.to_array(self.initializers[name])
+        if name in self.constant_nodes:
+            attr = self.constant_nodes[name].attribute
+            tensors = [a.t for a in attr if a.name == "value"]
+            return numpy_helper.to_array(tensors[0]) if tensors else None
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "DequantizeLinear":
+            raw = self._value(node.input[0])
+            if raw is None:
+                return None
+            readout = Readout(name, self._const(node, 1), self._const(node, 2), _axis(node))
+            return readout.dequantize(raw) if readout.scale is not None else raw
+        return None
+
+    def _fingerprint(self, node: onnx.NodeProto) -> np.ndarray | None:
+        """A sample of the node's (dequantized) weight, to tell similar nodes apart."""
+        if node.op_type in WEIGHT_QPARAMS:
+            w_at, scale_at, zp_at = WEIGHT_QPARAMS[node.op_type]
+            raw = self._const(node, w_at)
+            if raw is None:
+                return None
+            zero_point = self._const(node, zp_at) if zp_at is not None else None
+            zp = 0.0 if zero_point is None or zero_point.size != 1 else float(zero_point.ravel()[0])
+            weight = raw.astype(np.float64) - zp
+        else:
+            candidates = [self._value(name) for name in node.input if self.source.get(name) == CONST]
+            arrays = [a for a in candidates if a is not None and a.size > 1 and a.dtype.kind == "f"]
+            if not arrays:
+                return None
+            weight = max(arrays, key=lambda a: a.size)
+        return np.asarray(weight, dtype=np.float64).ravel()[:FINGERPRINT_SIZE]
+
+    def _dtype(self, name: str) -> int | None:
+        typ = self.types.get(name)
+        if typ is None or not typ.HasField("tensor_type"):
+            return None
+        return typ.tensor_type.elem_type or None
+
+    def _shape(self, name: str) -> tuple | None:
+        typ = self.types.get(name)
+        if typ is None or not typ.HasField("tensor_type") or not typ.tensor_type.HasField("shape"):
+            return None
+        return tuple(
+            dim.dim_value if dim.HasField("dim_value") else None
+            for dim in typ.tensor_type.shape.dim
+        )
+
+
+def _has_input(node: onnx.NodeProto, index: int | None) -> bool:
+    return index is not None and index < len(node.input) and bool(node.input[index])
+
+
+def _axis(node: onnx.NodeProto) -> int:
+    for attr in node.attribute:
+        if attr.name == "axis":
+            return attr.i
+    return 1

@@ -1,0 +1,209 @@
+"""Feeds for the two models: checked against what each model declares, or generated.
+
+Pure numpy: the input declarations come in as ``InputSpec`` values (``layerbisect.run`` reads
+them from onnxruntime). The rules, for models that may declare different inputs:
+
+- each model gets the inputs it declares, taken by name from the feeds;
+- a key that neither model declares is an error; a key only one model declares goes to it alone;
+- a declared input missing from the feeds is an error that names the model and the input;
+- a shared name whose shapes differ by exactly an NCHW/NHWC permutation is permuted for the
+  model that needs it; any other difference is an error;
+- with no feeds, seeded random values cover both models' inputs, equal for shared names.
+
+>>> spec = InputSpec("x", np.dtype("float32"), (1, "N"))
+>>> plan = plan_inputs([spec], [spec], shapes={"x": (1, 4)})
+>>> float_feeds, quant_feeds = plan.feeds(None, seed=0)
+>>> float_feeds["x"].shape, bool((float_feeds["x"] == quant_feeds["x"]).all())
+((1, 4), True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from layerbisect.errors import LayerbisectError
+
+Feeds = dict[str, np.ndarray]
+Dim = int | str | None
+TO_NHWC, TO_NCHW = (0, 2, 3, 1), (0, 3, 1, 2)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A model input as declared: dims are ints, or names/None where dynamic."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[Dim, ...]
+
+    def describe(self) -> str:
+        dims = ",".join(str(d) if d is not None else "?" for d in self.shape)
+        return f"{self.dtype}[{dims}]"
+
+    def accepts(self, array: np.ndarray) -> bool:
+        return (
+            array.dtype == self.dtype
+            and array.ndim == len(self.shape)
+            and all(not isinstance(d, int) or d == n for d, n in zip(self.shape, array.shape))
+        )
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """Which model takes which input, and how feeds are turned into each model's feeds."""
+
+    float_specs: tuple[InputSpec, ...]
+    quant_specs: tuple[InputSpec, ...]
+    shapes: Mapping[str, Sequence[int]]
+    notes: tuple[str, ...]
+
+    def feeds(self, sample: Mapping[str, object] | None, seed: int) -> tuple[Feeds, Feeds]:
+        """Return (float feeds, quantized feeds) for one sample, or random ones if None."""
+        if sample is None:
+            sample = self._random(seed)
+        elif not isinstance(sample, Mapping):
+            raise LayerbisectError(
+                f"a sample must be a dict of input name -> array, got {type(sample).__name__}"
+            )
+        known = {s.name for s in self.float_specs} | {s.name for s in self.quant_specs}
+        unknown = sorted(set(sample) - known)
+        if unknown:
+            raise LayerbisectError(
+                f"input {unknown[0]!r} is not an input of either model; "
+                f"the models take {sorted(known)}"
+            )
+        arrays = {name: np.asarray(value) for name, value in sample.items()}
+        return (
+            self._model_feeds(arrays, self.float_specs, self.quant_specs, "float model"),
+            self._model_feeds(arrays, self.quant_specs, self.float_specs, "quantized model"),
+        )
+
+    def _model_feeds(self, arrays: Feeds, specs, other_specs, role: str) -> Feeds:
+        others = {spec.name: spec for spec in other_specs}
+        feeds = {}
+        for spec in specs:
+            if spec.name not in arrays:
+                raise LayerbisectError(
+                    f"the {role} needs input {spec.name!r} ({spec.describe()}) but the feeds "
+                    f"do not have it; pass it in inputs= or with --input {spec.name}=FILE.npy"
+                )
+            array = arrays[spec.name]
+            if not spec.accepts(array):
+                other = others.get(spec.name)
+                layout = _layout_permutation(array, spec, other)
+                if layout is None:
+                    raise LayerbisectError(
+                        f"input {spec.name!r} of the {role} expects {spec.describe()}, "
+                        f"got {array.dtype}[{','.join(map(str, array.shape))}]"
+                    )
+                array = np.ascontiguousarray(array.transpose(layout))
+            feeds[spec.name] = array
+        return feeds
+
+    def _random(self, seed: int) -> Feeds:
+        rng = np.random.default_rng(seed)
+        feeds: Feeds = {}
+        for spec in self.float_specs + self.quant_specs:
+            if spec.name not in feeds:
+                feeds[spec.name] = _random_array(spec, self.shapes.get(spec.name), rng)
+        return feeds
+
+
+def plan_inputs(
+    float_specs: Sequence[InputSpec],
+    quant_specs: Sequence[InputSpec],
+    shapes: Mapping[str, Sequence[int]] | None = None,
+) -> InputPlan:
+    """Check that the two models' inputs can be fed together and say how.
+
+    ``shapes`` gives the full shape of inputs with dynamic dimensions (used for random feeds).
+    """
+    shapes = dict(shapes or {})
+    float_names = {s.name for s in float_specs}
+    quant_names = {s.name for s in quant_specs}
+    unknown = sorted(set(shapes) - float_names - quant_names)
+    if unknown:
+        raise LayerbisectError(
+            f"a shape is given for {unknown[0]!r}, which is not an input of either model; "
+            f"the models take {sorted(float_names | quant_names)}"
+        )
+    notes = []
+    for name in sorted(float_names ^ quant_names):
+        only = "float" if name in float_names else "quantized"
+        notes.append(f"input {name!r} is declared by the {only} model only and goes to it alone")
+    quant_by_name = {s.name: s for s in quant_specs}
+    for spec in float_specs:
+        other = quant_by_name.get(spec.name)
+        if other is None or _compatible(spec.shape, other.shape):
+            continue
+        if _permutes(spec.shape, other.shape) is None:
+            raise LayerbisectError(
+                f"input {spec.name!r} is {spec.describe()} in the float model but "
+                f"{other.describe()} in the quantized model; only an NCHW/NHWC difference "
+                "can be bridged"
+            )
+        notes.append(
+            f"input {spec.name!r} is permuted between NCHW ({spec.describe()}, float model) "
+            f"and NHWC ({other.describe()}, quantized model)"
+            if _permutes(spec.shape, other.shape) == TO_NHWC else
+            f"input {spec.name!r} is permuted between NHWC ({spec.describe()}, float model) "
+            f"and NCHW ({other.describe()}, quantized model)"
+        )
+    return InputPlan(tuple(float_specs), tuple(quant_specs), shapes, tuple(notes))
+
+
+def _compatible(a: tuple[Dim, ...], b: tuple[Dim, ...]) -> bool:
+    return len(a) == len(b) and all(
+        not isinstance(x, int) or not isinstance(y, int) or x == y for x, y in zip(a, b)
+    )
+
+
+def _permutes(a: tuple[Dim, ...], b: tuple[Dim, ...]) -> tuple[int, ...] | None:
+    """The permutation taking shape ``a`` to shape ``b``, if it is NCHW<->NHWC."""
+    if len(a) != 4 or len(b) != 4:
+        return None
+    for perm in (TO_NHWC, TO_NCHW):
+        if _compatible(tuple(a[i] for i in perm), b):
+            return perm
+    return None
+
+
+def _layout_permutation(array: np.ndarray, spec: InputSpec, other: InputSpec | None):
+    """The permutation that turns ``array`` (fit for ``other``) into one ``spec`` accepts."""
+    if other is None or not other.accepts(array) or array.dtype != spec.dtype:
+        return None
+    perm = _permutes(other.shape, spec.shape)
+    if perm is None or not spec.accepts(array.transpose(perm)):
+        return None
+    return perm
+
+
+def _random_array(spec: InputSpec, shape: Sequence[int] | None, rng: np.random.Generator):
+    if shape is None:
+        dynamic = [str(d) for d in spec.shape if not isinstance(d, int)]
+        if dynamic:
+            example = ",".join(str(d) if isinstance(d, int) else "N" for d in spec.shape)
+            raise LayerbisectError(
+                f"input {spec.name!r} ({spec.describe()}) has a dynamic dimension "
+                f"({', '.join(dynamic)}): give its full shape with shapes={{{spec.name!r}: "
+                f"({example.replace(',', ', ')})}} or --shape {spec.name}={example}, "
+                "or pass real inputs"
+            )
+        shape = spec.shape
+    shape = tuple(int(d) for d in shape)
+    if not _compatible(spec.shape, shape):
+        raise LayerbisectError(
+            f"shape {list(shape)} given for input {spec.name!r} does not fit {spec.describe()}"
+        )
+    if spec.dtype.kind == "f":
+        return rng.standard_normal(shape).astype(spec.dtype)
+    if spec.dtype.kind == "b":
+        return rng.integers(0, 2, shape).astype(bool)
+    if spec.dtype.kind in "iu":
+        return rng.integers(0, 10, shape).astype(spec.dtype)
+    raise LayerbisectError(
+        f"cannot make random values for input {spec.name!r} of type {spec.dtype}; pass real inputs"
+    )

@@ -1,0 +1,105 @@
+"""Run a model with onnxruntime. This module is the only one that imports onnxruntime."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from layerbisect.errors import LayerbisectError
+from layerbisect.inputs import Feeds, InputSpec
+
+DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(int16)": np.int16,
+    "tensor(uint16)": np.uint16, "tensor(int32)": np.int32, "tensor(uint32)": np.uint32,
+    "tensor(int64)": np.int64, "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_,
+    "tensor(string)": np.str_,
+}
+
+
+class Session:
+    """An onnxruntime session over an in-memory model, with errors that name the model.
+
+    >>> from onnx import helper, TensorProto
+    >>> x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    >>> y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    >>> g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    >>> m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    >>> s = Session(m, "model")
+    >>> s.run({"x": np.array([-1.0, 2.0], np.float32)}, ["y"])["y"]
+    array([0., 2.], dtype=float32)
+    """
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        role: str,
+        providers: Sequence[str] = DEFAULT_PROVIDERS,
+        original: onnx.ModelProto | None = None,
+    ) -> None:
+        """``original`` is the model before exposing: on failure, it tells whose fault it is."""
+        self.role = role
+        unknown = [p for p in providers if p not in ort.get_available_providers()]
+        if unknown:
+            raise LayerbisectError(
+                f"execution provider {unknown[0]!r} is not available in this onnxruntime; "
+                f"available: {', '.join(ort.get_available_providers())}"
+            )
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            self.session = _create(model, options, providers)
+        except Exception as exc:
+            if original is not None:
+                try:
+                    _create(original, options, providers)
+                except Exception as plain:
+                    exc = plain
+                else:
+                    raise LayerbisectError(
+                        f"onnxruntime loads the {role} but not with its intermediate tensors "
+                        f"exposed ({_first_line(exc)}); please report this model"
+                    ) from None
+            raise LayerbisectError(
+                f"onnxruntime cannot load the {role}: {_first_line(exc)}"
+            ) from None
+
+    @property
+    def inputs(self) -> list[InputSpec]:
+        """The inputs the model declares (initializers excluded)."""
+        return [
+            InputSpec(i.name, np.dtype(_ORT_TYPES.get(i.type, np.float32)), tuple(
+                d if isinstance(d, int) else d for d in i.shape
+            ))
+            for i in self.session.get_inputs()
+        ]
+
+    def run(self, feeds: Feeds, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        """Run once and return the named outputs."""
+        try:
+            values = self.session.run(list(outputs), feeds)
+        except Exception as exc:
+            raise LayerbisectError(f"onnxruntime failed to run the {self.role}: {_first_line(exc)}") from None
+        return dict(zip(outputs, values))
+
+
+def _create(model: onnx.ModelProto, options: ort.SessionOptions, providers: Sequence[str]):
+    return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
+
+
+def _first_line(exc: BaseException) -> str:
+    """onnxruntime's message without its error code and C++ source location."""
+    text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    located = re.match(r"^\S+\.(?:cc|h|cpp):\d+ .*?\) ", text)
+    if located:
+        text = text[located.end():]
+    if "Unsupported model IR version" in text:
+        text += " (upgrade onnxruntime, or save the model with a lower ir_version)"
+    return text[:400]

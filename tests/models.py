@@ -1,0 +1,328 @@
+"""Deterministic builders of small ONNX models, their onnxruntime-quantized
+versions, and helpers to plant faults in quantized weights.
+
+Plain module (no pytest dependency) so that tests, examples and benchmarks can
+all ``from models import ...``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import os
+import tempfile
+from typing import Iterator
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+IR_VERSION = 8
+
+__all__ = [
+    "make_cnn",
+    "make_transformer",
+    "quantize",
+    "corrupt_weights",
+    "quant_node_for",
+    "weight_initializer_of",
+    "random_inputs",
+]
+
+
+class _Graph:
+    """Tiny helper accumulating nodes and initializers with unique names."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def randn(self, name: str, shape: tuple[int, ...], std: float) -> str:
+        return self.const(name, (self.rng.standard_normal(shape) * std).astype(np.float32))
+
+    def weight(self, name: str, value: np.ndarray, axes: tuple[int, ...] = ()) -> str:
+        """Store ``value`` snapped onto the int8 grid ``k * absmax / 127``, with every
+        slice along each of ``axes`` reaching ``|k| = 127``. ORT's symmetric int8
+        weight quantization (per-tensor or per-channel on those axes) is then
+        lossless, so healthy quantization error comes from activations only."""
+        step = np.abs(value).max() / 127.0
+        k = np.clip(np.round(value / step), -127, 127)
+        for axis in axes:
+            moved = np.moveaxis(k, axis, 0).reshape(k.shape[axis], -1)  # view into k
+            rows = np.arange(moved.shape[0])
+            cols = np.abs(moved).argmax(axis=1)
+            moved[rows, cols] = np.where(moved[rows, cols] < 0, -127, 127)
+        return self.const(name, (k * step).astype(np.float32))
+
+    def node(self, op: str, name: str, inputs: list[str], **attrs) -> str:
+        """Add a single-output node whose output tensor is named after the node."""
+        self.nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
+        return name
+
+    def model(self, name: str, inp: onnx.ValueInfoProto, out: onnx.ValueInfoProto) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, name, [inp], [out], self.inits)
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="layerbisect-tests"
+        )
+        model.ir_version = IR_VERSION
+        onnx.checker.check_model(model)
+        return model
+
+
+def make_cnn(seed: int = 0, batch: int = 1, size: int = 16) -> onnx.ModelProto:
+    """Small residual CNN: input "x" [batch,3,size,size] -> output "y" [batch,10].
+
+    Nodes: conv1 bn1 relu1 conv2 bn2 relu2 add1 relu3 pool1 conv3 relu4 gap
+    flatten fc (the tensor produced by each node carries the node's name).
+    """
+    g = _Graph(seed)
+
+    def conv(name: str, x: str, cin: int, cout: int) -> str:
+        w = g.weight(f"{name}.weight", g.rng.standard_normal((cout, cin, 3, 3)) * math.sqrt(2.0 / (cin * 9)), (0,))
+        b = g.randn(f"{name}.bias", (cout,), 0.05)
+        return g.node("Conv", name, [x, w, b], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+
+    def bn(name: str, x: str, c: int) -> str:
+        params = [
+            g.weight(f"{name}.scale", g.rng.uniform(0.8, 1.2, c)),
+            g.const(f"{name}.bias", g.rng.uniform(-0.1, 0.1, c).astype(np.float32)),
+            g.const(f"{name}.mean", g.rng.uniform(-0.1, 0.1, c).astype(np.float32)),
+            g.const(f"{name}.var", g.rng.uniform(0.6, 1.4, c).astype(np.float32)),
+        ]
+        return g.node("BatchNormalization", name, [x, *params], epsilon=1e-5)
+
+    h1 = g.node("Relu", "relu1", [bn("bn1", conv("conv1", "x", 3, 8), 8)])
+    h2 = g.node("Relu", "relu2", [bn("bn2", conv("conv2", h1, 8, 8), 8)])
+    h = g.node("Relu", "relu3", [g.node("Add", "add1", [h2, h1])])
+    h = g.node("MaxPool", "pool1", [h], kernel_shape=[2, 2], strides=[2, 2])
+    h = g.node("Relu", "relu4", [conv("conv3", h, 8, 16)])
+    h = g.node("Flatten", "flatten", [g.node("GlobalAveragePool", "gap", [h])], axis=1)
+    w = g.weight("fc.weight", g.rng.standard_normal((10, 16)) * math.sqrt(2.0 / 16), (0,))
+    b = g.randn("fc.bias", (10,), 0.05)
+    g.nodes.append(helper.make_node("Gemm", [h, w, b], ["y"], name="fc", transB=1))
+    inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, size, size])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 10])
+    model = g.model("cnn", inp, out)
+    # Pooled ReLU features share a large input-independent mean, which would make
+    # the logits nearly constant (and their cosine blind to faults): fold that mean
+    # into the fc bias so that the logits depend on the input.
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(helper.make_tensor_value_info("flatten", TensorProto.FLOAT, None))
+    feats = np.concatenate([_run(probe, random_inputs(model, seed + 1000 + i))[1] for i in range(16)])
+    fc_w, fc_b = (numpy_helper.to_array(i) for i in model.graph.initializer[-2:])
+    centered = (fc_b - fc_w @ feats.mean(axis=0)).astype(np.float32)
+    model.graph.initializer[-1].CopyFrom(numpy_helper.from_array(centered, "fc.bias"))
+    return model
+
+
+def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run ``model`` on CPU with onnxruntime (quiet) and return all outputs."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def make_transformer(seed: int = 0, seq: int = 8, hidden: int = 32, heads: int = 2) -> onnx.ModelProto:
+    """One pre-norm transformer block: input "x" [1,seq,hidden] -> output "y".
+
+    Node names: ln1, q_proj/q_bias, k_proj/k_bias, v_proj/v_bias, {q,k,v}_reshape,
+    {q,k,v}_transpose, qk_matmul, qk_scale, softmax, attn_v, attn_transpose,
+    attn_reshape, o_proj/o_bias, residual1, ln2, ffn1/ffn1_bias, gelu_div,
+    gelu_erf, gelu_add, gelu_mul, gelu_half, ffn2/ffn2_bias, residual2.
+    """
+    assert hidden % heads == 0, "hidden must be divisible by heads"
+    g = _Graph(seed)
+    d = hidden // heads
+
+    def ln(name: str, x: str) -> str:
+        s = g.weight(f"{name}.scale", g.rng.uniform(0.8, 1.2, hidden))
+        b = g.const(f"{name}.bias", g.rng.uniform(-0.1, 0.1, hidden).astype(np.float32))
+        return g.node("LayerNormalization", name, [x, s, b], axis=-1, epsilon=1e-5)
+
+    def linear(name: str, x: str, fin: int, fout: int, gain: float = 1.0) -> str:
+        """MatMul ``{name}_proj`` followed by bias Add ``{name}_bias``."""
+        w = g.weight(f"{name}.weight", g.rng.standard_normal((fin, fout)) * gain / math.sqrt(fin), (0, 1))
+        h = g.node("MatMul", f"{name}_proj", [x, w])
+        return g.node("Add", f"{name}_bias", [h, g.randn(f"{name}.bias", (fout,), 0.05)])
+
+    heads_shape = g.const("heads_shape", np.array([1, seq, heads, d], dtype=np.int64))
+    flat_shape = g.const("flat_shape", np.array([1, seq, hidden], dtype=np.int64))
+    h = ln("ln1", "x")
+    split = {}
+    for p, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])):
+        t = linear(p, h, hidden, hidden, gain=2.0 if p in "qk" else 1.0)
+        t = g.node("Reshape", f"{p}_reshape", [t, heads_shape])
+        split[p] = g.node("Transpose", f"{p}_transpose", [t], perm=perm)
+    s = g.node("MatMul", "qk_matmul", [split["q"], split["k"]])
+    s = g.node("Mul", "qk_scale", [s, g.const("inv_sqrt_d", np.array(1.0 / math.sqrt(d), np.float32))])
+    a = g.node("MatMul", "attn_v", [g.node("Softmax", "softmax", [s], axis=-1), split["v"]])
+    a = g.node("Transpose", "attn_transpose", [a], perm=[0, 2, 1, 3])
+    a = g.node("Reshape", "attn_reshape", [a, flat_shape])
+    r1 = g.node("Add", "residual1", ["x", linear("o", a, hidden, hidden)])
+    f = linear("ffn1", ln("ln2", r1), hidden, 4 * hidden, gain=math.sqrt(2.0))
+    e = g.node("Erf", "gelu_erf", [g.node("Div", "gelu_div", [f, g.const("sqrt2", np.array(math.sqrt(2.0), np.float32))])])
+    e = g.node("Add", "gelu_add", [e, g.const("one", np.array(1.0, np.float32))])
+    f = g.node("Mul", "gelu_mul", [f, e])
+    f = g.node("Mul", "gelu_half", [f, g.const("half", np.array(0.5, np.float32))])
+    f = linear("ffn2", f, 4 * hidden, hidden)
+    g.nodes.append(helper.make_node("Add", [r1, f], ["y"], name="residual2"))
+    inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, hidden])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, hidden])
+    return g.model("transformer", inp, out)
+
+
+def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded standard-normal float32 feeds for the model's declared inputs
+    (dynamic or unknown dims become 1)."""
+    rng = np.random.default_rng(seed)
+    inits = {i.name for i in model.graph.initializer}
+    feeds = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        dims = [d.dim_value if d.dim_value > 0 else 1 for d in vi.type.tensor_type.shape.dim]
+        feeds[vi.name] = rng.standard_normal(dims).astype(np.float32)
+    return feeds
+
+
+_QTYPES = {"int8": "QInt8", "uint8": "QUInt8", "int16": "QInt16", "uint16": "QUInt16"}
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence Python logging and stdout/stderr chatter from the ORT quantizer."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def quantize(
+    model: onnx.ModelProto,
+    fmt: str,
+    *,
+    activation_type: str = "int8",
+    weight_type: str = "int8",
+    per_channel: bool = False,
+    calibration_inputs: list[dict[str, np.ndarray]] | None = None,
+    seed: int = 0,
+    num_samples: int = 32,
+) -> onnx.ModelProto:
+    """Quantize ``model`` with onnxruntime.quantization and return it in memory.
+
+    ``fmt``: "qdq" / "qoperator" (quantize_static, MinMax calibration on
+    ``calibration_inputs`` or ``num_samples`` seeded random samples) or "dynamic"
+    (quantize_dynamic; ``activation_type`` is ignored). 16-bit types are only
+    accepted by ORT for "qdq" (the result is bumped to opset 21).
+    """
+    from onnxruntime.quantization import (
+        CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static,
+    )
+
+    if fmt not in ("qdq", "qoperator", "dynamic"):
+        raise ValueError(f"unknown quantization format {fmt!r}")
+    wtype = getattr(QuantType, _QTYPES[weight_type])
+    atype = getattr(QuantType, _QTYPES[activation_type])
+    with tempfile.TemporaryDirectory() as tmp, _quiet():
+        src, dst = os.path.join(tmp, "float.onnx"), os.path.join(tmp, "quant.onnx")
+        onnx.save(model, src)
+        if fmt == "dynamic":
+            quantize_dynamic(src, dst, per_channel=per_channel, weight_type=wtype)
+        else:
+            samples = calibration_inputs or [random_inputs(model, seed + i) for i in range(num_samples)]
+
+            class _Reader(CalibrationDataReader):
+                def __init__(self) -> None:
+                    self._it = iter(samples)
+
+                def get_next(self) -> dict[str, np.ndarray] | None:
+                    return next(self._it, None)
+
+            quantize_static(
+                src, dst, _Reader(),
+                quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
+                per_channel=per_channel, activation_type=atype, weight_type=wtype,
+            )
+        return onnx.load(dst)
+
+
+_QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+
+
+def quant_node_for(quant_model: onnx.ModelProto, float_node_name: str) -> str:
+    """Name of the node in ``quant_model`` that plays the role of the float node.
+
+    Lookup order: same name (QDQ keeps names); ``<name>_quant`` (QOperator
+    QLinear*/QGemm and dynamic MatMulInteger/ConvInteger); ``<name>_*_quant``
+    (dynamic Gemm becomes ``<name>_MatMul_quant``); finally the node now producing
+    the float node's output tensor (``<name>`` or ``<name>_quantized``), which is
+    how a Relu folded away by the quantizer maps to its producer.
+    """
+    nodes = [n for n in quant_model.graph.node if n.op_type not in _QDQ_OPS]
+    names = {n.name for n in nodes}
+    for cand in (float_node_name, f"{float_node_name}_quant"):
+        if cand in names:
+            return cand
+    for n in nodes:
+        if n.name.startswith(f"{float_node_name}_") and n.name.endswith("_quant"):
+            return n.name
+    for n in nodes:
+        if {float_node_name, f"{float_node_name}_quantized"} & set(n.output):
+            return n.name
+    raise KeyError(f"no node corresponds to {float_node_name!r} in the quantized model")
+
+
+def weight_initializer_of(quant_model: onnx.ModelProto, node_name: str) -> str:
+    """Name of the integer weight initializer (rank >= 2, <= 16-bit) that the node
+    consumes directly (QLinearConv w, QLinearMatMul b, QGemm B, MatMulInteger B,
+    ConvInteger w) or through a DequantizeLinear (QDQ)."""
+    inits = {i.name: i for i in quant_model.graph.initializer}
+    producer = {o: n for n in quant_model.graph.node for o in n.output}
+    node = next((n for n in quant_model.graph.node if n.name == node_name), None)
+    if node is None:
+        raise KeyError(f"node {node_name!r} not found")
+
+    def is_int_weight(name: str) -> bool:
+        if name not in inits:
+            return False
+        arr = numpy_helper.to_array(inits[name])
+        return arr.dtype.kind in "iu" and arr.dtype.itemsize <= 2 and arr.ndim >= 2
+
+    for name in node.input:
+        if is_int_weight(name):
+            return name
+        p = producer.get(name)
+        if p is not None and p.op_type == "DequantizeLinear" and is_int_weight(p.input[0]):
+            return p.input[0]
+    raise ValueError(f"node {node_name!r} ({node.op_type}) has no integer weight initializer")
+
+
+def corrupt_weights(quant_model: onnx.ModelProto, node_name: str, seed: int = 0) -> onnx.ModelProto:
+    """Copy of ``quant_model`` whose integer weight for ``node_name`` is replaced by
+    seeded random integers spanning the original values' range (structure destroyed,
+    magnitude kept). The argument is not modified."""
+    model = onnx.ModelProto()
+    model.CopyFrom(quant_model)
+    wname = weight_initializer_of(model, node_name)
+    init = next(i for i in model.graph.initializer if i.name == wname)
+    arr = numpy_helper.to_array(init)
+    rng = np.random.default_rng(seed)
+    lo, hi = int(arr.min()), int(arr.max())
+    bad = rng.integers(lo, hi + 1, size=arr.shape).astype(arr.dtype)
+    init.CopyFrom(numpy_helper.from_array(bad, wname))
+    return model
