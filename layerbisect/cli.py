@@ -1,0 +1,136 @@
+"""The ``layerbisect`` command.
+
+Exit status: 0 when no aligned layer is below the threshold, 1 when one is, 2 on bad usage or
+bad input (one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from layerbisect.errors import LayerbisectError
+from layerbisect.find import find_first_bad_layer
+from layerbisect.run import DEFAULT_PROVIDERS
+
+USAGE_EXAMPLE = """example:
+  layerbisect model_fp32.onnx model_int8.onnx --inputs feeds.npz --threshold 0.98 --json report.json
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        inputs = _read_inputs(args.inputs, args.input)
+        report = find_first_bad_layer(
+            args.float_model,
+            args.quant_model,
+            inputs=inputs,
+            threshold=args.threshold,
+            shapes=dict(args.shape),
+            seed=args.seed,
+            providers=args.providers,
+        )
+        if args.json:
+            _write(args.json, report.to_json() + "\n")
+    except LayerbisectError as exc:
+        print(f"layerbisect: error: {exc}", file=sys.stderr)
+        return 2
+    print(report)
+    if report.coverage < 0.5:
+        print(
+            f"layerbisect: warning: only {report.coverage:.0%} of the float model's operations "
+            "were aligned", file=sys.stderr,
+        )
+    return 0 if report else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="layerbisect",
+        description="Find the first layer where a quantized ONNX model stops agreeing with its "
+        "float original.",
+        epilog=USAGE_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("float_model", help="the float (reference) .onnx model")
+    parser.add_argument("quant_model", help="the quantized or optimized .onnx model")
+    parser.add_argument("--inputs", metavar="FILE.npz", help="feeds: one array per input name")
+    parser.add_argument(
+        "--input", metavar="NAME=FILE.npy", action="append", default=[], type=_name_value,
+        help="one input from a .npy file (repeatable; overrides --inputs)",
+    )
+    parser.add_argument(
+        "--shape", metavar="NAME=D0,D1,...", action="append", default=[], type=_shape,
+        help="full shape of an input with dynamic dimensions, for random inputs (repeatable)",
+    )
+    parser.add_argument("--threshold", type=float, default=0.98, help="cosine threshold (default 0.98)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of random inputs (default 0)")
+    parser.add_argument(
+        "--providers", type=lambda text: [p for p in text.split(",") if p],
+        default=list(DEFAULT_PROVIDERS), help="onnxruntime execution providers, comma-separated",
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    return parser
+
+
+def _name_value(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value:
+        raise argparse.ArgumentTypeError(f"expected NAME=FILE.npy, got {text!r}")
+    return name, value
+
+
+def _shape(text: str) -> tuple[str, tuple[int, ...]]:
+    name, value = _name_value(text)
+    try:
+        dims = tuple(int(d) for d in value.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=D0,D1,... with integers, got {text!r}") from None
+    return name, dims
+
+
+def _read_inputs(npz: str | None, singles: list[tuple[str, str]]) -> dict | None:
+    if npz is None and not singles:
+        return None
+    feeds: dict[str, np.ndarray] = {}
+    if npz is not None:
+        try:
+            with np.load(_existing(npz), allow_pickle=False) as archive:
+                if not isinstance(archive, np.lib.npyio.NpzFile):
+                    raise LayerbisectError(f"--inputs {npz} is a single array, not an .npz archive; use --input NAME={npz}")
+                feeds.update({key: archive[key] for key in archive.files})
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:
+            raise LayerbisectError(f"cannot read --inputs {npz}: {exc}") from None
+    for name, path in singles:
+        try:
+            feeds[name] = np.load(_existing(path), allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise LayerbisectError(f"cannot read --input {name}={path}: {exc}") from None
+        if not isinstance(feeds[name], np.ndarray):
+            raise LayerbisectError(f"--input {name}={path} is an archive, not one .npy array")
+    return feeds
+
+
+def _existing(path: str) -> Path:
+    if not Path(path).is_file():
+        raise LayerbisectError(f"input file not found: {path}")
+    return Path(path)
+
+
+def _write(path: str, text: str) -> None:
+    try:
+        Path(path).write_text(text)
+    except OSError as exc:
+        raise LayerbisectError(f"cannot write {path}: {exc.strerror}") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
