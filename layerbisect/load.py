@@ -23,9 +23,10 @@ def load_model(model: ModelLike, *, role: str = "model") -> onnx.ModelProto:
 
     ``role`` ("float model", "quantized model") is used in error messages.
 
-    >>> m = load_model(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [])))
-    >>> len(m.graph.node)
-    0
+    >>> node = onnx.helper.make_node("Relu", ["x"], ["y"])  # no name
+    >>> m = load_model(onnx.helper.make_model(onnx.helper.make_graph([node], "g", [], [])))
+    >>> m.graph.node[0].name, node.name
+    ('Relu_0', '')
     """
     if isinstance(model, onnx.ModelProto):
         copy = onnx.ModelProto()

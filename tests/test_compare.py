@@ -1,0 +1,57 @@
+import math
+
+import numpy as np
+import pytest
+
+from layerbisect.compare import Aggregate, compare
+from layerbisect.search import first_failing
+
+
+def test_cosine_sqnr_mse_maxabs_on_known_values():
+    ref = np.array([3.0, 4.0], dtype=np.float32)
+    act = np.array([3.0, 5.0], dtype=np.float32)
+    m = compare(ref, act)
+    assert m.cosine == pytest.approx((9 + 20) / (5 * math.sqrt(34)))
+    assert m.sqnr_db == pytest.approx(10 * math.log10(25 / 1))
+    assert m.mse == pytest.approx(0.5)
+    assert m.max_abs == 1.0
+
+
+def test_cosine_accumulates_in_float64():
+    ref = np.full(10_000_000, 1e-3, dtype=np.float32)
+    assert compare(ref, ref).cosine == 1.0
+
+
+def test_zeros_are_defined():
+    zero = np.zeros((2, 3), np.float32)
+    assert compare(zero, zero).cosine == 1.0 and compare(zero, zero).sqnr_db == math.inf
+    assert compare(zero, np.ones((2, 3))).cosine == 0.0
+    assert compare(np.ones(3), np.zeros(3)).cosine == 0.0
+    assert compare(np.zeros(0), np.zeros(0)).cosine == 1.0
+
+
+def test_nan_and_inf_are_counted_not_raised():
+    m = compare(np.array([1.0, 2.0, 3.0]), np.array([1.0, np.nan, np.inf]))
+    assert m.nonfinite == 2 and math.isnan(m.cosine)
+    same = compare(np.array([1.0, np.inf]), np.array([1.0, np.inf]))
+    assert same.nonfinite == 0 and same.cosine == 1.0
+
+
+def test_aggregate_matches_brute_force():
+    rng = np.random.default_rng(1)
+    pairs = [(rng.standard_normal(50), rng.standard_normal(50)) for _ in range(5)]
+    metrics = [compare(a, a + 0.3 * b) for a, b in pairs]
+    agg = Aggregate()
+    for m in metrics:
+        agg.add(m)
+    cosines = [m.cosine for m in metrics]
+    assert agg.cosine == pytest.approx(np.mean(cosines))
+    assert agg.cosine_worst == min(cosines) and agg.worst_sample == int(np.argmin(cosines))
+    assert agg.mse == pytest.approx(np.mean([m.mse for m in metrics]))
+    assert agg.max_abs == max(m.max_abs for m in metrics)
+
+
+def test_first_failing():
+    assert first_failing([]) is None
+    assert first_failing([True, True]) is None
+    assert first_failing([True, False, False]) == 1

@@ -1,0 +1,79 @@
+"""The rules for feeding two models that may declare different inputs."""
+
+import numpy as np
+import pytest
+
+from layerbisect import LayerbisectError
+from layerbisect.inputs import InputSpec, plan_inputs
+
+F32 = np.dtype("float32")
+X = InputSpec("x", F32, (1, 3, 4, 5))
+
+
+def test_shared_input_goes_to_both():
+    x = np.ones((1, 3, 4, 5), np.float32)
+    float_feeds, quant_feeds = plan_inputs([X], [X]).feeds({"x": x}, seed=0)
+    assert float_feeds["x"] is x and quant_feeds["x"] is x
+
+
+def test_input_declared_by_one_model_goes_to_it_alone_and_is_noted():
+    rate = InputSpec("rate", np.dtype("int64"), (1,))
+    plan = plan_inputs([X, rate], [X])
+    float_feeds, quant_feeds = plan.feeds({"x": np.ones((1, 3, 4, 5), np.float32), "rate": np.array([16000])}, 0)
+    assert set(float_feeds) == {"x", "rate"} and set(quant_feeds) == {"x"}
+    assert any("'rate'" in note and "float model only" in note for note in plan.notes)
+
+
+def test_unknown_key_is_an_error_naming_the_known_inputs():
+    with pytest.raises(LayerbisectError, match=r"'z' is not an input of either model.*\['x'\]"):
+        plan_inputs([X], [X]).feeds({"x": np.ones((1, 3, 4, 5), np.float32), "z": np.ones(1)}, 0)
+
+
+def test_missing_input_names_model_dtype_shape_and_flag():
+    with pytest.raises(LayerbisectError) as info:
+        plan_inputs([X], [X]).feeds({}, 0)
+    message = str(info.value)
+    assert "float model" in message and "'x'" in message and "float32[1,3,4,5]" in message
+    assert "--input x=FILE.npy" in message
+
+
+def test_wrong_dtype_and_shape_say_expected_and_got():
+    plan = plan_inputs([X], [X])
+    with pytest.raises(LayerbisectError, match=r"expects float32\[1,3,4,5\], got float64\[1,3,4,5\]"):
+        plan.feeds({"x": np.ones((1, 3, 4, 5))}, 0)
+    with pytest.raises(LayerbisectError, match=r"got float32\[1,3,4\]"):
+        plan.feeds({"x": np.ones((1, 3, 4), np.float32)}, 0)
+
+
+def test_random_inputs_cover_the_union_with_equal_values_for_shared_names():
+    flag = InputSpec("flag", np.dtype("bool"), (1,))
+    ids = InputSpec("ids", np.dtype("int64"), (1, 7))
+    float_feeds, quant_feeds = plan_inputs([X, flag], [X, ids]).feeds(None, seed=3)
+    assert set(float_feeds) == {"x", "flag"} and set(quant_feeds) == {"x", "ids"}
+    np.testing.assert_array_equal(float_feeds["x"], quant_feeds["x"])
+    again, _ = plan_inputs([X, flag], [X, ids]).feeds(None, seed=3)
+    np.testing.assert_array_equal(again["x"], float_feeds["x"])
+
+
+def test_dynamic_dimension_needs_a_shape_and_says_how():
+    dynamic = InputSpec("x", F32, ("batch", 3, 4, 5))
+    with pytest.raises(LayerbisectError, match=r"dynamic dimension \(batch\).*shapes=.*--shape x=N,3,4,5"):
+        plan_inputs([dynamic], [dynamic]).feeds(None, 0)
+    feeds, _ = plan_inputs([dynamic], [dynamic], shapes={"x": (2, 3, 4, 5)}).feeds(None, 0)
+    assert feeds["x"].shape == (2, 3, 4, 5)
+
+
+def test_nchw_nhwc_difference_is_bridged_by_permuting():
+    nhwc = InputSpec("x", F32, (1, 4, 5, 3))
+    plan = plan_inputs([X], [nhwc])
+    assert any("permuted" in note for note in plan.notes)
+    x = np.arange(60, dtype=np.float32).reshape(1, 3, 4, 5)
+    float_feeds, quant_feeds = plan.feeds({"x": x}, 0)
+    np.testing.assert_array_equal(quant_feeds["x"], x.transpose(0, 2, 3, 1))
+    random_float, random_quant = plan.feeds(None, 0)
+    np.testing.assert_array_equal(random_quant["x"], random_float["x"].transpose(0, 2, 3, 1))
+
+
+def test_other_shape_differences_are_an_error():
+    with pytest.raises(LayerbisectError, match="only an NCHW/NHWC difference"):
+        plan_inputs([X], [InputSpec("x", F32, (1, 3, 8, 8))])
