@@ -22,15 +22,8 @@ from onnx import TensorProto, helper, numpy_helper
 OPSET = 17
 IR_VERSION = 8
 
-__all__ = [
-    "make_cnn",
-    "make_transformer",
-    "quantize",
-    "corrupt_weights",
-    "quant_node_for",
-    "weight_initializer_of",
-    "random_inputs",
-]
+__all__ = ["make_cnn", "make_transformer", "quantize", "corrupt_weights", "quant_node_for",
+           "weight_initializer_of", "random_inputs"]
 
 
 class _Graph:
@@ -85,10 +78,10 @@ def make_cnn(seed: int = 0, batch: int = 1, size: int = 16) -> onnx.ModelProto:
     """
     g = _Graph(seed)
 
-    def conv(name: str, x: str, cin: int, cout: int) -> str:
+    def conv(name: str, x: str, cin: int, cout: int, stride: int = 1, pad: int = 1) -> str:
         w = g.weight(f"{name}.weight", g.rng.standard_normal((cout, cin, 3, 3)) * math.sqrt(2.0 / (cin * 9)), (0,))
         b = g.randn(f"{name}.bias", (cout,), 0.05)
-        return g.node("Conv", name, [x, w, b], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+        return g.node("Conv", name, [x, w, b], kernel_shape=[3, 3], pads=[pad] * 4, strides=[stride] * 2)
 
     def bn(name: str, x: str, c: int) -> str:
         params = [
@@ -103,7 +96,7 @@ def make_cnn(seed: int = 0, batch: int = 1, size: int = 16) -> onnx.ModelProto:
     h2 = g.node("Relu", "relu2", [bn("bn2", conv("conv2", h1, 8, 8), 8)])
     h = g.node("Relu", "relu3", [g.node("Add", "add1", [h2, h1])])
     h = g.node("MaxPool", "pool1", [h], kernel_shape=[2, 2], strides=[2, 2])
-    h = g.node("Relu", "relu4", [conv("conv3", h, 8, 16)])
+    h = g.node("Relu", "relu4", [conv("conv3", h, 8, 16, stride=2, pad=0)])
     h = g.node("Flatten", "flatten", [g.node("GlobalAveragePool", "gap", [h])], axis=1)
     w = g.weight("fc.weight", g.rng.standard_normal((10, 16)) * math.sqrt(2.0 / 16), (0,))
     b = g.randn("fc.bias", (10,), 0.05)
@@ -111,16 +104,18 @@ def make_cnn(seed: int = 0, batch: int = 1, size: int = 16) -> onnx.ModelProto:
     inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, size, size])
     out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 10])
     model = g.model("cnn", inp, out)
-    # Pooled ReLU features share a large input-independent mean, which would make
-    # the logits nearly constant (and their cosine blind to faults): fold that mean
-    # into the fc bias so that the logits depend on the input.
+    # Pooled ReLU features share a large input-independent mean that would make the
+    # logits nearly constant (their cosine blind to faults). Fold 90% of it into the
+    # fc bias: logits then track the input, while the rest keeps int8 noise small.
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     probe.graph.output.append(helper.make_tensor_value_info("flatten", TensorProto.FLOAT, None))
-    feats = np.concatenate([_run(probe, random_inputs(model, seed + 1000 + i))[1] for i in range(16)])
-    fc_w, fc_b = (numpy_helper.to_array(i) for i in model.graph.initializer[-2:])
-    centered = (fc_b - fc_w @ feats.mean(axis=0)).astype(np.float32)
-    model.graph.initializer[-1].CopyFrom(numpy_helper.from_array(centered, "fc.bias"))
+    rng = np.random.default_rng([0xFC, seed])
+    feats = np.concatenate([_run(probe, _feeds(model, rng))[1] for _ in range(16)])
+    inits = {i.name: i for i in model.graph.initializer}
+    fc_w, fc_b = numpy_helper.to_array(inits["fc.weight"]), numpy_helper.to_array(inits["fc.bias"])
+    centered = (fc_b - 0.9 * fc_w @ feats.mean(axis=0)).astype(np.float32)
+    inits["fc.bias"].CopyFrom(numpy_helper.from_array(centered, "fc.bias"))
     return model
 
 
@@ -137,12 +132,14 @@ def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarra
 def make_transformer(seed: int = 0, seq: int = 8, hidden: int = 32, heads: int = 2) -> onnx.ModelProto:
     """One pre-norm transformer block: input "x" [1,seq,hidden] -> output "y".
 
-    Node names: ln1, q_proj/q_bias, k_proj/k_bias, v_proj/v_bias, {q,k,v}_reshape,
+    Nodes: ln1, {q,k,v}_proj (MatMul) + {q,k,v}_bias (Add), {q,k,v}_reshape,
     {q,k,v}_transpose, qk_matmul, qk_scale, softmax, attn_v, attn_transpose,
-    attn_reshape, o_proj/o_bias, residual1, ln2, ffn1/ffn1_bias, gelu_div,
-    gelu_erf, gelu_add, gelu_mul, gelu_half, ffn2/ffn2_bias, residual2.
+    attn_reshape, o_proj, o_bias, residual1, ln2, ffn1_proj, ffn1_bias, gelu_div,
+    gelu_erf, gelu_add, gelu_mul, gelu_half, ffn2_proj, ffn2_bias, residual2
+    (each node's output tensor carries its name, except residual2 -> "y").
     """
-    assert hidden % heads == 0, "hidden must be divisible by heads"
+    if hidden % heads:
+        raise ValueError("hidden must be divisible by heads")
     g = _Graph(seed)
     d = hidden // heads
 
@@ -162,7 +159,7 @@ def make_transformer(seed: int = 0, seq: int = 8, hidden: int = 32, heads: int =
     h = ln("ln1", "x")
     split = {}
     for p, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])):
-        t = linear(p, h, hidden, hidden, gain=2.0 if p in "qk" else 1.0)
+        t = linear(p, h, hidden, hidden)
         t = g.node("Reshape", f"{p}_reshape", [t, heads_shape])
         split[p] = g.node("Transpose", f"{p}_transpose", [t], perm=perm)
     s = g.node("MatMul", "qk_matmul", [split["q"], split["k"]])
@@ -172,7 +169,8 @@ def make_transformer(seed: int = 0, seq: int = 8, hidden: int = 32, heads: int =
     a = g.node("Reshape", "attn_reshape", [a, flat_shape])
     r1 = g.node("Add", "residual1", ["x", linear("o", a, hidden, hidden)])
     f = linear("ffn1", ln("ln2", r1), hidden, 4 * hidden, gain=math.sqrt(2.0))
-    e = g.node("Erf", "gelu_erf", [g.node("Div", "gelu_div", [f, g.const("sqrt2", np.array(math.sqrt(2.0), np.float32))])])
+    e = g.node("Div", "gelu_div", [f, g.const("sqrt2", np.array(math.sqrt(2.0), np.float32))])
+    e = g.node("Erf", "gelu_erf", [e])
     e = g.node("Add", "gelu_add", [e, g.const("one", np.array(1.0, np.float32))])
     f = g.node("Mul", "gelu_mul", [f, e])
     f = g.node("Mul", "gelu_half", [f, g.const("half", np.array(0.5, np.float32))])
@@ -186,7 +184,10 @@ def make_transformer(seed: int = 0, seq: int = 8, hidden: int = 32, heads: int =
 def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded standard-normal float32 feeds for the model's declared inputs
     (dynamic or unknown dims become 1)."""
-    rng = np.random.default_rng(seed)
+    return _feeds(model, np.random.default_rng(seed))
+
+
+def _feeds(model: onnx.ModelProto, rng: np.random.Generator) -> dict[str, np.ndarray]:
     inits = {i.name for i in model.graph.initializer}
     feeds = {}
     for vi in model.graph.input:
@@ -221,14 +222,15 @@ def quantize(
     per_channel: bool = False,
     calibration_inputs: list[dict[str, np.ndarray]] | None = None,
     seed: int = 0,
-    num_samples: int = 32,
+    num_samples: int = 128,
 ) -> onnx.ModelProto:
     """Quantize ``model`` with onnxruntime.quantization and return it in memory.
 
     ``fmt``: "qdq" / "qoperator" (quantize_static, MinMax calibration on
     ``calibration_inputs`` or ``num_samples`` seeded random samples) or "dynamic"
-    (quantize_dynamic; ``activation_type`` is ignored). 16-bit types are only
-    accepted by ORT for "qdq" (the result is bumped to opset 21).
+    (quantize_dynamic; ``activation_type`` and ``seed`` unused). Types: "int8",
+    "uint8", "int16", "uint16"; ORT accepts 16-bit only for "qdq" and then bumps
+    the model to opset 21 (standard-domain Q/DQ, no contrib ops needed).
     """
     from onnxruntime.quantization import (
         CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static,
@@ -244,7 +246,11 @@ def quantize(
         if fmt == "dynamic":
             quantize_dynamic(src, dst, per_channel=per_channel, weight_type=wtype)
         else:
-            samples = calibration_inputs or [random_inputs(model, seed + i) for i in range(num_samples)]
+            # Own random stream, disjoint from random_inputs(model, <int>) used for testing.
+            rng = np.random.default_rng([0xCA1B, seed])
+            samples = calibration_inputs
+            if samples is None:
+                samples = [_feeds(model, rng) for _ in range(num_samples)]
 
             class _Reader(CalibrationDataReader):
                 def __init__(self) -> None:
@@ -264,14 +270,18 @@ def quantize(
 _QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 
 
-def quant_node_for(quant_model: onnx.ModelProto, float_node_name: str) -> str:
+def quant_node_for(
+    quant_model: onnx.ModelProto, float_node_name: str, float_model: onnx.ModelProto | None = None
+) -> str:
     """Name of the node in ``quant_model`` that plays the role of the float node.
 
     Lookup order: same name (QDQ keeps names); ``<name>_quant`` (QOperator
     QLinear*/QGemm and dynamic MatMulInteger/ConvInteger); ``<name>_*_quant``
-    (dynamic Gemm becomes ``<name>_MatMul_quant``); finally the node now producing
-    the float node's output tensor (``<name>`` or ``<name>_quantized``), which is
-    how a Relu folded away by the quantizer maps to its producer.
+    (dynamic Gemm becomes ``<name>_MatMul_quant``); the node now producing the
+    float node's output tensor (``<name>`` or ``<name>_quantized``: QDQ folds a
+    Relu into its producer that way). If all fail and ``float_model`` is given,
+    the float node was folded away entirely (QOperator Relu after QLinearAdd /
+    QLinearConv) and the producer of its first input is looked up instead.
     """
     nodes = [n for n in quant_model.graph.node if n.op_type not in _QDQ_OPS]
     names = {n.name for n in nodes}
@@ -284,6 +294,11 @@ def quant_node_for(quant_model: onnx.ModelProto, float_node_name: str) -> str:
     for n in nodes:
         if {float_node_name, f"{float_node_name}_quantized"} & set(n.output):
             return n.name
+    if float_model is not None:
+        fnode = next((n for n in float_model.graph.node if n.name == float_node_name), None)
+        producer = {o: n for n in float_model.graph.node for o in n.output}
+        if fnode is not None and fnode.input and fnode.input[0] in producer:
+            return quant_node_for(quant_model, producer[fnode.input[0]].name, float_model)
     raise KeyError(f"no node corresponds to {float_node_name!r} in the quantized model")
 
 
