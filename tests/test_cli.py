@@ -1,0 +1,79 @@
+"""The layerbisect command: exit statuses, feeds from files, JSON report."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from layerbisect.cli import main
+from models import corrupt_weights, make_cnn, quantize, random_inputs
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    float_model = make_cnn()
+    quant = quantize(float_model, "qdq")
+    paths = {"float": folder / "cnn_fp32.onnx", "int8": folder / "cnn_int8.onnx", "broken": folder / "cnn_broken.onnx"}
+    onnx.save(float_model, paths["float"])
+    onnx.save(quant, paths["int8"])
+    onnx.save(corrupt_weights(quant, "conv2"), paths["broken"])
+    np.savez(folder / "feeds.npz", **random_inputs(float_model))
+    np.save(folder / "x.npy", random_inputs(float_model)["x"])
+    paths["npz"], paths["npy"] = folder / "feeds.npz", folder / "x.npy"
+    return paths
+
+
+def test_exit_0_when_no_layer_is_below_threshold(models, capsys):
+    assert main([str(models["float"]), str(models["int8"]), "--inputs", str(models["npz"])]) == 0
+    assert capsys.readouterr().out.startswith("PASS")
+
+
+def test_exit_1_and_json_report_when_a_layer_fails(models, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    status = main([
+        str(models["float"]), str(models["broken"]), "--input", f"x={models['npy']}",
+        "--threshold", "0.98", "--json", str(out),
+    ])
+    assert status == 1
+    assert "first layer below cosine 0.98 is #2 Conv 'conv2'" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["first_bad"]["float_nodes"] == ["conv2"] and data["threshold"] == 0.98
+    assert {"float_nodes", "float_tensor", "quant_nodes", "quant_tensor", "op_type", "cosine",
+            "sqnr_db", "mse", "max_abs"} <= set(data["layers"][0])
+    assert len(data["layers"]) == 10
+
+
+def test_random_inputs_when_no_feeds_are_given(models, capsys):
+    assert main([str(models["float"]), str(models["broken"]), "--seed", "3"]) == 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["missing.onnx", "{int8}"], "float model file not found: missing.onnx"),
+    (["{float}", "{int8}", "--threshold", "1.5"], "threshold must be in (0, 1], got 1.5"),
+    (["{float}", "{int8}", "--inputs", "nope.npz"], "input file not found: nope.npz"),
+    (["{float}", "{int8}", "--input", "z={npy}"], "'z' is not an input of either model"),
+    (["{float}", "{int8}", "--providers", "NoSuchProvider"], "execution provider 'NoSuchProvider' is not available"),
+])
+def test_bad_input_is_one_line_on_stderr_and_exit_2(models, capsys, args, message):
+    args = [a.format(**{k: str(v) for k, v in models.items()}) for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_usage_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["only_one.onnx"])
+    assert exit_info.value.code == 2
+
+
+def test_console_script_runs(models):
+    result = subprocess.run(
+        [sys.executable, "-m", "layerbisect.cli", str(models["float"]), str(models["broken"])],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 1 and "conv2" in result.stdout.splitlines()[0]
