@@ -48,6 +48,8 @@ class Pair:
     one produces ``float_tensor``); ``quant_nodes`` the quantized operations that compute it.
     ``evidence`` says what decided the pairing: "structure" (the only candidate), "weights",
     "name" or "order" (among several), or "fused" (a float operation folded away).
+    A Transpose right after a graph input that the other model lacks is a layout adapter
+    ("layout") and pairs with nothing.
     """
 
     float_nodes: tuple[str, ...]
@@ -70,11 +72,8 @@ class Alignment:
 
     @property
     def coverage(self) -> float:
-        """Share of the float model's operations that are in some pair."""
-        if not self.float_ops:
-            return 1.0
-        covered = {name for pair in self.pairs for name in pair.float_nodes}
-        return len(covered) / self.float_ops
+        """Share of the float model's operations that found a counterpart."""
+        return 1.0 - len(self.unaligned) / self.float_ops if self.float_ops else 1.0
 
 
 def align(float_graph: nx.DiGraph, quant_graph: nx.DiGraph) -> Alignment:
@@ -90,21 +89,26 @@ class _Aligner:
         self.claimed: set[str] = set()
         self.quant_span: dict[str, tuple[str, ...]] = {}
         self.index: dict[tuple, list[str]] = {}
-        for node in _ordered(quant_graph, "op"):
-            key = (quant_graph.nodes[node]["role"], tuple(sorted(quant_graph.nodes[node]["sources"])))
-            self.index.setdefault(key, []).append(node)
         self.quant_consumers = _consumers(quant_graph)
         self.float_consumers = _consumers(float_graph)
 
     def run(self) -> Alignment:
-        self._align_inputs()
+        baked = self._align_inputs()
+        for node in _ordered(self.qg, "op"):
+            sources = [src for src in self.qg.nodes[node]["sources"] if src[0] not in baked]
+            self.index.setdefault((self.qg.nodes[node]["role"], tuple(sorted(sources))), []).append(node)
         unaligned = []
         for node in _ordered(self.fg, "op"):
             if not self._align_op(node):
                 unaligned.append(node)
         return Alignment(self._pairs(), tuple(unaligned), len(_ordered(self.fg, "op")))
 
-    def _align_inputs(self) -> None:
+    def _align_inputs(self) -> set[str]:
+        """Pair graph inputs by name, then by position; return the quantized-only ones.
+
+        An input that only one model declares is a constant baked into the other (a sample
+        rate, a flag): it is left out of the structure that pairs operations.
+        """
         quant_inputs = {self.qg.nodes[n]["name"]: n for n in _ordered(self.qg, "input")}
         leftover = [n for n in _ordered(self.fg, "input")]
         for node in list(leftover):
@@ -112,12 +116,15 @@ class _Aligner:
             if match is not None:
                 self.vmap[(node, 0)] = (match, 0)
                 leftover.remove(node)
-        for node, match in zip(leftover, quant_inputs.values()):
+        for node, match in zip(leftover, list(quant_inputs.values())):
             self.vmap[(node, 0)] = (match, 0)
+            quant_inputs.pop(self.qg.nodes[match]["name"])
+        self.float_only_inputs = {node for node in leftover if (node, 0) not in self.vmap}
+        return set(quant_inputs.values())
 
     def _align_op(self, node: str) -> bool:
         attrs = self.fg.nodes[node]
-        sources = attrs["sources"]
+        sources = [src for src in attrs["sources"] if src[0] not in self.float_only_inputs]
         if not all(src in self.vmap for src in sources):
             return False
         mapped = [self.vmap[src] for src in sources]
@@ -135,11 +142,16 @@ class _Aligner:
             if attrs["bias"] and not self.qg.nodes[match]["bias"]:
                 self._take_bias((match, 0))
             return True
-        if attrs["role"] in FUSABLE and len(set(sources)) == 1:
+        if len(set(sources)) == 1:
             (source,) = set(sources)
-            if len(self.float_consumers.get(source, ())) == 1 and source[0] in self.evidence:
+            fused = (
+                attrs["role"] in FUSABLE and source[0] in self.evidence
+                and len(self.float_consumers.get(source, ())) == 1
+            )
+            layout = attrs["role"] == "Transpose" and self.fg.nodes[source[0]]["kind"] == "input"
+            if fused or layout:
                 self.vmap[(node, 0)] = self.vmap[source]
-                self.evidence[node] = "fused"
+                self.evidence[node] = "fused" if fused else "layout"
                 return True
         return False
 
@@ -172,7 +184,11 @@ class _Aligner:
         return []
 
     def _tail(self, value: ValueRef) -> list[str]:
-        """Unclaimed single-input operations that follow ``value`` alone, in chain order."""
+        """Unclaimed single-input operations that follow ``value`` alone, in chain order.
+
+        A Transpose right after a graph input is a layout adapter (an NHWC input feeding an
+        NCHW network) and counts as one of them.
+        """
         chain: list[str] = []
         while len(chain) < 4:
             consumers = self.quant_consumers.get(value, ())
@@ -180,7 +196,9 @@ class _Aligner:
                 break
             (nxt,) = consumers
             attrs = self.qg.nodes[nxt]
-            if nxt in self.claimed or attrs["role"] not in FOLDABLE_TAIL or len(attrs["sources"]) != 1:
+            layout = attrs["role"] == "Transpose" and self.qg.nodes[value[0]]["kind"] == "input"
+            foldable = attrs["role"] in FOLDABLE_TAIL or layout
+            if nxt in self.claimed or not foldable or len(attrs["sources"]) != 1:
                 break
             chain.append(nxt)
             value = (nxt, 0)
@@ -209,7 +227,7 @@ class _Aligner:
     def _pairs(self) -> tuple[Pair, ...]:
         by_quant: dict[ValueRef, list[ValueRef]] = {}
         for float_value, quant_value in self.vmap.items():
-            if self.fg.nodes[float_value[0]]["kind"] == "op":
+            if self.fg.nodes[float_value[0]]["kind"] == "op" and self.qg.nodes[quant_value[0]]["kind"] == "op":
                 by_quant.setdefault(quant_value, []).append(float_value)
         pairs = []
         for quant_value, float_values in by_quant.items():

@@ -14,7 +14,7 @@ from layerbisect.errors import LayerbisectError
 from layerbisect.expose import expose
 from layerbisect.graph import build_graph
 from layerbisect.inputs import plan_inputs
-from layerbisect.load import ModelLike, load_model
+from layerbisect.load import ModelLike, declared_inputs, load_model
 from layerbisect.report import LayerComparison, Report
 from layerbisect.run import DEFAULT_PROVIDERS, Session
 from layerbisect.search import first_failing
@@ -48,6 +48,7 @@ def find_first_bad_layer(
         raise LayerbisectError(f"threshold must be in (0, 1], got {threshold!r}")
     float_proto = load_model(float_model, role="float model")
     quant_proto = load_model(quant_model, role="quantized model")
+    plan = plan_inputs(declared_inputs(float_proto), declared_inputs(quant_proto), shapes)
     alignment = align(build_graph(float_proto), build_graph(quant_proto))
     if not alignment.pairs:
         raise LayerbisectError(
@@ -58,7 +59,6 @@ def find_first_bad_layer(
     quant_names = list(dict.fromkeys(p.quant_tensor for p in alignment.pairs))
     float_session = Session(expose(float_proto, float_names), "float model", providers, float_proto)
     quant_session = Session(expose(quant_proto, quant_names), "quantized model", providers, quant_proto)
-    plan = plan_inputs(float_session.inputs, quant_session.inputs, shapes)
 
     aggregates = [Aggregate() for _ in alignment.pairs]
     shapes_seen: list[tuple[int, ...] | None] = [None] * len(alignment.pairs)

@@ -10,10 +10,13 @@ from os import PathLike
 from pathlib import Path
 from typing import Union
 
+import numpy as np
 import onnx
+from onnx import helper
 from google.protobuf.message import DecodeError
 
 from layerbisect.errors import LayerbisectError
+from layerbisect.inputs import InputSpec
 
 ModelLike = Union[str, PathLike, onnx.ModelProto]
 
@@ -42,6 +45,26 @@ def load_model(model: ModelLike, *, role: str = "model") -> onnx.ModelProto:
         raise LayerbisectError(f"{role} has no nodes: is it the right file?")
     name_nodes(copy.graph)
     return copy
+
+
+def declared_inputs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The inputs a model declares, initializers excluded, as ``InputSpec``.
+
+    Dynamic dimensions are given by name (``"batch"``) or None.
+    """
+    initializers = {init.name for init in model.graph.initializer}
+    specs = []
+    for info in model.graph.input:
+        if info.name in initializers:
+            continue
+        if not info.type.HasField("tensor_type"):
+            raise LayerbisectError(f"input {info.name!r} is not a tensor; only tensor inputs are supported")
+        tensor = info.type.tensor_type
+        dims = tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim
+        )
+        specs.append(InputSpec(info.name, np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type)), dims))
+    return specs
 
 
 def _read(path: Path, role: str) -> onnx.ModelProto:

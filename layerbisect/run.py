@@ -10,17 +10,10 @@ import onnx
 import onnxruntime as ort
 
 from layerbisect.errors import LayerbisectError
-from layerbisect.inputs import Feeds, InputSpec
+from layerbisect.inputs import Feeds
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
-_ORT_TYPES = {
-    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-    "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(int16)": np.int16,
-    "tensor(uint16)": np.uint16, "tensor(int32)": np.int32, "tensor(uint32)": np.uint32,
-    "tensor(int64)": np.int64, "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_,
-    "tensor(string)": np.str_,
-}
 
 
 class Session:
@@ -69,16 +62,6 @@ class Session:
             raise LayerbisectError(
                 f"onnxruntime cannot load the {role}: {_first_line(exc)}"
             ) from None
-
-    @property
-    def inputs(self) -> list[InputSpec]:
-        """The inputs the model declares (initializers excluded)."""
-        return [
-            InputSpec(i.name, np.dtype(_ORT_TYPES.get(i.type, np.float32)), tuple(
-                d if isinstance(d, int) else d for d in i.shape
-            ))
-            for i in self.session.get_inputs()
-        ]
 
     def run(self, feeds: Feeds, outputs: Sequence[str]) -> dict[str, np.ndarray]:
         """Run once and return the named outputs."""
