@@ -87,6 +87,8 @@ def test_inputs_of_the_wrong_kind():
 
 def test_unrelated_models_say_nothing_aligned():
     with pytest.raises(LayerbisectError, match="no layer of the float model could be paired"):
+        find_first_bad_layer(scaled(1.0, op="Add"), scaled(1.0, op="Mul"), X)
+    with pytest.raises(LayerbisectError, match="input 'x' is float32\\[1,3,16,16\\] in the float model but float32\\[1,8,32\\]"):
         find_first_bad_layer(make_cnn(), make_transformer(), random_inputs(make_cnn()))
 
 
