@@ -49,7 +49,8 @@ def find_first_bad_layer(
     float_proto = load_model(float_model, role="float model")
     quant_proto = load_model(quant_model, role="quantized model")
     plan = plan_inputs(declared_inputs(float_proto), declared_inputs(quant_proto), shapes)
-    alignment = align(build_graph(float_proto), build_graph(quant_proto))
+    float_graph = build_graph(float_proto)
+    alignment = align(float_graph, build_graph(quant_proto))
     if not alignment.pairs:
         raise LayerbisectError(
             "no layer of the float model could be paired with the quantized model: "
@@ -95,7 +96,7 @@ def find_first_bad_layer(
         first_bad=None if bad is None else layers[bad],
         threshold=float(threshold),
         samples=samples,
-        outputs=tuple(o.name for o in float_proto.graph.output),
+        outputs=_output_tensors(float_graph, float_proto),
         unaligned=alignment.unaligned,
         coverage=alignment.coverage,
         notes=tuple(notes),
@@ -139,6 +140,16 @@ def _records(alignment: Alignment, aggregates, shapes_seen, mismatched) -> tuple
             evidence=pair.evidence,
         ))
     return tuple(records)
+
+
+def _output_tensors(graph, model: onnx.ModelProto) -> tuple[str, ...]:
+    """The tensors holding the model's outputs, seen through Identity and the like."""
+    names = []
+    for output in model.graph.output:
+        ref = graph.graph["tensors"].get(output.name)
+        if ref is not None and graph.nodes[ref[0]]["kind"] == "op":
+            names.append(graph.nodes[ref[0]]["outputs"][ref[1]])
+    return tuple(names)
 
 
 def _label(model: ModelLike) -> str:

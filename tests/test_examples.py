@@ -1,0 +1,23 @@
+"""The bundled examples run and tell their story."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run(name: str) -> str:
+    result = subprocess.run([sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, check=True)
+    return result.stdout
+
+
+def test_quickstart_names_the_broken_convolution():
+    out = run("quickstart.py")
+    assert out.startswith("FAIL: first layer below cosine 0.98 is #2 Conv 'conv2'")
+    assert "first bad layer: ('conv2',)" in out
+
+
+def test_int8_story_names_the_layer_with_outliers():
+    out = run("int8_story.py")
+    assert "first layer below cosine 0.98 is #3 MatMul 'fc2'" in out
