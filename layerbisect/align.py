@@ -29,15 +29,25 @@ import numpy as np
 
 from layerbisect.graph import FLOAT_DTYPES, Readout, ValueRef
 
-# Float operations a quantized graph may fold into the operation that produces their input.
+# Float operations a quantized graph may fold into the operation that produces their input
+# (Cast: a cast to the same type that an optimizer removed; Add/Mul/Sub/Div: by a constant,
+# a bias or a scale folded into a Gemm, a FusedMatMul or a Conv).
 FUSABLE = {
     "Relu", "Clip", "LeakyRelu", "BatchNormalization", "HardSigmoid", "HardSwish", "Sigmoid",
-    "Tanh", "Elu", "Selu", "Softplus", "PRelu",
+    "Tanh", "Elu", "Selu", "Softplus", "PRelu", "Cast", "Add", "Mul", "Sub", "Div",
 }
-# Quantized operations that may carry what the float graph keeps in the next operation.
-FOLDABLE_TAIL = FUSABLE | {"Add", "Mul", "Sub", "Div"}
-# Roles that may stand for another one: a Gemm computes a MatMul (plus a bias, see ``bias``).
-ROLE_ALIASES = {"Gemm": ("Gemm", "MatMul")}
+MAX_REGION = 32  # float operations that one fused operation may stand for
+
+# Roles that may stand for one another, the shapes permitting: a Gemm computes a MatMul (plus
+# a bias, see ``bias``), a ReduceMean over H and W a GlobalAveragePool, a Flatten a Reshape.
+ROLE_ALIASES = {
+    "Gemm": ("Gemm", "MatMul"),
+    "MatMul": ("MatMul", "Gemm"),
+    "ReduceMean": ("ReduceMean", "GlobalAveragePool"),
+    "GlobalAveragePool": ("GlobalAveragePool", "ReduceMean"),
+    "Flatten": ("Flatten", "Reshape"),
+    "Reshape": ("Reshape", "Flatten"),
+}
 
 
 @dataclass(frozen=True)
@@ -47,7 +57,8 @@ class Pair:
     ``float_nodes`` is the span of float operations whose result the pair compares (the last
     one produces ``float_tensor``); ``quant_nodes`` the quantized operations that compute it.
     ``evidence`` says what decided the pairing: "structure" (the only candidate), "weights",
-    "name" or "order" (among several), or "fused" (a float operation folded away).
+    "name" or "order" (among several), "fused" (a float operation folded away), or "region"
+    (several float operations computed by one fused operation, such as a decomposed Gelu).
     A Transpose right after a graph input that the other model lacks is a layout adapter
     ("layout") and pairs with nothing.
     """
@@ -89,6 +100,9 @@ class _Aligner:
         self.claimed: set[str] = set()
         self.quant_span: dict[str, tuple[str, ...]] = {}
         self.index: dict[tuple, list[str]] = {}
+        self.by_sources: dict[tuple, list[str]] = {}
+        self.pending: set[str] = set()
+        self.regions: dict[str, tuple[str, ...]] = {}
         self.quant_consumers = _consumers(quant_graph)
         self.float_consumers = _consumers(float_graph)
 
@@ -97,11 +111,20 @@ class _Aligner:
         for node in _ordered(self.qg, "op"):
             sources = [src for src in self.qg.nodes[node]["sources"] if src[0] not in baked]
             self.index.setdefault((self.qg.nodes[node]["role"], tuple(sorted(sources))), []).append(node)
-        unaligned = []
-        for node in _ordered(self.fg, "op"):
+            self.by_sources.setdefault(tuple(sorted(sources)), []).append(node)
+        float_ops = _ordered(self.fg, "op")
+        for node in float_ops:
             if not self._align_op(node):
-                unaligned.append(node)
-        return Alignment(self._pairs(), tuple(unaligned), len(_ordered(self.fg, "op")))
+                self.pending.add(node)
+        for node in reversed(float_ops):  # regions that end the graph have no consumer to close them
+            if node in self.pending and not any(
+                (node, i) in self.float_consumers for i in range(len(self.fg.nodes[node]["outputs"]))
+            ):
+                closing = self._region_match((node, 0))
+                if closing is not None:
+                    self._close(*closing)
+        unaligned = tuple(node for node in float_ops if node in self.pending)
+        return Alignment(self._pairs(), unaligned, len(float_ops))
 
     def _align_inputs(self) -> set[str]:
         """Pair graph inputs by name, then by position; return the quantized-only ones.
@@ -125,9 +148,19 @@ class _Aligner:
     def _align_op(self, node: str) -> bool:
         attrs = self.fg.nodes[node]
         sources = [src for src in attrs["sources"] if src[0] not in self.float_only_inputs]
-        if not all(src in self.vmap for src in sources):
-            return False
-        mapped = [self.vmap[src] for src in sources]
+        closings = {}
+        for src in sources:
+            if src not in self.vmap:
+                closing = self._region_match(src) if src[0] in self.pending else None
+                if closing is None:
+                    return False
+                closings[src] = closing
+        mapped = [self.vmap[src] if src in self.vmap else (closings[src][1], 0) for src in sources]
+        if closings:  # a region of float operations fused into one: it closes if this op pairs
+            if not self._candidates(node, mapped):
+                return False
+            for closing in closings.values():
+                self._close(*closing)
         candidates = self._candidates(node, mapped)
         if not candidates:
             candidates = self._candidates_after_tails(node, mapped)
@@ -154,6 +187,42 @@ class _Aligner:
                 self.evidence[node] = "fused" if fused else "layout"
                 return True
         return False
+
+    def _region_match(self, value: ValueRef) -> tuple[ValueRef, str, tuple[str, ...]] | None:
+        """The one unclaimed quantized operation that computes ``value`` from the same inputs
+        as the unpaired float operations behind it (a decomposed Gelu or LayerNorm fused into
+        one op): (value, that operation, the float operations of the region)."""
+        region, frontier, stack = set(), set(), [value[0]]
+        while stack:
+            node = stack.pop()
+            if node in region:
+                continue
+            region.add(node)
+            if len(region) > MAX_REGION:
+                return None
+            for src in self.fg.nodes[node]["sources"]:
+                if src in self.vmap:
+                    frontier.add(self.vmap[src])
+                elif src[0] in self.pending:
+                    stack.append(src[0])
+                elif src[0] not in self.float_only_inputs:
+                    return None
+        candidates = [
+            q for q in self.by_sources.get(tuple(sorted(frontier)), [])
+            if q not in self.claimed and _shapes_agree(self.fg.nodes[value[0]], self.qg.nodes[q])
+        ]
+        if len(candidates) != 1 or len(region) < 2:  # one op of another role is no fusion
+            return None
+        order = sorted(region, key=lambda n: self.fg.nodes[n]["order"])
+        return value, candidates[0], tuple(order)
+
+    def _close(self, value: ValueRef, match: str, region: tuple[str, ...]) -> None:
+        self.vmap[value] = (match, 0)
+        self.claimed.add(match)
+        self.quant_span.setdefault(match, (match,))
+        self.pending.difference_update(region)
+        self.regions[value[0]] = region
+        self.evidence[value[0]] = "region"
 
     def _take_bias(self, value: ValueRef) -> None:
         """The float operation adds its bias inside; the quantized one leaves it to an Add."""
@@ -197,7 +266,7 @@ class _Aligner:
             (nxt,) = consumers
             attrs = self.qg.nodes[nxt]
             layout = attrs["role"] == "Transpose" and self.qg.nodes[value[0]]["kind"] == "input"
-            foldable = attrs["role"] in FOLDABLE_TAIL or layout
+            foldable = attrs["role"] in FUSABLE or layout
             if nxt in self.claimed or not foldable or len(attrs["sources"]) != 1:
                 break
             chain.append(nxt)
@@ -238,14 +307,17 @@ class _Aligner:
                 continue
             quant_node, quant_index = quant_value
             quant_readout = self.qg.nodes[quant_node]["readouts"][quant_index]
-            span = tuple(dict.fromkeys(v[0] for v in float_values))
+            span = tuple(dict.fromkeys(
+                member for v in float_values for member in self.regions.get(v[0], (v[0],))
+            ))
+            evidence = self.evidence[last_node] if len(span) == 1 or last_node in self.regions else "fused"
             pairs.append((last["order"], index, Pair(
                 float_nodes=tuple(self.fg.nodes[n]["name"] for n in span),
                 float_tensor=last["outputs"][index],
                 quant_nodes=tuple(self.qg.nodes[n]["name"] for n in self.quant_span[quant_node]),
                 quant_tensor=quant_readout.tensor,
                 op_type=last["op_type"],
-                evidence="fused" if len(span) > 1 else self.evidence[last_node],
+                evidence=evidence,
                 float_readout=last["readouts"][index],
                 quant_readout=quant_readout,
             )))

@@ -37,6 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shapes=dict(args.shape),
             seed=args.seed,
             providers=args.providers,
+            ort_optimized=args.ort_optimized,
         )
         if args.json:
             _write(args.json, report.to_json() + "\n")
@@ -76,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--providers", type=lambda text: [p for p in text.split(",") if p],
         default=list(DEFAULT_PROVIDERS), help="onnxruntime execution providers, comma-separated",
+    )
+    parser.add_argument(
+        "--ort-optimized", action="store_true",
+        help="compare the quantized graph as onnxruntime optimizes it (its fused nodes)",
     )
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     return parser

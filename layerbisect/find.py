@@ -17,6 +17,7 @@ from layerbisect.inputs import plan_inputs
 from layerbisect.load import ModelLike, declared_inputs, load_model
 from layerbisect.report import LayerComparison, Report
 from layerbisect.run import DEFAULT_PROVIDERS, Session
+from layerbisect.run import ort_optimized as ort_optimized_model
 from layerbisect.search import first_failing
 
 Sample = Mapping[str, np.ndarray]
@@ -31,6 +32,7 @@ def find_first_bad_layer(
     shapes: Mapping[str, Sequence[int]] | None = None,
     seed: int = 0,
     providers: Sequence[str] = DEFAULT_PROVIDERS,
+    ort_optimized: bool = False,
 ) -> Report:
     """Compare every aligned layer of two models and find the first below ``threshold``.
 
@@ -38,7 +40,8 @@ def find_first_bad_layer(
     ``inputs`` is one sample (a dict of input name -> array), several (a list or any iterable
     of such dicts), or None for one seeded random sample; ``shapes`` gives the full shape of
     inputs with dynamic dimensions when inputs are random. A layer's cosine is its mean over
-    samples.
+    samples. ``ort_optimized=True`` compares the graph onnxruntime actually runs for the
+    quantized model (after its fusions), to find errors that appear only after fusion.
 
     >>> report = find_first_bad_layer("model_fp32.onnx", "model_int8.onnx")  # doctest: +SKIP
     >>> report.first_bad.float_nodes  # doctest: +SKIP
@@ -48,6 +51,8 @@ def find_first_bad_layer(
         raise LayerbisectError(f"threshold must be in (0, 1], got {threshold!r}")
     float_proto = load_model(float_model, role="float model")
     quant_proto = load_model(quant_model, role="quantized model")
+    if ort_optimized:
+        quant_proto = load_model(ort_optimized_model(quant_proto, "quantized model", providers), role="quantized model")
     plan = plan_inputs(declared_inputs(float_proto), declared_inputs(quant_proto), shapes)
     float_graph = build_graph(float_proto)
     alignment = align(float_graph, build_graph(quant_proto))

@@ -47,6 +47,11 @@ ROLES = {
     "QLinearWhere": "Where",
     "QAttention": "Attention",
     "QEmbedLayerNormalization": "EmbedLayerNormalization",
+    # onnxruntime's fusions (com.microsoft): the activation they carry is a float span's tail.
+    "FusedConv": "Conv",
+    "FusedGemm": "Gemm",
+    "FusedMatMul": "MatMul",
+    "NhwcFusedConv": "Conv",
 }
 
 # Input positions of the output scale and zero point of QOperator nodes whose output is integer.
@@ -225,19 +230,17 @@ class _Builder:
         return False
 
     def _readout(self, tensor: str) -> Readout:
-        """Follow a value through its quantization shell to the last float tensor holding it."""
-        current, last_float = tensor, None
+        """Follow a value through its quantization shell to the last tensor holding it: the
+        value the next operation sees (after QuantizeLinear/DequantizeLinear, or the Cast and
+        rescaling Mul of an integer op). An integer result is read with its scale."""
+        current = tensor
         for _ in range(8):
             step = self._shell_consumer(current)
             if step is None:
                 break
             current = step.output[0]
-            if step.op_type in ("DequantizeLinear", "Cast", "Mul"):
-                last_float = current
-        if last_float is not None:
-            return Readout(last_float)
-        scale, zero_point, axis = self._qparams(tensor)
-        return Readout(tensor, scale, zero_point, axis)
+        scale, zero_point, axis = self._qparams(current)
+        return Readout(current, scale, zero_point, axis)
 
     def _shell_consumer(self, tensor: str) -> onnx.NodeProto | None:
         shells = [

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -70,6 +72,21 @@ class Session:
         except Exception as exc:
             raise LayerbisectError(f"onnxruntime failed to run the {self.role}: {_first_line(exc)}") from None
         return dict(zip(outputs, values))
+
+
+def ort_optimized(model: onnx.ModelProto, role: str, providers: Sequence[str] = DEFAULT_PROVIDERS) -> onnx.ModelProto:
+    """The graph onnxruntime actually runs: ``model`` after its extended-level optimizations
+    (QDQ groups fused into QLinear ops, Conv+activation into FusedConv, ...)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    with tempfile.TemporaryDirectory(prefix="layerbisect-") as folder:
+        options.optimized_model_filepath = str(Path(folder) / "optimized.onnx")
+        try:
+            _create(model, options, providers)
+        except Exception as exc:
+            raise LayerbisectError(f"onnxruntime cannot load the {role}: {_first_line(exc)}") from None
+        return onnx.load(options.optimized_model_filepath)
 
 
 def _create(model: onnx.ModelProto, options: ort.SessionOptions, providers: Sequence[str]):
