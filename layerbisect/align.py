@@ -103,6 +103,9 @@ class _Aligner:
         self.by_sources: dict[tuple, list[str]] = {}
         self.pending: set[str] = set()
         self.regions: dict[str, tuple[str, ...]] = {}
+        self.float_siblings: dict[tuple, list[str]] = {}
+        for node in _ordered(float_graph, "op"):
+            self.float_siblings.setdefault(_float_key(float_graph.nodes[node]), []).append(node)
         self.quant_consumers = _consumers(quant_graph)
         self.float_consumers = _consumers(float_graph)
 
@@ -282,12 +285,26 @@ class _Aligner:
                 self.vmap[float_value] = (end, 0)
 
     def _choose(self, node: str, candidates: list[str]) -> tuple[str, str]:
+        """Pick among several candidates: by weights, matching all of the node's unpaired
+        siblings (float ops of the same role on the same inputs) at once, most similar first,
+        so that a corrupted weight cannot steal a sibling's partner; then by name, then order."""
         if len(candidates) == 1:
             return candidates[0], "structure"
         attrs = self.fg.nodes[node]
-        weights = [_similarity(attrs["fingerprint"], self.qg.nodes[q]["fingerprint"]) for q in candidates]
-        if max(weights) > 0 and sorted(weights)[-2] < max(weights) - 1e-6:
-            return candidates[int(np.argmax(weights))], "weights"
+        siblings = [s for s in self.float_siblings[_float_key(attrs)] if s not in self.evidence]
+        scores = sorted(
+            ((_similarity(self.fg.nodes[s]["fingerprint"], self.qg.nodes[q]["fingerprint"]), i, s, q)
+             for i, s in enumerate(siblings) for q in candidates),
+            key=lambda item: (-item[0], item[1]),
+        )
+        if scores and scores[0][0] > 0:
+            taken: set[str] = set()
+            for score, _, sibling, match in scores:
+                if score <= 0 or sibling in taken or match in taken:
+                    continue
+                if sibling == node:
+                    return match, "weights"
+                taken.update((sibling, match))
         names = [_name_score(attrs["name"], self.qg.nodes[q]["name"]) for q in candidates]
         if max(names) > 0 and names.count(max(names)) == 1:
             return candidates[names.index(max(names))], "name"
@@ -328,6 +345,10 @@ class _Aligner:
 def _ordered(graph: nx.DiGraph, kind: str) -> list[str]:
     nodes = [n for n, attrs in graph.nodes(data=True) if attrs["kind"] == kind]
     return sorted(nodes, key=lambda n: graph.nodes[n]["order"])
+
+
+def _float_key(attrs: dict) -> tuple:
+    return attrs["role"], tuple(sorted(attrs["sources"]))
 
 
 def _consumers(graph: nx.DiGraph) -> dict[ValueRef, list[str]]:
