@@ -59,8 +59,8 @@ class Pair:
     ``evidence`` says what decided the pairing: "structure" (the only candidate), "weights",
     "name" or "order" (among several), "fused" (a float operation folded away), or "region"
     (several float operations computed by one fused operation, such as a decomposed Gelu).
-    A Transpose right after a graph input that the other model lacks is a layout adapter
-    ("layout") and pairs with nothing.
+    A Transpose right after a graph input that the other model lacks is a layout adapter and
+    pairs with nothing.
     """
 
     float_nodes: tuple[str, ...]

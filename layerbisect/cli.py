@@ -44,7 +44,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LayerbisectError as exc:
         print(f"layerbisect: error: {exc}", file=sys.stderr)
         return 2
-    print(report)
+    try:
+        print(report)
+    except BrokenPipeError:  # piped into head: the reader has what it wanted
+        sys.stderr.close()
+        return 0 if report else 1
     if report.coverage < 0.5:
         print(
             f"layerbisect: warning: only {report.coverage:.0%} of the float model's operations "
@@ -94,11 +98,13 @@ def _name_value(text: str) -> tuple[str, str]:
 
 
 def _shape(text: str) -> tuple[str, tuple[int, ...]]:
-    name, value = _name_value(text)
+    name, _, value = text.partition("=")
     try:
         dims = tuple(int(d) for d in value.replace("x", ",").split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected NAME=D0,D1,... with integers, got {text!r}") from None
+        dims = ()
+    if not name or not dims:
+        raise argparse.ArgumentTypeError(f"expected NAME=D0,D1,... with integers, got {text!r}")
     return name, dims
 
 
@@ -107,27 +113,29 @@ def _read_inputs(npz: str | None, singles: list[tuple[str, str]]) -> dict | None
         return None
     feeds: dict[str, np.ndarray] = {}
     if npz is not None:
-        try:
-            with np.load(_existing(npz), allow_pickle=False) as archive:
-                if not isinstance(archive, np.lib.npyio.NpzFile):
-                    raise LayerbisectError(f"--inputs {npz} is a single array, not an .npz archive; use --input NAME={npz}")
-                feeds.update({key: archive[key] for key in archive.files})
-        except (OSError, ValueError, zipfile.BadZipFile) as exc:
-            raise LayerbisectError(f"cannot read --inputs {npz}: {exc}") from None
+        archive = _load(npz, f"--inputs {npz}")
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise LayerbisectError(
+                f"--inputs {npz} holds a single array, not an .npz archive; use --input NAME={npz}"
+            )
+        with archive:
+            feeds.update({key: archive[key] for key in archive.files})
     for name, path in singles:
-        try:
-            feeds[name] = np.load(_existing(path), allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise LayerbisectError(f"cannot read --input {name}={path}: {exc}") from None
-        if not isinstance(feeds[name], np.ndarray):
-            raise LayerbisectError(f"--input {name}={path} is an archive, not one .npy array")
+        array = _load(path, f"--input {name}={path}")
+        if not isinstance(array, np.ndarray):
+            array.close()
+            raise LayerbisectError(f"--input {name}={path} is an .npz archive, not one .npy array")
+        feeds[name] = array
     return feeds
 
 
-def _existing(path: str) -> Path:
+def _load(path: str, flag: str):
     if not Path(path).is_file():
         raise LayerbisectError(f"input file not found: {path}")
-    return Path(path)
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise LayerbisectError(f"cannot read {flag}: {exc}") from None
 
 
 def _write(path: str, text: str) -> None:

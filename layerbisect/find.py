@@ -147,14 +147,14 @@ def _records(alignment: Alignment, aggregates, shapes_seen, mismatched) -> tuple
     return tuple(records)
 
 
-def _output_tensors(graph, model: onnx.ModelProto) -> tuple[str, ...]:
-    """The tensors holding the model's outputs, seen through Identity and the like."""
-    names = []
+def _output_tensors(graph, model: onnx.ModelProto) -> tuple[tuple[str, str], ...]:
+    """Each output of the model with the tensor holding it, seen through Identity and the like."""
+    pairs = []
     for output in model.graph.output:
         ref = graph.graph["tensors"].get(output.name)
         if ref is not None and graph.nodes[ref[0]]["kind"] == "op":
-            names.append(graph.nodes[ref[0]]["outputs"][ref[1]])
-    return tuple(names)
+            pairs.append((output.name, graph.nodes[ref[0]]["outputs"][ref[1]]))
+    return tuple(pairs)
 
 
 def _label(model: ModelLike) -> str:

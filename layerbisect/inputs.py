@@ -3,7 +3,8 @@
 Pure numpy: the input declarations come in as ``InputSpec`` values (``layerbisect.run`` reads
 them from onnxruntime). The rules, for models that may declare different inputs:
 
-- each model gets the inputs it declares, taken by name from the feeds;
+- each model gets the inputs it declares, taken by name from the feeds; inputs that the two
+  models name differently are paired by position (same dtype and shape) and share values;
 - a key that neither model declares is an error; a key only one model declares goes to it alone;
 - a declared input missing from the feeds is an error that names the model and the input;
 - a shared name whose shapes differ by exactly an NCHW/NHWC permutation is permuted for the
@@ -59,6 +60,7 @@ class InputPlan:
     quant_specs: tuple[InputSpec, ...]
     shapes: Mapping[str, Sequence[int]]
     notes: tuple[str, ...]
+    aliases: Mapping[str, str]  # quantized model's input name -> float model's input name
 
     def feeds(self, sample: Mapping[str, object] | None, seed: int) -> tuple[Feeds, Feeds]:
         """Return (float feeds, quantized feeds) for one sample, or random ones if None."""
@@ -78,13 +80,16 @@ class InputPlan:
         arrays = {name: np.asarray(value) for name, value in sample.items()}
         return (
             self._model_feeds(arrays, self.float_specs, self.quant_specs, "float model"),
-            self._model_feeds(arrays, self.quant_specs, self.float_specs, "quantized model"),
+            self._model_feeds(arrays, self.quant_specs, self.float_specs, "quantized model", self.aliases),
         )
 
-    def _model_feeds(self, arrays: Feeds, specs, other_specs, role: str) -> Feeds:
+    def _model_feeds(self, arrays: Feeds, specs, other_specs, role: str, aliases=None) -> Feeds:
         others = {spec.name: spec for spec in other_specs}
         feeds = {}
         for spec in specs:
+            alias = (aliases or {}).get(spec.name)
+            if spec.name not in arrays and alias in arrays:
+                arrays = {**arrays, spec.name: arrays[alias]}
             if spec.name not in arrays:
                 raise LayerbisectError(
                     f"the {role} needs input {spec.name!r} ({spec.describe()}) but the feeds "
@@ -107,7 +112,9 @@ class InputPlan:
         rng = np.random.default_rng(seed)
         feeds: Feeds = {}
         for spec in self.float_specs + self.quant_specs:
-            if spec.name not in feeds:
+            if spec.name in self.aliases:
+                feeds[spec.name] = feeds[self.aliases[spec.name]]
+            elif spec.name not in feeds:
                 feeds[spec.name] = _random_array(spec, self.shapes.get(spec.name), rng)
         return feeds
 
@@ -130,8 +137,18 @@ def plan_inputs(
             f"a shape is given for {unknown[0]!r}, which is not an input of either model; "
             f"the models take {sorted(float_names | quant_names)}"
         )
-    notes = []
-    for name in sorted(float_names ^ quant_names):
+    float_only = [s for s in float_specs if s.name not in quant_names]
+    quant_only = [s for s in quant_specs if s.name not in float_names]
+    aliases = {
+        q.name: f.name for f, q in zip(float_only, quant_only)
+        if f.dtype == q.dtype and _compatible(f.shape, q.shape)
+    }
+    notes = [
+        f"input {q!r} of the quantized model takes the values of input {f!r} of the float "
+        "model (paired by position)"
+        for q, f in aliases.items()
+    ]
+    for name in sorted((float_names ^ quant_names) - set(aliases) - set(aliases.values())):
         only = "float" if name in float_names else "quantized"
         notes.append(f"input {name!r} is declared by the {only} model only and goes to it alone")
     quant_by_name = {s.name: s for s in quant_specs}
@@ -152,7 +169,7 @@ def plan_inputs(
             f"input {spec.name!r} is permuted between NHWC ({spec.describe()}, float model) "
             f"and NCHW ({other.describe()}, quantized model)"
         )
-    return InputPlan(tuple(float_specs), tuple(quant_specs), shapes, tuple(notes))
+    return InputPlan(tuple(float_specs), tuple(quant_specs), shapes, tuple(notes), aliases)
 
 
 def _compatible(a: tuple[Dim, ...], b: tuple[Dim, ...]) -> bool:

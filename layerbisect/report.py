@@ -18,8 +18,9 @@ class LayerComparison:
 
     ``float_nodes`` lists the float operations the layer spans (the last one produces
     ``float_tensor``); ``quant_nodes`` the quantized operations that compute ``quant_tensor``.
-    Metrics are means over samples; ``cosine_worst`` is the lowest cosine, seen on sample
-    ``worst_sample``. ``nonfinite`` counts NaN/Inf values that differ between the two.
+    ``cosine``, ``sqnr_db`` and ``mse`` are means over samples, ``max_abs`` the largest over
+    samples; ``cosine_worst`` is the lowest cosine, seen on sample ``worst_sample``;
+    ``nonfinite`` counts, over all samples, NaN/Inf values that differ between the two.
     """
 
     index: int
@@ -57,14 +58,16 @@ class Report:
     ``layers`` holds every aligned layer in the float model's topological order; ``first_bad``
     is the first whose cosine is below ``threshold``, or None. ``bool(report)`` is True when no
     layer is below the threshold. ``unaligned`` lists float operations with no counterpart
-    in the quantized model; ``notes`` says how inputs were fed and what was left out.
+    in the quantized model; ``coverage`` is the share of float operations that found one.
+    ``outputs`` pairs each output the float model declares with the tensor behind it (they
+    differ when an Identity carries it). ``notes`` says how inputs were fed and what was left out.
     """
 
     layers: tuple[LayerComparison, ...]
     first_bad: LayerComparison | None
     threshold: float
     samples: int
-    outputs: tuple[str, ...]
+    outputs: tuple[tuple[str, str], ...]
     unaligned: tuple[str, ...]
     coverage: float
     notes: tuple[str, ...]
@@ -77,9 +80,10 @@ class Report:
     @property
     def verdict(self) -> str:
         """One line saying whether a layer fails, which, and how the outputs fare."""
+        by_tensor = {layer.float_tensor: layer for layer in self.layers}
         outputs = "; ".join(
-            f"output {layer.float_tensor!r} cosine {_num(layer.cosine, 4)}"
-            for layer in self.layers if layer.float_tensor in self.outputs
+            f"output {name!r} cosine {_num(by_tensor[tensor].cosine, 4)}"
+            for name, tensor in self.outputs if tensor in by_tensor
         )
         if self.first_bad is None:
             head = f"PASS: all {len(self.layers)} aligned layers reach cosine {self.threshold}"

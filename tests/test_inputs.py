@@ -77,3 +77,14 @@ def test_nchw_nhwc_difference_is_bridged_by_permuting():
 def test_other_shape_differences_are_an_error():
     with pytest.raises(LayerbisectError, match="only an NCHW/NHWC difference"):
         plan_inputs([X], [InputSpec("x", F32, (1, 3, 8, 8))])
+
+
+def test_inputs_named_differently_are_paired_by_position_and_share_values():
+    image = InputSpec("image", F32, (1, 3, 4, 5))
+    plan = plan_inputs([X], [image])
+    assert any("'image' of the quantized model takes the values of input 'x'" in n for n in plan.notes)
+    float_feeds, quant_feeds = plan.feeds(None, seed=0)
+    np.testing.assert_array_equal(float_feeds["x"], quant_feeds["image"])
+    x = np.ones((1, 3, 4, 5), np.float32)
+    float_feeds, quant_feeds = plan.feeds({"x": x}, seed=0)
+    assert quant_feeds["image"] is x
