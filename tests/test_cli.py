@@ -57,6 +57,9 @@ def test_random_inputs_when_no_feeds_are_given(models, capsys):
     (["{float}", "{int8}", "--inputs", "nope.npz"], "input file not found: nope.npz"),
     (["{float}", "{int8}", "--input", "z={npy}"], "'z' is not an input of either model"),
     (["{float}", "{int8}", "--providers", "NoSuchProvider"], "execution provider 'NoSuchProvider' is not available"),
+    (["{float}", "{int8}", "--inputs", "{npy}"], "holds a single array, not an .npz archive; use --input NAME="),
+    (["{float}", "{int8}", "--input", "x={npz}"], "is an .npz archive, not one .npy array"),
+    (["{float}", "{int8}", "--input", "x=nofile.npy"], "input file not found: nofile.npy"),
 ])
 def test_bad_input_is_one_line_on_stderr_and_exit_2(models, capsys, args, message):
     args = [a.format(**{k: str(v) for k, v in models.items()}) for a in args]
