@@ -87,6 +87,8 @@ def find_first_bad_layer(
                 shapes_seen[index] = reference.shape
         del float_values, quant_values
 
+    if not samples:
+        raise LayerbisectError("inputs holds no sample: give at least one dict of input name -> array")
     layers = _records(alignment, aggregates, shapes_seen, mismatched)
     if not layers:
         raise LayerbisectError("no aligned layer holds comparable float values; nothing to compare")

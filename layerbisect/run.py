@@ -48,6 +48,8 @@ class Session:
             )
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # Idle worker threads would otherwise spin and take the cores the comparison needs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = _create(model, options, providers)
         except Exception as exc:

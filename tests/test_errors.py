@@ -85,6 +85,12 @@ def test_inputs_of_the_wrong_kind():
         find_first_bad_layer(scaled(1.0), scaled(1.0), [np.zeros((2, 3), np.float32)])
 
 
+@pytest.mark.parametrize("empty", [[], iter(())])
+def test_no_samples(empty):
+    with pytest.raises(LayerbisectError, match="inputs holds no sample"):
+        find_first_bad_layer(scaled(1.0), scaled(1.0), empty)
+
+
 def test_unrelated_models_say_nothing_aligned():
     with pytest.raises(LayerbisectError, match="no layer of the float model could be paired"):
         find_first_bad_layer(scaled(1.0, op="Add"), scaled(1.0, op="Mul"), X)
