@@ -6,3 +6,9 @@ class LayerbisectError(ValueError):
 
     The CLI prints it on one line and exits with status 2.
     """
+
+
+def first_line(exc: BaseException, limit: int = 400) -> str:
+    """The first line of an exception's message, for a one-line error."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:limit]

@@ -243,12 +243,11 @@ class _Builder:
         return Readout(current, scale, zero_point, axis)
 
     def _shell_consumer(self, tensor: str) -> onnx.NodeProto | None:
-        shells = [
-            node for node in self.consumers.get(tensor, [])
-            if node.input and node.input[0] == tensor or node.op_type == "Mul"
-        ]
-        for node in shells:
-            if node.op_type in ("QuantizeLinear", "DequantizeLinear", "Cast", "Mul"):
+        """The quantization-shell node that carries ``tensor`` on, if any (shell nodes are the
+        ones that did not become graph nodes)."""
+        for node in self.consumers.get(tensor, []):
+            carries = node.op_type == "Mul" or (node.input and node.input[0] == tensor)
+            if carries and node.op_type in ("QuantizeLinear", "DequantizeLinear", "Cast", "Mul"):
                 if not self.graph.has_node(node.name):
                     return node
         return None

@@ -15,7 +15,7 @@ import onnx
 from onnx import helper
 from google.protobuf.message import DecodeError
 
-from layerbisect.errors import LayerbisectError
+from layerbisect.errors import LayerbisectError, first_line
 from layerbisect.inputs import InputSpec
 
 ModelLike = Union[str, PathLike, onnx.ModelProto]
@@ -74,7 +74,7 @@ def _read(path: Path, role: str) -> onnx.ModelProto:
         model = onnx.load(str(path))
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
         raise LayerbisectError(
-            f"{role} {path} is not a readable ONNX file ({_first_line(exc)}); "
+            f"{role} {path} is not a readable ONNX file ({first_line(exc)}); "
             "check that it is a complete .onnx file, not truncated or in another format"
         ) from None
     if not model.HasField("graph"):
@@ -99,8 +99,3 @@ def name_nodes(graph: onnx.GraphProto) -> None:
                 suffix += 1
             node.name = name
         used.add(name)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]

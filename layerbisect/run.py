@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from layerbisect.errors import LayerbisectError
+from layerbisect.errors import LayerbisectError, first_line
 from layerbisect.inputs import Feeds
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
@@ -97,7 +97,7 @@ def _create(model: onnx.ModelProto, options: ort.SessionOptions, providers: Sequ
 
 def _first_line(exc: BaseException) -> str:
     """onnxruntime's message without its error code and C++ source location."""
-    text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+    text = first_line(exc, limit=2000)
     text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
     located = re.match(r"^\S+\.(?:cc|h|cpp):\d+ .*?\) ", text)
     if located:
