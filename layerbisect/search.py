@@ -4,13 +4,53 @@
 2
 >>> first_failing([True]) is None
 True
+
+``bisect_first_failing`` finds the same index with few calls of an expensive check, when
+failures, once they start, go on (a layer below the threshold damages the layers after it):
+
+>>> flags = [True] * 70 + [False] * 30
+>>> bisect_first_failing(lambda indices: {i: flags[i] for i in indices}, len(flags), batch=1)
+(70, 7)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 
 def first_failing(passed: Iterable[bool]) -> int | None:
     """Index of the first False in ``passed``, or None when all pass."""
     return next((index for index, ok in enumerate(passed) if not ok), None)
+
+
+def bisect_first_failing(
+    check: Callable[[Sequence[int]], Mapping[int, bool]], n: int, batch: int = 1
+) -> tuple[int | None, int]:
+    """First index in ``range(n)`` whose check fails, and the number of ``check`` calls.
+
+    ``check`` evaluates up to ``batch`` indices in one call (one model execution, holding
+    ``batch`` tensors) and says which pass. Each call probes evenly spaced indices of the
+    interval still in question and narrows it to the gap before the first failing probe, so
+    the calls number about ``log(n) / log(batch + 1)``. The answer equals ``first_failing``
+    of all checks when failing is monotone (nothing passes after the first failure).
+    """
+    if n < 0 or batch < 1:
+        raise ValueError(f"need n >= 0 and batch >= 1, got n={n}, batch={batch}")
+    low, high, found, calls = 0, n, None, 0
+    while low < high:
+        span = high - low
+        if span <= batch:
+            probes = list(range(low, high))
+        else:
+            probes = sorted({low + (j + 1) * span // (batch + 1) for j in range(batch)})
+        results = check(probes)
+        calls += 1
+        failing = [i for i in probes if not results[i]]
+        if failing:
+            found = failing[0]
+            high = found
+            passed = [i for i in probes if i < found]
+            low = passed[-1] + 1 if passed else low
+        else:
+            low = probes[-1] + 1
+    return found, calls

@@ -1,0 +1,32 @@
+import math
+
+import pytest
+
+from layerbisect.search import bisect_first_failing, first_failing
+
+
+def monotone(n: int, first_bad: int | None) -> list[bool]:
+    return [first_bad is None or i < first_bad for i in range(n)]
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 7, 64, 100, 1000])
+@pytest.mark.parametrize("batch", [1, 2, 5, 16])
+def test_bisect_agrees_with_a_full_scan_on_monotone_checks(n, batch):
+    for first_bad in [None, 0, n // 3, n - 1] if n else [None]:
+        flags = monotone(n, first_bad)
+        probed = []
+
+        def check(indices):
+            assert 1 <= len(indices) <= batch
+            probed.extend(indices)
+            return {i: flags[i] for i in indices}
+
+        found, calls = bisect_first_failing(check, n, batch)
+        assert found == first_failing(flags)
+        assert (calls == 0) == (n == 0) and calls <= math.ceil(math.log(max(n, 2)) / math.log(batch + 1)) + 2
+        assert len(probed) == len(set(probed))  # nothing measured twice
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        bisect_first_failing(lambda i: {}, 5, batch=0)
