@@ -13,8 +13,13 @@ import onnx_graphsurgeon as gs
 from layerbisect.errors import LayerbisectError
 
 
-def expose(model: onnx.ModelProto, tensors: Iterable[str] | None = None) -> onnx.ModelProto:
+def expose(
+    model: onnx.ModelProto, tensors: Iterable[str] | None = None, *, prune: bool = False
+) -> onnx.ModelProto:
     """Return a copy of ``model`` whose graph outputs also list ``tensors``.
+
+    With ``prune=True`` the outputs are ``tensors`` alone and the nodes they do not need are
+    dropped: the model becomes the prefix that computes them, and runs no further.
 
     ``tensors=None`` exposes every tensor a node produces. The model's own outputs come first,
     in their order; each tensor is listed once; shapes and dtypes are kept where known (the
@@ -40,11 +45,15 @@ def expose(model: onnx.ModelProto, tensors: Iterable[str] | None = None) -> onnx
     missing = [name for name in wanted if name not in variables]
     if missing:
         raise LayerbisectError(f"cannot expose {missing[:3]}: no such tensor in the model")
+    if prune:
+        graph.outputs = []
     listed = {tensor.name for tensor in graph.outputs}
     for name in dict.fromkeys(wanted):
         if name and name not in listed:
             graph.outputs.append(variables[name])
             listed.add(name)
+    if prune:
+        graph.cleanup()
     exposed = gs.export_onnx(graph, do_type_check=False)
     _keep_metadata(model, exposed)
     return exposed

@@ -2,25 +2,31 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Executor
 from pathlib import Path
 
+import networkx as nx
 import numpy as np
 import onnx
 
-from layerbisect.align import Alignment, align
-from layerbisect.compare import Aggregate, compare
+from layerbisect.align import Pair, align
 from layerbisect.errors import LayerbisectError
-from layerbisect.expose import expose
 from layerbisect.graph import build_graph
 from layerbisect.inputs import plan_inputs
 from layerbisect.load import ModelLike, declared_inputs, load_model
+from layerbisect.measure import Totals, available_memory, measure, prepare
+from layerbisect.progress import progress
 from layerbisect.report import LayerComparison, Report
-from layerbisect.run import DEFAULT_PROVIDERS, Session
+from layerbisect.run import DEFAULT_PROVIDERS
 from layerbisect.run import ort_optimized as ort_optimized_model
-from layerbisect.search import first_failing
+from layerbisect.search import bisect_first_failing, first_failing
+from layerbisect.summary import neighbourhood, summarize
 
 Sample = Mapping[str, np.ndarray]
+STRATEGIES = ("auto", "scan", "bisect")
+UNKNOWN_TENSOR_BYTES = 1 << 20  # assumed size of a value whose shape is unknown
 
 
 def find_first_bad_layer(
@@ -33,8 +39,13 @@ def find_first_bad_layer(
     seed: int = 0,
     providers: Sequence[str] = DEFAULT_PROVIDERS,
     ort_optimized: bool = False,
+    strategy: str = "auto",
+    memory_budget: int | None = None,
+    isolated: bool = True,
+    executor: Executor | None = None,
+    quiet: bool = False,
 ) -> Report:
-    """Compare every aligned layer of two models and find the first below ``threshold``.
+    """Compare the aligned layers of two models and find the first below ``threshold``.
 
     ``float_model`` and ``quant_model`` are paths or ``onnx.ModelProto`` (never modified).
     ``inputs`` is one sample (a dict of input name -> array), several (a list or any iterable
@@ -43,12 +54,26 @@ def find_first_bad_layer(
     samples. ``ort_optimized=True`` compares the graph onnxruntime actually runs for the
     quantized model (after its fusions), to find errors that appear only after fusion.
 
+    ``strategy="scan"`` measures every aligned layer, in pieces that fit ``memory_budget``
+    (bytes of activations held at once; default: half the memory available now; a piece holds
+    one layer and the values feeding it at least);
+    ``"bisect"`` finds the first bad layer with few model runs, measuring only the layers it
+    probes; ``"auto"`` scans when every aligned value fits the budget, else bisects.
+    ``isolated=True`` also measures each layer fed the float model's own inputs, to tell
+    where error is introduced from where it is inherited. ``executor`` (any
+    ``concurrent.futures.Executor``) spreads samples over its workers. A progress bar over
+    samples shows on long runs when tqdm is installed, unless ``quiet``.
+
     >>> report = find_first_bad_layer("model_fp32.onnx", "model_int8.onnx")  # doctest: +SKIP
-    >>> report.first_bad.float_nodes  # doctest: +SKIP
-    ('conv2', 'bn2', 'relu2')
+    >>> report.first_bad.float_nodes, report.first_bad_cause  # doctest: +SKIP
+    (('conv2',), 'introduced')
     """
     if not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
         raise LayerbisectError(f"threshold must be in (0, 1], got {threshold!r}")
+    if strategy not in STRATEGIES:
+        raise LayerbisectError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if memory_budget is not None and memory_budget <= 0:
+        raise LayerbisectError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
     float_proto = load_model(float_model, role="float model")
     quant_proto = load_model(quant_model, role="quantized model")
     if ort_optimized:
@@ -56,60 +81,185 @@ def find_first_bad_layer(
     plan = plan_inputs(declared_inputs(float_proto), declared_inputs(quant_proto), shapes)
     float_graph = build_graph(float_proto)
     alignment = align(float_graph, build_graph(quant_proto))
-    if not alignment.pairs:
+    pairs = alignment.pairs
+    if not pairs:
         raise LayerbisectError(
             "no layer of the float model could be paired with the quantized model: "
             "do the two models compute the same network, from the same inputs?"
         )
-    float_names = list(dict.fromkeys(p.float_tensor for p in alignment.pairs))
-    quant_names = list(dict.fromkeys(p.quant_tensor for p in alignment.pairs))
-    float_session = Session(expose(float_proto, float_names), "float model", providers, float_proto)
-    quant_session = Session(expose(quant_proto, quant_names), "quantized model", providers, quant_proto)
+    budget = memory_budget if memory_budget is not None else available_memory() // 2
+    sizes = [_value_bytes(float_graph, pair) for pair in pairs]
+    feeders = _feeders(float_proto, pairs) if isolated else [() for _ in pairs]
+    # held per pair: its float and quantized values, and for isolated error its value in the
+    # cut model plus the float values fed to the cuts
+    costs = [
+        (3 if isolated else 2) * size + 2 * sum(sizes[f] for f in feeders[i])
+        for i, size in enumerate(sizes)
+    ]
+    if strategy == "auto":
+        strategy = "scan" if sum(costs) <= budget else "bisect"
+    groups = _groups(costs, budget) if strategy == "scan" else []
+    samples = _samples(inputs)
+    if strategy == "bisect" or len(groups) > 1:
+        samples = list(samples)  # several passes over the samples
 
-    aggregates = [Aggregate() for _ in alignment.pairs]
-    shapes_seen: list[tuple[int, ...] | None] = [None] * len(alignment.pairs)
-    mismatched: dict[int, str] = {}
-    samples = 0
-    for sample in _samples(inputs):
-        samples += 1
-        float_feeds, quant_feeds = plan.feeds(sample, seed)
-        float_values = float_session.run(float_feeds, float_names)
-        quant_values = quant_session.run(quant_feeds, quant_names)
-        for index, pair in enumerate(alignment.pairs):
-            reference = pair.float_readout.dequantize(float_values[pair.float_tensor])
-            actual = pair.quant_readout.dequantize(quant_values[pair.quant_tensor])
-            if reference.dtype.kind != "f":
-                mismatched[index] = "not a float tensor"
-            elif reference.shape != actual.shape:
-                mismatched[index] = f"shapes differ: {reference.shape} vs {actual.shape}"
-            if index not in mismatched:
-                aggregates[index].add(compare(reference, actual))
-                shapes_seen[index] = reference.shape
-        del float_values, quant_values
+    def run(indices: Sequence[int], with_isolated: bool) -> Totals:
+        boundaries = sorted({b for i in indices for b in feeders[i]})
+        measurement = prepare(
+            float_proto, quant_proto, [pairs[i] for i in indices],
+            [pairs[b] for b in boundaries] if with_isolated else None,
+            plan, seed=seed, providers=providers, prune=len(indices) < len(pairs),
+        )
+        totals = measure(measurement, progress(samples, quiet), executor)
+        if not totals.samples:
+            raise LayerbisectError("inputs holds no sample: give at least one dict of input name -> array")
+        return totals
 
-    if not samples:
-        raise LayerbisectError("inputs holds no sample: give at least one dict of input name -> array")
-    layers = _records(alignment, aggregates, shapes_seen, mismatched)
+    measured: dict[int, tuple[Totals, int]] = {}
+    passes: list[Totals] = []
+
+    def record(indices: Sequence[int], totals: Totals) -> None:
+        passes.append(totals)
+        for position, index in enumerate(indices):
+            measured[index] = (totals, position)
+
+    if strategy == "scan":
+        for group in groups:
+            record(group, run(group, isolated))
+    else:
+        def check(indices: Sequence[int]) -> dict[int, bool]:
+            totals = run(indices, False)
+            record(indices, totals)
+            return {i: _layer(pairs[i], i, totals, p).passes(threshold) for p, i in enumerate(indices)}
+
+        found, _ = bisect_first_failing(check, len(pairs), _batch(sizes, budget))
+        if found is not None and isolated:
+            record([found], run([found], True))
+
+    layers = tuple(
+        _layer(pairs[i], i, *measured[i]) for i in sorted(measured) if _comparable(measured[i])
+    )
     if not layers:
         raise LayerbisectError("no aligned layer holds comparable float values; nothing to compare")
     bad = first_failing(layer.passes(threshold) for layer in layers)
+    first_bad = None if bad is None else layers[bad]
+    culprit = _culprit(layers, first_bad, threshold)
     notes = list(plan.notes)
     notes += [
-        f"{alignment.pairs[i].float_tensor!r} left out: {why}"
-        for i, why in mismatched.items() if why != "not a float tensor"
+        f"left out: {why}" for totals in passes for why in totals.problems.values()
+        if why != "not a float tensor"
     ]
     return Report(
         layers=layers,
-        first_bad=None if bad is None else layers[bad],
+        first_bad=first_bad,
         threshold=float(threshold),
-        samples=samples,
+        samples=passes[0].samples,
         outputs=_output_tensors(float_graph, float_proto),
         unaligned=alignment.unaligned,
         coverage=alignment.coverage,
-        notes=tuple(notes),
+        notes=tuple(dict.fromkeys(notes)),
         float_model=_label(float_model),
         quant_model=_label(quant_model),
+        strategy=strategy,
+        executions=sum(t.executions for t in passes),
+        peak_bytes=max(t.peak_bytes for t in passes),
+        culprit=culprit,
+        first_bad_cause=_cause(first_bad, threshold),
+        float_summary=summarize(float_proto, _label(float_model)),
+        quant_summary=summarize(quant_proto, _label(quant_model)),
+        providers=tuple(providers),
+        seed=seed,
+        ort_optimized=ort_optimized,
+        float_neighbourhood=() if first_bad is None else neighbourhood(float_proto, first_bad.float_nodes),
+        quant_neighbourhood=() if first_bad is None else neighbourhood(quant_proto, first_bad.quant_nodes),
     )
+
+
+def _layer(pair: Pair, index: int, totals: Totals, position: int) -> LayerComparison:
+    cumulative, isolated = totals.cumulative[position], totals.isolated[position]
+    return LayerComparison(
+        index=index,
+        op_type=pair.op_type,
+        float_nodes=pair.float_nodes,
+        float_tensor=pair.float_tensor,
+        quant_nodes=pair.quant_nodes,
+        quant_tensor=pair.quant_tensor,
+        shape=totals.shapes.get(position, ()),
+        cosine=cumulative.cosine,
+        sqnr_db=cumulative.sqnr_db,
+        mse=cumulative.mse,
+        max_abs=cumulative.max_abs,
+        cosine_worst=cumulative.cosine_worst,
+        worst_sample=cumulative.worst_sample,
+        nonfinite=cumulative.nonfinite,
+        evidence=pair.evidence,
+        isolated_cosine=isolated.cosine if isolated.samples else math.nan,
+        isolated_sqnr_db=isolated.sqnr_db if isolated.samples else math.nan,
+    )
+
+
+def _comparable(entry: tuple[Totals, int]) -> bool:
+    totals, position = entry
+    return position not in totals.problems and totals.cumulative[position].samples > 0
+
+
+def _cause(first_bad: LayerComparison | None, threshold: float) -> str | None:
+    if first_bad is None or math.isnan(first_bad.isolated_cosine):
+        return None
+    return "inherited" if first_bad.isolated_cosine >= threshold else "introduced"
+
+
+def _culprit(layers, first_bad, threshold) -> LayerComparison | None:
+    """The earliest layer whose own error is below the threshold; else, up to the first bad
+    layer, the one adding the most error."""
+    measured = [layer for layer in layers if not math.isnan(layer.isolated_cosine)]
+    introducing = [layer for layer in measured if not layer.isolated_cosine >= threshold]
+    if introducing:
+        return introducing[0]
+    if first_bad is None:
+        return None
+    before = [layer for layer in measured if layer.index <= first_bad.index]
+    return min(before, key=lambda layer: layer.isolated_cosine, default=None)
+
+
+def _feeders(model: onnx.ModelProto, pairs: Sequence[Pair]) -> list[tuple[int, ...]]:
+    """For each pair, the earlier pairs whose float values its float operations read."""
+    nodes = {node.name: node for node in model.graph.node}
+    index_of = {pair.float_tensor: i for i, pair in enumerate(pairs)}
+    feeders = []
+    for i, pair in enumerate(pairs):
+        span = [nodes[name] for name in pair.float_nodes if name in nodes]
+        produced = {out for node in span for out in node.output}
+        read = {name for node in span for name in node.input} - produced
+        feeders.append(tuple(sorted(index_of[t] for t in read if t in index_of and index_of[t] < i)))
+    return feeders
+
+
+def _value_bytes(graph: nx.DiGraph, pair: Pair) -> int:
+    """Estimated bytes of a pair's float value, from inferred shapes (4-byte elements)."""
+    attrs = graph.nodes[pair.float_nodes[-1]]
+    shape = attrs["shapes"][attrs["outputs"].index(pair.float_tensor)]
+    if shape is None:
+        return UNKNOWN_TENSOR_BYTES
+    return 4 * math.prod(d if d else 1 for d in shape)
+
+
+def _groups(costs: Sequence[int], budget: int) -> list[list[int]]:
+    """Consecutive pairs whose values, held together, fit the budget (one pair at least)."""
+    groups: list[list[int]] = [[]]
+    held = 0
+    for index, cost in enumerate(costs):
+        if groups[-1] and held + cost > budget:
+            groups.append([])
+            held = 0
+        groups[-1].append(index)
+        held += cost
+    return groups
+
+
+def _batch(sizes: Sequence[int], budget: int) -> int:
+    """How many values a bisection probe may hold (float and quantized), at least one."""
+    return max(1, budget // (2 * max(sizes)))
 
 
 def _samples(inputs) -> Iterable[Sample | None]:
@@ -122,31 +272,6 @@ def _samples(inputs) -> Iterable[Sample | None]:
             "inputs must be a dict of input name -> array, or a list of such dicts"
         )
     return inputs
-
-
-def _records(alignment: Alignment, aggregates, shapes_seen, mismatched) -> tuple[LayerComparison, ...]:
-    records = []
-    for index, (pair, agg) in enumerate(zip(alignment.pairs, aggregates)):
-        if index in mismatched or not agg.samples:
-            continue
-        records.append(LayerComparison(
-            index=len(records),
-            op_type=pair.op_type,
-            float_nodes=pair.float_nodes,
-            float_tensor=pair.float_tensor,
-            quant_nodes=pair.quant_nodes,
-            quant_tensor=pair.quant_tensor,
-            shape=tuple(shapes_seen[index]),
-            cosine=agg.cosine,
-            sqnr_db=agg.sqnr_db,
-            mse=agg.mse,
-            max_abs=agg.max_abs,
-            cosine_worst=agg.cosine_worst,
-            worst_sample=agg.worst_sample,
-            nonfinite=agg.nonfinite,
-            evidence=pair.evidence,
-        ))
-    return tuple(records)
 
 
 def _output_tensors(graph, model: onnx.ModelProto) -> tuple[tuple[str, str], ...]:

@@ -1,15 +1,19 @@
 """What a comparison found: a record per aligned layer and the report that holds them.
 
-Plain frozen dataclasses. ``print(report)`` gives the verdict then a table; in a notebook the
-report renders as an HTML table; ``to_dict``/``to_json`` give the same content to scripts.
+Plain frozen dataclasses. ``print(report)`` gives the verdict then a table (``rich.print`` a
+rich table); in a notebook the report renders as HTML with a chart; ``save_html`` writes that
+page to one self-contained file; ``to_dict``/``to_json`` give the content to scripts;
+``to_dataframe`` and ``plot`` need pandas and matplotlib (``layerbisect.render`` draws all).
 """
 
 from __future__ import annotations
 
-import html
 import json
 import math
 from dataclasses import asdict, dataclass
+from os import PathLike
+from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -21,6 +25,9 @@ class LayerComparison:
     ``cosine``, ``sqnr_db`` and ``mse`` are means over samples, ``max_abs`` the largest over
     samples; ``cosine_worst`` is the lowest cosine, seen on sample ``worst_sample``;
     ``nonfinite`` counts, over all samples, NaN/Inf values that differ between the two.
+    ``isolated_cosine``/``isolated_sqnr_db`` measure the layer fed the float model's own values
+    at its inputs: the error it adds by itself (NaN where not measured). ``index`` is the
+    layer's position among all aligned layers.
     """
 
     index: int
@@ -38,6 +45,8 @@ class LayerComparison:
     worst_sample: int
     nonfinite: int
     evidence: str
+    isolated_cosine: float = math.nan
+    isolated_sqnr_db: float = math.nan
 
     def passes(self, threshold: float) -> bool:
         """Whether the (mean) cosine reaches ``threshold``; NaN never does."""
@@ -52,6 +61,28 @@ class LayerComparison:
 
 
 @dataclass(frozen=True)
+class ModelSummary:
+    """A model at a glance: its path (or graph name), node count and op-type counts, most
+    frequent first."""
+
+    path: str
+    nodes: int
+    op_types: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class GraphNode:
+    """A node near a layer: its name, op type, input and output tensors, and ``distance``, the
+    number of operations between it and the layer (0 for the layer's own nodes)."""
+
+    name: str
+    op_type: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    distance: int
+
+
+@dataclass(frozen=True)
 class Report:
     """The result of ``find_first_bad_layer``.
 
@@ -61,6 +92,14 @@ class Report:
     in the quantized model; ``coverage`` is the share of float operations that found one.
     ``outputs`` pairs each output the float model declares with the tensor behind it (they
     differ when an Identity carries it). ``notes`` says how inputs were fed and what was left out.
+    ``first_bad_cause`` is "introduced" when the first bad layer's isolated error is itself
+    below the threshold, "inherited" when its inputs were already damaged; ``culprit`` is the
+    earliest layer whose isolated error is below the threshold (or, if none is, the one with
+    the lowest isolated cosine up to the first bad layer). ``strategy`` ("scan" or "bisect"),
+    ``executions`` (model runs) and ``peak_bytes`` (activations held at once) say what it cost.
+    ``float_summary``/``quant_summary`` describe the two models; ``providers``, ``seed`` and
+    ``ort_optimized`` are the run settings; ``float_neighbourhood``/``quant_neighbourhood``
+    are the nodes within two operations of the first bad layer in each model.
     """
 
     layers: tuple[LayerComparison, ...]
@@ -73,6 +112,18 @@ class Report:
     notes: tuple[str, ...]
     float_model: str
     quant_model: str
+    strategy: str = "scan"
+    executions: int = 0
+    peak_bytes: int = 0
+    culprit: LayerComparison | None = None
+    first_bad_cause: str | None = None
+    float_summary: ModelSummary | None = None
+    quant_summary: ModelSummary | None = None
+    providers: tuple[str, ...] = ()
+    seed: int | None = None
+    ort_optimized: bool = False
+    float_neighbourhood: tuple[GraphNode, ...] = ()
+    quant_neighbourhood: tuple[GraphNode, ...] = ()
 
     def __bool__(self) -> bool:
         return self.first_bad is None
@@ -89,19 +140,28 @@ class Report:
             head = f"PASS: all {len(self.layers)} aligned layers reach cosine {self.threshold}"
         else:
             head = f"FAIL: first layer below cosine {self.threshold} is {self.first_bad.describe()}"
+            if self.first_bad_cause == "introduced":
+                head += ", error introduced there"
+            elif self.first_bad_cause == "inherited":
+                head += ", error inherited"
+            if self.culprit is not None and self.culprit.index != self.first_bad.index:
+                head += (f"; culprit #{self.culprit.index} {self.culprit.op_type} "
+                         f"{'+'.join(self.culprit.float_nodes)!r} (isolated cosine "
+                         f"{_num(self.culprit.isolated_cosine, 4)})")
         return f"{head}; {outputs}" if outputs else head
 
     def __str__(self) -> str:
         lines = [self.verdict, self._summary(), ""]
-        rows = [("", "#", "op", "float node(s)", "quant node(s)", "cosine", "SQNR dB")]
+        rows = [("", "#", "op", "float node(s)", "quant node(s)", "cosine", "SQNR dB", "isolated")]
         for layer in self.layers:
             rows.append((
                 "!" if not layer.passes(self.threshold) else "",
                 str(layer.index), layer.op_type, _short("+".join(layer.float_nodes)),
                 _short("+".join(layer.quant_nodes)), _num(layer.cosine, 4), _num(layer.sqnr_db, 1),
+                "" if math.isnan(layer.isolated_cosine) else _num(layer.isolated_cosine, 4),
             ))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        right = {1, 5, 6}
+        right = {1, 5, 6, 7}
         for row in rows:
             cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
             lines.append("  ".join(cells).rstrip())
@@ -113,28 +173,51 @@ class Report:
         if self.unaligned:
             parts.append(f"{len(self.unaligned)} float ops without counterpart")
         parts.append(f"{self.samples} sample{'s' if self.samples != 1 else ''}")
+        parts.append(f"{self.strategy}: {self.executions} model runs, {self.peak_bytes / 2**20:.1f} MiB held at peak")
         return ", ".join(parts)
 
+    def __rich__(self) -> Any:
+        """A rich Table (verdict and summary as its title), for ``rich.print(report)``."""
+        from layerbisect.render import rich_table
+
+        return rich_table(self)
+
     def _repr_html_(self) -> str:
-        head = (
-            "<tr><th>#</th><th>op</th><th>float node(s)</th><th>quant node(s)</th>"
-            "<th>cosine</th><th>worst</th><th>SQNR dB</th><th>max abs</th></tr>"
-        )
-        body = []
-        for layer in self.layers:
-            style = ' style="background:#fdd"' if not layer.passes(self.threshold) else ""
-            cells = (
-                layer.index, layer.op_type, "+".join(layer.float_nodes), "+".join(layer.quant_nodes),
-                _num(layer.cosine, 4), _num(layer.cosine_worst, 4), _num(layer.sqnr_db, 1),
-                _num(layer.max_abs, 4),
-            )
-            body.append(f"<tr{style}>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
-        return (
-            f"<div><p><b>{html.escape(self.verdict)}</b><br>{html.escape(self._summary())}</p>"
-            f"<table>{head}{''.join(body)}</table>"
-            + "".join(f"<p>note: {html.escape(n)}</p>" for n in self.notes)
-            + "</div>"
-        )
+        from layerbisect.render import html_fragment
+
+        return html_fragment(self)
+
+    def to_html(self) -> str:
+        """The report as one self-contained HTML page: verdict, chart, table, the two models,
+        the run settings and the nodes around the first bad layer. Nothing is fetched."""
+        from layerbisect.render import html_document
+
+        return html_document(self)
+
+    def save_html(self, path: str | PathLike) -> None:
+        """Write ``to_html()`` to ``path``; the file opens offline in any browser.
+
+        >>> report.save_html("report.html")  # doctest: +SKIP
+        """
+        Path(path).write_text(self.to_html(), encoding="utf-8")
+
+    def to_dataframe(self) -> Any:
+        """One row per layer as a pandas DataFrame indexed by layer index (needs pandas).
+
+        >>> report.to_dataframe().query("not passes")[["float_nodes", "cosine"]]  # doctest: +SKIP
+        """
+        from layerbisect.render import dataframe
+
+        return dataframe(self)
+
+    def plot(self) -> Any:
+        """A matplotlib Figure of cosine and SQNR per layer (needs matplotlib).
+
+        >>> report.plot().savefig("layers.png")  # doctest: +SKIP
+        """
+        from layerbisect.render import figure
+
+        return figure(self)
 
     def to_dict(self) -> dict:
         """Everything in the report as plain Python values (floats may be inf or nan)."""

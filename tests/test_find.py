@@ -141,7 +141,7 @@ def test_report_prints_verdict_then_table_and_renders_html():
     assert any(line.startswith("!") and "conv2" in line for line in lines)
     assert "cosine" in lines[3] and "SQNR" in lines[3]
     html = report._repr_html_()
-    assert "<table>" in html and "background:#fdd" in html
+    assert "<table>" in html and 'class="bad first"' in html
     data = report.to_dict()
     assert data["first_bad"]["float_nodes"] == ("conv2",) and len(data["layers"]) == len(report.layers)
     for field in ("float_nodes", "float_tensor", "quant_nodes", "quant_tensor", "op_type", "cosine", "sqnr_db", "mse", "max_abs"):

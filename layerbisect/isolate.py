@@ -1,0 +1,140 @@
+"""Feed the quantized model the float model's own values: per-layer (isolated) error.
+
+Run end to end, a quantized layer sees inputs already damaged by the layers before it: its
+error is *cumulative*. Cut the quantized graph at chosen values and feed each cut the float
+model's value instead (quantized with the cut tensor's own parameters where the consumer
+reads integers), and each layer downstream of a cut shows only the error it adds itself: its
+*isolated* error. One run of the cut model measures every layer whose inputs are cut.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from layerbisect.align import Pair
+from layerbisect.graph import Readout
+
+SHELL = {"QuantizeLinear", "DequantizeLinear"}
+CUT_SUFFIX = "__layerbisect_float"
+
+
+@dataclass(frozen=True)
+class Cut:
+    """A new graph input standing for ``tensor``: it carries the float value ``float_tensor``,
+    quantized with ``readout``'s parameters when ``dtype`` is an integer type."""
+
+    name: str
+    tensor: str
+    float_tensor: str
+    dtype: np.dtype
+    readout: Readout
+
+    def feed(self, value: np.ndarray) -> np.ndarray:
+        """The array to feed for the float ``value``."""
+        if self.dtype.kind not in "iu" or self.readout.scale is None:
+            return value.astype(self.dtype, copy=False)
+        scale, zero_point = self.readout.scale, self.readout.zero_point
+        if scale.ndim == 1 and scale.size > 1 and value.ndim > 1:
+            shape = [1] * value.ndim
+            shape[self.readout.axis] = -1
+            scale = scale.reshape(shape)
+            zero_point = None if zero_point is None else zero_point.reshape(shape)
+        zp = 0 if zero_point is None else zero_point.astype(np.float64)
+        info = np.iinfo(self.dtype)
+        quantized = np.rint(value.astype(np.float64) / scale) + zp
+        return np.clip(quantized, info.min, info.max).astype(self.dtype)
+
+
+def cut(model: onnx.ModelProto, boundaries: Iterable[Pair]) -> tuple[onnx.ModelProto, tuple[Cut, ...]]:
+    """Return a copy of the quantized ``model`` cut at the quantized values of ``boundaries``,
+    and the cuts to feed with the float values of the same pairs.
+
+    A value is cut wherever it is read: after its QuantizeLinear/DequantizeLinear shell and
+    before it, so that every consumer reads the fed value. The producers still compute the
+    original tensors, which stay available as outputs. ``model`` is not modified.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    inferred = _types(model)
+    constants = {init.name: init for init in graph.initializer}
+    producer = {o: node for node in graph.node for o in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    cuts: dict[str, Cut] = {}
+    for pair in boundaries:
+        readout, float_tensor = pair.quant_readout, pair.float_tensor
+        root = readout.tensor
+        while root in producer and producer[root].op_type in SHELL and producer[root].input[0] not in constants:
+            root = producer[root].input[0]
+        stack, seen = [root], set()
+        while stack:
+            tensor = stack.pop()
+            if tensor in seen:
+                continue
+            seen.add(tensor)
+            for node in consumers.get(tensor, []):
+                if node.op_type in SHELL and node.input[0] == tensor:
+                    stack.append(node.output[0])
+                    continue
+                name = tensor + CUT_SUFFIX
+                if name not in cuts:
+                    params = readout if tensor == readout.tensor else _qparams(tensor, producer, consumers, constants)
+                    dtype = inferred.get(tensor) or _zero_point_dtype(params)
+                    cuts[name] = Cut(name, tensor, float_tensor, dtype, params)
+                node.input[:] = [name if x == tensor else x for x in node.input]
+    for item in cuts.values():
+        elem = helper.np_dtype_to_tensor_dtype(item.dtype)
+        graph.input.append(helper.make_tensor_value_info(item.name, elem, None))
+    return out, tuple(cuts.values())
+
+
+def _qparams(tensor, producer, consumers, constants) -> Readout:
+    """Scale and zero point of an integer tensor, from the QuantizeLinear that made it or a
+    DequantizeLinear that reads it."""
+    nodes = [producer.get(tensor)] + consumers.get(tensor, [])
+    for node in nodes:
+        if node is None:
+            continue
+        if (node.op_type == "QuantizeLinear" and node.output[0] == tensor) or (
+            node.op_type == "DequantizeLinear" and node.input[0] == tensor
+        ):
+            scale = _constant(node, 1, constants)
+            zero_point = _constant(node, 2, constants)
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            return Readout(tensor, scale, zero_point, axis)
+    return Readout(tensor)
+
+
+def _zero_point_dtype(readout: Readout) -> np.dtype:
+    """Where shape inference cannot tell (contrib ops), an integer tensor has the type of its
+    zero point; anything else is taken as float32."""
+    if readout.zero_point is not None:
+        return readout.zero_point.dtype
+    return np.dtype(np.float32)
+
+
+def _constant(node: onnx.NodeProto, index: int, constants: Mapping) -> np.ndarray | None:
+    if index < len(node.input) and node.input[index] in constants:
+        return numpy_helper.to_array(constants[node.input[index]])
+    return None
+
+
+def _types(model: onnx.ModelProto) -> dict[str, np.dtype]:
+    try:
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # types are a help: float32 is assumed where unknown
+        pass
+    types = {}
+    for info in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+        elem = info.type.tensor_type.elem_type if info.type.HasField("tensor_type") else 0
+        if elem:
+            types[info.name] = np.dtype(helper.tensor_dtype_to_np_dtype(elem))
+    return types

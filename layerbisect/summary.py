@@ -1,0 +1,66 @@
+"""What a report says about the models themselves: a summary of each, and the nodes around a layer.
+
+>>> from onnx import helper
+>>> nodes = [helper.make_node("Relu", ["x"], ["a"], name="r1"), helper.make_node("Relu", ["a"], ["y"], name="r2")]
+>>> model = helper.make_model(helper.make_graph(nodes, "g", [], []))
+>>> summarize(model, "m.onnx")
+ModelSummary(path='m.onnx', nodes=2, op_types=(('Relu', 2),))
+>>> [node.name for node in neighbourhood(model, ["r2"], hops=1)]
+['r1', 'r2']
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+from collections.abc import Iterable
+
+import onnx
+
+from layerbisect.report import GraphNode, ModelSummary
+
+# Operators that only carry a value along: crossing them does not count as a hop.
+CARRIERS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Identity", "Cast"}
+
+
+def summarize(model: onnx.ModelProto, path: str) -> ModelSummary:
+    """Node count and op-type counts (most frequent first) of ``model``'s main graph."""
+    counts = Counter(node.op_type for node in model.graph.node)
+    return ModelSummary(path=path, nodes=len(model.graph.node), op_types=tuple(counts.most_common()))
+
+
+def neighbourhood(
+    model: onnx.ModelProto, centre: Iterable[str], hops: int = 2, limit: int = 30
+) -> tuple[GraphNode, ...]:
+    """The nodes within ``hops`` of the nodes named in ``centre``, in the model's order.
+
+    Edges are tensors from producer to consumer, followed both ways. Quantize/Dequantize,
+    Identity and Cast nodes are free to cross, so a quantized graph shows the same operations
+    as its float original (with their Q/DQ shells). At most ``limit`` nodes are kept, nearest
+    first.
+    """
+    nodes = list(model.graph.node)
+    producers = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    consumers: dict[str, list[int]] = {}
+    for i, node in enumerate(nodes):
+        for name in node.input:
+            consumers.setdefault(name, []).append(i)
+    wanted = set(centre)
+    distance = {i: 0 for i, node in enumerate(nodes) if node.name in wanted}
+    queue = [(0, i) for i in distance]
+    while queue:
+        dist, i = heapq.heappop(queue)
+        if dist > distance[i] or dist >= hops:
+            continue
+        around = [producers[t] for t in nodes[i].input if t in producers]
+        around += [j for t in nodes[i].output for j in consumers.get(t, ())]
+        for j in around:
+            step = dist + (nodes[j].op_type not in CARRIERS)
+            if step <= hops and step < distance.get(j, hops + 1):
+                distance[j] = step
+                heapq.heappush(queue, (step, j))
+    kept = sorted(sorted(distance, key=lambda i: (distance[i], i))[:limit])
+    return tuple(
+        GraphNode(nodes[i].name, nodes[i].op_type, tuple(nodes[i].input), tuple(nodes[i].output), distance[i])
+        for i in kept
+    )

@@ -1,0 +1,137 @@
+"""Scan and bisection, memory budget, isolated vs cumulative error, executors."""
+
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from functools import lru_cache
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from layerbisect import LayerbisectError, find_first_bad_layer
+from layerbisect.compare import compare
+from models import corrupt_weights, make_cnn, make_transformer, quant_node_for, quantize, random_inputs
+
+BUILDERS = {"cnn": make_cnn, "transformer": make_transformer}
+FAULTY = {"cnn": "conv2", "transformer": "ffn1_proj"}
+
+
+@lru_cache(maxsize=None)
+def faulted(name: str, fmt: str) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    float_model = BUILDERS[name]()
+    quant = quantize(float_model, fmt)
+    return float_model, corrupt_weights(quant, quant_node_for(quant, FAULTY[name], float_model))
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+@pytest.mark.parametrize("fmt", ["qdq", "qoperator", "dynamic"])
+def test_bisect_and_scan_agree_and_the_fault_is_introduced_there(name, fmt):
+    float_model, quant = faulted(name, fmt)
+    feeds = random_inputs(float_model)
+    scan = find_first_bad_layer(float_model, quant, feeds, strategy="scan")
+    bisect = find_first_bad_layer(float_model, quant, feeds, strategy="bisect", memory_budget=1)
+    assert scan.strategy == "scan" and bisect.strategy == "bisect"
+    assert scan.first_bad.float_nodes == bisect.first_bad.float_nodes == (FAULTY[name],)
+    assert scan.first_bad.cosine == pytest.approx(bisect.first_bad.cosine, abs=1e-4)  # pruned graphs differ slightly
+    assert scan.first_bad_cause == bisect.first_bad_cause == "introduced"
+    assert scan.culprit.index == scan.first_bad.index
+    n = len(scan.layers)
+    assert len(bisect.layers) < n
+    # 2 models per probe, one probe at a time, plus 3 runs for the isolated error of the first bad layer
+    assert bisect.executions <= 2 * int(np.ceil(np.log2(n))) + 2 + 3
+    assert scan.executions == 3  # float, quantized, quantized cut at every layer
+    healthy = [layer for layer in scan.layers if layer.index != scan.first_bad.index]
+    assert all(layer.isolated_cosine > 0.999 for layer in healthy)
+
+
+def test_memory_budget_is_respected_by_both_strategies():
+    float_model, quant = faulted("cnn", "qdq")
+    feeds = random_inputs(float_model)
+    everything = find_first_bad_layer(float_model, quant, feeds, strategy="scan")
+    budget = everything.peak_bytes // 3  # still above one layer with its inputs, the least a pass holds
+    auto = find_first_bad_layer(float_model, quant, feeds, memory_budget=budget)
+    assert auto.strategy == "bisect" and auto.peak_bytes <= budget
+    assert auto.first_bad.float_nodes == ("conv2",)
+    chunked = find_first_bad_layer(float_model, quant, feeds, strategy="scan", memory_budget=budget)
+    assert chunked.peak_bytes <= budget and chunked.executions > everything.executions
+    assert [l.cosine for l in chunked.layers] == pytest.approx([l.cosine for l in everything.layers])
+    assert [l.isolated_cosine for l in chunked.layers] == pytest.approx([l.isolated_cosine for l in everything.layers])
+
+
+def chain(noise: list[float], seed: int = 0) -> onnx.ModelProto:
+    """x[16,32] -> MatMul(W_i) -> Tanh, repeated; W_i perturbed by ``noise[i]`` (relative)."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, x = [], [], "x"
+    for i, level in enumerate(noise):
+        w = np.random.default_rng(100 + i).standard_normal((32, 32)).astype(np.float32) / np.sqrt(32)
+        w = (w + level * rng.standard_normal(w.shape) / np.sqrt(32)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"mm{i}"], name=f"mm{i}"),
+                  helper.make_node("Tanh", [f"mm{i}"], [f"act{i}"], name=f"act{i}")]
+        x = f"act{i}"
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16, 32])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def test_error_that_accumulates_through_healthy_layers_is_inherited_and_the_culprit_is_upstream():
+    noise = [0.05, 0.16, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05]
+    float_model, other = chain([0.0] * len(noise)), chain(noise)
+    x = np.random.default_rng(1).standard_normal((16, 32)).astype(np.float32)
+    # the reference, computed here: float activations, and each perturbed layer fed them
+    weights = [[numpy_helper.to_array(i) for i in m.graph.initializer] for m in (float_model, other)]
+    reference, actual, cumulative, isolated = x, x, [], []
+    for w_float, w_other in zip(*weights):
+        isolated.append(compare(reference @ w_float, reference @ w_other).cosine)
+        reference, actual = reference @ w_float, actual @ w_other
+        cumulative.append(compare(reference, actual).cosine)
+        isolated.append(compare(np.tanh(reference), np.tanh(reference)).cosine)
+        reference, actual = np.tanh(reference), np.tanh(actual)
+        cumulative.append(compare(reference, actual).cosine)
+    expected_first_bad = next(i for i, c in enumerate(cumulative) if c < 0.98)
+    assert expected_first_bad > 3 and isolated[expected_first_bad] >= 0.98  # inherited by construction
+
+    report = find_first_bad_layer(float_model, other, {"x": x})
+    assert [l.cosine for l in report.layers] == pytest.approx(cumulative, abs=1e-5)
+    assert [l.isolated_cosine for l in report.layers] == pytest.approx(isolated, abs=1e-5)
+    assert report.first_bad.index == expected_first_bad
+    assert report.first_bad_cause == "inherited"
+    assert report.culprit.float_nodes == ("mm1",)  # the layer adding the most error, upstream
+    assert "error inherited; culprit #2 MatMul 'mm1'" in report.verdict
+
+
+def test_isolated_error_can_be_switched_off():
+    float_model, quant = faulted("cnn", "qdq")
+    report = find_first_bad_layer(float_model, quant, random_inputs(float_model), isolated=False)
+    assert report.executions == 2 and report.first_bad_cause is None and report.culprit is None
+
+
+def test_bad_strategy_and_budget():
+    float_model, quant = faulted("cnn", "qdq")
+    with pytest.raises(LayerbisectError, match="strategy must be one of auto, scan, bisect"):
+        find_first_bad_layer(float_model, quant, strategy="fast")
+    with pytest.raises(LayerbisectError, match="memory_budget must be a positive number of bytes"):
+        find_first_bad_layer(float_model, quant, memory_budget=0)
+
+
+def samples(model, n=6):
+    return [random_inputs(model, seed) for seed in range(n)]
+
+
+def test_process_pool_gives_the_serial_report():
+    float_model, quant = faulted("cnn", "dynamic")
+    serial = find_first_bad_layer(float_model, quant, samples(float_model))
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        parallel = find_first_bad_layer(float_model, quant, samples(float_model), executor=pool)
+    assert parallel.to_dict() == serial.to_dict()
+    assert serial.samples == 6
+
+
+def test_dask_cluster_gives_the_serial_report():
+    distributed = pytest.importorskip("distributed")
+    float_model, quant = faulted("transformer", "qdq")
+    serial = find_first_bad_layer(float_model, quant, iter(samples(float_model)))
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as client:
+        parallel = find_first_bad_layer(float_model, quant, iter(samples(float_model)), executor=client.get_executor())
+    assert parallel.to_dict() == serial.to_dict()
