@@ -8,7 +8,8 @@ them from onnxruntime). The rules, for models that may declare different inputs:
 - a key that neither model declares is an error; a key only one model declares goes to it alone;
 - a declared input missing from the feeds is an error that names the model and the input;
 - a shared name whose shapes differ by exactly an NCHW/NHWC permutation is permuted for the
-  model that needs it; any other difference is an error;
+  model that needs it, and one whose float types differ (float32, float16, bfloat16) is cast
+  for it; any other difference is an error;
 - with no feeds, seeded random values cover both models' inputs, equal for shared names.
 
 >>> spec = InputSpec("x", np.dtype("float32"), (1, "N"))
@@ -97,14 +98,13 @@ class InputPlan:
                 )
             array = arrays[spec.name]
             if not spec.accepts(array):
-                other = others.get(spec.name)
-                layout = _layout_permutation(array, spec, other)
-                if layout is None:
+                adapted = _adapt(array, spec, others.get(spec.name) or others.get(alias))
+                if adapted is None:
                     raise LayerbisectError(
                         f"input {spec.name!r} of the {role} expects {spec.describe()}, "
                         f"got {array.dtype}[{','.join(map(str, array.shape))}]"
                     )
-                array = np.ascontiguousarray(array.transpose(layout))
+                array = adapted
             feeds[spec.name] = array
         return feeds
 
@@ -141,7 +141,7 @@ def plan_inputs(
     quant_only = [s for s in quant_specs if s.name not in float_names]
     aliases = {
         q.name: f.name for f, q in zip(float_only, quant_only)
-        if f.dtype == q.dtype and _compatible(f.shape, q.shape)
+        if _castable(f.dtype, q.dtype) and _compatible(f.shape, q.shape)
     }
     notes = [
         f"input {q!r} of the quantized model takes the values of input {f!r} of the float "
@@ -154,6 +154,11 @@ def plan_inputs(
     quant_by_name = {s.name: s for s in quant_specs}
     for spec in float_specs:
         other = quant_by_name.get(spec.name)
+        if other is not None and other.dtype != spec.dtype and _castable(spec.dtype, other.dtype):
+            notes.append(
+                f"input {spec.name!r} is {spec.dtype} in the float model and {other.dtype} in the "
+                "quantized model: each model gets the values cast to its own type"
+            )
         if other is None or _compatible(spec.shape, other.shape):
             continue
         if _permutes(spec.shape, other.shape) is None:
@@ -188,14 +193,27 @@ def _permutes(a: tuple[Dim, ...], b: tuple[Dim, ...]) -> tuple[int, ...] | None:
     return None
 
 
-def _layout_permutation(array: np.ndarray, spec: InputSpec, other: InputSpec | None):
-    """The permutation that turns ``array`` (fit for ``other``) into one ``spec`` accepts."""
-    if other is None or not other.accepts(array) or array.dtype != spec.dtype:
+def _is_float(dtype: np.dtype) -> bool:
+    """Whether ``dtype`` holds floating-point numbers (bfloat16, from ml_dtypes, included)."""
+    return dtype.kind == "f" or dtype.name == "bfloat16"
+
+
+def _castable(a: np.dtype, b: np.dtype) -> bool:
+    """Whether values of type ``a`` may be given to an input of type ``b``."""
+    return a == b or (_is_float(a) and _is_float(b))
+
+
+def _adapt(array: np.ndarray, spec: InputSpec, other: InputSpec | None) -> np.ndarray | None:
+    """``array``, which fits ``other``, cast and permuted so that ``spec`` accepts it, if it can be."""
+    if other is None or not other.accepts(array) or not _castable(array.dtype, spec.dtype):
         return None
+    array = array.astype(spec.dtype, copy=False)
+    if spec.accepts(array):
+        return array
     perm = _permutes(other.shape, spec.shape)
     if perm is None or not spec.accepts(array.transpose(perm)):
         return None
-    return perm
+    return np.ascontiguousarray(array.transpose(perm))
 
 
 def _random_array(spec: InputSpec, shape: Sequence[int] | None, rng: np.random.Generator):
@@ -215,7 +233,7 @@ def _random_array(spec: InputSpec, shape: Sequence[int] | None, rng: np.random.G
         raise LayerbisectError(
             f"shape {list(shape)} given for input {spec.name!r} does not fit {spec.describe()}"
         )
-    if spec.dtype.kind == "f":
+    if _is_float(spec.dtype):
         return rng.standard_normal(shape).astype(spec.dtype)
     if spec.dtype.kind == "b":
         return rng.integers(0, 2, shape).astype(bool)

@@ -1,7 +1,8 @@
 """Load a model from a path or a ModelProto and give every node a stable, readable name.
 
-The caller's file and ModelProto are never modified: a path is only read, and a ModelProto
-is copied before names are filled in.
+The caller's file and ModelProto are never modified: a path is only read (with the external
+data files it names, relative to its folder), and a ModelProto is copied before names are
+filled in.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from typing import Union
 
 import numpy as np
 import onnx
-from onnx import helper
 from google.protobuf.message import DecodeError
+from onnx import helper
+from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
 from layerbisect.errors import LayerbisectError, first_line
 from layerbisect.inputs import InputSpec
@@ -34,6 +36,12 @@ def load_model(model: ModelLike, *, role: str = "model") -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
+        external = [t.name for t in _tensors(copy.graph) if uses_external_data(t)]
+        if external:
+            raise LayerbisectError(
+                f"{role}: tensor {external[0]!r} is kept in an external data file that was not "
+                "loaded; pass the path of the .onnx file instead, or onnx.load it with its data"
+            )
     elif isinstance(model, (str, PathLike)):
         copy = _read(Path(model), role)
     else:
@@ -71,7 +79,7 @@ def _read(path: Path, role: str) -> onnx.ModelProto:
     if not path.is_file():
         raise LayerbisectError(f"{role} file not found: {path}")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
         raise LayerbisectError(
             f"{role} {path} is not a readable ONNX file ({first_line(exc)}); "
@@ -79,7 +87,75 @@ def _read(path: Path, role: str) -> onnx.ModelProto:
         ) from None
     if not model.HasField("graph"):
         raise LayerbisectError(f"{role} {path} is not an ONNX model: it holds no graph")
+    external = [t for t in _tensors(model.graph) if uses_external_data(t)]
+    try:
+        load_external_data_for_model(model, str(path.parent))
+    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+        raise LayerbisectError(
+            f"{role} {path}: cannot read its external data ({first_line(exc)}); keep the data "
+            "files beside the .onnx file, where they were saved"
+        ) from None
+    for tensor in external:
+        expected = int(np.prod(tensor.dims)) * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        if len(tensor.raw_data) != expected:
+            raise LayerbisectError(
+                f"{role} {path}: the external data of tensor {tensor.name!r} holds "
+                f"{len(tensor.raw_data)} bytes instead of {expected}; is its data file truncated?"
+            )
     return model
+
+
+def _tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
+    """The initializers and Constant values of ``graph`` and of its subgraphs."""
+    tensors = list(graph.initializer)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                tensors.append(attr.t)
+            for sub in _subgraphs(attr):
+                tensors += _tensors(sub)
+    return tensors
+
+
+def _subgraphs(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:
+    if attr.type == onnx.AttributeProto.GRAPH:
+        return [attr.g]
+    return list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else []
+
+
+def subgraph_notes(model: onnx.ModelProto, role: str) -> list[str]:
+    """What control flow hides: a note for each node of ``model``'s graph that runs subgraphs
+    (If, Loop, Scan). Only values visible in the top-level graph are compared.
+
+    >>> body = helper.make_graph([helper.make_node("Relu", ["a"], ["b"])], "body", [], [])
+    >>> node = helper.make_node("If", ["c"], ["y"], name="cond", then_branch=body, else_branch=body)
+    >>> subgraph_notes(helper.make_model(helper.make_graph([node], "g", [], [])), "float model")
+    ["node 'cond' (If) of the float model runs subgraphs (else_branch: 1 op, then_branch: 1 op) that are not compared"]
+    """
+    notes = []
+    for node in model.graph.node:
+        graphs = [(attr.name, sub) for attr in node.attribute for sub in _subgraphs(attr)]
+        if not graphs:
+            continue
+        sizes = ", ".join(
+            f"{name}: {count} op{'s' if count != 1 else ''}" for name, count in
+            ((name, _count_ops(sub)) for name, sub in graphs)
+        )
+        several = len(graphs) > 1
+        notes.append(
+            f"node {node.name!r} ({node.op_type}) of the {role} runs "
+            f"{'subgraphs' if several else 'a subgraph'} ({sizes}) that "
+            f"{'are' if several else 'is'} not compared"
+        )
+    return notes
+
+
+def _count_ops(graph: onnx.GraphProto) -> int:
+    """Operations in ``graph``, those of nested subgraphs included."""
+    return sum(
+        1 + sum(_count_ops(sub) for attr in node.attribute for sub in _subgraphs(attr))
+        for node in graph.node
+    )
 
 
 def name_nodes(graph: onnx.GraphProto) -> None:

@@ -10,16 +10,26 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 
 from layerbisect.errors import LayerbisectError, first_line
 from layerbisect.inputs import Feeds
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
-
+# A serialized protobuf must stay under 2 GiB: past this size, large initializers go to
+# onnxruntime as separate buffers instead of inside the model.
+PROTO_LIMIT = (2 << 30) - (64 << 20)
+DETACHABLE = 1 << 10  # smaller initializers (shapes, scales) stay: shape inference reads them
+AS_FLOAT = "__layerbisect_as_float"
 
 
 class Session:
     """An onnxruntime session over an in-memory model, with errors that name the model.
+
+    Models of any size are accepted (past ``PROTO_LIMIT`` bytes, large initializers are handed
+    to onnxruntime as buffers, never written to disk). ``run`` returns numpy arrays:
+    bfloat16 values as float32, and values that are not tensors (sequences, maps, absent
+    optionals) as 0-d object arrays, which no comparison takes for float values.
 
     >>> from onnx import helper, TensorProto
     >>> x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
@@ -46,16 +56,19 @@ class Session:
                 f"execution provider {unknown[0]!r} is not available in this onnxruntime; "
                 f"available: {', '.join(ort.get_available_providers())}"
             )
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        # Idle worker threads would otherwise spin and take the cores the comparison needs.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = _create(model, options, providers)
+            self.session, self._buffers = _create(model, _options(), providers)
+            # onnxruntime cannot hand bfloat16 to numpy: such outputs are read through a Cast.
+            self.renamed = {
+                out.name: out.name + AS_FLOAT
+                for out in self.session.get_outputs() if out.type == "tensor(bfloat16)"
+            }
+            if self.renamed:
+                self.session, self._buffers = _create(model, _options(), providers, self.renamed)
         except Exception as exc:
             if original is not None:
                 try:
-                    _create(original, options, providers)
+                    _create(original, _options(), providers)
                 except Exception as plain:
                     exc = plain
                 else:
@@ -69,30 +82,133 @@ class Session:
 
     def run(self, feeds: Feeds, outputs: Sequence[str]) -> dict[str, np.ndarray]:
         """Run once and return the named outputs."""
+        feeds = {name: _ort_value(array) if _is_bfloat16(array) else array for name, array in feeds.items()}
         try:
-            values = self.session.run(list(outputs), feeds)
+            values = self.session.run([self.renamed.get(name, name) for name in outputs], feeds)
         except Exception as exc:
             raise LayerbisectError(f"onnxruntime failed to run the {self.role}: {_first_line(exc)}") from None
-        return dict(zip(outputs, values))
+        return {name: _as_array(value) for name, value in zip(outputs, values)}
 
 
 def ort_optimized(model: onnx.ModelProto, role: str, providers: Sequence[str] = DEFAULT_PROVIDERS) -> onnx.ModelProto:
     """The graph onnxruntime actually runs: ``model`` after its extended-level optimizations
-    (QDQ groups fused into QLinear ops, Conv+activation into FusedConv, ...)."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    (QDQ groups fused into QLinear ops, Conv+activation into FusedConv, ...).
+
+    onnxruntime writes it into a temporary folder, removed on return, on error and on Ctrl-C.
+    """
+    options = _options()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     with tempfile.TemporaryDirectory(prefix="layerbisect-") as folder:
-        options.optimized_model_filepath = str(Path(folder) / "optimized.onnx")
+        path = Path(folder) / "optimized.onnx"
+        options.optimized_model_filepath = str(path)
+        # Weights go to a file beside it, so that a model over 2 GiB can be written too.
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         try:
             _create(model, options, providers)
         except Exception as exc:
             raise LayerbisectError(f"onnxruntime cannot load the {role}: {_first_line(exc)}") from None
-        return onnx.load(options.optimized_model_filepath)
+        return onnx.load(str(path))
 
 
-def _create(model: onnx.ModelProto, options: ort.SessionOptions, providers: Sequence[str]):
-    return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
+def _options() -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # Idle worker threads would otherwise spin and take the cores the comparison needs.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def _create(
+    model: onnx.ModelProto,
+    options: ort.SessionOptions,
+    providers: Sequence[str],
+    as_float: dict[str, str] | None = None,
+):
+    """A session, and the buffers it reads its large initializers from (to keep alive).
+
+    ``as_float`` maps outputs to new outputs that hold them cast to float32.
+    """
+    buffers: list[np.ndarray] = []
+    if model.ByteSize() >= PROTO_LIMIT:
+        model, detached = _detach_initializers(model)
+        buffers = [numpy_helper.to_array(init) for init in detached]
+        options.add_external_initializers(
+            [init.name for init in detached], [_ort_value(array) for array in buffers]
+        )
+    data = model.SerializeToString()
+    if as_float:  # parsing concatenated messages merges them: these nodes and outputs are added
+        data += _float_outputs(as_float).SerializeToString()
+    session = ort.InferenceSession(data, options, providers=list(providers))
+    return session, buffers
+
+
+def _detach_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
+    """A copy of ``model`` that fits in a protobuf, its largest initializers replaced by
+    placeholders, and those initializers. Their data is not copied."""
+    graph = model.graph
+    size = model.ByteSize()
+    detached: list[onnx.TensorProto] = []
+    for init in sorted(graph.initializer, key=lambda t: t.ByteSize(), reverse=True):
+        if size < PROTO_LIMIT or init.ByteSize() < DETACHABLE:
+            break
+        detached.append(init)
+        size -= init.ByteSize()
+    names = {init.name for init in detached}
+    initializers = [
+        _placeholder(init) if init.name in names else init for init in graph.initializer
+    ]
+    light_graph = onnx.GraphProto(
+        name=graph.name, node=graph.node, input=graph.input, output=graph.output,
+        value_info=graph.value_info, initializer=initializers,
+        sparse_initializer=graph.sparse_initializer,
+    )
+    light = onnx.ModelProto(
+        ir_version=model.ir_version, opset_import=model.opset_import, functions=model.functions,
+        producer_name=model.producer_name, graph=light_graph,
+    )
+    return light, detached
+
+
+def _placeholder(init: onnx.TensorProto) -> onnx.TensorProto:
+    """An initializer without data, which onnxruntime fills from an external initializer."""
+    tensor = onnx.TensorProto(
+        name=init.name, data_type=init.data_type, dims=init.dims,
+        data_location=onnx.TensorProto.EXTERNAL,
+    )
+    tensor.external_data.add(key="location", value="layerbisect-buffer")
+    return tensor
+
+
+def _float_outputs(as_float: dict[str, str]) -> onnx.ModelProto:
+    """A model fragment: a Cast to float32 of each tensor of ``as_float``, as a graph output."""
+    nodes = [
+        onnx.helper.make_node("Cast", [name], [new], name=new, to=onnx.TensorProto.FLOAT)
+        for name, new in as_float.items()
+    ]
+    outputs = [onnx.helper.make_value_info(new, onnx.TypeProto()) for new in as_float.values()]
+    return onnx.ModelProto(graph=onnx.GraphProto(node=nodes, output=outputs))
+
+
+def _is_bfloat16(array: np.ndarray) -> bool:
+    return isinstance(array, np.ndarray) and array.dtype.name == "bfloat16"
+
+
+def _ort_value(array: np.ndarray) -> ort.OrtValue:
+    """An OrtValue over ``array`` (bfloat16 included, which onnxruntime takes only this way)."""
+    if not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array)
+    if _is_bfloat16(array):
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16), onnx.TensorProto.BFLOAT16)
+    return ort.OrtValue.ortvalue_from_numpy(array)
+
+
+def _as_array(value) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
+    opaque = np.empty((), dtype=object)
+    opaque[()] = value
+    return opaque
 
 
 def _first_line(exc: BaseException) -> str:
