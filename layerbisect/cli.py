@@ -16,6 +16,7 @@ import numpy as np
 
 from layerbisect.errors import LayerbisectError
 from layerbisect.find import find_first_bad_layer
+from layerbisect.render import echo
 from layerbisect.run import DEFAULT_PROVIDERS
 
 USAGE_EXAMPLE = """example:
@@ -38,14 +39,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             providers=args.providers,
             ort_optimized=args.ort_optimized,
+            quiet=args.quiet,
         )
         if args.json:
             _write(args.json, report.to_json() + "\n")
+        if args.html:
+            _write(args.html, report.to_html())
     except LayerbisectError as exc:
         print(f"layerbisect: error: {exc}", file=sys.stderr)
         return 2
     try:
-        print(report)
+        echo(report, quiet=args.quiet)
     except BrokenPipeError:  # piped into head: the reader has what it wanted
         sys.stderr.close()
         return 0 if report else 1
@@ -87,6 +91,13 @@ def _parser() -> argparse.ArgumentParser:
         help="compare the quantized graph as onnxruntime optimizes it (its fused nodes)",
     )
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    parser.add_argument(
+        "--html", metavar="PATH",
+        help="also write the report as one self-contained HTML page (chart, table, models, settings)",
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress bar; print only the verdict line",
+    )
     return parser
 
 
@@ -140,7 +151,7 @@ def _load(path: str, flag: str):
 
 def _write(path: str, text: str) -> None:
     try:
-        Path(path).write_text(text)
+        Path(path).write_text(text, encoding="utf-8")
     except OSError as exc:
         raise LayerbisectError(f"cannot write {path}: {exc.strerror}") from None
 

@@ -27,7 +27,7 @@ STYLE = """<style>
 .lb h2{font-size:17px;margin:8px 0}.lb h3{font-size:15px;margin:20px 0 6px}
 .lb .pass{color:#1a7f37}.lb .fail{color:#b42318}
 .lb table{border-collapse:collapse;font-size:13px}
-.lb th,.lb td{padding:2px 8px;border-bottom:1px solid #e3e3e3;text-align:left;vertical-align:top}
+.lb th,.lb td{padding:2px 8px;overflow-wrap:anywhere;border-bottom:1px solid #e3e3e3;text-align:left;vertical-align:top}
 .lb td.n{text-align:right;font-variant-numeric:tabular-nums}
 .lb tr.bad{background:#fde8e8}.lb tr.first td,.lb tr.centre td{font-weight:bold}
 .lb .cols{display:flex;gap:24px;flex-wrap:wrap}.lb .cols>div{flex:1;min-width:340px}

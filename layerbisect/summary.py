@@ -36,8 +36,9 @@ def neighbourhood(
 
     Edges are tensors from producer to consumer, followed both ways. Quantize/Dequantize,
     Identity and Cast nodes are free to cross, so a quantized graph shows the same operations
-    as its float original (with their Q/DQ shells). At most ``limit`` nodes are kept, nearest
-    first.
+    as its float original (with their Q/DQ shells). Nodes that read only initializers (the
+    dequantization of a weight) are kept for the centre nodes only. At most ``limit`` nodes are
+    kept, nearest first.
     """
     nodes = list(model.graph.node)
     producers = {out: i for i, node in enumerate(nodes) for out in node.output if out}
@@ -45,6 +46,7 @@ def neighbourhood(
     for i, node in enumerate(nodes):
         for name in node.input:
             consumers.setdefault(name, []).append(i)
+    constants = {init.name for init in model.graph.initializer}
     wanted = set(centre)
     distance = {i: 0 for i, node in enumerate(nodes) if node.name in wanted}
     queue = [(0, i) for i in distance]
@@ -52,7 +54,8 @@ def neighbourhood(
         dist, i = heapq.heappop(queue)
         if dist > distance[i] or dist >= hops:
             continue
-        around = [producers[t] for t in nodes[i].input if t in producers]
+        around = [producers[t] for t in nodes[i].input if t in producers
+                  and (nodes[i].name in wanted or not set(nodes[producers[t]].input) <= constants)]
         around += [j for t in nodes[i].output for j in consumers.get(t, ())]
         for j in around:
             step = dist + (nodes[j].op_type not in CARRIERS)

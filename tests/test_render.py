@@ -1,0 +1,196 @@
+"""Reports people look at: terminal, notebook HTML, the saved HTML page (opened in chromium),
+DataFrame, matplotlib figure and progress bar, with and without the optional packages."""
+
+import io
+import math
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from layerbisect import find_first_bad_layer
+from layerbisect.cli import main
+from layerbisect.progress import progress
+from layerbisect.render import chart_svg, echo
+from layerbisect.report import LayerComparison, Report
+from models import corrupt_weights, make_cnn, quantize, random_inputs
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def report() -> Report:
+    float_model = make_cnn()
+    broken = corrupt_weights(quantize(float_model, "qdq"), "conv2")
+    return find_first_bad_layer(float_model, broken, [random_inputs(float_model, seed) for seed in range(2)])
+
+
+def layer(index: int, cosine: float, sqnr_db: float) -> LayerComparison:
+    return LayerComparison(
+        index=index, op_type="Conv", float_nodes=(f"c{index}",), float_tensor=f"c{index}",
+        quant_nodes=(f"c{index}",), quant_tensor=f"c{index}", shape=(1,), cosine=cosine, sqnr_db=sqnr_db,
+        mse=0.0, max_abs=0.0, cosine_worst=cosine, worst_sample=0, nonfinite=0, evidence="structure",
+    )
+
+
+def bare_report(layers: tuple[LayerComparison, ...]) -> Report:
+    """A report built the old way, without the fields added for rendering."""
+    bad = next((lay for lay in layers if not lay.passes(0.98)), None)
+    return Report(layers=layers, first_bad=bad, threshold=0.98, samples=1, outputs=(), unaligned=(),
+                  coverage=1.0, notes=("a note",), float_model="f.onnx", quant_model="q.onnx")
+
+
+def test_report_knows_models_settings_and_the_first_bad_neighbourhood(report):
+    assert report.first_bad.float_nodes == ("conv2",)
+    assert report.float_summary.nodes == 14 and ("Conv", 3) in report.float_summary.op_types
+    assert dict(report.quant_summary.op_types)["QuantizeLinear"] > 0
+    assert report.providers == ("CPUExecutionProvider",) and report.seed == 0 and not report.ort_optimized
+    float_names = {node.name: node.distance for node in report.float_neighbourhood}
+    assert float_names == {"bn1": 2, "relu1": 1, "conv2": 0, "bn2": 1, "relu2": 2, "add1": 2}
+    quant = {node.name: node for node in report.quant_neighbourhood}
+    assert quant["conv2"].distance == 0 and "conv2.weight" in "".join(quant["conv2"].inputs)
+    weights = [n for n in quant.values() if n.op_type == "DequantizeLinear" and "conv2" in n.outputs[0]]
+    assert weights and all(n.distance == 0 for n in weights)  # the weight that was corrupted
+    assert not any(n.outputs[0].startswith("bn1.") for n in quant.values())  # other layers' weights left out
+    assert report.to_json()  # the new fields stay JSON-friendly
+
+
+def test_html_is_one_self_contained_page(report, tmp_path):
+    path = tmp_path / "report.html"
+    report.save_html(path)
+    page = path.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and page == report.to_html()
+    for needed in ('<svg class="lb-chart"', "threshold 0.98", "first bad: #2 conv2", 'class="bad first"',
+                   "Float model", "Quantized model", "CPUExecutionProvider", "Around the first bad layer"):
+        assert needed in page
+    assert page.count('<svg class="lb-graph"') == 2
+    for fetched in ("http:", "https:", "<script", "<link", "<img", "@import", "src="):
+        assert fetched not in page
+    assert re.findall(r"url\((.)", page) == ["#"] * page.count("url(")  # only the page's own arrow marker
+    assert report._repr_html_() in page
+
+
+def test_chart_copes_with_gaps_nan_and_inf():
+    layers = (layer(0, 1.0, math.inf), layer(3, math.nan, math.nan), layer(5, 0.5, -3.0), layer(6, 0.4, -4.0))
+    svg = chart_svg(bare_report(layers))
+    assert svg.count("<polyline") == 2  # cosine and SQNR lines, each from 5 to 6 after the NaN gap
+    assert 'fill="#fff"' in svg  # inf SQNR drawn hollow at the top
+    assert "first bad: #3 c3" in svg and "culprit" not in svg  # a NaN cosine fails
+    page = bare_report(layers).to_html()
+    assert "Models" not in page and "Around the first bad layer" not in page and "a note" in page
+
+
+def test_culprit_is_marked_when_it_is_another_layer():
+    layers = (layer(0, 0.99, 30.0), layer(1, 0.5, 1.0))
+    culprit_report = replace(bare_report(layers), culprit=layers[0])
+    assert "culprit: #0 c0" in chart_svg(culprit_report)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_saved_page_draws_in_headless_chromium(report, tmp_path):
+    page = tmp_path / "report.html"
+    report.save_html(page)
+    control = tmp_path / "control.html"  # blank, with a script error: proves both checks can fail
+    control.write_text("<!DOCTYPE html><html><body><script>no_such_function()</script></body></html>")
+
+    def chromium(target, *action) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run",
+             f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+             "--window-size=1200,1600", *action, target.as_uri()],
+            capture_output=True, text=True, timeout=120,
+        )
+
+    shot, blank = tmp_path / "report.png", tmp_path / "control.png"
+    run = chromium(page, f"--screenshot={shot}")
+    control_run = chromium(control, f"--screenshot={blank}")
+    assert "Uncaught" in control_run.stderr  # console errors do reach stderr
+    console = [line for line in run.stderr.splitlines() if ":CONSOLE" in line or "Uncaught" in line]
+    assert console == []
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert shot.stat().st_size > 5 * blank.stat().st_size  # a drawn page compresses far worse
+    dom = chromium(page, "--dump-dom").stdout
+    assert '<svg class="lb-chart"' in dom and dom.count("<circle") >= 2 * len(report.layers)
+    assert dom.count('<svg class="lb-graph"') == 2 and "<polyline" in dom
+
+
+def test_rich_table_when_rich_is_installed(report):
+    console_module = pytest.importorskip("rich.console")
+    console = console_module.Console(record=True, width=160, file=io.StringIO())
+    console.print(report)
+    text = console.export_text()
+    assert text.startswith("FAIL: first layer below cosine 0.98 is #2 Conv 'conv2'")
+    assert text.index("FAIL") < text.index("float node(s)") < text.index("conv2 ")
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_terminal_output_rich_on_a_terminal_plain_otherwise(report, monkeypatch):
+    pytest.importorskip("rich")
+    plain, terminal = io.StringIO(), Terminal()
+    echo(report, plain)
+    echo(report, terminal)
+    assert plain.getvalue() == str(report) + "\n"
+    assert "─" in terminal.getvalue() and "FAIL" in terminal.getvalue()
+    monkeypatch.setitem(sys.modules, "rich.console", None)  # rich not installed
+    without = Terminal()
+    echo(report, without)
+    assert without.getvalue() == str(report) + "\n"
+    quiet = Terminal()
+    echo(report, quiet, quiet=True)
+    assert quiet.getvalue() == report.verdict + "\n"
+
+
+def test_dataframe(report, monkeypatch):
+    pytest.importorskip("pandas")
+    frame = report.to_dataframe()
+    assert len(frame) == len(report.layers) and frame.index.name == "index"
+    assert frame.loc[2, "float_nodes"] == "conv2" and not frame.loc[2, "passes"] and frame.loc[0, "passes"]
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    with pytest.raises(ImportError, match=r"to_dataframe\(\) needs pandas.*pip install pandas"):
+        report.to_dataframe()
+
+
+def test_plot(report, monkeypatch):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    figure = report.plot()
+    assert len(figure.axes) == 2 and figure.axes[0].get_ylabel() == "cosine"
+    figure.savefig(io.BytesIO(), format="png")
+    matplotlib.pyplot.close(figure)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    with pytest.raises(ImportError, match=r"plot\(\) needs matplotlib"):
+        report.plot()
+
+
+def test_progress_bar_only_with_tqdm_several_samples_and_not_quiet(monkeypatch):
+    tqdm = pytest.importorskip("tqdm")
+    samples = [{}, {}, {}]
+    assert isinstance(progress(samples), tqdm.tqdm) and list(progress(samples)) == samples
+    assert progress(samples, quiet=True) is samples and progress(samples[:1]) == samples[:1]
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    assert progress(samples) is samples
+
+
+def test_cli_html_and_quiet(tmp_path, capsys):
+    import onnx
+
+    float_model = make_cnn()
+    paths = [tmp_path / "f.onnx", tmp_path / "q.onnx"]
+    onnx.save(float_model, paths[0])
+    onnx.save(corrupt_weights(quantize(float_model, "qdq"), "conv2"), paths[1])
+    html = tmp_path / "report.html"
+    assert main([str(paths[0]), str(paths[1]), "--html", str(html), "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and out.startswith("FAIL")
+    page = html.read_text(encoding="utf-8")
+    assert str(paths[0]) in page and '<svg class="lb-chart"' in page
+    assert main([str(paths[0]), str(paths[1]), "--html", str(tmp_path / "no" / "dir.html")]) == 2
+    assert "cannot write" in capsys.readouterr().err
