@@ -7,8 +7,12 @@ its float original.
 """
 
 from layerbisect.errors import LayerbisectError
+from layerbisect.fallback import FloatFallback, keep_in_float
 from layerbisect.find import find_first_bad_layer
 from layerbisect.report import LayerComparison, Report
 
-__all__ = ["LayerComparison", "LayerbisectError", "Report", "find_first_bad_layer"]
+__all__ = [
+    "FloatFallback", "LayerComparison", "LayerbisectError", "Report", "find_first_bad_layer",
+    "keep_in_float",
+]
 __version__ = "0.1.0"

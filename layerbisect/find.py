@@ -6,16 +6,17 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
+from typing import NamedTuple
 
 import networkx as nx
 import numpy as np
 import onnx
 
-from layerbisect.align import Pair, align
+from layerbisect.align import Alignment, Pair, align
 from layerbisect.errors import LayerbisectError
 from layerbisect.graph import build_graph
-from layerbisect.inputs import plan_inputs
-from layerbisect.load import ModelLike, declared_inputs, load_model
+from layerbisect.inputs import InputPlan, plan_inputs
+from layerbisect.load import ModelLike, declared_inputs, load_model, subgraph_notes
 from layerbisect.measure import Totals, available_memory, measure, prepare
 from layerbisect.progress import progress
 from layerbisect.report import LayerComparison, Report
@@ -74,19 +75,10 @@ def find_first_bad_layer(
         raise LayerbisectError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if memory_budget is not None and memory_budget <= 0:
         raise LayerbisectError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
-    float_proto = load_model(float_model, role="float model")
-    quant_proto = load_model(quant_model, role="quantized model")
-    if ort_optimized:
-        quant_proto = load_model(ort_optimized_model(quant_proto, "quantized model", providers), role="quantized model")
-    plan = plan_inputs(declared_inputs(float_proto), declared_inputs(quant_proto), shapes)
-    float_graph = build_graph(float_proto)
-    alignment = align(float_graph, build_graph(quant_proto))
+    float_proto, quant_proto, plan, float_graph, alignment = setup(
+        float_model, quant_model, shapes=shapes, providers=providers, ort_optimized=ort_optimized
+    )
     pairs = alignment.pairs
-    if not pairs:
-        raise LayerbisectError(
-            "no layer of the float model could be paired with the quantized model: "
-            "do the two models compute the same network, from the same inputs?"
-        )
     budget = memory_budget if memory_budget is not None else available_memory() // 2
     sizes = [_value_bytes(float_graph, pair) for pair in pairs]
     feeders = _feeders(float_proto, pairs) if isolated else [() for _ in pairs]
@@ -144,7 +136,7 @@ def find_first_bad_layer(
     bad = first_failing(layer.passes(threshold) for layer in layers)
     first_bad = None if bad is None else layers[bad]
     culprit = _culprit(layers, first_bad, threshold)
-    notes = list(plan.notes)
+    notes = [*plan.notes, *subgraph_notes(float_proto, "float model"), *subgraph_notes(quant_proto, "quantized model")]
     notes += [
         f"left out: {why}" for totals in passes for why in totals.problems.values()
         if why != "not a float tensor"
@@ -173,6 +165,40 @@ def find_first_bad_layer(
         float_neighbourhood=() if first_bad is None else neighbourhood(float_proto, first_bad.float_nodes),
         quant_neighbourhood=() if first_bad is None else neighbourhood(quant_proto, first_bad.quant_nodes),
     )
+
+
+class Setup(NamedTuple):
+    """Both models loaded, their inputs planned, and their values aligned."""
+
+    float_model: onnx.ModelProto
+    quant_model: onnx.ModelProto
+    inputs: InputPlan
+    float_graph: nx.DiGraph
+    alignment: Alignment
+
+
+def setup(
+    float_model: ModelLike,
+    quant_model: ModelLike,
+    *,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    providers: Sequence[str] = DEFAULT_PROVIDERS,
+    ort_optimized: bool = False,
+) -> Setup:
+    """Load both models, plan their inputs and align their values (the static part)."""
+    float_proto = load_model(float_model, role="float model")
+    quant_proto = load_model(quant_model, role="quantized model")
+    if ort_optimized:
+        quant_proto = load_model(ort_optimized_model(quant_proto, "quantized model", providers), role="quantized model")
+    plan = plan_inputs(declared_inputs(float_proto), declared_inputs(quant_proto), shapes)
+    float_graph = build_graph(float_proto)
+    alignment = align(float_graph, build_graph(quant_proto))
+    if not alignment.pairs:
+        raise LayerbisectError(
+            "no layer of the float model could be paired with the quantized model: "
+            "do the two models compute the same network, from the same inputs?"
+        )
+    return Setup(float_proto, quant_proto, plan, float_graph, alignment)
 
 
 def _layer(pair: Pair, index: int, totals: Totals, position: int) -> LayerComparison:

@@ -223,6 +223,7 @@ def quantize(
     calibration_inputs: list[dict[str, np.ndarray]] | None = None,
     seed: int = 0,
     num_samples: int = 128,
+    nodes_to_exclude: list[str] | None = None,
 ) -> onnx.ModelProto:
     """Quantize ``model`` with onnxruntime.quantization and return it in memory.
 
@@ -263,6 +264,7 @@ def quantize(
                 src, dst, _Reader(),
                 quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
                 per_channel=per_channel, activation_type=atype, weight_type=wtype,
+                nodes_to_exclude=nodes_to_exclude or [],
             )
         return onnx.load(dst)
 
