@@ -4,10 +4,27 @@ Alignment works on the graphs of ``layerbisect.graph`` and trusts structure, not
 the float graph in topological order, starting from the graph inputs: a float operation pairs
 with the quantized operation of the same role whose inputs are the counterparts of its own
 inputs. Where several qualify (the Q, K and V projections of one input), the weights decide,
-then the names, then the order. A float activation that the quantized graph folded into the
-operation before it (onnxruntime drops a Relu after a Conv and gives the Conv's output the
-Relu's name) joins that operation's span; so does a quantized operation that absorbed a bias or
-an activation the float graph keeps apart.
+then the names, then the order.
+
+What one graph computes in one operation the other may compute in several. A float operation
+with no counterpart waits until an operation that reads it pairs, and is then settled:
+
+- *fused*: the quantized graph folded it into the operation before it (a BatchNormalization
+  folded into a Conv, a Relu that onnxruntime drops after a Conv, giving the Conv's output the
+  Relu's name); it joins that operation's span;
+- *region*: several operations on one side compute what one or several operations compute on
+  the other (a decomposed Gelu or LayerNorm against a fused one, in either direction, x *
+  HardSigmoid(x) against HardSwish). A region is closed: the float operations between paired
+  values, and the quantized operations that read only those values' counterparts and are read
+  only inside the region.
+
+A quantized operation that absorbed a bias (Gemm for MatMul + Add) or an activation (FusedConv)
+takes the float operation that follows at once.
+
+Layouts: Transposes are seen through on both sides. A quantized operation reading a value
+through Transposes, or computing channels-last, pairs when the layouts work out; the pair's
+quantized readout then carries the permutation back to the float model's layout, and values
+are compared after it. A float Transpose that the other graph lacks pairs with nothing.
 
 >>> import onnx
 >>> from onnx import helper, TensorProto
@@ -22,21 +39,36 @@ an activation the float graph keeps apart.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import heapq
+from dataclasses import dataclass, replace
+from itertools import islice, product
 
 import networkx as nx
 import numpy as np
 
-from layerbisect.graph import FLOAT_DTYPES, Readout, ValueRef
+from layerbisect.graph import FLOAT_DTYPES, Perm, Readout, ValueRef
 
-# Float operations a quantized graph may fold into the operation that produces their input
-# (Cast: a cast to the same type that an optimizer removed; Add/Mul/Sub/Div: by a constant,
-# a bias or a scale folded into a Gemm, a FusedMatMul or a Conv).
-FUSABLE = {
-    "Relu", "Clip", "LeakyRelu", "BatchNormalization", "HardSigmoid", "HardSwish", "Sigmoid",
-    "Tanh", "Elu", "Selu", "Softplus", "PRelu", "Cast", "Add", "Mul", "Sub", "Div",
+ACTIVATIONS = {
+    "Relu", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish", "Sigmoid", "Tanh", "Elu", "Selu",
+    "Softplus", "PRelu",
 }
-MAX_REGION = 32  # float operations that one fused operation may stand for
+# Float operations a quantized graph may fold into the operation that produces their input
+# (Cast: a cast that an optimizer removed; Add/Mul/Sub/Div: by a constant, a bias or a scale
+# folded into a Gemm, a FusedMatMul or a Conv).
+FUSABLE = ACTIVATIONS | {"BatchNormalization", "Cast", "Add", "Mul", "Sub", "Div"}
+# Quantized operations that carry the activation after them.
+ACTIVATION_FUSIONS = {"FusedConv", "FusedGemm", "NhwcFusedConv"}
+# Operations that work element by element: they compute the same in any layout.
+LAYOUT_FREE = (FUSABLE - {"BatchNormalization"}) | {
+    "Erf", "Sqrt", "Pow", "Exp", "Log", "Neg", "Abs", "Reciprocal", "Gelu", "FastGelu",
+    "QuickGelu", "Max", "Min", "Sum", "Mean", "Where", "Mish", "Softsign", "Celu",
+    "ThresholdedRelu", "Sin", "Cos", "Floor", "Ceil", "Round", "Sign",
+}
+# Operations that carry weights: a region of one graph holds no more of them than the other's.
+ANCHORS = {"Conv", "ConvTranspose", "MatMul", "Gemm"}
+MAX_REGION = 32  # operations on one side of a region
+MAX_VISIT = 4 * MAX_REGION  # quantized operations one region search looks at
+MAX_TRIALS = 16  # ways to settle an operation's waiting inputs that are tried
 
 # Roles that may stand for one another, the shapes permitting: a Gemm computes a MatMul (plus
 # a bias, see ``bias``), a ReduceMean over H and W a GlobalAveragePool, a Flatten a Reshape.
@@ -49,6 +81,9 @@ ROLE_ALIASES = {
     "Reshape": ("Reshape", "Flatten"),
 }
 
+Mapped = tuple[ValueRef, Perm]
+"""A float value's counterpart: a quantized value and the permutation from it to the float one."""
+
 
 @dataclass(frozen=True)
 class Pair:
@@ -58,9 +93,9 @@ class Pair:
     one produces ``float_tensor``); ``quant_nodes`` the quantized operations that compute it.
     ``evidence`` says what decided the pairing: "structure" (the only candidate), "weights",
     "name" or "order" (among several), "fused" (a float operation folded away), or "region"
-    (several float operations computed by one fused operation, such as a decomposed Gelu).
-    A Transpose right after a graph input that the other model lacks is a layout adapter and
-    pairs with nothing.
+    (operations of one graph computed by other operations of the other, such as a decomposed
+    Gelu and a fused one). ``quant_readout.perm`` is set when the quantized value is held in
+    another layout. A Transpose that only the float graph has pairs with nothing.
     """
 
     float_nodes: tuple[str, ...]
@@ -87,6 +122,18 @@ class Alignment:
         return 1.0 - len(self.unaligned) / self.float_ops if self.float_ops else 1.0
 
 
+@dataclass(frozen=True)
+class _Settlement:
+    """How a waiting float value finds its counterpart: ``float_ops`` (ending with the one that
+    produces ``value``) map to ``target``; ``quant_ops`` is the quantized region computing it
+    (empty when the float operations were folded into the target's operation)."""
+
+    value: ValueRef
+    target: Mapped
+    float_ops: tuple[str, ...]
+    quant_ops: tuple[str, ...]
+
+
 def align(float_graph: nx.DiGraph, quant_graph: nx.DiGraph) -> Alignment:
     """Align the values of two graphs built by ``layerbisect.graph.build_graph``."""
     return _Aligner(float_graph, quant_graph).run()
@@ -96,11 +143,13 @@ class _Aligner:
     def __init__(self, float_graph: nx.DiGraph, quant_graph: nx.DiGraph) -> None:
         self.fg, self.qg = float_graph, quant_graph
         self.vmap: dict[ValueRef, ValueRef] = {}
+        self.layout: dict[ValueRef, Perm] = {}
         self.evidence: dict[str, str] = {}
         self.claimed: set[str] = set()
         self.quant_span: dict[str, tuple[str, ...]] = {}
         self.index: dict[tuple, list[str]] = {}
-        self.by_sources: dict[tuple, list[str]] = {}
+        self.quant_inputs: dict[str, list[tuple[ValueRef, ValueRef, Perm]]] = {}
+        self.roots: dict[ValueRef, tuple[ValueRef, Perm]] = {}
         self.pending: set[str] = set()
         self.regions: dict[str, tuple[str, ...]] = {}
         self.float_siblings: dict[tuple, list[str]] = {}
@@ -108,35 +157,34 @@ class _Aligner:
             self.float_siblings.setdefault(_float_key(float_graph.nodes[node]), []).append(node)
         self.quant_consumers = _consumers(quant_graph)
         self.float_consumers = _consumers(float_graph)
+        self.baked: set[str] = set()
+        self.float_only_inputs: set[str] = set()
 
     def run(self) -> Alignment:
-        baked = self._align_inputs()
+        self._align_inputs()
         for node in _ordered(self.qg, "op"):
-            sources = [src for src in self.qg.nodes[node]["sources"] if src[0] not in baked]
-            self.index.setdefault((self.qg.nodes[node]["role"], tuple(sorted(sources))), []).append(node)
-            self.by_sources.setdefault(tuple(sorted(sources)), []).append(node)
+            attrs = self.qg.nodes[node]
+            inputs = [(src, *self._root(src)) for src in attrs["sources"] if src[0] not in self.baked]
+            self.quant_inputs[node] = inputs
+            self.index.setdefault((attrs["role"], tuple(sorted(root for _, root, _ in inputs))), []).append(node)
         float_ops = _ordered(self.fg, "op")
         for node in float_ops:
             if not self._align_op(node):
                 self.pending.add(node)
-        for node in reversed(float_ops):  # regions that end the graph have no consumer to close them
-            if node in self.pending and not any(
-                (node, i) in self.float_consumers for i in range(len(self.fg.nodes[node]["outputs"]))
-            ):
-                closing = self._region_match((node, 0))
-                if closing is not None:
-                    self._close(*closing)
+        self._settle_graph_ends(float_ops)
         unaligned = tuple(node for node in float_ops if node in self.pending)
         return Alignment(self._pairs(), unaligned, len(float_ops))
 
-    def _align_inputs(self) -> set[str]:
-        """Pair graph inputs by name, then by position; return the quantized-only ones.
+    # Inputs and layouts
+
+    def _align_inputs(self) -> None:
+        """Pair graph inputs by name, then by position, noting an NCHW/NHWC difference.
 
         An input that only one model declares is a constant baked into the other (a sample
         rate, a flag): it is left out of the structure that pairs operations.
         """
         quant_inputs = {self.qg.nodes[n]["name"]: n for n in _ordered(self.qg, "input")}
-        leftover = [n for n in _ordered(self.fg, "input")]
+        leftover = _ordered(self.fg, "input")
         for node in list(leftover):
             match = quant_inputs.pop(self.fg.nodes[node]["name"], None)
             if match is not None:
@@ -146,121 +194,151 @@ class _Aligner:
             self.vmap[(node, 0)] = (match, 0)
             quant_inputs.pop(self.qg.nodes[match]["name"])
         self.float_only_inputs = {node for node in leftover if (node, 0) not in self.vmap}
-        return set(quant_inputs.values())
+        self.baked = set(quant_inputs.values())
+        for (node, _), (match, _) in self.vmap.items():
+            perm = _input_layout(self.fg.nodes[node]["shapes"][0], self.qg.nodes[match]["shapes"][0])
+            if perm is not None:
+                self.layout[(node, 0)] = perm
+
+    def _root(self, value: ValueRef) -> tuple[ValueRef, Perm]:
+        """The quantized value that ``value`` is a transposition of (itself if none), and the
+        permutation that takes the one to the other."""
+        chain = []
+        while value not in self.roots:
+            attrs = self.qg.nodes[value[0]]
+            if attrs["kind"] != "op" or attrs["role"] != "Transpose" or attrs["perm"] is None:
+                self.roots[value] = (value, None)
+                break
+            chain.append(value)
+            value = attrs["sources"][0]
+        root, perm = self.roots[value]
+        for step in reversed(chain):
+            perm = _compose(perm, self.qg.nodes[step[0]]["perm"])
+            self.roots[step] = (root, perm)
+        return self.roots[chain[0]] if chain else self.roots[value]
+
+    def _mapped(self, value: ValueRef) -> Mapped:
+        return self.vmap[value], self.layout.get(value)
+
+    # One float operation
 
     def _align_op(self, node: str) -> bool:
         attrs = self.fg.nodes[node]
         sources = [src for src in attrs["sources"] if src[0] not in self.float_only_inputs]
-        closings = {}
-        for src in sources:
-            if src not in self.vmap:
-                closing = self._region_match(src) if src[0] in self.pending else None
-                if closing is None:
-                    return False
-                closings[src] = closing
-        mapped = [self.vmap[src] if src in self.vmap else (closings[src][1], 0) for src in sources]
-        if closings:  # a region of float operations fused into one: it closes if this op pairs
-            if not self._candidates(node, mapped):
-                return False
-            for closing in closings.values():
-                self._close(*closing)
-        candidates = self._candidates(node, mapped)
-        if not candidates:
-            candidates = self._candidates_after_tails(node, mapped)
-        if candidates:
-            match, evidence = self._choose(node, candidates)
-            self.claimed.add(match)
-            self.quant_span.setdefault(match, (match,))
-            self.evidence[node] = evidence
-            for index in range(len(attrs["outputs"])):
-                if index < len(self.qg.nodes[match]["outputs"]):
-                    self.vmap[(node, index)] = (match, index)
-            if attrs["bias"] and not self.qg.nodes[match]["bias"]:
-                self._take_bias((match, 0))
+        mapped = self._resolve(node, sources)
+        if mapped is None:
+            return False
+        found = self._search(node, mapped)
+        if found is not None:
+            candidates, extension = found
+            if extension is not None:
+                self._extend(*extension)
+            (match, perm), evidence = self._choose(node, candidates)
+            self._pair(node, match, perm, evidence)
             return True
-        if len(set(sources)) == 1:
-            (source,) = set(sources)
-            fused = (
-                attrs["role"] in FUSABLE and source[0] in self.evidence
-                and len(self.float_consumers.get(source, ())) == 1
-            )
-            layout = attrs["role"] == "Transpose" and self.fg.nodes[source[0]]["kind"] == "input"
-            if fused or layout:
-                self.vmap[(node, 0)] = self.vmap[source]
-                self.evidence[node] = "fused" if fused else "layout"
-                return True
+        folded = self._folding((node, 0))
+        if folded and self._absorbed(node, sources):
+            self._settle(folded[0])
+            return True
+        if attrs["role"] == "Transpose" and attrs["perm"] is not None and len(mapped) == 1:
+            (value, perm), = mapped
+            self.vmap[(node, 0)] = value
+            self.layout[(node, 0)] = _compose(perm, attrs["perm"])
+            self.evidence[node] = "layout"
+            return True
         return False
 
-    def _region_match(self, value: ValueRef) -> tuple[ValueRef, str, tuple[str, ...]] | None:
-        """The one unclaimed quantized operation that computes ``value`` from the same inputs
-        as the unpaired float operations behind it (a decomposed Gelu or LayerNorm fused into
-        one op): (value, that operation, the float operations of the region)."""
-        region, frontier, stack = set(), set(), [value[0]]
-        while stack:
-            node = stack.pop()
-            if node in region:
-                continue
-            region.add(node)
-            if len(region) > MAX_REGION:
-                return None
-            for src in self.fg.nodes[node]["sources"]:
-                if src in self.vmap:
-                    frontier.add(self.vmap[src])
-                elif src[0] in self.pending:
-                    stack.append(src[0])
-                elif src[0] not in self.float_only_inputs:
-                    return None
-        candidates = [
-            q for q in self.by_sources.get(tuple(sorted(frontier)), [])
-            if q not in self.claimed and _shapes_agree(self.fg.nodes[value[0]], self.qg.nodes[q])
-        ]
-        if len(candidates) != 1 or len(region) < 2:  # one op of another role is no fusion
-            return None
-        order = sorted(region, key=lambda n: self.fg.nodes[n]["order"])
-        return value, candidates[0], tuple(order)
-
-    def _close(self, value: ValueRef, match: str, region: tuple[str, ...]) -> None:
-        self.vmap[value] = (match, 0)
+    def _pair(self, node: str, match: str, perm: Perm, evidence: str) -> None:
+        attrs = self.fg.nodes[node]
         self.claimed.add(match)
         self.quant_span.setdefault(match, (match,))
-        self.pending.difference_update(region)
-        self.regions[value[0]] = region
-        self.evidence[value[0]] = "region"
+        self.evidence[node] = evidence
+        for index in range(min(len(attrs["outputs"]), len(self.qg.nodes[match]["outputs"]))):
+            self.vmap[(node, index)] = (match, index)
+            self.layout[(node, index)] = perm
+        if attrs["bias"] and not self.qg.nodes[match]["bias"]:
+            self._take_bias((match, 0))
 
-    def _take_bias(self, value: ValueRef) -> None:
-        """The float operation adds its bias inside; the quantized one leaves it to an Add."""
-        tail = self._tail(value)
-        if tail and self.qg.nodes[tail[0]]["role"] == "Add":
-            self._extend(value, tail[:1])
+    def _absorbed(self, node: str, sources: list[ValueRef]) -> bool:
+        """Whether the quantized operation behind the node's one input already computes the
+        node: a bias the float producer lacks (Gemm for MatMul + Add), or a fused activation."""
+        if len(set(sources)) != 1 or sources[0] not in self.vmap:
+            return False
+        source = sources[0]
+        if self.evidence.get(source[0]) in (None, "fused", "layout") or len(self.float_consumers[source]) != 1:
+            return False
+        quant = self.qg.nodes[self.vmap[source][0]]
+        role = self.fg.nodes[node]["role"]
+        if role == "Add":
+            return quant["bias"] and not self.fg.nodes[source[0]]["bias"]
+        return role in ACTIVATIONS and quant["op_type"] in ACTIVATION_FUSIONS
 
-    def _candidates(self, node: str, mapped: list[ValueRef]) -> list[str]:
-        attrs = self.fg.nodes[node]
-        sources = tuple(sorted(mapped))
-        return [
-            q
-            for role in ROLE_ALIASES.get(attrs["role"], (attrs["role"],))
-            for q in self.index.get((role, sources), [])
-            if q not in self.claimed and _shapes_agree(attrs, self.qg.nodes[q])
-        ]
+    # Candidates
 
-    def _candidates_after_tails(self, node: str, mapped: list[ValueRef]) -> list[str]:
-        """Try again as if a quantized input had absorbed the float graph's next operation."""
-        for position, value in enumerate(mapped):
+    def _search(self, node: str, mapped: list[Mapped]) -> tuple[list, tuple | None] | None:
+        """Candidates for ``node`` given its inputs' counterparts, trying again, if none, as if
+        a quantized input had absorbed the float graph's next operation; with the tail that
+        then needs claiming. None when nothing qualifies."""
+        candidates = self._candidates(node, mapped)
+        if candidates:
+            return candidates, None
+        for position, (value, perm) in enumerate(mapped):
             tail = self._tail(value)
             for step, extended in enumerate(tail):
-                trial = mapped[:position] + [(extended, 0)] + mapped[position + 1:]
+                trial = mapped[:position] + [((extended, 0), perm)] + mapped[position + 1:]
                 candidates = self._candidates(node, trial)
                 if candidates:
-                    self._extend(value, tail[: step + 1])
-                    return candidates
-        return []
+                    return candidates, (value, tail[: step + 1])
+        return None
+
+    def _candidates(self, node: str, mapped: list[Mapped]) -> list[tuple[str, Perm]]:
+        """Unclaimed quantized operations that compute ``node`` from ``mapped`` (through
+        Transposes), each with the permutation from its output to the node's."""
+        attrs = self.fg.nodes[node]
+        roots = []
+        for value, perm in mapped:
+            root, root_perm = self._root(value)
+            roots.append((root, _compose(root_perm, perm)))
+        key = tuple(sorted(root for root, _ in roots))
+        found = []
+        for role in ROLE_ALIASES.get(attrs["role"], (attrs["role"],)):
+            for match in self.index.get((role, key), ()):
+                if match in self.claimed:
+                    continue
+                fits, perm = self._layout_fits(attrs, self.qg.nodes[match], roots, self.quant_inputs[match])
+                if fits and _shapes_agree(attrs["shapes"][0], self.qg.nodes[match]["shapes"][0], perm):
+                    found.append((match, perm))
+        return found
+
+    def _layout_fits(self, attrs: dict, quant: dict, roots: list, inputs: list) -> tuple[bool, Perm]:
+        """Whether a quantized operation with ``inputs`` computes the float operation whose
+        inputs are ``roots`` in the layouts they have, and the permutation of its output."""
+        layouts = []
+        free = list(range(len(inputs)))
+        for position, (root, perm) in enumerate(roots):
+            options = [i for i in free if inputs[i][1] == root]
+            chosen = position if position in options else options[0]
+            free.remove(chosen)
+            source, _, quant_perm = inputs[chosen]
+            shape = self.qg.nodes[source[0]]["shapes"][source[1]]
+            layouts.append((_compose(_inverse(quant_perm), perm), None if shape is None else len(shape)))
+        if attrs["role"] == "Transpose":
+            if len(layouts) != 1 or attrs["perm"] is None or quant["perm"] is None:
+                return False, None
+            out = _compose(_inverse(quant["perm"]), _compose(layouts[0][0], attrs["perm"]))
+            return out is None, None
+        if attrs["role"] in LAYOUT_FREE:
+            perms = {perm for perm, _ in layouts if perm is not None}
+            if len(perms) != 1:
+                return not perms, None
+            (perm,) = perms
+            # an input read as it is must be a broadcast operand of lower rank
+            return all(rank is not None and rank != len(perm) for p, rank in layouts if p is None), perm
+        expected = _compose(quant["layout"], _inverse(attrs["layout"]))
+        return all(perm == expected for perm, _ in layouts), expected
 
     def _tail(self, value: ValueRef) -> list[str]:
-        """Unclaimed single-input operations that follow ``value`` alone, in chain order.
-
-        A Transpose right after a graph input is a layout adapter (an NHWC input feeding an
-        NCHW network) and counts as one of them.
-        """
+        """Unclaimed single-input operations that follow ``value`` alone, in chain order."""
         chain: list[str] = []
         while len(chain) < 4:
             consumers = self.quant_consumers.get(value, ())
@@ -268,9 +346,7 @@ class _Aligner:
                 break
             (nxt,) = consumers
             attrs = self.qg.nodes[nxt]
-            layout = attrs["role"] == "Transpose" and self.qg.nodes[value[0]]["kind"] == "input"
-            foldable = attrs["role"] in FUSABLE or layout
-            if nxt in self.claimed or not foldable or len(attrs["sources"]) != 1:
+            if nxt in self.claimed or attrs["role"] not in FUSABLE or len(attrs["sources"]) != 1:
                 break
             chain.append(nxt)
             value = (nxt, 0)
@@ -284,17 +360,25 @@ class _Aligner:
             if quant_value == value:
                 self.vmap[float_value] = (end, 0)
 
-    def _choose(self, node: str, candidates: list[str]) -> tuple[str, str]:
+    def _take_bias(self, value: ValueRef) -> None:
+        """The float operation adds its bias inside; the quantized one leaves it to an Add."""
+        tail = self._tail(value)
+        if tail and self.qg.nodes[tail[0]]["role"] == "Add":
+            self._extend(value, tail[:1])
+
+    def _choose(self, node: str, candidates: list[tuple[str, Perm]]) -> tuple[tuple[str, Perm], str]:
         """Pick among several candidates: by weights, matching all of the node's unpaired
         siblings (float ops of the same role on the same inputs) at once, most similar first,
         so that a corrupted weight cannot steal a sibling's partner; then by name, then order."""
         if len(candidates) == 1:
             return candidates[0], "structure"
+        perms = dict(candidates)
+        names = list(perms)
         attrs = self.fg.nodes[node]
         siblings = [s for s in self.float_siblings[_float_key(attrs)] if s not in self.evidence]
         scores = sorted(
             ((_similarity(self.fg.nodes[s]["fingerprint"], self.qg.nodes[q]["fingerprint"]), i, s, q)
-             for i, s in enumerate(siblings) for q in candidates),
+             for i, s in enumerate(siblings) for q in names),
             key=lambda item: (-item[0], item[1]),
         )
         if scores and scores[0][0] > 0:
@@ -303,22 +387,191 @@ class _Aligner:
                 if score <= 0 or sibling in taken or match in taken:
                     continue
                 if sibling == node:
-                    return match, "weights"
+                    return (match, perms[match]), "weights"
                 taken.update((sibling, match))
-        names = [_name_score(attrs["name"], self.qg.nodes[q]["name"]) for q in candidates]
-        if max(names) > 0 and names.count(max(names)) == 1:
-            return candidates[names.index(max(names))], "name"
+        by_name = [_name_score(attrs["name"], self.qg.nodes[q]["name"]) for q in names]
+        if max(by_name) > 0 and by_name.count(max(by_name)) == 1:
+            best = names[by_name.index(max(by_name))]
+            return (best, perms[best]), "name"
         return candidates[0], "order"
+
+    # Waiting float operations
+
+    def _resolve(self, node: str, sources: list[ValueRef]) -> list[Mapped] | None:
+        """The counterparts of the node's inputs, settling inputs that wait (fused or regions)
+        in the first way that lets the node pair; None if there is none."""
+        waiting = [src for src in dict.fromkeys(sources) if src not in self.vmap]
+        if any(src[0] not in self.pending for src in waiting):
+            return None
+        options = [self._region_settlements(src) + self._folding(src) for src in waiting]
+        for combination in islice(product(*options), MAX_TRIALS if waiting else 1):
+            if not _disjoint(combination):
+                continue
+            chosen = {settlement.value: settlement.target for settlement in combination}
+            mapped = [chosen[src] if src in chosen else self._mapped(src) for src in sources]
+            if not waiting or self._search(node, mapped) is not None:
+                for settlement in combination:
+                    self._settle(settlement)
+                return mapped
+        return None
+
+    def _folding(self, value: ValueRef) -> list[_Settlement]:
+        """Settle ``value`` as folded into the quantized operation before it: a chain of
+        single-input foldable float operations, each its input's only reader."""
+        chain, node = [], value[0]
+        while len(chain) < MAX_REGION:
+            attrs = self.fg.nodes[node]
+            sources = {src for src in attrs["sources"] if src[0] not in self.float_only_inputs}
+            waiting = node in self.pending or node == value[0]
+            if not waiting or attrs["role"] not in FUSABLE or len(sources) != 1:
+                return []
+            (source,) = sources
+            if len(self.float_consumers[source]) != 1:
+                return []
+            chain.append(node)
+            if source in self.vmap:
+                if self.evidence.get(source[0]) is None:
+                    return []
+                return [_Settlement(value, self._mapped(source), tuple(reversed(chain)), ())]
+            node = source[0]
+        return []
+
+    def _region_settlements(self, value: ValueRef) -> list[_Settlement]:
+        """Settle ``value`` as the end of a region: the waiting float operations behind it,
+        computed by a closed region of unclaimed quantized operations from the same values."""
+        found = self._float_region(value[0])
+        if found is None:
+            return []
+        region, frontier = found
+        shape = self.fg.nodes[value[0]]["shapes"][value[1]]
+        settlements = []
+        for end, (members, uses) in self._quant_closure(frontier).items():
+            if (uses != frontier or len(region) + len(members) < 3
+                    or not _shapes_agree(shape, self.qg.nodes[end]["shapes"][0], None)
+                    or _anchors(self.qg, members) > _anchors(self.fg, region)
+                    or not self._sealed(end, members)):
+                continue
+            order = tuple(sorted(members, key=lambda n: self.qg.nodes[n]["order"]))
+            settlements.append(_Settlement(value, ((end, 0), None), region, order))
+        return settlements
+
+    def _float_region(self, node: str) -> tuple[tuple[str, ...], frozenset] | None:
+        """The waiting float operations behind ``node`` (itself included), in order, and the
+        counterparts of the paired values they read; None if too large or not all paired."""
+        region, frontier, stack = set(), set(), [node]
+        while stack:
+            current = stack.pop()
+            if current in region:
+                continue
+            region.add(current)
+            if len(region) > MAX_REGION:
+                return None
+            for src in self.fg.nodes[current]["sources"]:
+                if src in self.vmap:
+                    if self.layout.get(src) is not None:
+                        return None
+                    frontier.add(self.vmap[src])
+                elif src[0] in self.pending:
+                    stack.append(src[0])
+                elif src[0] not in self.float_only_inputs:
+                    return None
+        return tuple(sorted(region, key=lambda n: self.fg.nodes[n]["order"])), frozenset(frontier)
+
+    def _quant_closure(self, frontier: frozenset) -> dict[str, tuple[frozenset, frozenset]]:
+        """Unclaimed quantized operations computed from ``frontier`` alone, in order, each with
+        the operations its value needs (itself included) and the frontier values it reads."""
+        closed: dict[str, tuple[frozenset, frozenset]] = {}
+        heap: list[tuple[int, str]] = []
+        seen: set[str] = set()
+
+        def push_readers(value: ValueRef) -> None:
+            for reader in self.quant_consumers.get(value, ()):
+                if reader not in seen and reader not in self.claimed:
+                    seen.add(reader)
+                    heapq.heappush(heap, (self.qg.nodes[reader]["order"], reader))
+
+        for value in frontier:
+            push_readers(value)
+        for _ in range(MAX_VISIT):
+            if not heap:
+                break
+            _, op = heapq.heappop(heap)
+            members, uses = {op}, set()
+            for src in self.qg.nodes[op]["sources"]:
+                if src in frontier:
+                    uses.add(src)
+                elif src[0] in closed:
+                    members |= closed[src[0]][0]
+                    uses |= closed[src[0]][1]
+                elif src[0] not in self.baked:
+                    break
+            else:
+                if len(members) <= MAX_REGION:
+                    closed[op] = (frozenset(members), frozenset(uses))
+                    for index in range(len(self.qg.nodes[op]["outputs"])):
+                        push_readers((op, index))
+        return closed
+
+    def _sealed(self, end: str, members: frozenset) -> bool:
+        """Whether every value of a quantized region but its end is read inside it only."""
+        return all(
+            reader in members
+            for member in members if member != end
+            for index in range(len(self.qg.nodes[member]["outputs"]))
+            for reader in self.quant_consumers.get((member, index), ())
+        )
+
+    def _settle(self, settlement: _Settlement) -> None:
+        value, float_ops, quant_ops = settlement.value, settlement.float_ops, settlement.quant_ops
+        self.pending.difference_update(float_ops)
+        if quant_ops:
+            (end, _), _ = settlement.target
+            self.claimed.update(quant_ops)
+            self.quant_span[end] = quant_ops
+            self.vmap[value] = (end, 0)
+            self.regions[value[0]] = float_ops
+            self.evidence[value[0]] = "region"
+            return
+        quant_value, perm = settlement.target
+        for node in float_ops:
+            self.vmap[(node, 0)] = quant_value
+            self.layout[(node, 0)] = perm
+            self.evidence[node] = "fused"
+
+    def _settle_graph_ends(self, float_ops: list[str]) -> None:
+        """Settle waiting float operations that nothing reads: a region ending where the
+        quantized graph ends, or else folded into the operation before."""
+        for node in reversed(float_ops):
+            outputs = range(len(self.fg.nodes[node]["outputs"]))
+            if node not in self.pending or any((node, i) in self.float_consumers for i in outputs):
+                continue
+            value = (node, 0)
+            ends = [s for s in self._region_settlements(value) if self._unread(s.target[0][0])]
+            options = (ends if len(ends) == 1 else []) + self._folding(value)
+            if options:
+                self._settle(options[0])
+
+    def _unread(self, op: str) -> bool:
+        """Whether nothing reads the quantized operation's outputs but Transposes left unread."""
+        return all(
+            self.qg.nodes[reader]["role"] == "Transpose" and self._unread(reader)
+            for index in range(len(self.qg.nodes[op]["outputs"]))
+            for reader in self.quant_consumers.get((op, index), ())
+        )
+
+    # Result
 
     def _pairs(self) -> tuple[Pair, ...]:
         by_quant: dict[ValueRef, list[ValueRef]] = {}
         for float_value, quant_value in self.vmap.items():
-            if self.fg.nodes[float_value[0]]["kind"] == "op" and self.qg.nodes[quant_value[0]]["kind"] == "op":
+            if (self.fg.nodes[float_value[0]]["kind"] == "op" and self.qg.nodes[quant_value[0]]["kind"] == "op"
+                    and self.evidence[float_value[0]] != "layout"):
                 by_quant.setdefault(quant_value, []).append(float_value)
         pairs = []
         for quant_value, float_values in by_quant.items():
             float_values.sort(key=lambda v: (self.fg.nodes[v[0]]["order"], v[1]))
-            last_node, index = float_values[-1]
+            last_value = float_values[-1]
+            last_node, index = last_value
             last = self.fg.nodes[last_node]
             if last["dtypes"][index] not in FLOAT_DTYPES | {None}:
                 continue
@@ -336,7 +589,7 @@ class _Aligner:
                 op_type=last["op_type"],
                 evidence=evidence,
                 float_readout=last["readouts"][index],
-                quant_readout=quant_readout,
+                quant_readout=replace(quant_readout, perm=self.layout.get(last_value)),
             )))
         pairs.sort(key=lambda item: item[:2])
         return tuple(pair for _, _, pair in pairs)
@@ -359,11 +612,54 @@ def _consumers(graph: nx.DiGraph) -> dict[ValueRef, list[str]]:
     return consumers
 
 
-def _shapes_agree(float_attrs: dict, quant_attrs: dict) -> bool:
-    a, b = float_attrs["shapes"][0], quant_attrs["shapes"][0]
-    if a is None or b is None:
+def _anchors(graph: nx.DiGraph, nodes) -> int:
+    return sum(graph.nodes[n]["role"] in ANCHORS for n in nodes)
+
+
+def _disjoint(settlements: tuple[_Settlement, ...]) -> bool:
+    """Whether no two settlements share a float or a quantized operation."""
+    ops = [("f", n) for s in settlements for n in s.float_ops] + [("q", n) for s in settlements for n in s.quant_ops]
+    return len(ops) == len(set(ops))
+
+
+def _compose(first: Perm, then: Perm) -> Perm:
+    """The permutation of transposing by ``first`` then by ``then`` (None for identity)."""
+    if first is None or then is None:
+        result = then if first is None else first
+    else:
+        result = tuple(first[axis] for axis in then)
+    return None if result is None or result == tuple(range(len(result))) else result
+
+
+def _inverse(perm: Perm) -> Perm:
+    return None if perm is None else tuple(sorted(range(len(perm)), key=perm.__getitem__))
+
+
+def _input_layout(float_shape: tuple | None, quant_shape: tuple | None) -> Perm:
+    """The channels-first/last permutation taking a quantized input to the float one, if the
+    shapes differ by exactly that."""
+    if float_shape is None or quant_shape is None or len(float_shape) != len(quant_shape) or len(quant_shape) < 3:
+        return None
+    if _shapes_agree(float_shape, quant_shape, None):
+        return None
+    rank = len(quant_shape)
+    for perm in ((0, rank - 1, *range(1, rank - 1)), (0, *range(2, rank), 1)):
+        if _shapes_agree(float_shape, quant_shape, perm):
+            return perm
+    return None
+
+
+def _shapes_agree(float_shape: tuple | None, quant_shape: tuple | None, perm: Perm) -> bool:
+    """Whether the shapes can be equal once the quantized one is permuted by ``perm``."""
+    if float_shape is None or quant_shape is None:
         return True
-    return len(a) == len(b) and all(x is None or y is None or x == y for x, y in zip(a, b))
+    if perm is not None:
+        if len(perm) != len(quant_shape):
+            return False
+        quant_shape = tuple(quant_shape[axis] for axis in perm)
+    return len(float_shape) == len(quant_shape) and all(
+        x is None or y is None or x == y for x, y in zip(float_shape, quant_shape)
+    )
 
 
 def _similarity(a: np.ndarray | None, b: np.ndarray | None) -> float:

@@ -17,6 +17,7 @@ ONNX operator semantics.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import networkx as nx
 import numpy as np
@@ -25,6 +26,9 @@ from onnx import numpy_helper
 
 ValueRef = tuple[str, int]
 """A value: (graph node id, output index). Graph inputs are nodes with a single output."""
+
+Perm = Optional[tuple[int, ...]]
+"""An axis permutation as ``numpy.transpose`` takes it; None where the layout is unchanged."""
 
 # Quantized operators and the float operator they stand for.
 ROLES = {
@@ -52,7 +56,15 @@ ROLES = {
     "FusedGemm": "Gemm",
     "FusedMatMul": "MatMul",
     "NhwcFusedConv": "Conv",
+    "NhwcConv": "Conv",
+    "NhwcMaxPool": "MaxPool",
 }
+
+# Operators that compute in channels-last layout (NHWC), like any op with channels_last=1.
+CHANNELS_LAST_OPS = {"NhwcConv", "NhwcFusedConv", "NhwcMaxPool"}
+# Operators whose output depends on their input's shape only: their results (and what is
+# computed from them alone, such as Shape -> Gather -> Unsqueeze -> Concat) are constants here.
+SHAPE_OPS = {"Shape", "Size"}
 
 # Input positions of the output scale and zero point of QOperator nodes whose output is integer.
 OUTPUT_QPARAMS = {
@@ -85,7 +97,7 @@ WEIGHT_QPARAMS = {
 # Operators that move integers around without rescaling them: their output keeps the
 # quantization parameters of their first input.
 INTEGER_PASSTHROUGH = {
-    "MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather",
+    "MaxPool", "NhwcMaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather",
     "Split", "Resize", "Pad", "Expand", "Tile", "DepthToSpace", "SpaceToDepth",
 }
 INTEGER_OPS = {"MatMulInteger", "ConvInteger"}
@@ -106,18 +118,33 @@ class Readout:
     """Where a value can be read, and how to turn it into float.
 
     ``scale``/``zero_point`` are set when ``tensor`` holds integers (a QOperator output);
-    ``axis`` is the channel axis of per-channel parameters.
+    ``axis`` is the channel axis of per-channel parameters. ``perm`` is set when the tensor
+    holds the value in another layout than the float model's (NHWC for NCHW): the float value
+    is ``numpy.transpose(tensor, perm)``.
     """
 
     tensor: str
     scale: np.ndarray | None = None
     zero_point: np.ndarray | None = None
     axis: int = 1
+    perm: Perm = None
 
     def dequantize(self, array: np.ndarray) -> np.ndarray:
-        """Return ``array`` as float values (unchanged when it is already float)."""
-        if self.scale is None or np.issubdtype(array.dtype, np.floating):
+        """Return ``array`` as float values in the float model's layout: dequantized (unless
+        already float), then permuted by ``perm`` (unless its rank does not fit)."""
+        values = array if self.scale is None or np.issubdtype(array.dtype, np.floating) else self._scaled(array)
+        if self.perm is None or values.ndim != len(self.perm):
+            return values
+        return np.ascontiguousarray(values.transpose(self.perm))
+
+    def to_tensor_layout(self, array: np.ndarray) -> np.ndarray:
+        """Return ``array``, in the float model's layout, in the layout of ``tensor``: the
+        inverse of the permutation ``dequantize`` applies."""
+        if self.perm is None or array.ndim != len(self.perm):
             return array
+        return np.ascontiguousarray(array.transpose(np.argsort(self.perm)))
+
+    def _scaled(self, array: np.ndarray) -> np.ndarray:
         scale, zero_point = self.scale, self.zero_point
         if scale.ndim == 1 and scale.size > 1 and array.ndim > 1:
             shape = [1] * array.ndim
@@ -133,8 +160,16 @@ def build_graph(model: onnx.ModelProto) -> nx.DiGraph:
 
     Node attributes: ``kind`` ("input" or "op"), ``name``, ``op_type``, ``role``, ``order``
     (position in the model), ``sources`` (the ValueRef of each data input, in input order),
-    ``readouts``, ``shapes`` and ``dtypes`` (one per output, None where unknown), ``fingerprint`` (a sample of the dequantized
-    weight, or None), ``bias`` (whether the operation adds a bias inside itself). Graph attribute ``tensors`` maps each tensor name to its ValueRef.
+    ``readouts``, ``shapes`` and ``dtypes`` (one per output, None where unknown), ``fingerprint``
+    (a sample of the dequantized weight, in MatMul orientation for a Gemm with transB, or None),
+    ``bias`` (whether the operation adds a bias inside itself), ``perm`` (a Transpose's
+    permutation; None for other operations and where unknown) and ``layout`` (for an operation
+    that computes channels-last, the permutation that brings its tensors to channels-first;
+    None otherwise). Graph attribute ``tensors`` maps each tensor name to its ValueRef.
+
+    Values computed from shapes alone (Shape, and what follows from it without other data) are
+    constants here: a Reshape whose target shape one exporter computes and another folds reads
+    the same data either way.
     """
     return _Builder(model).build()
 
@@ -175,7 +210,7 @@ class _Builder:
                 order=-len(self.graph_proto.input) + position, sources=(),
                 readouts=(Readout(info.name),), shapes=(self._shape(info.name),),
                 dtypes=(self._dtype(info.name),),
-                fingerprint=None, bias=False,
+                fingerprint=None, bias=False, perm=None, layout=None,
             )
             self.source[info.name] = (node_id, 0)
         for order, node in enumerate(self.graph_proto.node):
@@ -191,7 +226,7 @@ class _Builder:
     def _add(self, node: onnx.NodeProto, order: int) -> None:
         inputs = [self.source.get(name, CONST) if name else CONST for name in node.input]
         data = [ref for ref in inputs if isinstance(ref, tuple)]
-        if not data:
+        if not data or node.op_type in SHAPE_OPS:
             kind = SCALE if SCALE in inputs or node.op_type == "DynamicQuantizeLinear" else CONST
             for out in node.output:
                 self.source[out] = kind
@@ -202,12 +237,15 @@ class _Builder:
             for out in node.output[1:]:
                 self.source[out] = SCALE
             return
+        shapes = tuple(self._shape(out) for out in node.output)
         self.graph.add_node(
             node.name, kind="op", name=node.name, op_type=node.op_type,
             role=ROLES.get(node.op_type, node.op_type), order=order, sources=tuple(data),
-            outputs=tuple(node.output), shapes=tuple(self._shape(out) for out in node.output),
+            outputs=tuple(node.output), shapes=shapes,
             dtypes=tuple(self._dtype(out) for out in node.output),
             fingerprint=self._fingerprint(node), bias=_has_input(node, BIAS_INPUT.get(node.op_type)),
+            perm=self._perm(node, shapes[0]) if node.op_type == "Transpose" else None,
+            layout=_channels_last(node, shapes[0]),
         )
         for src, _ in dict.fromkeys(data):
             self.graph.add_edge(src, node.name)
@@ -218,16 +256,20 @@ class _Builder:
         """Whether ``node`` only carries a value along (quantization plumbing, identities)."""
         if node.op_type in SHELL_OPS:
             return True
-        produced_by = self.producer.get(node.input[0]) if node.input else None
-        if node.op_type == "Cast":  # integer accumulator to float, after MatMulInteger
-            return produced_by is not None and produced_by.op_type in INTEGER_OPS
+        if node.op_type == "Cast":  # to the type it has, or integer accumulator to float
+            dtype = self._dtype(node.input[0])
+            return (dtype is not None and _attr(node, "to") == dtype) or self._accumulator_cast(node)
         if node.op_type == "Mul" and len(inputs) == 2:  # rescaling after that Cast
             for value, other in ((0, 1), (1, 0)):
                 cast = self.producer.get(node.input[value])
-                if (cast is not None and cast.op_type == "Cast" and inputs[other] in (CONST, SCALE)
-                        and self._is_shell(cast, [])):
+                if cast is not None and inputs[other] in (CONST, SCALE) and self._accumulator_cast(cast):
                     return True
         return False
+
+    def _accumulator_cast(self, node: onnx.NodeProto) -> bool:
+        """Whether ``node`` casts the integer result of MatMulInteger/ConvInteger to float."""
+        produced_by = self.producer.get(node.input[0]) if node.input else None
+        return node.op_type == "Cast" and produced_by is not None and produced_by.op_type in INTEGER_OPS
 
     def _readout(self, tensor: str) -> Readout:
         """Follow a value through its quantization shell to the last tensor holding it: the
@@ -304,7 +346,18 @@ class _Builder:
             if not arrays:
                 return None
             weight = max(arrays, key=lambda a: a.size)
+        if _attr(node, "transB") == 1 and weight.ndim == 2:  # Gemm computes x @ B.T
+            weight = weight.T
         return np.asarray(weight, dtype=np.float64).ravel()[:FINGERPRINT_SIZE]
+
+    def _perm(self, node: onnx.NodeProto, shape: tuple | None) -> Perm:
+        """A Transpose's permutation (reversed axes by default), or None if unknown."""
+        for attr in node.attribute:
+            if attr.name == "perm":
+                return tuple(attr.ints)
+        input_shape = self._shape(node.input[0])
+        rank = len(input_shape) if input_shape is not None else len(shape) if shape is not None else None
+        return None if rank is None else tuple(reversed(range(rank)))
 
     def _dtype(self, name: str) -> int | None:
         typ = self.types.get(name)
@@ -327,7 +380,21 @@ def _has_input(node: onnx.NodeProto, index: int | None) -> bool:
 
 
 def _axis(node: onnx.NodeProto) -> int:
+    axis = _attr(node, "axis")
+    return 1 if axis is None else axis
+
+
+def _attr(node: onnx.NodeProto, name: str) -> int | None:
+    """An integer attribute of ``node``, or None when it is absent."""
     for attr in node.attribute:
-        if attr.name == "axis":
+        if attr.name == name:
             return attr.i
-    return 1
+    return None
+
+
+def _channels_last(node: onnx.NodeProto, shape: tuple | None) -> Perm:
+    """For an operation computing channels-last, the permutation from its layout to NCHW."""
+    if node.op_type not in CHANNELS_LAST_OPS and _attr(node, "channels_last") != 1:
+        return None
+    rank = len(shape) if shape is not None else 4
+    return (0, rank - 1, *range(1, rank - 1))

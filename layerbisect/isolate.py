@@ -10,7 +10,7 @@ reads integers), and each layer downstream of a cut shows only the error it adds
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -36,6 +36,7 @@ class Cut:
 
     def feed(self, value: np.ndarray) -> np.ndarray:
         """The array to feed for the float ``value``."""
+        value = self.readout.to_tensor_layout(value)
         if self.dtype.kind not in "iu" or self.readout.scale is None:
             return value.astype(self.dtype, copy=False)
         scale, zero_point = self.readout.scale, self.readout.zero_point
@@ -86,7 +87,8 @@ def cut(model: onnx.ModelProto, boundaries: Iterable[Pair]) -> tuple[onnx.ModelP
                     continue
                 name = tensor + CUT_SUFFIX
                 if name not in cuts:
-                    params = readout if tensor == readout.tensor else _qparams(tensor, producer, consumers, constants)
+                    params = readout if tensor == readout.tensor else replace(
+                        _qparams(tensor, producer, consumers, constants), perm=readout.perm)
                     dtype = inferred.get(tensor) or _zero_point_dtype(params)
                     cuts[name] = Cut(name, tensor, float_tensor, dtype, params)
                 node.input[:] = [name if x == tensor else x for x in node.input]
