@@ -7,14 +7,19 @@ bad input (one line on stderr, no traceback).
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
 import zipfile
 from collections.abc import Sequence
+from contextlib import nullcontext
+from typing import ContextManager
+from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from layerbisect.errors import LayerbisectError
+from layerbisect.fallback import FloatFallback, keep_in_float
 from layerbisect.find import find_first_bad_layer
 from layerbisect.render import echo
 from layerbisect.run import DEFAULT_PROVIDERS
@@ -30,19 +35,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         inputs = _read_inputs(args.inputs, args.input)
-        report = find_first_bad_layer(
-            args.float_model,
-            args.quant_model,
-            inputs=inputs,
-            threshold=args.threshold,
-            shapes=dict(args.shape),
-            seed=args.seed,
-            providers=args.providers,
-            ort_optimized=args.ort_optimized,
-            quiet=args.quiet,
-        )
+        with _executor(args.workers) as executor:
+            report = find_first_bad_layer(
+                args.float_model,
+                args.quant_model,
+                inputs=inputs,
+                threshold=args.threshold,
+                shapes=dict(args.shape),
+                seed=args.seed,
+                providers=args.providers,
+                ort_optimized=args.ort_optimized,
+                quiet=args.quiet,
+                strategy=args.strategy,
+                memory_budget=args.memory_budget,
+                isolated=not args.no_isolated,
+                executor=executor,
+            )
         if args.json:
             _write(args.json, report.to_json() + "\n")
+        if args.keep_float or args.repaired_model:
+            fallback = keep_in_float(
+                args.float_model, args.quant_model, inputs=inputs, threshold=args.threshold,
+                shapes=dict(args.shape), seed=args.seed, providers=args.providers,
+            )
+            print(fallback, file=sys.stderr)
+            if args.keep_float:
+                _write(args.keep_float, fallback.to_json() + "\n")
+            if args.repaired_model:
+                _save(fallback, args.repaired_model)
         if args.html:
             _write(args.html, report.to_html())
     except LayerbisectError as exc:
@@ -90,6 +110,23 @@ def _parser() -> argparse.ArgumentParser:
         "--ort-optimized", action="store_true",
         help="compare the quantized graph as onnxruntime optimizes it (its fused nodes)",
     )
+    parser.add_argument(
+        "--strategy", choices=["auto", "scan", "bisect"], default="auto",
+        help="scan every layer, bisect to the first bad one with few runs, or choose by the "
+        "memory budget (default auto)",
+    )
+    parser.add_argument(
+        "--memory-budget", metavar="SIZE", type=_size, default=None,
+        help="activations held at once, e.g. 2G or 500M (default: half the free memory)",
+    )
+    parser.add_argument("--no-isolated", action="store_true", help="skip the per-layer (isolated) error")
+    parser.add_argument("--workers", type=int, default=0, help="spread samples over N processes")
+    parser.add_argument(
+        "--keep-float", metavar="PATH.json",
+        help="find the layers of a QDQ model to keep in float and write them (with "
+        "onnxruntime's nodes_to_exclude) as JSON",
+    )
+    parser.add_argument("--repaired-model", metavar="PATH.onnx", help="write the model with those layers in float")
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     parser.add_argument(
         "--html", metavar="PATH",
@@ -99,6 +136,33 @@ def _parser() -> argparse.ArgumentParser:
         "--quiet", action="store_true", help="no progress bar; print only the verdict line",
     )
     return parser
+
+
+def _size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("B")
+    try:
+        value = float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 2G, 500M or 1048576, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"a memory budget must be positive, got {text!r}")
+    return int(value)
+
+
+def _executor(workers: int) -> ContextManager[Executor | None]:
+    if workers < 0:
+        raise LayerbisectError(f"--workers must be 0 or more, got {workers}")
+    if workers == 0:
+        return nullcontext()
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _save(fallback: FloatFallback, path: str) -> None:
+    try:
+        fallback.save_model(path)
+    except OSError as exc:
+        raise LayerbisectError(f"cannot write {path}: {exc.strerror}") from None
 
 
 def _name_value(text: str) -> tuple[str, str]:

@@ -80,3 +80,30 @@ def test_console_script_runs(models):
         capture_output=True, text=True,
     )
     assert result.returncode == 1 and "conv2" in result.stdout.splitlines()[0]
+
+
+def test_bisect_with_a_memory_budget_and_workers(models, capsys):
+    status = main([str(models["float"]), str(models["broken"]), "--inputs", str(models["npz"]),
+                   "--strategy", "bisect", "--memory-budget", "1K", "--workers", "2"])
+    out = capsys.readouterr().out
+    assert status == 1 and "#2 Conv 'conv2'" in out and "error introduced there" in out and "bisect:" in out
+
+
+def test_keep_float_and_repaired_model(models, tmp_path, capsys):
+    keep, repaired = tmp_path / "keep.json", tmp_path / "repaired.onnx"
+    status = main([str(models["float"]), str(models["broken"]), "--keep-float", str(keep),
+                   "--repaired-model", str(repaired)])
+    assert status == 1
+    assert json.loads(keep.read_text())["nodes_to_exclude"] == ["conv2"]
+    assert main([str(models["float"]), str(repaired)]) == 0
+    assert "keeping 1 layer(s) in float repairs the outputs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--memory-budget", "lots", "expected a size such as 2G"),
+    ("--strategy", "fast", "invalid choice: 'fast'"),
+])
+def test_bad_search_flags(models, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(models["float"]), str(models["int8"]), flag, value])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
