@@ -2,7 +2,8 @@
 
 Builds a small CNN with onnx.helper, quantizes it to QDQ int8 with onnxruntime's static
 quantizer, corrupts the int8 weights of one convolution ("conv2"), then asks layerbisect
-where the quantized model stops agreeing with the float one.
+where the quantized model stops agreeing with the float one, whether the error starts there,
+and which layers to keep in float to repair it.
 
     python examples/quickstart.py
 """
@@ -16,7 +17,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-from layerbisect import find_first_bad_layer
+from layerbisect import find_first_bad_layer, keep_in_float
 
 rng = np.random.default_rng(0)
 logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer suggests pre-processing
@@ -94,3 +95,5 @@ with tempfile.TemporaryDirectory() as folder:
     print(report)
     print()
     print("first bad layer:", report.first_bad.float_nodes if report.first_bad else None)
+    print()
+    print(keep_in_float(float_path, int8_path, inputs=image, threshold=0.98))
