@@ -132,50 +132,60 @@ class Terminal(io.StringIO):
         return True
 
 
-def test_terminal_output_rich_on_a_terminal_plain_otherwise(report, monkeypatch):
+def test_terminal_output_is_rich_on_a_terminal_plain_in_pipes(report):
     pytest.importorskip("rich")
     plain, terminal = io.StringIO(), Terminal()
     echo(report, plain)
     echo(report, terminal)
     assert plain.getvalue() == str(report) + "\n"
     assert "─" in terminal.getvalue() and "FAIL" in terminal.getvalue()
+
+
+def test_terminal_output_without_rich_and_quiet(report, monkeypatch):
     monkeypatch.setitem(sys.modules, "rich.console", None)  # rich not installed
-    without = Terminal()
+    without, quiet = Terminal(), Terminal()
     echo(report, without)
-    assert without.getvalue() == str(report) + "\n"
-    quiet = Terminal()
     echo(report, quiet, quiet=True)
+    assert without.getvalue() == str(report) + "\n"
     assert quiet.getvalue() == report.verdict + "\n"
 
 
-def test_dataframe(report, monkeypatch):
+def test_dataframe(report):
     pytest.importorskip("pandas")
     frame = report.to_dataframe()
     assert len(frame) == len(report.layers) and frame.index.name == "index"
     assert frame.loc[2, "float_nodes"] == "conv2" and not frame.loc[2, "passes"] and frame.loc[0, "passes"]
-    monkeypatch.setitem(sys.modules, "pandas", None)
-    with pytest.raises(ImportError, match=r"to_dataframe\(\) needs pandas.*pip install pandas"):
-        report.to_dataframe()
 
 
-def test_plot(report, monkeypatch):
+def test_plot(report):
     matplotlib = pytest.importorskip("matplotlib")
     matplotlib.use("Agg")
     figure = report.plot()
     assert len(figure.axes) == 2 and figure.axes[0].get_ylabel() == "cosine"
     figure.savefig(io.BytesIO(), format="png")
     matplotlib.pyplot.close(figure)
-    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
-    with pytest.raises(ImportError, match=r"plot\(\) needs matplotlib"):
-        report.plot()
 
 
-def test_progress_bar_only_with_tqdm_several_samples_and_not_quiet(monkeypatch):
+@pytest.mark.parametrize("module,call,message", [
+    ("pandas", "to_dataframe", r"to_dataframe\(\) needs pandas.*pip install pandas"),
+    ("matplotlib.pyplot", "plot", r"plot\(\) needs matplotlib.*pip install matplotlib"),
+])
+def test_clear_error_without_the_optional_package(report, monkeypatch, module, call, message):
+    monkeypatch.setitem(sys.modules, module, None)  # not installed
+    with pytest.raises(ImportError, match=message):
+        getattr(report, call)()
+
+
+def test_progress_bar_with_tqdm_several_samples_and_not_quiet():
     tqdm = pytest.importorskip("tqdm")
     samples = [{}, {}, {}]
     assert isinstance(progress(samples), tqdm.tqdm) and list(progress(samples)) == samples
+
+
+def test_no_progress_bar_when_quiet_for_one_sample_or_without_tqdm(monkeypatch):
+    samples = [{}, {}, {}]
     assert progress(samples, quiet=True) is samples and progress(samples[:1]) == samples[:1]
-    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # not installed
     assert progress(samples) is samples
 
 
