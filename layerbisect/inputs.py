@@ -79,6 +79,12 @@ class InputPlan:
                 f"the models take {sorted(known)}"
             )
         arrays = {name: np.asarray(value) for name, value in sample.items()}
+        if arrays and all(array.size == 0 for array in arrays.values()):
+            name, array = next(iter(arrays.items()))
+            raise LayerbisectError(
+                f"every input is empty (input {name!r} has shape {list(array.shape)}): no value "
+                "would hold anything to compare; give inputs with at least one element"
+            )
         return (
             self._model_feeds(arrays, self.float_specs, self.quant_specs, "float model"),
             self._model_feeds(arrays, self.quant_specs, self.float_specs, "quantized model", self.aliases),
