@@ -27,8 +27,9 @@ STYLE = """<style>
 .lb h2{font-size:17px;margin:8px 0}.lb h3{font-size:15px;margin:20px 0 6px}
 .lb .pass{color:#1a7f37}.lb .fail{color:#b42318}
 .lb table{border-collapse:collapse;font-size:13px}
-.lb th,.lb td{padding:2px 8px;overflow-wrap:anywhere;border-bottom:1px solid #e3e3e3;text-align:left;vertical-align:top}
+.lb th,.lb td{padding:2px 8px;border-bottom:1px solid #e3e3e3;text-align:left;vertical-align:top}
 .lb td.n{text-align:right;font-variant-numeric:tabular-nums}
+.lb td.t{overflow-wrap:anywhere;min-width:8em}.lb .cols table{width:100%}
 .lb tr.bad{background:#fde8e8}.lb tr.first td,.lb tr.centre td{font-weight:bold}
 .lb .cols{display:flex;gap:24px;flex-wrap:wrap}.lb .cols>div{flex:1;min-width:340px}
 .lb svg{max-width:100%;height:auto}.lb svg text{font-family:system-ui,sans-serif}
@@ -133,8 +134,8 @@ def _node_table(nodes: tuple[GraphNode, ...], centre: set[str]) -> str:
     for node in nodes:
         rows.append(
             f'<tr class="{"centre" if node.name in centre else ""}"><td class="n">{node.distance}</td>'
-            f"<td>{escape(node.op_type)}</td><td>{escape(node.name)}</td>"
-            f"<td>{escape(', '.join(node.inputs))}</td><td>{escape(', '.join(node.outputs))}</td></tr>"
+            f"<td>{escape(node.op_type)}</td><td class=\"t\">{escape(node.name)}</td>"
+            f"<td class=\"t\">{escape(', '.join(node.inputs))}</td><td class=\"t\">{escape(', '.join(node.outputs))}</td></tr>"
         )
     return "".join(rows) + "</table>"
 
