@@ -142,6 +142,7 @@ def align(float_graph: nx.DiGraph, quant_graph: nx.DiGraph) -> Alignment:
 class _Aligner:
     def __init__(self, float_graph: nx.DiGraph, quant_graph: nx.DiGraph) -> None:
         self.fg, self.qg = float_graph, quant_graph
+        self.fa, self.qa = dict(float_graph.nodes(data=True)), dict(quant_graph.nodes(data=True))
         self.vmap: dict[ValueRef, ValueRef] = {}
         self.layout: dict[ValueRef, Perm] = {}
         self.evidence: dict[str, str] = {}
@@ -163,7 +164,7 @@ class _Aligner:
     def run(self) -> Alignment:
         self._align_inputs()
         for node in _ordered(self.qg, "op"):
-            attrs = self.qg.nodes[node]
+            attrs = self.qa[node]
             inputs = [(src, *self._root(src)) for src in attrs["sources"] if src[0] not in self.baked]
             self.quant_inputs[node] = inputs
             self.index.setdefault((attrs["role"], tuple(sorted(root for _, root, _ in inputs))), []).append(node)
@@ -183,20 +184,20 @@ class _Aligner:
         An input that only one model declares is a constant baked into the other (a sample
         rate, a flag): it is left out of the structure that pairs operations.
         """
-        quant_inputs = {self.qg.nodes[n]["name"]: n for n in _ordered(self.qg, "input")}
+        quant_inputs = {self.qa[n]["name"]: n for n in _ordered(self.qg, "input")}
         leftover = _ordered(self.fg, "input")
         for node in list(leftover):
-            match = quant_inputs.pop(self.fg.nodes[node]["name"], None)
+            match = quant_inputs.pop(self.fa[node]["name"], None)
             if match is not None:
                 self.vmap[(node, 0)] = (match, 0)
                 leftover.remove(node)
         for node, match in zip(leftover, list(quant_inputs.values())):
             self.vmap[(node, 0)] = (match, 0)
-            quant_inputs.pop(self.qg.nodes[match]["name"])
+            quant_inputs.pop(self.qa[match]["name"])
         self.float_only_inputs = {node for node in leftover if (node, 0) not in self.vmap}
         self.baked = set(quant_inputs.values())
         for (node, _), (match, _) in self.vmap.items():
-            perm = _input_layout(self.fg.nodes[node]["shapes"][0], self.qg.nodes[match]["shapes"][0])
+            perm = _input_layout(self.fa[node]["shapes"][0], self.qa[match]["shapes"][0])
             if perm is not None:
                 self.layout[(node, 0)] = perm
 
@@ -205,15 +206,15 @@ class _Aligner:
         permutation that takes the one to the other."""
         chain = []
         while value not in self.roots:
-            attrs = self.qg.nodes[value[0]]
-            if attrs["kind"] != "op" or attrs["role"] != "Transpose" or attrs["perm"] is None:
+            attrs = self.qa[value[0]]
+            if attrs["kind"] != "op" or not _is_transpose(attrs):
                 self.roots[value] = (value, None)
                 break
             chain.append(value)
             value = attrs["sources"][0]
         root, perm = self.roots[value]
         for step in reversed(chain):
-            perm = _compose(perm, self.qg.nodes[step[0]]["perm"])
+            perm = _compose(perm, self.qa[step[0]]["perm"])
             self.roots[step] = (root, perm)
         return self.roots[chain[0]] if chain else self.roots[value]
 
@@ -223,7 +224,7 @@ class _Aligner:
     # One float operation
 
     def _align_op(self, node: str) -> bool:
-        attrs = self.fg.nodes[node]
+        attrs = self.fa[node]
         sources = [src for src in attrs["sources"] if src[0] not in self.float_only_inputs]
         mapped = self._resolve(node, sources)
         if mapped is None:
@@ -240,7 +241,7 @@ class _Aligner:
         if folded and self._absorbed(node, sources):
             self._settle(folded[0])
             return True
-        if attrs["role"] == "Transpose" and attrs["perm"] is not None and len(mapped) == 1:
+        if _is_transpose(attrs) and len(mapped) == 1:
             (value, perm), = mapped
             self.vmap[(node, 0)] = value
             self.layout[(node, 0)] = _compose(perm, attrs["perm"])
@@ -249,14 +250,14 @@ class _Aligner:
         return False
 
     def _pair(self, node: str, match: str, perm: Perm, evidence: str) -> None:
-        attrs = self.fg.nodes[node]
+        attrs = self.fa[node]
         self.claimed.add(match)
         self.quant_span.setdefault(match, (match,))
         self.evidence[node] = evidence
-        for index in range(min(len(attrs["outputs"]), len(self.qg.nodes[match]["outputs"]))):
+        for index in range(min(len(attrs["outputs"]), len(self.qa[match]["outputs"]))):
             self.vmap[(node, index)] = (match, index)
             self.layout[(node, index)] = perm
-        if attrs["bias"] and not self.qg.nodes[match]["bias"]:
+        if attrs["bias"] and not self.qa[match]["bias"]:
             self._take_bias((match, 0))
 
     def _absorbed(self, node: str, sources: list[ValueRef]) -> bool:
@@ -267,10 +268,10 @@ class _Aligner:
         source = sources[0]
         if self.evidence.get(source[0]) in (None, "fused", "layout") or len(self.float_consumers[source]) != 1:
             return False
-        quant = self.qg.nodes[self.vmap[source][0]]
-        role = self.fg.nodes[node]["role"]
+        quant = self.qa[self.vmap[source][0]]
+        role = self.fa[node]["role"]
         if role == "Add":
-            return quant["bias"] and not self.fg.nodes[source[0]]["bias"]
+            return quant["bias"] and not self.fa[source[0]]["bias"]
         return role in ACTIVATIONS and quant["op_type"] in ACTIVATION_FUSIONS
 
     # Candidates
@@ -294,7 +295,7 @@ class _Aligner:
     def _candidates(self, node: str, mapped: list[Mapped]) -> list[tuple[str, Perm]]:
         """Unclaimed quantized operations that compute ``node`` from ``mapped`` (through
         Transposes), each with the permutation from its output to the node's."""
-        attrs = self.fg.nodes[node]
+        attrs = self.fa[node]
         roots = []
         for value, perm in mapped:
             root, root_perm = self._root(value)
@@ -305,8 +306,8 @@ class _Aligner:
             for match in self.index.get((role, key), ()):
                 if match in self.claimed:
                     continue
-                fits, perm = self._layout_fits(attrs, self.qg.nodes[match], roots, self.quant_inputs[match])
-                if fits and _shapes_agree(attrs["shapes"][0], self.qg.nodes[match]["shapes"][0], perm):
+                fits, perm = self._layout_fits(attrs, self.qa[match], roots, self.quant_inputs[match])
+                if fits and _shapes_agree(attrs["shapes"][0], self.qa[match]["shapes"][0], perm):
                     found.append((match, perm))
         return found
 
@@ -320,7 +321,7 @@ class _Aligner:
             chosen = position if position in options else options[0]
             free.remove(chosen)
             source, _, quant_perm = inputs[chosen]
-            shape = self.qg.nodes[source[0]]["shapes"][source[1]]
+            shape = self.qa[source[0]]["shapes"][source[1]]
             layouts.append((_compose(_inverse(quant_perm), perm), None if shape is None else len(shape)))
         if attrs["role"] == "Transpose":
             if len(layouts) != 1 or attrs["perm"] is None or quant["perm"] is None:
@@ -328,12 +329,7 @@ class _Aligner:
             out = _compose(_inverse(quant["perm"]), _compose(layouts[0][0], attrs["perm"]))
             return out is None, None
         if attrs["role"] in LAYOUT_FREE:
-            perms = {perm for perm, _ in layouts if perm is not None}
-            if len(perms) != 1:
-                return not perms, None
-            (perm,) = perms
-            # an input read as it is must be a broadcast operand of lower rank
-            return all(rank is not None and rank != len(perm) for p, rank in layouts if p is None), perm
+            return _common_layout(layouts)
         expected = _compose(quant["layout"], _inverse(attrs["layout"]))
         return all(perm == expected for perm, _ in layouts), expected
 
@@ -345,7 +341,7 @@ class _Aligner:
             if len(consumers) != 1:
                 break
             (nxt,) = consumers
-            attrs = self.qg.nodes[nxt]
+            attrs = self.qa[nxt]
             if nxt in self.claimed or attrs["role"] not in FUSABLE or len(attrs["sources"]) != 1:
                 break
             chain.append(nxt)
@@ -363,7 +359,7 @@ class _Aligner:
     def _take_bias(self, value: ValueRef) -> None:
         """The float operation adds its bias inside; the quantized one leaves it to an Add."""
         tail = self._tail(value)
-        if tail and self.qg.nodes[tail[0]]["role"] == "Add":
+        if tail and self.qa[tail[0]]["role"] == "Add":
             self._extend(value, tail[:1])
 
     def _choose(self, node: str, candidates: list[tuple[str, Perm]]) -> tuple[tuple[str, Perm], str]:
@@ -374,10 +370,10 @@ class _Aligner:
             return candidates[0], "structure"
         perms = dict(candidates)
         names = list(perms)
-        attrs = self.fg.nodes[node]
+        attrs = self.fa[node]
         siblings = [s for s in self.float_siblings[_float_key(attrs)] if s not in self.evidence]
         scores = sorted(
-            ((_similarity(self.fg.nodes[s]["fingerprint"], self.qg.nodes[q]["fingerprint"]), i, s, q)
+            ((_similarity(self.fa[s]["fingerprint"], self.qa[q]["fingerprint"]), i, s, q)
              for i, s in enumerate(siblings) for q in names),
             key=lambda item: (-item[0], item[1]),
         )
@@ -389,7 +385,7 @@ class _Aligner:
                 if sibling == node:
                     return (match, perms[match]), "weights"
                 taken.update((sibling, match))
-        by_name = [_name_score(attrs["name"], self.qg.nodes[q]["name"]) for q in names]
+        by_name = [_name_score(attrs["name"], self.qa[q]["name"]) for q in names]
         if max(by_name) > 0 and by_name.count(max(by_name)) == 1:
             best = names[by_name.index(max(by_name))]
             return (best, perms[best]), "name"
@@ -400,16 +396,18 @@ class _Aligner:
     def _resolve(self, node: str, sources: list[ValueRef]) -> list[Mapped] | None:
         """The counterparts of the node's inputs, settling inputs that wait (fused or regions)
         in the first way that lets the node pair; None if there is none."""
-        waiting = [src for src in dict.fromkeys(sources) if src not in self.vmap]
+        waiting = list(dict.fromkeys(src for src in sources if src not in self.vmap))
+        if not waiting:
+            return [self._mapped(src) for src in sources]
         if any(src[0] not in self.pending for src in waiting):
             return None
         options = [self._region_settlements(src) + self._folding(src) for src in waiting]
-        for combination in islice(product(*options), MAX_TRIALS if waiting else 1):
+        for combination in islice(product(*options), MAX_TRIALS):
             if not _disjoint(combination):
                 continue
             chosen = {settlement.value: settlement.target for settlement in combination}
             mapped = [chosen[src] if src in chosen else self._mapped(src) for src in sources]
-            if not waiting or self._search(node, mapped) is not None:
+            if self._search(node, mapped) is not None:
                 for settlement in combination:
                     self._settle(settlement)
                 return mapped
@@ -417,22 +415,27 @@ class _Aligner:
 
     def _folding(self, value: ValueRef) -> list[_Settlement]:
         """Settle ``value`` as folded into the quantized operation before it: a chain of
-        single-input foldable float operations, each its input's only reader."""
+        single-input foldable float operations, each its input's only reader, and Transposes
+        the other graph lacks."""
         chain, node = [], value[0]
         while len(chain) < MAX_REGION:
-            attrs = self.fg.nodes[node]
+            attrs = self.fa[node]
             sources = {src for src in attrs["sources"] if src[0] not in self.float_only_inputs}
             waiting = node in self.pending or node == value[0]
-            if not waiting or attrs["role"] not in FUSABLE or len(sources) != 1:
+            foldable = attrs["role"] in FUSABLE or _is_transpose(attrs)
+            if not waiting or not foldable or len(sources) != 1:
                 return []
             (source,) = sources
-            if len(self.float_consumers[source]) != 1:
+            if attrs["role"] in FUSABLE and len(self.float_consumers[source]) != 1:
                 return []
             chain.append(node)
             if source in self.vmap:
                 if self.evidence.get(source[0]) is None:
                     return []
-                return [_Settlement(value, self._mapped(source), tuple(reversed(chain)), ())]
+                quant_value, perm = self._mapped(source)
+                for member in reversed(chain):
+                    perm = _compose(perm, self.fa[member]["perm"])
+                return [_Settlement(value, (quant_value, perm), tuple(reversed(chain)), ())]
             node = source[0]
         return []
 
@@ -443,22 +446,24 @@ class _Aligner:
         if found is None:
             return []
         region, frontier = found
-        shape = self.fg.nodes[value[0]]["shapes"][value[1]]
+        shape = self.fa[value[0]]["shapes"][value[1]]
         settlements = []
-        for end, (members, uses) in self._quant_closure(frontier).items():
-            if (uses != frontier or len(region) + len(members) < 3
-                    or not _shapes_agree(shape, self.qg.nodes[end]["shapes"][0], None)
+        for end, (members, uses, perm) in self._quant_closure(frontier).items():
+            if (uses != frontier.keys() or len(region) + len(members) < 3
+                    or not _shapes_agree(shape, self.qa[end]["shapes"][0], perm)
                     or _anchors(self.qg, members) > _anchors(self.fg, region)
                     or not self._sealed(end, members)):
                 continue
-            order = tuple(sorted(members, key=lambda n: self.qg.nodes[n]["order"]))
-            settlements.append(_Settlement(value, ((end, 0), None), region, order))
+            order = tuple(sorted(members, key=lambda n: self.qa[n]["order"]))
+            settlements.append(_Settlement(value, ((end, 0), perm), region, order))
         return settlements
 
-    def _float_region(self, node: str) -> tuple[tuple[str, ...], frozenset] | None:
+    def _float_region(self, node: str) -> tuple[tuple[str, ...], dict[ValueRef, Perm]] | None:
         """The waiting float operations behind ``node`` (itself included), in order, and the
-        counterparts of the paired values they read; None if too large or not all paired."""
-        region, frontier, stack = set(), set(), [node]
+        counterparts of the paired values they read, with their layouts; None if too large,
+        if not all are paired, or if one quantized value stands for two layouts."""
+        region, stack = set(), [node]
+        frontier: dict[ValueRef, Perm] = {}
         while stack:
             current = stack.pop()
             if current in region:
@@ -466,21 +471,23 @@ class _Aligner:
             region.add(current)
             if len(region) > MAX_REGION:
                 return None
-            for src in self.fg.nodes[current]["sources"]:
+            for src in self.fa[current]["sources"]:
                 if src in self.vmap:
-                    if self.layout.get(src) is not None:
+                    value, perm = self._mapped(src)
+                    if frontier.setdefault(value, perm) != perm:
                         return None
-                    frontier.add(self.vmap[src])
                 elif src[0] in self.pending:
                     stack.append(src[0])
                 elif src[0] not in self.float_only_inputs:
                     return None
-        return tuple(sorted(region, key=lambda n: self.fg.nodes[n]["order"])), frozenset(frontier)
+        return tuple(sorted(region, key=lambda n: self.fa[n]["order"])), frontier
 
-    def _quant_closure(self, frontier: frozenset) -> dict[str, tuple[frozenset, frozenset]]:
+    def _quant_closure(self, frontier: dict[ValueRef, Perm]) -> dict[str, tuple[frozenset, frozenset, Perm]]:
         """Unclaimed quantized operations computed from ``frontier`` alone, in order, each with
-        the operations its value needs (itself included) and the frontier values it reads."""
-        closed: dict[str, tuple[frozenset, frozenset]] = {}
+        the operations its value needs (itself included), the frontier values it reads and the
+        permutation from its output to the float model's layout (Transposes inside a region
+        and channels-last operations are followed)."""
+        closed: dict[str, tuple[frozenset, frozenset, Perm]] = {}
         heap: list[tuple[int, str]] = []
         seen: set[str] = set()
 
@@ -488,7 +495,7 @@ class _Aligner:
             for reader in self.quant_consumers.get(value, ()):
                 if reader not in seen and reader not in self.claimed:
                     seen.add(reader)
-                    heapq.heappush(heap, (self.qg.nodes[reader]["order"], reader))
+                    heapq.heappush(heap, (self.qa[reader]["order"], reader))
 
         for value in frontier:
             push_readers(value)
@@ -496,19 +503,24 @@ class _Aligner:
             if not heap:
                 break
             _, op = heapq.heappop(heap)
-            members, uses = {op}, set()
-            for src in self.qg.nodes[op]["sources"]:
+            members, uses, layouts = {op}, set(), []
+            for src in self.qa[op]["sources"]:
+                shape = self.qa[src[0]]["shapes"][src[1]]
+                rank = None if shape is None else len(shape)
                 if src in frontier:
                     uses.add(src)
+                    layouts.append((frontier[src], rank))
                 elif src[0] in closed:
                     members |= closed[src[0]][0]
                     uses |= closed[src[0]][1]
+                    layouts.append((closed[src[0]][2], rank))
                 elif src[0] not in self.baked:
                     break
             else:
-                if len(members) <= MAX_REGION:
-                    closed[op] = (frozenset(members), frozenset(uses))
-                    for index in range(len(self.qg.nodes[op]["outputs"])):
+                fits, perm = _quant_layout(self.qa[op], layouts)
+                if fits and len(members) <= MAX_REGION:
+                    closed[op] = (frozenset(members), frozenset(uses), perm)
+                    for index in range(len(self.qa[op]["outputs"])):
                         push_readers((op, index))
         return closed
 
@@ -517,7 +529,7 @@ class _Aligner:
         return all(
             reader in members
             for member in members if member != end
-            for index in range(len(self.qg.nodes[member]["outputs"]))
+            for index in range(len(self.qa[member]["outputs"]))
             for reader in self.quant_consumers.get((member, index), ())
         )
 
@@ -529,20 +541,24 @@ class _Aligner:
             self.claimed.update(quant_ops)
             self.quant_span[end] = quant_ops
             self.vmap[value] = (end, 0)
+            self.layout[value] = settlement.target[1]
             self.regions[value[0]] = float_ops
             self.evidence[value[0]] = "region"
             return
         quant_value, perm = settlement.target
-        for node in float_ops:
+        for node in reversed(float_ops):
             self.vmap[(node, 0)] = quant_value
             self.layout[(node, 0)] = perm
             self.evidence[node] = "fused"
+            if _is_transpose(self.fa[node]):
+                self.evidence[node] = "layout"
+                perm = _compose(perm, _inverse(self.fa[node]["perm"]))
 
     def _settle_graph_ends(self, float_ops: list[str]) -> None:
         """Settle waiting float operations that nothing reads: a region ending where the
         quantized graph ends, or else folded into the operation before."""
         for node in reversed(float_ops):
-            outputs = range(len(self.fg.nodes[node]["outputs"]))
+            outputs = range(len(self.fa[node]["outputs"]))
             if node not in self.pending or any((node, i) in self.float_consumers for i in outputs):
                 continue
             value = (node, 0)
@@ -554,8 +570,8 @@ class _Aligner:
     def _unread(self, op: str) -> bool:
         """Whether nothing reads the quantized operation's outputs but Transposes left unread."""
         return all(
-            self.qg.nodes[reader]["role"] == "Transpose" and self._unread(reader)
-            for index in range(len(self.qg.nodes[op]["outputs"]))
+            self.qa[reader]["role"] == "Transpose" and self._unread(reader)
+            for index in range(len(self.qa[op]["outputs"]))
             for reader in self.quant_consumers.get((op, index), ())
         )
 
@@ -564,35 +580,39 @@ class _Aligner:
     def _pairs(self) -> tuple[Pair, ...]:
         by_quant: dict[ValueRef, list[ValueRef]] = {}
         for float_value, quant_value in self.vmap.items():
-            if (self.fg.nodes[float_value[0]]["kind"] == "op" and self.qg.nodes[quant_value[0]]["kind"] == "op"
+            if (self.fa[float_value[0]]["kind"] == "op" and self.qa[quant_value[0]]["kind"] == "op"
                     and self.evidence[float_value[0]] != "layout"):
                 by_quant.setdefault(quant_value, []).append(float_value)
         pairs = []
         for quant_value, float_values in by_quant.items():
-            float_values.sort(key=lambda v: (self.fg.nodes[v[0]]["order"], v[1]))
+            float_values.sort(key=lambda v: (self.fa[v[0]]["order"], v[1]))
             last_value = float_values[-1]
             last_node, index = last_value
-            last = self.fg.nodes[last_node]
+            last = self.fa[last_node]
             if last["dtypes"][index] not in FLOAT_DTYPES | {None}:
                 continue
             quant_node, quant_index = quant_value
-            quant_readout = self.qg.nodes[quant_node]["readouts"][quant_index]
+            quant_readout = self.qa[quant_node]["readouts"][quant_index]
             span = tuple(dict.fromkeys(
                 member for v in float_values for member in self.regions.get(v[0], (v[0],))
             ))
             evidence = self.evidence[last_node] if len(span) == 1 or last_node in self.regions else "fused"
             pairs.append((last["order"], index, Pair(
-                float_nodes=tuple(self.fg.nodes[n]["name"] for n in span),
+                float_nodes=tuple(self.fa[n]["name"] for n in span),
                 float_tensor=last["outputs"][index],
-                quant_nodes=tuple(self.qg.nodes[n]["name"] for n in self.quant_span[quant_node]),
+                quant_nodes=tuple(self.qa[n]["name"] for n in self.quant_span[quant_node]),
                 quant_tensor=quant_readout.tensor,
                 op_type=last["op_type"],
                 evidence=evidence,
                 float_readout=last["readouts"][index],
-                quant_readout=replace(quant_readout, perm=self.layout.get(last_value)),
+                quant_readout=_permuted(quant_readout, self.layout.get(last_value)),
             )))
         pairs.sort(key=lambda item: item[:2])
         return tuple(pair for _, _, pair in pairs)
+
+
+def _permuted(readout: Readout, perm: Perm) -> Readout:
+    return readout if perm is None else replace(readout, perm=perm)
 
 
 def _ordered(graph: nx.DiGraph, kind: str) -> list[str]:
@@ -620,6 +640,32 @@ def _disjoint(settlements: tuple[_Settlement, ...]) -> bool:
     """Whether no two settlements share a float or a quantized operation."""
     ops = [("f", n) for s in settlements for n in s.float_ops] + [("q", n) for s in settlements for n in s.quant_ops]
     return len(ops) == len(set(ops))
+
+
+def _is_transpose(attrs: dict) -> bool:
+    """Whether an operation is a Transpose whose permutation is known."""
+    return attrs["role"] == "Transpose" and attrs["perm"] is not None
+
+
+def _common_layout(layouts: list[tuple[Perm, int | None]]) -> tuple[bool, Perm]:
+    """For an element-wise operation whose inputs have these layouts (permutation, rank):
+    whether they agree, and the layout of its output. An input read as it is alongside
+    permuted ones must be a broadcast operand of lower rank."""
+    perms = {perm for perm, _ in layouts if perm is not None}
+    if len(perms) != 1:
+        return not perms, None
+    (perm,) = perms
+    return all(rank is not None and rank != len(perm) for p, rank in layouts if p is None), perm
+
+
+def _quant_layout(quant: dict, layouts: list[tuple[Perm, int | None]]) -> tuple[bool, Perm]:
+    """Whether a quantized operation computes what it stands for with inputs in these layouts
+    (relative to the float model's), and the layout of its output."""
+    if quant["role"] == "Transpose":
+        return quant["perm"] is not None, _compose(_inverse(quant["perm"]), layouts[0][0])
+    if quant["role"] in LAYOUT_FREE:
+        return _common_layout(layouts)
+    return all(perm == quant["layout"] for perm, _ in layouts), quant["layout"]
 
 
 def _compose(first: Perm, then: Perm) -> Perm:

@@ -15,6 +15,7 @@ from layerbisect import find_first_bad_layer
 from layerbisect.align import align
 from layerbisect.graph import build_graph
 from models import corrupt_weights, make_cnn, quant_node_for, quantize, random_inputs
+from test_exports import X, export_tf, export_torch, weights
 from test_rewrites import copy, fold_batchnorm
 
 TO_NHWC, TO_NCHW = (0, 2, 3, 1), (0, 3, 1, 2)
@@ -24,25 +25,31 @@ ISLANDS = ("relu1", "relu2", "add1", "relu3")  # make_cnn's elementwise operatio
 def nhwc_islands(model: onnx.ModelProto, island: tuple[str, ...] = ISLANDS) -> onnx.ModelProto:
     """Run the nodes named in ``island`` channels-last: a Transpose to NHWC before each input
     coming from outside, their outputs renamed ``<name>_nhwc``, and a Transpose back to NCHW
-    (producing the original tensor name) before each reader outside the island."""
+    (producing the original tensor name) where a node outside the island or the graph's output
+    reads it."""
     out = copy(model)
+    constants = {init.name for init in out.graph.initializer}
+    read_outside = {o.name for o in out.graph.output} | {
+        name for node in out.graph.node if node.name not in island for name in node.input
+    }
     nodes, to_nhwc, nhwc = [], {}, set()
     for node in out.graph.node:
-        if node.name in island:
-            for position, name in enumerate(node.input):
-                if name in nhwc:
-                    continue
+        if node.name not in island:
+            nodes.append(node)
+            continue
+        for position, name in enumerate(node.input):
+            if name in nhwc:
+                node.input[position] = f"{name}_nhwc"
+            elif name not in constants:
                 if name not in to_nhwc:
                     to_nhwc[name] = f"{name}_to_nhwc"
                     nodes.append(helper.make_node("Transpose", [name], [to_nhwc[name]], name=f"T_{name}", perm=TO_NHWC))
                 node.input[position] = to_nhwc[name]
-            node.input[:] = [f"{n}_nhwc" if n in nhwc else n for n in node.input]
-            nhwc.update(node.output)
-            back = [helper.make_node("Transpose", [f"{t}_nhwc"], [t], name=f"B_{t}", perm=TO_NCHW) for t in node.output]
-            node.output[:] = [f"{t}_nhwc" for t in node.output]
-            nodes += [node, *back]
-        else:
-            nodes.append(node)
+        nhwc.update(node.output)
+        back = [helper.make_node("Transpose", [f"{t}_nhwc"], [t], name=f"B_{t}", perm=TO_NCHW)
+                for t in node.output if t in read_outside]
+        node.output[:] = [f"{t}_nhwc" for t in node.output]
+        nodes += [node, *back]
     out.graph.ClearField("node")
     out.graph.node.extend(nodes)
     out.graph.ClearField("value_info")
@@ -162,3 +169,37 @@ def test_cnn_with_channels_last_islands_from_onnxruntime(fmt):
     report = find_first_bad_layer(float_model, optimized, random_inputs(float_model))
     assert report.first_bad is None and report.coverage == 1.0
     assert all(layer.cosine > 0.99 for layer in report.layers)
+
+
+def test_decomposed_activations_inside_layout_islands():
+    """The other export's elementwise operations, decomposed HardSwishes included, run NHWC:
+    a region of the other graph (Transpose, HardSigmoid, Mul) stands for one float HardSwish."""
+    torch_model, names = export_torch(weights())
+    tf_model, tf_names = export_tf(weights())
+    body = []
+    for node in tf_model.graph.node:
+        if node.op_type == "ReduceMean":
+            break
+        if node.op_type in ("HardSigmoid", "Mul", "Relu", "Add", "Clip", "Div"):
+            body.append(node.name)
+    islands = nhwc_islands(tf_model, tuple(body))
+    report = find_first_bad_layer(torch_model, islands, {"input": X})
+    assert report.first_bad is None and report.coverage == 1.0
+    assert all(layer.cosine > 0.9999 for layer in report.layers)
+    by_float = {layer.float_tensor: layer for layer in report.layers}
+    for layer in ("hswish1", "relu2", "add", "hswish2"):
+        assert by_float[names[layer]].quant_tensor == tf_names[layer] + "_nhwc"
+    assert by_float[names["hswish1"]].evidence == "region"
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "qoperator", "dynamic"])
+def test_float_model_with_layout_islands_against_a_quantized_plain_model(fmt):
+    """Float-only Transposes around activations that the quantized graph folds away."""
+    islands = nhwc_islands(make_cnn())
+    quant = quantize(make_cnn(), fmt)
+    report = find_first_bad_layer(islands, quant, random_inputs(islands))
+    assert report.first_bad is None and report.coverage == 1.0
+    assert all(layer.cosine > 0.99 for layer in report.layers)
+    broken = corrupt_weights(quant, quant_node_for(quant, "conv2", make_cnn()))
+    report = find_first_bad_layer(islands, broken, random_inputs(islands))
+    assert report.first_bad.float_nodes == ("conv2",)
