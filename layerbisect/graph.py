@@ -289,7 +289,8 @@ class _Builder:
         ones that did not become graph nodes)."""
         for node in self.consumers.get(tensor, []):
             carries = node.op_type == "Mul" or (node.input and node.input[0] == tensor)
-            if carries and node.op_type in ("QuantizeLinear", "DequantizeLinear", "Cast", "Mul"):
+            plumbing = node.op_type in ("QuantizeLinear", "DequantizeLinear", "Mul") or self._accumulator_cast(node)
+            if carries and plumbing:
                 if not self.graph.has_node(node.name):
                     return node
         return None
