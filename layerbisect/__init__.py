@@ -10,9 +10,10 @@ from layerbisect.errors import LayerbisectError
 from layerbisect.fallback import FloatFallback, keep_in_float
 from layerbisect.find import find_first_bad_layer
 from layerbisect.report import LayerComparison, Report
+from layerbisect.simulate import simulated
 
 __all__ = [
     "FloatFallback", "LayerComparison", "LayerbisectError", "Report", "find_first_bad_layer",
-    "keep_in_float",
+    "keep_in_float", "simulated",
 ]
 __version__ = "0.1.0"

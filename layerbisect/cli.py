@@ -23,6 +23,7 @@ from layerbisect.fallback import FloatFallback, keep_in_float
 from layerbisect.find import find_first_bad_layer
 from layerbisect.render import echo
 from layerbisect.run import DEFAULT_PROVIDERS
+from layerbisect.simulate import simulated
 
 USAGE_EXAMPLE = """example:
   layerbisect model_fp32.onnx model_int8.onnx --inputs feeds.npz --threshold 0.98 --json report.json
@@ -33,12 +34,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if (args.quant_model is None) == (args.simulate is None):
+        parser.error("give either a quantized model or --simulate FORMAT")
     try:
         inputs = _read_inputs(args.inputs, args.input)
+        quant_model = _quantized_side(args)
         with _executor(args.workers) as executor:
             report = find_first_bad_layer(
                 args.float_model,
-                args.quant_model,
+                quant_model,
                 inputs=inputs,
                 threshold=args.threshold,
                 shapes=dict(args.shape),
@@ -73,10 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # piped into head: the reader has what it wanted
         sys.stderr.close()
         return 0 if report else 1
-    if report.coverage < 0.5:
+    if report.coverage < 0.8:
+        names = ", ".join(report.unaligned[:5]) + (", ..." if len(report.unaligned) > 5 else "")
         print(
             f"layerbisect: warning: only {report.coverage:.0%} of the float model's operations "
-            "were aligned", file=sys.stderr,
+            f"were aligned; {len(report.unaligned)} have no counterpart: {names}", file=sys.stderr,
         )
     return 0 if report else 1
 
@@ -90,7 +95,15 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("float_model", help="the float (reference) .onnx model")
-    parser.add_argument("quant_model", help="the quantized or optimized .onnx model")
+    parser.add_argument(
+        "quant_model", nargs="?",
+        help="the quantized or optimized .onnx model (left out with --simulate)",
+    )
+    parser.add_argument(
+        "--simulate", metavar="FORMAT",
+        help="instead of a quantized model, the float model with every activation in FORMAT: "
+        "'ap_fixed<16,8>' (W total bits, I integer bits), int8, uint8, int16",
+    )
     parser.add_argument("--inputs", metavar="FILE.npz", help="feeds: one array per input name")
     parser.add_argument(
         "--input", metavar="NAME=FILE.npy", action="append", default=[], type=_name_value,
@@ -136,6 +149,13 @@ def _parser() -> argparse.ArgumentParser:
         "--quiet", action="store_true", help="no progress bar; print only the verdict line",
     )
     return parser
+
+
+def _quantized_side(args: argparse.Namespace):
+    """The quantized model given, or the format to simulate."""
+    if args.simulate is not None and (args.keep_float or args.repaired_model):
+        raise LayerbisectError("--keep-float and --repaired-model need a quantized model, not --simulate")
+    return args.quant_model if args.simulate is None else simulated(args.simulate)
 
 
 def _size(text: str) -> int:

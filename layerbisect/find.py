@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Executor
+from os import PathLike
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,6 +24,7 @@ from layerbisect.report import LayerComparison, Report
 from layerbisect.run import DEFAULT_PROVIDERS
 from layerbisect.run import ort_optimized as ort_optimized_model
 from layerbisect.search import bisect_first_failing, first_failing
+from layerbisect.simulate import Simulated, Simulation
 from layerbisect.summary import neighbourhood, summarize
 
 Sample = Mapping[str, np.ndarray]
@@ -48,7 +50,9 @@ def find_first_bad_layer(
 ) -> Report:
     """Compare the aligned layers of two models and find the first below ``threshold``.
 
-    ``float_model`` and ``quant_model`` are paths or ``onnx.ModelProto`` (never modified).
+    ``float_model`` and ``quant_model`` are paths or ``onnx.ModelProto`` (never modified);
+    ``quant_model`` may be ``layerbisect.simulated("ap_fixed<16,8>")``: the float model with
+    every activation in that format (the report's notes say why the first bad layer breaks).
     ``inputs`` is one sample (a dict of input name -> array), several (a list or any iterable
     of such dicts), or None for one seeded random sample; ``shapes`` gives the full shape of
     inputs with dynamic dimensions when inputs are random. A layer's cosine is its mean over
@@ -75,6 +79,12 @@ def find_first_bad_layer(
         raise LayerbisectError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if memory_budget is not None and memory_budget <= 0:
         raise LayerbisectError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+    samples = _samples(inputs)
+    if isinstance(quant_model, Simulated):
+        if ort_optimized:
+            raise LayerbisectError("ort_optimized applies to a quantized model, not to a simulated format")
+        samples = list(samples)
+        quant_model = quant_model.build(float_model, samples, shapes=shapes, seed=seed, providers=providers)
     float_proto, quant_proto, plan, float_graph, alignment = setup(
         float_model, quant_model, shapes=shapes, providers=providers, ort_optimized=ort_optimized
     )
@@ -91,7 +101,6 @@ def find_first_bad_layer(
     if strategy == "auto":
         strategy = "scan" if sum(costs) <= budget else "bisect"
     groups = _groups(costs, budget) if strategy == "scan" else []
-    samples = _samples(inputs)
     if strategy == "bisect" or len(groups) > 1:
         samples = list(samples)  # several passes over the samples
 
@@ -141,6 +150,8 @@ def find_first_bad_layer(
         f"left out: {why}" for totals in passes for why in totals.problems.values()
         if why != "not a float tensor"
     ]
+    if isinstance(quant_model, Simulation):
+        notes += quant_model.notes([first_bad, culprit])
     return Report(
         layers=layers,
         first_bad=first_bad,
@@ -187,12 +198,13 @@ def setup(
 ) -> Setup:
     """Load both models, plan their inputs and align their values (the static part)."""
     float_proto = load_model(float_model, role="float model")
-    quant_proto = load_model(quant_model, role="quantized model")
+    simulation = quant_model if isinstance(quant_model, Simulation) else None
+    quant_proto = load_model(quant_model if simulation is None else simulation.model, role="quantized model")
     if ort_optimized:
         quant_proto = load_model(ort_optimized_model(quant_proto, "quantized model", providers), role="quantized model")
     plan = plan_inputs(declared_inputs(float_proto), declared_inputs(quant_proto), shapes)
     float_graph = build_graph(float_proto)
-    alignment = align(float_graph, build_graph(quant_proto))
+    alignment = simulation.alignment(float_graph) if simulation else align(float_graph, build_graph(quant_proto))
     if not alignment.pairs:
         raise LayerbisectError(
             "no layer of the float model could be paired with the quantized model: "
@@ -313,4 +325,4 @@ def _output_tensors(graph, model: onnx.ModelProto) -> tuple[tuple[str, str], ...
 def _label(model: ModelLike) -> str:
     if isinstance(model, onnx.ModelProto):
         return model.graph.name or "<ModelProto>"
-    return str(Path(model))
+    return str(Path(model)) if isinstance(model, (str, PathLike)) else str(model)
