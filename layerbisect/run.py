@@ -16,10 +16,11 @@ from layerbisect.errors import LayerbisectError, first_line
 from layerbisect.inputs import Feeds
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
-# A serialized protobuf must stay under 2 GiB: past this size, large initializers go to
-# onnxruntime as separate buffers instead of inside the model.
+# A serialized protobuf must stay under 2 GiB: past this size, initializers go to onnxruntime
+# as separate buffers instead of inside the model, all but the small ones (shapes, scales),
+# which onnxruntime's shape inference reads from the model.
 PROTO_LIMIT = (2 << 30) - (64 << 20)
-DETACHABLE = 1 << 10  # smaller initializers (shapes, scales) stay: shape inference reads them
+DETACHABLE = 1 << 10
 AS_FLOAT = "__layerbisect_as_float"
 
 
@@ -130,7 +131,7 @@ def _create(
     ``as_float`` maps outputs to new outputs that hold them cast to float32.
     """
     buffers: list[np.ndarray] = []
-    if model.ByteSize() >= PROTO_LIMIT:
+    if _size(model) >= PROTO_LIMIT:
         model, detached = _detach_initializers(model)
         buffers = [numpy_helper.to_array(init) for init in detached]
         options.add_external_initializers(
@@ -144,16 +145,10 @@ def _create(
 
 
 def _detach_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
-    """A copy of ``model`` that fits in a protobuf, its largest initializers replaced by
-    placeholders, and those initializers. Their data is not copied."""
+    """A copy of ``model`` whose initializers of ``DETACHABLE`` bytes or more are placeholders,
+    and those initializers. Their data is not copied."""
     graph = model.graph
-    size = model.ByteSize()
-    detached: list[onnx.TensorProto] = []
-    for init in sorted(graph.initializer, key=lambda t: t.ByteSize(), reverse=True):
-        if size < PROTO_LIMIT or init.ByteSize() < DETACHABLE:
-            break
-        detached.append(init)
-        size -= init.ByteSize()
+    detached = [init for init in graph.initializer if init.ByteSize() >= DETACHABLE]
     names = {init.name for init in detached}
     initializers = [
         _placeholder(init) if init.name in names else init for init in graph.initializer
@@ -168,6 +163,13 @@ def _detach_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[
         producer_name=model.producer_name, graph=light_graph,
     )
     return light, detached
+
+
+def _size(model: onnx.ModelProto) -> int:
+    """About the serialized size of ``model``: that of its initializers and nodes (protobuf
+    cannot measure a model over 2 GiB as a whole)."""
+    graph = model.graph
+    return sum(t.ByteSize() for t in graph.initializer) + sum(n.ByteSize() for n in graph.node)
 
 
 def _placeholder(init: onnx.TensorProto) -> onnx.TensorProto:
