@@ -145,6 +145,7 @@ class _Aligner:
         self.fa, self.qa = dict(float_graph.nodes(data=True)), dict(quant_graph.nodes(data=True))
         self.vmap: dict[ValueRef, ValueRef] = {}
         self.layout: dict[ValueRef, Perm] = {}
+        self.standing_for: dict[ValueRef, list[ValueRef]] = {}  # quantized value -> float values
         self.evidence: dict[str, str] = {}
         self.claimed: set[str] = set()
         self.quant_span: dict[str, tuple[str, ...]] = {}
@@ -189,17 +190,16 @@ class _Aligner:
         for node in list(leftover):
             match = quant_inputs.pop(self.fa[node]["name"], None)
             if match is not None:
-                self.vmap[(node, 0)] = (match, 0)
+                self._map((node, 0), (match, 0), self._input_layout(node, match))
                 leftover.remove(node)
         for node, match in zip(leftover, list(quant_inputs.values())):
-            self.vmap[(node, 0)] = (match, 0)
+            self._map((node, 0), (match, 0), self._input_layout(node, match))
             quant_inputs.pop(self.qa[match]["name"])
         self.float_only_inputs = {node for node in leftover if (node, 0) not in self.vmap}
         self.baked = set(quant_inputs.values())
-        for (node, _), (match, _) in self.vmap.items():
-            perm = _input_layout(self.fa[node]["shapes"][0], self.qa[match]["shapes"][0])
-            if perm is not None:
-                self.layout[(node, 0)] = perm
+
+    def _input_layout(self, node: str, match: str) -> Perm:
+        return _input_layout(self.fa[node]["shapes"][0], self.qa[match]["shapes"][0])
 
     def _root(self, value: ValueRef) -> tuple[ValueRef, Perm]:
         """The quantized value that ``value`` is a transposition of (itself if none), and the
@@ -220,6 +220,12 @@ class _Aligner:
 
     def _mapped(self, value: ValueRef) -> Mapped:
         return self.vmap[value], self.layout.get(value)
+
+    def _map(self, value: ValueRef, quant_value: ValueRef, perm: Perm) -> None:
+        """Record that the float ``value`` is ``quant_value`` permuted by ``perm``."""
+        self.vmap[value] = quant_value
+        self.layout[value] = perm
+        self.standing_for.setdefault(quant_value, []).append(value)
 
     # One float operation
 
@@ -243,8 +249,7 @@ class _Aligner:
             return True
         if _is_transpose(attrs) and len(mapped) == 1:
             (value, perm), = mapped
-            self.vmap[(node, 0)] = value
-            self.layout[(node, 0)] = _compose(perm, attrs["perm"])
+            self._map((node, 0), value, _compose(perm, attrs["perm"]))
             self.evidence[node] = "layout"
             return True
         return False
@@ -255,8 +260,7 @@ class _Aligner:
         self.quant_span.setdefault(match, (match,))
         self.evidence[node] = evidence
         for index in range(min(len(attrs["outputs"]), len(self.qa[match]["outputs"]))):
-            self.vmap[(node, index)] = (match, index)
-            self.layout[(node, index)] = perm
+            self._map((node, index), (match, index), perm)
         if attrs["bias"] and not self.qa[match]["bias"]:
             self._take_bias((match, 0))
 
@@ -349,12 +353,13 @@ class _Aligner:
         return chain
 
     def _extend(self, value: ValueRef, tail: list[str]) -> None:
+        """The quantized value continues through ``tail`` (element-wise operations the float
+        graph folded): the float values it stood for now stand at the tail's end."""
         end = tail[-1]
         self.claimed.update(tail)
         self.quant_span[end] = self.quant_span.get(value[0], (value[0],)) + tuple(tail)
-        for float_value, quant_value in self.vmap.items():
-            if quant_value == value:
-                self.vmap[float_value] = (end, 0)
+        for float_value in self.standing_for.pop(value, []):
+            self._map(float_value, (end, 0), self.layout[float_value])
 
     def _take_bias(self, value: ValueRef) -> None:
         """The float operation adds its bias inside; the quantized one leaves it to an Add."""
@@ -540,15 +545,13 @@ class _Aligner:
             (end, _), _ = settlement.target
             self.claimed.update(quant_ops)
             self.quant_span[end] = quant_ops
-            self.vmap[value] = (end, 0)
-            self.layout[value] = settlement.target[1]
+            self._map(value, (end, 0), settlement.target[1])
             self.regions[value[0]] = float_ops
             self.evidence[value[0]] = "region"
             return
         quant_value, perm = settlement.target
         for node in reversed(float_ops):
-            self.vmap[(node, 0)] = quant_value
-            self.layout[(node, 0)] = perm
+            self._map((node, 0), quant_value, perm)
             self.evidence[node] = "fused"
             if _is_transpose(self.fa[node]):
                 self.evidence[node] = "layout"
