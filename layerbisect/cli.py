@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("float_model", help="the float (reference) .onnx model")
     parser.add_argument(
         "quant_model", nargs="?",
-        help="the quantized or optimized .onnx model (left out with --simulate)",
+        help="the quantized or optimized .onnx model, or a folder of dumped tensors (left out with --simulate)",
     )
     parser.add_argument(
         "--simulate", metavar="FORMAT",
@@ -153,8 +153,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _quantized_side(args: argparse.Namespace):
     """The quantized model given, or the format to simulate."""
-    if args.simulate is not None and (args.keep_float or args.repaired_model):
-        raise LayerbisectError("--keep-float and --repaired-model need a quantized model, not --simulate")
+    if (args.simulate is not None or Path(args.quant_model).is_dir()) and (args.keep_float or args.repaired_model):
+        raise LayerbisectError("--keep-float and --repaired-model need a quantized .onnx model")
     return args.quant_model if args.simulate is None else simulated(args.simulate)
 
 

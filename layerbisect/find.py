@@ -25,6 +25,7 @@ from layerbisect.run import DEFAULT_PROVIDERS
 from layerbisect.run import ort_optimized as ort_optimized_model
 from layerbisect.search import bisect_first_failing, first_failing
 from layerbisect.simulate import Simulated, Simulation
+from layerbisect.source import compare_source, tensor_source
 from layerbisect.summary import neighbourhood, summarize
 
 Sample = Mapping[str, np.ndarray]
@@ -52,7 +53,9 @@ def find_first_bad_layer(
 
     ``float_model`` and ``quant_model`` are paths or ``onnx.ModelProto`` (never modified);
     ``quant_model`` may be ``layerbisect.simulated("ap_fixed<16,8>")``: the float model with
-    every activation in that format (the report's notes say why the first bad layer breaks).
+    every activation in that format (the report's notes say why the first bad layer breaks),
+    or a tensor source (``layerbisect.source``): a folder of dumped tensors or a function of the
+    feeds returning named tensors, compared for cumulative error only.
     ``inputs`` is one sample (a dict of input name -> array), several (a list or any iterable
     of such dicts), or None for one seeded random sample; ``shapes`` gives the full shape of
     inputs with dynamic dimensions when inputs are random. A layer's cosine is its mean over
@@ -80,9 +83,13 @@ def find_first_bad_layer(
     if memory_budget is not None and memory_budget <= 0:
         raise LayerbisectError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
     samples = _samples(inputs)
+    source = tensor_source(quant_model)
+    if ort_optimized and (source is not None or isinstance(quant_model, Simulated)):
+        raise LayerbisectError("ort_optimized applies to a quantized model, not to a simulated format or tensor source")
+    if source is not None:
+        return compare_source(float_model, source, samples, threshold, shapes=shapes, seed=seed,
+                              providers=providers, quiet=quiet)
     if isinstance(quant_model, Simulated):
-        if ort_optimized:
-            raise LayerbisectError("ort_optimized applies to a quantized model, not to a simulated format")
         samples = list(samples)
         quant_model = quant_model.build(float_model, samples, shapes=shapes, seed=seed, providers=providers)
     float_proto, quant_proto, plan, float_graph, alignment = setup(

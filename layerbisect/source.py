@@ -1,0 +1,390 @@
+"""The quantized side as any source of named tensors: a vendor simulator, a folder of dumps.
+
+A ``TensorSource`` turns the feeds of one sample into named float tensors, in the float
+model's layout (NCHW where the model is NCHW), already dequantized, in the order they were
+computed. A plain Python function qualifies; so does ``layerbisect.dumps.DumpFolder``. Its
+tensors are paired with the float model's values:
+
+1. by name: a tensor named like a float value (exactly, or once '/' and ':' are replaced by
+   '_' on both sides, when that is unambiguous);
+2. by shape and order: the others, in their order, with the float values left, in the float
+   model's order, of the same shape (or the same shape in NHWC), the closest values winning
+   among candidates. A source with no names at all is paired this way.
+
+Only cumulative error is measured: a source cannot be fed the float model's values inside.
+
+>>> def simulator(feeds):  # a vendor simulator wrapped in a function
+...     return {"conv1": run_vendor(feeds)["conv1_out"]}  # doctest: +SKIP
+>>> report = find_first_bad_layer("float.onnx", simulator, inputs=sample)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import networkx as nx
+import numpy as np
+import onnx
+
+from layerbisect.compare import Aggregate, compare
+from layerbisect.dumps import DumpFolder
+from layerbisect.errors import LayerbisectError, first_line
+from layerbisect.expose import expose
+from layerbisect.graph import FLOAT_DTYPES, build_graph
+from layerbisect.inputs import plan_inputs
+from layerbisect.load import ModelLike, declared_inputs, load_model
+from layerbisect.progress import progress
+from layerbisect.report import LayerComparison, Report
+from layerbisect.run import DEFAULT_PROVIDERS, Session
+from layerbisect.summary import neighbourhood, summarize
+
+Sample = Mapping[str, np.ndarray]
+PROBE_SIZE = 4096  # values per tensor compared when pairing by order
+CLOSEST = 6.0  # digits of agreement that count as equal
+
+
+@runtime_checkable
+class TensorSource(Protocol):
+    """Anything that turns one sample's feeds into named tensors.
+
+    ``__call__(feeds)`` gets the float model's feeds (input name -> array) and returns an
+    ordered mapping of tensor name -> float array in the float model's layout, dequantized,
+    in the order the tensors were computed (the order pairs tensors whose names match no
+    float value). An optional ``label`` attribute names the source in reports.
+
+    >>> isinstance(lambda feeds: {}, TensorSource)
+    True
+    """
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        ...
+
+
+@dataclass(frozen=True)
+class Match:
+    """A float value and the source tensor (``key``) that stands for it; ``perm`` brings the
+    source tensor to the float layout (None: same layout); ``evidence`` is "name" or "order"."""
+
+    float_tensor: str
+    key: str
+    evidence: str
+    perm: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class _Value:
+    """A float value the source may hold: the operation producing it and its tensor."""
+
+    node: str
+    op_type: str
+    tensor: str
+
+
+def tensor_source(quantized: object) -> TensorSource | None:
+    """The quantized side as a tensor source: a folder of dumps, or any callable; None for an
+    ONNX model (a path to a file, or a ModelProto) and anything else."""
+    if isinstance(quantized, (str, PathLike)) and Path(quantized).is_dir():
+        return DumpFolder(quantized)
+    if isinstance(quantized, onnx.ModelProto) or not callable(quantized):
+        return None
+    return quantized
+
+
+def compare_source(
+    float_model: ModelLike,
+    source: TensorSource,
+    samples: Iterable[Sample | None],
+    threshold: float = 0.98,
+    *,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    seed: int = 0,
+    providers: Sequence[str] = DEFAULT_PROVIDERS,
+    quiet: bool = False,
+) -> Report:
+    """Compare the float model's values with the tensors ``source`` returns for each sample
+    (None: seeded random inputs), pairing them at the first sample; see the module docstring.
+
+    >>> report = compare_source("float.onnx", DumpFolder("dump/"), [sample])  # doctest: +SKIP
+    """
+    proto = load_model(float_model, role="float model")
+    graph = build_graph(proto)
+    values = _float_values(graph)
+    specs = declared_inputs(proto)
+    plan = plan_inputs(specs, specs, shapes)
+    session = Session(expose(proto, [v.tensor for v in values], prune=True), "float model", providers, proto)
+    samples = _checked_samples(source, samples)
+    inputs = {name for spec in specs for name in (spec.name, sanitise(spec.name))}  # fed, not compared
+    matches: list[Match] | None = None
+    totals: dict[str, Aggregate] = {}
+    shapes_seen: dict[str, tuple[int, ...]] = {}
+    problems: dict[str, str] = {}
+    count = peak = 0
+    for sample in progress(samples, quiet):
+        feeds, _ = plan.feeds(sample, seed)
+        reference = session.run(feeds, [v.tensor for v in values])
+        produced = {k: v for k, v in _call(source, feeds).items() if k not in inputs}
+        peak = max(peak, _nbytes(reference) + _nbytes(produced))
+        if matches is None:
+            matches = pair_tensors([(v.tensor, reference[v.tensor]) for v in values], produced)
+            totals = {m.float_tensor: Aggregate() for m in matches}
+        count += 1
+        for match in matches:
+            _measure(match, reference, produced, totals, problems)
+            shapes_seen[match.float_tensor] = tuple(reference[match.float_tensor].shape)
+    if matches is None:
+        raise LayerbisectError("inputs holds no sample: give at least one dict of input name -> array")
+    return _report(proto, graph, values, source, matches, totals, problems, shapes_seen,
+                   _label(float_model, proto), threshold, count, peak, providers, seed)
+
+
+def pair_tensors(reference: Sequence[tuple[str, np.ndarray]], produced: Mapping[str, np.ndarray]) -> list[Match]:
+    """Pair source tensors with float values (``reference``: name and value, in the float
+    model's order): by name, then by sanitised name, then by shape and order.
+
+    >>> a, b = np.ones((1, 2)), np.arange(3.0)
+    >>> [(m.float_tensor, m.key, m.evidence) for m in pair_tensors([("x/a:0", a), ("b", b)], {"x_a_0": a, "t7": b})]
+    [('x/a:0', 'x_a_0', 'name'), ('b', 't7', 'order')]
+    """
+    names = [name for name, _ in reference]
+    matches = {key: Match(key, key, "name") for key in produced if key in names}
+    by_sanitised = _unique({sanitise(n): n for n in names if n not in matches}, names)
+    for key in produced:
+        if key not in matches and sanitise(key) in by_sanitised:
+            tensor = by_sanitised.pop(sanitise(key))
+            matches[key] = Match(tensor, key, "name")
+    taken = {m.float_tensor for m in matches.values()}
+    left = [(n, v) for n, v in reference if n not in taken]
+    unnamed = [(k, np.asarray(v)) for k, v in produced.items() if k not in matches]
+    ordered = {m.key: m for m in _by_order(left, unnamed)}
+    found = [matches.get(key) or ordered.get(key) for key in produced]
+    position = {name: i for i, name in enumerate(names)}
+    return sorted((m for m in found if m is not None), key=lambda m: position[m.float_tensor])
+
+
+def sanitise(name: str) -> str:
+    """A tensor name as dump files carry it: '/' and ':' replaced by '_'.
+
+    >>> sanitise("/layer1/conv:0")
+    '_layer1_conv_0'
+    """
+    return re.sub(r"[/:]", "_", name)
+
+
+def _unique(candidates: dict[str, str], names: Sequence[str]) -> dict[str, str]:
+    """The sanitised names that stand for one float value only."""
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[sanitise(name)] = counts.get(sanitise(name), 0) + 1
+    return {s: n for s, n in candidates.items() if counts[s] == 1}
+
+
+def _by_order(left: list[tuple[str, np.ndarray]], unnamed: list[tuple[str, np.ndarray]]) -> list[Match]:
+    """Pair ``unnamed`` source tensors, in their order, with float values ``left``, in theirs:
+    the order-keeping assignment of tensors of compatible shapes with the most pairs and, among
+    those, the closest values, as a diff aligns lines. Closeness counts the digits of agreement
+    (a cosine of 0.999 is worth 3, of 0.7 about 0.5): the exact partners of the good tensors
+    outweigh the loose resemblance of a broken one to anything, so it cannot pull them off."""
+    rows, cols = len(unnamed), len(left)
+    weight = rows * CLOSEST + 1.0  # one more pair outweighs any gain in closeness
+    score = np.zeros((rows + 1, cols + 1))
+    gains: dict[tuple[int, int], tuple[float, tuple[int, ...] | None]] = {}
+    probes = [_probe(value, None) for _, value in left]
+    source_probes: dict[tuple[int, tuple[int, ...] | None], np.ndarray] = {}
+    for i in range(rows - 1, -1, -1):
+        for j in range(cols - 1, -1, -1):
+            score[i, j] = max(score[i + 1, j], score[i, j + 1])
+            fits, perm = _fit(unnamed[i][1].shape, left[j][1].shape)
+            if fits:
+                if (i, perm) not in source_probes:
+                    source_probes[(i, perm)] = _probe(unnamed[i][1], perm)
+                gain = weight + _closeness(_cosine(probes[j], source_probes[(i, perm)]))
+                gains[(i, j)] = (gain, perm)
+                score[i, j] = max(score[i, j], gain + score[i + 1, j + 1])
+    matches, i, j = [], 0, 0
+    while i < rows and j < cols:  # on ties, the later float value: what a fused operation computes
+        if score[i, j] == score[i, j + 1]:
+            j += 1
+        elif (i, j) in gains and math.isclose(score[i, j], gains[(i, j)][0] + score[i + 1, j + 1]):
+            matches.append(Match(left[j][0], unnamed[i][0], "order", gains[(i, j)][1]))
+            i, j = i + 1, j + 1
+        else:
+            i += 1
+    return matches
+
+
+def _fit(shape: tuple[int, ...], float_shape: tuple[int, ...]) -> tuple[bool, tuple[int, ...] | None]:
+    """Whether a source tensor of ``shape`` can hold a float value of ``float_shape``, and the
+    NHWC -> NCHW permutation it then needs (None: none)."""
+    if tuple(shape) == tuple(float_shape):
+        return True, None
+    rank = len(shape)
+    perm = (0, rank - 1, *range(1, rank - 1))
+    if rank >= 3 and tuple(shape[p] for p in perm) == tuple(float_shape):
+        return True, perm
+    return False, None
+
+
+def _permuted(array: np.ndarray, perm: tuple[int, ...] | None) -> np.ndarray:
+    return array if perm is None else np.transpose(array, perm)
+
+
+def _probe(array: np.ndarray, perm: tuple[int, ...] | None) -> np.ndarray:
+    """At most PROBE_SIZE values of ``array`` (in the float layout), evenly spaced: enough to
+    tell candidates apart cheaply."""
+    flat = np.asarray(_permuted(np.asarray(array), perm), dtype=np.float64).ravel()
+    return flat[:: max(1, flat.size // PROBE_SIZE)]
+
+
+def _closeness(cosine: float) -> float:
+    """Digits of agreement of a cosine, from 0 (orthogonal or worse) to CLOSEST (equal)."""
+    return min(CLOSEST, -math.log10(max(1.0 - max(cosine, 0.0), 10.0 ** -CLOSEST)))
+
+
+def _cosine(x: np.ndarray, y: np.ndarray) -> float:
+    if x.size != y.size or not (np.isfinite(x).all() and np.isfinite(y).all()):
+        return 0.0
+    norm = float(np.linalg.norm(x) * np.linalg.norm(y))
+    return float(np.dot(x, y)) / norm if norm else float(not x.any() and not y.any())
+
+
+def _measure(match: Match, reference, produced, totals, problems) -> None:
+    """Fold one sample's comparison of a pair into its aggregate, or record why it cannot be."""
+    expected = reference[match.float_tensor]
+    actual = np.asarray(produced.get(match.key)) if match.key in produced else None
+    if actual is None:
+        problems[match.float_tensor] = f"the source returned no {match.key!r} for a later sample"
+    elif actual.dtype.kind != "f" or expected.dtype.kind != "f":
+        problems[match.float_tensor] = f"{match.key!r} holds {actual.dtype} values: dequantize them first"
+    else:
+        actual = _permuted(actual, match.perm)
+        if actual.shape != expected.shape:
+            problems[match.float_tensor] = f"{match.key!r} has shape {actual.shape}, not {expected.shape}"
+        elif match.float_tensor not in problems:
+            totals[match.float_tensor].add(compare(expected, actual))
+
+
+def _report(proto, graph, values, source, matches, totals, problems, shapes, float_label,
+            threshold, samples, peak, providers, seed) -> Report:
+    by_tensor = {v.tensor: v for v in values}
+    kept = [m for m in matches if m.float_tensor not in problems and totals[m.float_tensor].samples]
+    paired = {by_tensor[m.float_tensor].node for m in kept}
+    layers = []
+    for match in kept:
+        aggregate = totals[match.float_tensor]
+        value = by_tensor[match.float_tensor]
+        layers.append(LayerComparison(
+            index=len(layers), op_type=value.op_type, float_nodes=_span(graph, value.node, paired),
+            float_tensor=value.tensor, quant_nodes=(match.key,), quant_tensor=match.key,
+            shape=shapes[match.float_tensor], cosine=aggregate.cosine, sqnr_db=aggregate.sqnr_db,
+            mse=aggregate.mse, max_abs=aggregate.max_abs, cosine_worst=aggregate.cosine_worst,
+            worst_sample=aggregate.worst_sample, nonfinite=aggregate.nonfinite, evidence=match.evidence,
+        ))
+    if not layers:
+        raise LayerbisectError(
+            f"no tensor of {_source_label(source)} could be paired with a float value: name the "
+            "tensors after the float model's tensors, or keep them in the order they were computed"
+        )
+    first_bad = next((layer for layer in layers if not layer.passes(threshold)), None)
+    matched = {node for layer in layers for node in layer.float_nodes}
+    ops = [attrs["name"] for _, attrs in sorted(graph.nodes(data=True), key=lambda i: i[1]["order"]) if attrs["kind"] == "op"]
+    return Report(
+        layers=tuple(layers), first_bad=first_bad, threshold=float(threshold), samples=samples,
+        outputs=_outputs(graph, proto), unaligned=tuple(op for op in ops if op not in matched),
+        coverage=len(matched) / len(ops) if ops else 1.0,
+        notes=tuple(dict.fromkeys(_notes(matches, problems))), float_model=float_label,
+        quant_model=_source_label(source), executions=2 * samples, peak_bytes=peak,
+        float_summary=summarize(proto, float_label), providers=tuple(providers), seed=seed,
+        float_neighbourhood=() if first_bad is None else neighbourhood(proto, first_bad.float_nodes),
+    )
+
+
+def _span(graph: nx.DiGraph, node: str, paired: set[str]) -> tuple[str, ...]:
+    """The float operations a source tensor stands for: ``node`` and the chain of unpaired
+    operations before it, each read by the next alone (what a backend fuses: conv+bn+relu)."""
+    span = [node]
+    while True:
+        sources = {src for src, _ in graph.nodes[span[0]]["sources"]}
+        previous = next(iter(sources)) if len(sources) == 1 else None
+        if (previous is None or graph.nodes[previous]["kind"] != "op" or previous in paired
+                or graph.out_degree(previous) != 1):
+            return tuple(graph.nodes[n]["name"] for n in span)
+        span.insert(0, previous)
+
+
+def _notes(matches: Sequence[Match], problems: Mapping[str, str]) -> list[str]:
+    by_order = [m for m in matches if m.evidence == "order"]
+    notes = ["quantized side: a tensor source; only cumulative error is measured (a source "
+             "cannot be fed the float model's values)"]
+    if by_order:
+        notes.append(f"{len(by_order)} source tensor{'s' if len(by_order) != 1 else ''} paired by "
+                     "shape and order, not by name")
+    notes += [f"left out: {why}" for why in problems.values()]
+    return notes
+
+
+def _float_values(graph: nx.DiGraph) -> list[_Value]:
+    """Every float value an operation of the float model computes, in order."""
+    values = []
+    for _, attrs in sorted(graph.nodes(data=True), key=lambda item: item[1]["order"]):
+        if attrs["kind"] != "op":
+            continue
+        for tensor, dtype in zip(attrs["outputs"], attrs["dtypes"]):
+            if tensor and dtype in FLOAT_DTYPES | {None}:
+                values.append(_Value(attrs["name"], attrs["op_type"], tensor))
+    return values
+
+
+def _checked_samples(source: TensorSource, samples: Iterable[Sample | None]) -> Iterable[Sample | None]:
+    """The samples, checked against what a dump can answer: the one run it was made from."""
+    if not getattr(source, "single_run", False):
+        return samples
+    samples = list(samples)
+    if samples == [None]:
+        raise LayerbisectError(
+            f"{_source_label(source)} holds the tensors of one run: give the inputs it was made "
+            "from (inputs=, or --inputs FILE.npz)"
+        )
+    if len(samples) != 1:
+        raise LayerbisectError(f"{_source_label(source)} holds the tensors of one run, but {len(samples)} samples were given")
+    return samples
+
+
+def _call(source: TensorSource, feeds: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+    try:
+        produced = source(feeds)
+    except LayerbisectError:
+        raise
+    except Exception as exc:
+        raise LayerbisectError(f"{_source_label(source)} failed: {first_line(exc)}") from exc
+    if not isinstance(produced, Mapping):
+        raise LayerbisectError(f"{_source_label(source)} must return a dict of tensor name -> array, "
+                               f"got {type(produced).__name__}")
+    return produced
+
+
+def _outputs(graph: nx.DiGraph, model: onnx.ModelProto) -> tuple[tuple[str, str], ...]:
+    """Each declared output of the float model with the operation output holding it."""
+    tensors = graph.graph["tensors"]
+    return tuple(
+        (output.name, graph.nodes[tensors[output.name][0]]["outputs"][tensors[output.name][1]])
+        for output in model.graph.output
+        if output.name in tensors and graph.nodes[tensors[output.name][0]]["kind"] == "op"
+    )
+
+
+def _source_label(source: TensorSource) -> str:
+    return getattr(source, "label", None) or getattr(source, "__name__", None) or type(source).__name__
+
+
+def _label(model: ModelLike, proto: onnx.ModelProto) -> str:
+    return str(model) if isinstance(model, (str, PathLike)) else proto.graph.name or "<ModelProto>"
+
+
+def _nbytes(values: Mapping[str, np.ndarray]) -> int:
+    return sum(np.asarray(v).nbytes for v in values.values())

@@ -1,0 +1,180 @@
+"""Tensor sources: dump folders written here in each layout (from a float run with a planted
+fault), and Python callables, as the quantized side."""
+
+import json
+from functools import lru_cache
+
+import numpy as np
+import onnx
+import pytest
+
+from layerbisect import LayerbisectError, find_first_bad_layer
+from layerbisect.cli import main
+from layerbisect.dumps import DumpFolder
+from layerbisect.expose import expose
+from layerbisect.run import Session
+from layerbisect.source import TensorSource, sanitise
+from models import make_cnn, random_inputs
+
+FAULT = "conv2"
+# What an int8 backend dumps: the result after its fused BatchNorm and Relu (no conv1, bn1...).
+FUSED = ["relu1", "conv2", "relu2", "relu3", "pool1", "relu4", "gap", "flatten", "y"]
+
+
+@lru_cache(maxsize=None)
+def float_run() -> dict[str, np.ndarray]:
+    model = make_cnn()
+    names = [out for node in model.graph.node for out in node.output]
+    return Session(expose(model, names), "float model").run(random_inputs(model), names)
+
+
+def planted(name: str) -> np.ndarray:
+    """The float value of ``name``, broken (sign flipped and shifted) for the faulty layer."""
+    value = float_run()[name]
+    return -value + value.std() if name == FAULT else value
+
+
+def report_for(dump) -> object:
+    return find_first_bad_layer(make_cnn(), dump, random_inputs(make_cnn()))
+
+
+def exported_cnn() -> onnx.ModelProto:
+    """The CNN with tensor names as exporters write them: '/block/conv1:0'."""
+    model = make_cnn()
+    renamed = {name: f"/block/{name}:0" for name in float_run()}
+    for node in model.graph.node:
+        node.input[:] = [renamed.get(x, x) for x in node.input]
+        node.output[:] = [renamed.get(x, x) for x in node.output]
+    for output in model.graph.output:
+        output.name = renamed.get(output.name, output.name)
+    return model
+
+
+def test_npy_folder_named_by_tensor_with_sanitised_names(tmp_path):
+    """A model whose tensor names hold '/' and ':' finds its dumps by sanitised name."""
+    for name in float_run():
+        np.save(tmp_path / f"{sanitise(f'/block/{name}:0')}.npy", planted(name))
+    report = find_first_bad_layer(exported_cnn(), tmp_path, random_inputs(make_cnn()))
+    assert report.first_bad.float_nodes == (FAULT,)
+    assert report.first_bad.evidence == "name" and report.coverage == 1.0
+    assert all(layer.passes(0.98) for layer in report.layers[: report.first_bad.index])
+
+
+def test_raw_files_with_a_json_map_dequantized_and_nhwc(tmp_path):
+    """int8 NHWC, uint8 per-channel, float16 and float32 files, named, unnamed and renamed."""
+    entries = {}
+    for index, name in enumerate(FUSED):
+        value = planted(name)
+        file = f"t{index:02d}.bin"
+        if value.ndim == 4 and index % 2 == 0:  # int8, NHWC, one scale for the tensor
+            scale = float(np.abs(value).max() / 127)
+            stored = np.clip(np.rint(value / scale), -128, 127).astype(np.int8).transpose(0, 2, 3, 1)
+            spec = {"layout": "NHWC", "dtype": "int8", "scale": scale, "zero_point": 0}
+        elif value.ndim == 4:  # uint8, a scale and zero point per channel
+            low, high = value.min(axis=(0, 2, 3)), value.max(axis=(0, 2, 3))
+            scale = np.maximum(high - low, 1e-6) / 255
+            zero_point = np.rint(-low / scale)
+            stored = np.clip(np.rint(value / scale[None, :, None, None]) + zero_point[None, :, None, None], 0, 255)
+            stored = stored.astype(np.uint8)
+            spec = {"dtype": "uint8", "scale": scale.tolist(), "zero_point": zero_point.tolist()}
+        else:
+            stored = value.astype(np.float16 if name == "gap" else np.float32)
+            spec = {"dtype": stored.dtype.name}
+        stored.astype(stored.dtype.newbyteorder("<")).tofile(tmp_path / file)
+        spec["shape"] = list(stored.shape)
+        if name not in ("relu2", "pool1"):  # some entries carry no name
+            spec["name"] = name
+        entries[file] = spec
+    (tmp_path / "tensors.json").write_text(json.dumps(entries))
+    dumped = DumpFolder(tmp_path)({})
+    assert dumped["relu1"].shape == (1, 8, 16, 16) and dumped["relu1"].dtype == np.float32
+    assert "<t02.bin>" in dumped
+    report = report_for(tmp_path)
+    assert [layer.float_tensor for layer in report.layers] == FUSED
+    assert report.layers[0].float_nodes == ("conv1", "bn1", "relu1")  # what the backend fused
+    assert report.first_bad.float_tensor == FAULT and report.coverage == 1.0
+    assert report.layers[0].cosine > 0.99 and report.layers[2].evidence == "order"
+    assert report.layers[-1].cosine > 0.99
+
+
+def test_unnamed_dumps_are_paired_by_shape_and_order(tmp_path):
+    for index, name in enumerate(FUSED):
+        np.save(tmp_path / f"{index}.npy", planted(name))  # 0.npy ... 8.npy: no names
+    report = report_for(tmp_path)
+    assert [layer.float_tensor for layer in report.layers] == [
+        "relu1", "bn2", "relu2", "relu3", "pool1", "relu4", "gap", "flatten", "y"]
+    assert {layer.evidence for layer in report.layers} == {"order"}
+    # the broken tensor sits between relu1 and relu2: it stands for conv2+bn2 together
+    assert report.first_bad.float_nodes == ("conv2", "bn2") and report.first_bad.index == 1
+    assert any("paired by shape and order" in note for note in report.notes)
+
+
+def test_rknn_snapshot_folder(tmp_path):
+    """map_name_to_file.txt beside simulator/npy/ (RKNN Toolkit2 accuracy_analysis output)."""
+    simulator = tmp_path / "simulator" / "npy"
+    simulator.mkdir(parents=True)
+    (tmp_path / "golden" / "npy").mkdir(parents=True)
+    lines = ["layer_name                      file_name", "-" * 40]
+    for index, name in enumerate(FUSED):
+        np.save(simulator / f"{index + 500}.npy", planted(name))
+        np.save(tmp_path / "golden" / "npy" / f"{index + 500}.npy", float_run()[name])
+        lines.append(f"{name + '_rs' if name == 'pool1' else name}    {index + 500}.npy")
+    (tmp_path / "map_name_to_file.txt").write_text("\n".join(lines) + "\n")
+    folder = DumpFolder(tmp_path)
+    assert [t.key for t in folder.tensors][:3] == ["relu1", "conv2", "relu2"]
+    report = report_for(tmp_path)
+    assert report.first_bad.float_nodes == (FAULT,)
+    assert next(layer for layer in report.layers if layer.float_tensor == "pool1").evidence == "order"
+
+
+def test_a_python_callable_is_a_tensor_source():
+    calls = []
+
+    def simulator(feeds):
+        calls.append(sorted(feeds))
+        return {name: planted(name) for name in reversed(FUSED)} | {"x": feeds["x"]}
+
+    assert isinstance(simulator, TensorSource)
+    report = report_for(simulator)
+    assert calls == [["x"]]
+    assert report.first_bad.float_nodes == (FAULT,) and report.quant_model == "simulator"
+    assert "x" not in {layer.quant_tensor for layer in report.layers}  # inputs are fed, not compared
+    assert np.isnan(report.first_bad.isolated_cosine) and report.first_bad_cause is None
+
+
+def test_cli_compares_a_dump_folder(tmp_path, capsys):
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    for name in float_run():
+        np.save(dump / f"{name}.npy", planted(name))
+    onnx.save(make_cnn(), tmp_path / "float.onnx")
+    np.savez(tmp_path / "x.npz", **random_inputs(make_cnn()))
+    out = tmp_path / "report.json"
+    status = main([str(tmp_path / "float.onnx"), str(dump), "--inputs", str(tmp_path / "x.npz"),
+                   "--json", str(out), "--quiet"])
+    assert status == 1
+    assert json.loads(out.read_text())["first_bad"]["float_nodes"] == [FAULT]
+    assert main([str(tmp_path / "float.onnx"), str(dump), "--quiet"]) == 2
+    assert "holds the tensors of one run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content,message", [
+    ({"a.bin": {"name": "conv1"}}, "no shape"),
+    ({"a.bin": {"shape": [1, 8, 16, 17]}}, "needs 2176"),
+    ({"a.bin": {"shape": [2], "layout": "CHWN"}}, "layout must be"),
+    ({"missing.bin": {"shape": [2]}}, "not in"),
+])
+def test_bad_maps_say_what_is_wrong(tmp_path, content, message):
+    float_run()["conv1"].tofile(tmp_path / "a.bin")
+    (tmp_path / "map.json").write_text(json.dumps(content))
+    with pytest.raises(LayerbisectError, match=message):
+        DumpFolder(tmp_path)({})
+
+
+def test_an_empty_folder_and_several_samples_are_refused(tmp_path):
+    with pytest.raises(LayerbisectError, match="holds no .npy file"):
+        DumpFolder(tmp_path)
+    np.save(tmp_path / "conv1.npy", float_run()["conv1"])
+    sample = random_inputs(make_cnn())
+    with pytest.raises(LayerbisectError, match="2 samples"):
+        find_first_bad_layer(make_cnn(), tmp_path, [sample, sample])
