@@ -152,12 +152,14 @@ def pair_tensors(reference: Sequence[tuple[str, np.ndarray]], produced: Mapping[
     [('x/a:0', 'x_a_0', 'name'), ('b', 't7', 'order')]
     """
     names = [name for name, _ in reference]
-    matches = {key: Match(key, key, "name") for key in produced if key in names}
-    by_sanitised = _unique({sanitise(n): n for n in names if n not in matches}, names)
+    values = dict(reference)
+    by_name = {key: key for key in produced if key in values}
+    by_sanitised = _unique({sanitise(n): n for n in names if n not in by_name}, names)
     for key in produced:
-        if key not in matches and sanitise(key) in by_sanitised:
-            tensor = by_sanitised.pop(sanitise(key))
-            matches[key] = Match(tensor, key, "name")
+        if key not in by_name and sanitise(key) in by_sanitised:
+            by_name[key] = by_sanitised.pop(sanitise(key))
+    matches = {key: Match(tensor, key, "name", _fit(np.shape(produced[key]), values[tensor].shape)[1])
+               for key, tensor in by_name.items()}
     taken = {m.float_tensor for m in matches.values()}
     left = [(n, v) for n, v in reference if n not in taken]
     unnamed = [(k, np.asarray(v)) for k, v in produced.items() if k not in matches]

@@ -132,13 +132,16 @@ def test_a_python_callable_is_a_tensor_source():
 
     def simulator(feeds):
         calls.append(sorted(feeds))
-        return {name: planted(name) for name in reversed(FUSED)} | {"x": feeds["x"]}
+        tensors = {name: planted(name) for name in reversed(FUSED)}
+        tensors["relu1"] = tensors["relu1"].transpose(0, 2, 3, 1)  # NHWC: permuted back
+        return tensors | {"x": feeds["x"]}
 
     assert isinstance(simulator, TensorSource)
     report = report_for(simulator)
     assert calls == [["x"]]
     assert report.first_bad.float_nodes == (FAULT,) and report.quant_model == "simulator"
     assert "x" not in {layer.quant_tensor for layer in report.layers}  # inputs are fed, not compared
+    assert report.layers[0].float_tensor == "relu1" and report.layers[0].cosine > 0.9999
     assert np.isnan(report.first_bad.isolated_cosine) and report.first_bad_cause is None
 
 
