@@ -327,11 +327,9 @@ class _Aligner:
             source, _, quant_perm = inputs[chosen]
             shape = self.qa[source[0]]["shapes"][source[1]]
             layouts.append((_compose(_inverse(quant_perm), perm), None if shape is None else len(shape)))
-        if attrs["role"] == "Transpose":
-            if len(layouts) != 1 or attrs["perm"] is None or quant["perm"] is None:
-                return False, None
-            out = _compose(_inverse(quant["perm"]), _compose(layouts[0][0], attrs["perm"]))
-            return out is None, None
+        if attrs["role"] == "Transpose":  # the same permutation of the same value, so that
+            # Transposes that cancel out cannot stand for one the other graph lacks
+            return layouts[0][0] is None and attrs["perm"] is not None and quant["perm"] == attrs["perm"], None
         if attrs["role"] in LAYOUT_FREE:
             return _common_layout(layouts)
         expected = _compose(quant["layout"], _inverse(attrs["layout"]))

@@ -203,3 +203,26 @@ def test_float_model_with_layout_islands_against_a_quantized_plain_model(fmt):
     broken = corrupt_weights(quant, quant_node_for(quant, "conv2", make_cnn()))
     report = find_first_bad_layer(islands, broken, random_inputs(islands))
     assert report.first_bad.float_nodes == ("conv2",)
+
+
+def cancelling_transposes() -> onnx.ModelProto:
+    """x -> relu0 -> t1 (swap H, W) -> sigmoid2 -> y; t1 -> t4 (swap back) -> z: t4 holds relu0's
+    value again, as a Transpose back from an NHWC island does."""
+    nodes = [
+        helper.make_node("Relu", ["x"], ["relu0"], name="relu0"),
+        helper.make_node("Transpose", ["relu0"], ["t1"], name="t1", perm=[0, 1, 3, 2]),
+        helper.make_node("Sigmoid", ["t1"], ["sigmoid2"], name="sigmoid2"),
+        helper.make_node("Transpose", ["t1"], ["t4"], name="t4", perm=[0, 1, 3, 2]),
+    ]
+    info = lambda name, shape: helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape)  # noqa: E731
+    graph = helper.make_graph(nodes, "t", [info("x", [1, 2, 3, 5])], [info("sigmoid2", [1, 2, 5, 3]), info("t4", [1, 2, 3, 5])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_transposes_that_cancel_out_do_not_take_another_transposes_place():
+    plain = cancelling_transposes()
+    islands = nhwc_islands(plain, ("relu0", "sigmoid2"))
+    forward = {p.float_tensor: p.quant_tensor for p in align(build_graph(plain), build_graph(islands)).pairs}
+    assert forward == {"relu0": "relu0_nhwc", "t1": "t1", "sigmoid2": "sigmoid2_nhwc", "t4": "t4"}
+    backward = {p.float_tensor: p.quant_tensor for p in align(build_graph(islands), build_graph(plain)).pairs}
+    assert backward == {"relu0_nhwc": "relu0", "t1": "t1", "sigmoid2_nhwc": "sigmoid2", "t4": "t4"}
