@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 
 import networkx as nx
 import numpy as np
@@ -151,7 +151,7 @@ class Effect:
     round_error: float = 0.0
 
     def __add__(self, other: Effect) -> Effect:
-        return Effect(*(a + b for a, b in zip(_fields(self), _fields(other))))
+        return Effect(*(a + b for a, b in zip(astuple(self), astuple(other))))
 
     @property
     def cause(self) -> str | None:
@@ -527,11 +527,6 @@ def _round(v: np.ndarray, rounding: str) -> np.ndarray:
 def _energy(error: np.ndarray) -> float:
     flat = error[np.isfinite(error)].ravel()
     return float(np.dot(flat, flat))
-
-
-def _fields(effect: Effect) -> tuple:
-    return (effect.values, effect.nonzero, effect.clipped, effect.zeroed,
-            effect.signal, effect.clip_error, effect.round_error)
 
 
 def _share(part: int, whole: int) -> str:
