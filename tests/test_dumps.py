@@ -143,6 +143,7 @@ def test_a_python_callable_is_a_tensor_source():
     assert "x" not in {layer.quant_tensor for layer in report.layers}  # inputs are fed, not compared
     assert report.layers[0].float_tensor == "relu1" and report.layers[0].cosine > 0.9999
     assert np.isnan(report.first_bad.isolated_cosine) and report.first_bad_cause is None
+    assert "conv2" in report.to_html() and report.to_json()
 
 
 def test_cli_compares_a_dump_folder(tmp_path, capsys):
