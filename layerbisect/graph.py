@@ -349,7 +349,7 @@ class _Builder:
             weight = max(arrays, key=lambda a: a.size)
         if _attr(node, "transB") == 1 and weight.ndim == 2:  # Gemm computes x @ B.T
             weight = weight.T
-        return np.asarray(weight, dtype=np.float64).ravel()[:FINGERPRINT_SIZE]
+        return np.asarray(weight).ravel()[:FINGERPRINT_SIZE].astype(np.float64)  # a copy: a view would keep the whole weight alive
 
     def _perm(self, node: onnx.NodeProto, shape: tuple | None) -> Perm:
         """A Transpose's permutation (reversed axes by default), or None if unknown."""
