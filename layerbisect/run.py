@@ -137,8 +137,6 @@ def _create(
         options.add_external_initializers(
             [init.name for init in detached], [_ort_value(array) for array in buffers]
         )
-        # onnxruntime would otherwise keep a second, repacked copy of large weights.
-        options.add_session_config_entry("session.disable_prepacking", "1")
     data = model.SerializeToString()
     if as_float:  # parsing concatenated messages merges them: these nodes and outputs are added
         data += _float_outputs(as_float).SerializeToString()
