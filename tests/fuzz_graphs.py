@@ -1,0 +1,253 @@
+"""Random valid ONNX graphs, rewritten as a quantizer or an optimizer would, with a fault
+planted at one layer, and the check that layerbisect names that layer.
+
+Plain module (no pytest or hypothesis): ``tests/test_fuzz.py`` draws a few cases with
+hypothesis, ``benchmarks/fuzz.py`` runs many. A case is reproducible from its ``repr``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from layerbisect import LayerbisectError, Report, find_first_bad_layer
+from models import quantize
+
+OPS = ("conv", "bn", "relu", "sigmoid", "add", "mul", "matmul", "concat", "transpose", "reshape")
+REWRITES = ("rename", "fold", "qdq", "qoperator")
+QUANTIZED = ("qdq", "qoperator")
+THRESHOLD = 0.98
+CLEAR_MARGIN = 0.9  # a fault is planted to be found when its reference cosine is below this
+
+
+@dataclass(frozen=True)
+class Case:
+    """A float graph (``ops`` in order, weights and shapes from ``seed``), how it is
+    rewritten, and which weighted node gets the fault (``fault`` modulo their number)."""
+
+    seed: int
+    ops: tuple[str, ...]
+    rewrite: str
+    fault: int
+
+
+def random_model(seed: int, ops: tuple[str, ...]) -> onnx.ModelProto:
+    """A valid float model applying ``ops`` to x[1,C,H,W]; each op reads the latest value or,
+    now and then, an earlier one. Every value no op reads is a graph output."""
+    rng = np.random.default_rng(seed)
+    values: list[tuple[str, tuple[int, ...]]] = [("x", (1, *map(int, rng.integers([1, 3, 3], [5, 7, 7]))))]
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+
+    def const(name: str, array: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(array.astype(np.float32) if array.dtype.kind == "f" else array, name))
+        return name
+
+    def normal(*shape: int) -> np.ndarray:
+        return rng.standard_normal(shape).astype(np.float32)
+
+    def same(shape: tuple[int, ...], exclude: str = "") -> list[str]:
+        return [name for name, other in values if other == shape and name != exclude]
+
+    for index, op in enumerate(ops):
+        src, shape = values[-1] if rng.random() < 0.7 else values[rng.integers(len(values))]
+        _, c, h, w = shape
+        name = f"{op}{index}"
+        inputs, attrs, out = [src], {}, shape
+        if op == "conv":
+            k, cout = int(rng.choice([1, 3])), int(rng.integers(1, 7))
+            inputs += [const(f"{name}.w", normal(cout, c, k, k) / np.sqrt(c * k * k)),
+                       const(f"{name}.b", 0.1 * normal(cout))]
+            attrs = {"kernel_shape": [k, k], "pads": [k // 2] * 4}
+            out = (1, cout, h, w)
+        elif op == "bn":
+            inputs += [const(f"{name}.scale", rng.uniform(0.5, 1.5, c).astype(np.float32)),
+                       const(f"{name}.bias", 0.1 * normal(c)), const(f"{name}.mean", 0.1 * normal(c)),
+                       const(f"{name}.var", rng.uniform(0.5, 1.5, c).astype(np.float32))]
+        elif op == "add":
+            others = same(shape, exclude=src)
+            inputs.append(others[rng.integers(len(others))] if others else const(f"{name}.c", normal(1, c, 1, 1)))
+        elif op == "mul":
+            inputs.append(const(f"{name}.k", rng.uniform(0.5, 1.5, (1, c, 1, 1)).astype(np.float32)))
+        elif op == "matmul":
+            w2 = int(rng.integers(2, 7))
+            inputs.append(const(f"{name}.w", normal(w, w2) / np.sqrt(w)))
+            out = (1, c, h, w2)
+        elif op == "concat":
+            others = [n for n, s in values if s[2:] == (h, w)]
+            other = others[rng.integers(len(others))]
+            attrs = {"axis": 1}
+            inputs.append(other)
+            out = (1, c + dict(values)[other][1], h, w)
+        elif op == "transpose":
+            attrs = {"perm": [0, 1, 3, 2]}
+            out = (1, c, w, h)
+        elif op == "reshape":
+            inputs.append(const(f"{name}.shape", np.array([1, c, w, h], np.int64)))
+            out = (1, c, w, h)
+        op_type = {"conv": "Conv", "bn": "BatchNormalization", "relu": "Relu", "sigmoid": "Sigmoid",
+                   "add": "Add", "mul": "Mul", "matmul": "MatMul", "concat": "Concat",
+                   "transpose": "Transpose", "reshape": "Reshape"}[op]
+        nodes.append(helper.make_node(op_type, inputs, [name], name=name, **attrs))
+        values.append((name, out))
+    read = {name for node in nodes for name in node.input}
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s)) for n, s in values[1:] if n not in read]
+    graph = helper.make_graph(
+        nodes, "fuzz", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(values[0][1]))], outputs, inits
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def weighted_nodes(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    """(node, float weight initializer) for each node that reads one: where faults go."""
+    floats = {i.name for i in model.graph.initializer if i.data_type == TensorProto.FLOAT and i.dims}
+    return [(n.name, n.input[1]) for n in model.graph.node if len(n.input) > 1 and n.input[1] in floats]
+
+
+def negate(model: onnx.ModelProto, initializer: str) -> onnx.ModelProto:
+    """A copy of ``model`` with one initializer negated."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    init = next(i for i in copy.graph.initializer if i.name == initializer)
+    init.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(init), initializer))
+    return copy
+
+
+def rename(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` where every node, tensor and initializer has a new, meaningless name."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    names = [i.name for i in graph.input] + [i.name for i in graph.initializer] + [
+        out for node in graph.node for out in node.output
+    ]
+    new = {name: f"t{index}" for index, name in enumerate(dict.fromkeys(names))}
+    for index, node in enumerate(graph.node):
+        node.name = f"op{index}"
+        node.input[:] = [new.get(n, n) for n in node.input]
+        node.output[:] = [new[n] for n in node.output]
+    for item in [*graph.input, *graph.output, *graph.initializer]:
+        item.name = new[item.name]
+    return copy
+
+
+def fold_batchnorms(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` where each BatchNormalization that alone reads a Conv is folded into
+    that Conv's weights, as exporters and optimizers do."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    inits = {i.name: i for i in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    outputs = {o.name for o in graph.output}
+    for bn in [n for n in graph.node if n.op_type == "BatchNormalization"]:
+        conv = producers.get(bn.input[0])
+        if conv is None or conv.op_type != "Conv" or readers[bn.input[0]] > 1 or bn.input[0] in outputs:
+            continue
+        scale, bias, mean, var = (numpy_helper.to_array(inits[n]) for n in bn.input[1:])
+        factor = scale / np.sqrt(var + 1e-5)
+        weight, conv_bias = (numpy_helper.to_array(inits[n]) for n in conv.input[1:3])
+        folded = (weight * factor[:, None, None, None], (conv_bias - mean) * factor + bias)
+        for name, value in zip(conv.input[1:3], folded):
+            inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
+        conv.output[0] = bn.output[0]
+        graph.node.remove(bn)
+    return copy
+
+
+class Unquantizable(Exception):
+    """onnxruntime's quantizer does not take every valid graph."""
+
+
+def rewrite(model: onnx.ModelProto, how: str) -> onnx.ModelProto:
+    """``model`` renamed, folded (and renamed), or quantized to int8 ("qdq", "qoperator")."""
+    if how == "rename":
+        return rename(model)
+    if how == "fold":
+        return rename(fold_batchnorms(model))
+    try:
+        return quantize(model, how, num_samples=16)
+    except Exception as exc:
+        raise Unquantizable(str(exc)) from exc
+
+
+def reference_cosines(float_model, faulty_model, tensors: list[str], feeds) -> dict[str, float]:
+    """Cosine of each tensor between the float model and its faulty copy, run here with
+    onnxruntime directly: what a correct answer must be based on."""
+    runs = []
+    for model in (float_model, faulty_model):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        listed = {o.name for o in copy.graph.output}
+        copy.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in listed)
+        session = ort.InferenceSession(copy.SerializeToString(), providers=["CPUExecutionProvider"])
+        runs.append(dict(zip(tensors, session.run(tensors, feeds))))
+    return {t: _cosine(runs[0][t], runs[1][t]) for t in tensors}
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    norms = np.linalg.norm(a) * np.linalg.norm(b)
+    if norms == 0:
+        return 1.0 if not a.any() and not b.any() else 0.0
+    return float(np.dot(a, b) / norms)
+
+
+def check(case: Case) -> str:
+    """Run layerbisect on ``case`` and check its answer; return what happened:
+
+    "found" (the faulty layer was named), "healthy" (no weighted node to fault: the rewritten
+    model passes), "hidden" (the fault changes no compared value, and none was named),
+    "marginal" (the fault is too faint to require finding), "noisy" (quantization alone fails
+    a layer at or before the fault), "unquantizable" (onnxruntime's quantizer refused the
+    graph), or "error: <message>" (a LayerbisectError, which is an allowed answer). A wrong
+    answer raises AssertionError.
+    """
+    model = random_model(case.seed, case.ops)
+    feeds = {"x": np.random.default_rng(case.seed + 1).standard_normal(
+        [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]).astype(np.float32)}
+    weighted = weighted_nodes(model)
+    try:
+        healthy = find_first_bad_layer(model, rewrite(model, case.rewrite), feeds, THRESHOLD)
+        if case.rewrite not in QUANTIZED:
+            assert healthy.first_bad is None, f"healthy rewrite fails at {healthy.first_bad.describe()}"
+        if not weighted:
+            return "healthy"
+        node, weight = weighted[case.fault % len(weighted)]
+        faulty_float = negate(model, weight)
+        report = find_first_bad_layer(model, rewrite(faulty_float, case.rewrite), feeds, THRESHOLD)
+    except Unquantizable:
+        return "unquantizable"
+    except LayerbisectError as exc:
+        return f"error: {exc}"
+    return _judge(case, model, faulty_float, node, healthy, report, feeds)
+
+
+def _judge(case, model, faulty_float, node: str, healthy: Report, report: Report, feeds) -> str:
+    tensors = [layer.float_tensor for layer in report.layers]
+    reference = reference_cosines(model, faulty_float, tensors, feeds)
+    expected = next((layer for layer in report.layers if reference[layer.float_tensor] < THRESHOLD), None)
+    named = report.first_bad
+    if expected is None:
+        if case.rewrite not in QUANTIZED:
+            assert named is None, f"named {named.float_nodes} though the fault changes no compared value"
+        return "hidden"
+    if reference[expected.float_tensor] >= CLEAR_MARGIN:
+        return "marginal"
+    if case.rewrite in QUANTIZED and healthy.first_bad is not None and healthy.first_bad.index <= expected.index:
+        return "noisy"
+    assert named is not None, f"fault at {node!r} not found (expected {expected.float_nodes})"
+    assert named.float_tensor == expected.float_tensor or node in named.float_nodes, (
+        f"fault at {node!r}: named {named.float_nodes}, expected {expected.float_nodes}"
+    )
+    return "found"
