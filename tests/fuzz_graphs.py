@@ -17,9 +17,10 @@ from onnx import TensorProto, helper, numpy_helper
 from layerbisect import LayerbisectError, Report, find_first_bad_layer
 from models import quantize
 
-OPS = ("conv", "bn", "relu", "sigmoid", "add", "mul", "matmul", "concat", "transpose", "reshape")
-REWRITES = ("rename", "fold", "qdq", "qoperator")
-QUANTIZED = ("qdq", "qoperator")
+OPS = ("conv", "bn", "relu", "sigmoid", "add", "mul", "matmul", "concat", "transpose", "reshape",
+       "maxpool", "gap", "softmax")
+REWRITES = ("rename", "fold", "qdq", "qoperator", "dynamic", "optimized")
+QUANTIZED = ("qdq", "qoperator", "dynamic", "optimized")  # "optimized": QDQ as onnxruntime runs it
 THRESHOLD = 0.98
 CLEAR_MARGIN = 0.9  # a fault is planted to be found when its reference cosine is below this
 
@@ -27,7 +28,8 @@ CLEAR_MARGIN = 0.9  # a fault is planted to be found when its reference cosine i
 @dataclass(frozen=True)
 class Case:
     """A float graph (``ops`` in order, weights and shapes from ``seed``), how it is
-    rewritten, and which weighted node gets the fault (``fault`` modulo their number)."""
+    rewritten, and the fault: its kind (``fault`` even: the weight negated, odd: its values
+    shuffled) and which weighted node gets it (``fault // 2`` modulo their number)."""
 
     seed: int
     ops: tuple[str, ...]
@@ -54,7 +56,7 @@ def random_model(seed: int, ops: tuple[str, ...]) -> onnx.ModelProto:
         return [name for name, other in values if other == shape and name != exclude]
 
     for index, op in enumerate(ops):
-        src, shape = values[-1] if rng.random() < 0.7 else values[rng.integers(len(values))]
+        src, shape = values[-1] if rng.random() < 0.6 else values[rng.integers(len(values))]
         _, c, h, w = shape
         name = f"{op}{index}"
         inputs, attrs, out = [src], {}, shape
@@ -89,9 +91,16 @@ def random_model(seed: int, ops: tuple[str, ...]) -> onnx.ModelProto:
         elif op == "reshape":
             inputs.append(const(f"{name}.shape", np.array([1, c, w, h], np.int64)))
             out = (1, c, w, h)
+        elif op == "maxpool":
+            attrs = {"kernel_shape": [2, 2], "pads": [0, 0, 1, 1]}
+        elif op == "gap":
+            out = (1, c, 1, 1)
+        elif op == "softmax":
+            attrs = {"axis": -1}
         op_type = {"conv": "Conv", "bn": "BatchNormalization", "relu": "Relu", "sigmoid": "Sigmoid",
                    "add": "Add", "mul": "Mul", "matmul": "MatMul", "concat": "Concat",
-                   "transpose": "Transpose", "reshape": "Reshape"}[op]
+                   "transpose": "Transpose", "reshape": "Reshape", "maxpool": "MaxPool",
+                   "gap": "GlobalAveragePool", "softmax": "Softmax"}[op]
         nodes.append(helper.make_node(op_type, inputs, [name], name=name, **attrs))
         values.append((name, out))
     read = {name for node in nodes for name in node.input}
@@ -110,12 +119,15 @@ def weighted_nodes(model: onnx.ModelProto) -> list[tuple[str, str]]:
     return [(n.name, n.input[1]) for n in model.graph.node if len(n.input) > 1 and n.input[1] in floats]
 
 
-def negate(model: onnx.ModelProto, initializer: str) -> onnx.ModelProto:
-    """A copy of ``model`` with one initializer negated."""
+def corrupt(model: onnx.ModelProto, initializer: str, shuffle: bool) -> onnx.ModelProto:
+    """A copy of ``model`` with one initializer negated, or its values shuffled."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     init = next(i for i in copy.graph.initializer if i.name == initializer)
-    init.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(init), initializer))
+    value = numpy_helper.to_array(init)
+    if shuffle:
+        value = np.random.default_rng(0).permutation(value.ravel()).reshape(value.shape)
+    init.CopyFrom(numpy_helper.from_array(value if shuffle else -value, initializer))
     return copy
 
 
@@ -170,13 +182,13 @@ class Unquantizable(Exception):
 
 
 def rewrite(model: onnx.ModelProto, how: str) -> onnx.ModelProto:
-    """``model`` renamed, folded (and renamed), or quantized to int8 ("qdq", "qoperator")."""
+    """``model`` renamed, folded (and renamed), or quantized to int8 (QDQ, QOperator, dynamic)."""
     if how == "rename":
         return rename(model)
     if how == "fold":
         return rename(fold_batchnorms(model))
     try:
-        return quantize(model, how, num_samples=16)
+        return quantize(model, "qdq" if how == "optimized" else how, num_samples=16)
     except Exception as exc:
         raise Unquantizable(str(exc)) from exc
 
@@ -217,15 +229,18 @@ def check(case: Case) -> str:
     feeds = {"x": np.random.default_rng(case.seed + 1).standard_normal(
         [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]).astype(np.float32)}
     weighted = weighted_nodes(model)
+    optimized = case.rewrite == "optimized"
     try:
-        healthy = find_first_bad_layer(model, rewrite(model, case.rewrite), feeds, THRESHOLD)
+        healthy = find_first_bad_layer(model, rewrite(model, case.rewrite), feeds, THRESHOLD, ort_optimized=optimized)
         if case.rewrite not in QUANTIZED:
             assert healthy.first_bad is None, f"healthy rewrite fails at {healthy.first_bad.describe()}"
         if not weighted:
             return "healthy"
-        node, weight = weighted[case.fault % len(weighted)]
-        faulty_float = negate(model, weight)
-        report = find_first_bad_layer(model, rewrite(faulty_float, case.rewrite), feeds, THRESHOLD)
+        node, weight = weighted[case.fault // 2 % len(weighted)]
+        faulty_float = corrupt(model, weight, shuffle=case.fault % 2 == 1)
+        report = find_first_bad_layer(
+            model, rewrite(faulty_float, case.rewrite), feeds, THRESHOLD, ort_optimized=optimized
+        )
     except Unquantizable:
         return "unquantizable"
     except LayerbisectError as exc:
