@@ -14,7 +14,7 @@ from typing import Union
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import helper
+from onnx import helper, numpy_helper
 from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
 from layerbisect.errors import LayerbisectError, first_line
@@ -24,7 +24,8 @@ ModelLike = Union[str, PathLike, onnx.ModelProto]
 
 
 def load_model(model: ModelLike, *, role: str = "model") -> onnx.ModelProto:
-    """Return a private copy of ``model`` with every node named.
+    """Return a private copy of ``model`` with every node named, and each If whose condition
+    is a constant replaced by the branch it takes (see ``inline_constant_ifs``).
 
     ``role`` ("float model", "quantized model") is used in error messages.
 
@@ -52,7 +53,59 @@ def load_model(model: ModelLike, *, role: str = "model") -> onnx.ModelProto:
     if not copy.graph.node:
         raise LayerbisectError(f"{role} has no nodes: is it the right file?")
     name_nodes(copy.graph)
+    inline_constant_ifs(copy.graph)
     return copy
+
+
+def inline_constant_ifs(graph: onnx.GraphProto) -> None:
+    """Replace, in place, each If whose condition is a constant (an initializer that is not a
+    graph input, or a Constant) by the nodes of the branch it takes, so that they are compared.
+
+    Branch nodes are named ``<If name>/<node name>``; values that only live inside the branch
+    get the same prefix; the branch's outputs take the names of the If's outputs.
+
+    >>> branch = lambda op: helper.make_graph([helper.make_node(op, ["x"], ["o"], name="f")], op, [], [
+    ...     helper.make_tensor_value_info("o", onnx.TensorProto.FLOAT, None)])
+    >>> flag = onnx.numpy_helper.from_array(np.array(True), "flag")
+    >>> node = helper.make_node("If", ["flag"], ["y"], name="pick", then_branch=branch("Relu"),
+    ...                         else_branch=branch("Neg"))
+    >>> graph = helper.make_graph([node], "g", [], [], [flag])
+    >>> inline_constant_ifs(graph)
+    >>> [(n.name, n.op_type, list(n.input), list(n.output)) for n in graph.node]
+    [('pick/f', 'Relu', ['x'], ['y'])]
+    """
+    constants = {init.name: init for init in graph.initializer}
+    constants.update(
+        (node.output[0], node.attribute[0].t) for node in graph.node
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value"
+    )
+    declared = {info.name for info in graph.input}
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        branch = _taken_branch(node, constants, declared)
+        if branch is None:
+            nodes.append(node)
+            continue
+        local = {out for inner in branch.node for out in inner.output} | {i.name for i in branch.initializer}
+        names = {name: f"{node.name}/{name}" for name in local}
+        names.update((out.name, outer) for out, outer in zip(branch.output, node.output) if out.name in local)
+        for index, inner in enumerate(branch.node):
+            inlined = onnx.NodeProto()
+            inlined.CopyFrom(inner)
+            inlined.name = f"{node.name}/{inner.name or f'{inner.op_type}_{index}'}"
+            inlined.input[:] = [names.get(name, name) for name in inner.input]
+            inlined.output[:] = [names[name] for name in inner.output]
+            nodes.append(inlined)
+        for init in branch.initializer:
+            moved = graph.initializer.add()
+            moved.CopyFrom(init)
+            moved.name = names[init.name]
+        nodes += [  # the branch passes an outer value through
+            helper.make_node("Identity", [out.name], [outer], name=f"{node.name}/{out.name}")
+            for out, outer in zip(branch.output, node.output) if out.name not in local
+        ]
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def declared_inputs(model: onnx.ModelProto) -> list[InputSpec]:
@@ -95,6 +148,17 @@ def _read(path: Path, role: str) -> onnx.ModelProto:
             "must be complete and beside the .onnx file, where they were saved"
         ) from None
     return model
+
+
+def _taken_branch(node: onnx.NodeProto, constants: dict, declared: set[str]) -> onnx.GraphProto | None:
+    """The branch an If takes when its condition is a known constant; None otherwise, or when
+    the branch holds subgraphs of its own (they may read the branch's values by name)."""
+    if node.op_type != "If" or node.input[0] not in constants or node.input[0] in declared:
+        return None
+    taken = "then_branch" if numpy_helper.to_array(constants[node.input[0]]).any() else "else_branch"
+    branch = next(attr.g for attr in node.attribute if attr.name == taken)
+    nested = any(_subgraphs(attr) for inner in branch.node for attr in inner.attribute)
+    return None if nested else branch
 
 
 def _tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:

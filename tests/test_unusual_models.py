@@ -159,13 +159,14 @@ def test_sequences_strings_and_shape_arithmetic_are_left_out():
     assert report.first_bad.float_nodes == ("scale",)
 
 
-def control_flow(gain: float) -> onnx.ModelProto:
-    """x[3] -> Relu -> If(sum > 0: Mul by 2, else Neg) -> Loop(3 times: add 1, Sigmoid)
-    -> Mul(gain) -> y: the If and Loop outputs are visible, their insides are not."""
+def control_flow(gain: float, inner_gain: float = 2.0, constant_condition: bool = False) -> onnx.ModelProto:
+    """x[3] -> Relu -> If(sum > 0: Mul by inner_gain, else Neg) -> Loop(3 times: add 1,
+    Sigmoid) -> Mul(gain) -> y: the If and Loop outputs are visible, their insides are not.
+    With ``constant_condition`` the If takes its then-branch whatever the input."""
     then_branch = helper.make_graph(
         [helper.make_node("Mul", ["r", "two"], ["t_out"], name="double")], "then", [],
         [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, [3])],
-        [numpy_helper.from_array(np.array(2.0, np.float32), "two")],
+        [numpy_helper.from_array(np.array(inner_gain, np.float32), "two")],
     )
     else_branch = helper.make_graph(
         [helper.make_node("Neg", ["r"], ["e_out"], name="negate")], "else", [],
@@ -189,7 +190,7 @@ def control_flow(gain: float) -> onnx.ModelProto:
         helper.make_node("Relu", ["x"], ["r"], name="relu"),
         helper.make_node("ReduceSum", ["r"], ["total"], name="total", keepdims=0),
         helper.make_node("Greater", ["total", "zero"], ["positive"], name="positive"),
-        helper.make_node("If", ["positive"], ["branch"], name="choose",
+        helper.make_node("If", ["always" if constant_condition else "positive"], ["branch"], name="choose",
                          then_branch=then_branch, else_branch=else_branch),
         helper.make_node("Loop", ["trips", "true", "branch"], ["looped"], name="repeat", body=body),
         helper.make_node("Mul", ["looped", "gain"], ["y"], name="gain"),
@@ -199,6 +200,7 @@ def control_flow(gain: float) -> onnx.ModelProto:
         numpy_helper.from_array(np.array(3, np.int64), "trips"),
         numpy_helper.from_array(np.array(True), "true"),
         numpy_helper.from_array(np.array(gain, np.float32), "gain"),
+        numpy_helper.from_array(np.array(True), "always"),
     ]
     graph = helper.make_graph(
         nodes, "control", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
@@ -216,6 +218,16 @@ def test_control_flow_compares_the_top_level_and_says_what_is_hidden():
     assert ("node 'choose' (If) of the float model runs subgraphs (else_branch: 1 op, "
             "then_branch: 1 op) that are not compared") in notes
     assert "node 'repeat' (Loop) of the quantized model runs a subgraph (body: 3 ops) that is not compared" in notes
+
+
+def test_if_with_a_constant_condition_is_inlined_and_its_insides_compared():
+    x = {"x": np.array([0.5, -1.0, 2.0], np.float32)}
+    report = find_first_bad_layer(
+        control_flow(1.0, constant_condition=True), control_flow(1.0, -2.0, constant_condition=True), x
+    )
+    assert report.first_bad.float_nodes == ("choose/double",) and report.first_bad.float_tensor == "branch"
+    assert not any("'choose' (If)" in note for note in report.notes)
+    assert any("'repeat' (Loop)" in note for note in report.notes)
 
 
 def digest(folder: Path) -> dict[str, tuple[str, int]]:
