@@ -37,6 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (args.quant_model is None) == (args.simulate is None):
         parser.error("give either a quantized model or --simulate FORMAT")
     try:
+        _refuse_overwriting_inputs(args)
         inputs = _read_inputs(args.inputs, args.input)
         quant_model = _quantized_side(args)
         with _executor(args.workers) as executor:
@@ -149,6 +150,17 @@ def _parser() -> argparse.ArgumentParser:
         "--quiet", action="store_true", help="no progress bar; print only the verdict line",
     )
     return parser
+
+
+def _refuse_overwriting_inputs(args: argparse.Namespace) -> None:
+    """The user's models and feeds are never written: no output may be one of them."""
+    given = [args.float_model, args.quant_model, args.inputs, *(path for _, path in args.input)]
+    existing = {Path(path).resolve() for path in given if path and Path(path).exists()}
+    outputs = {"--json": args.json, "--html": args.html, "--keep-float": args.keep_float,
+               "--repaired-model": args.repaired_model}
+    for flag, path in outputs.items():
+        if path and Path(path).resolve() in existing:
+            raise LayerbisectError(f"{flag} {path} would overwrite an input file; write it elsewhere")
 
 
 def _quantized_side(args: argparse.Namespace):

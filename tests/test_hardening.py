@@ -92,6 +92,15 @@ def test_user_files_are_never_written(files, tmp_path, capsys):
     assert [p.name for p in out.iterdir()] == ["report.json"]
 
 
+@pytest.mark.parametrize("flag", ["--json", "--html", "--repaired-model"])
+def test_outputs_never_overwrite_inputs(files, capsys, flag):
+    before = digest(files)
+    assert main(cli(files, "fp32.onnx", "int8.onnx", "--inputs", "feeds.npz", flag, "int8.onnx")) == 2
+    assert "would overwrite an input file" in capsys.readouterr().err
+    assert main(cli(files, "fp32.onnx", "int8.onnx", "--inputs", "feeds.npz", "--json", "feeds.npz")) == 2
+    assert digest(files) == before
+
+
 def test_same_seed_same_json_report(files, tmp_path, capsys):
     texts = []
     for run in range(2):
