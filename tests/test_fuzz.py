@@ -10,7 +10,7 @@ from fuzz_graphs import OPS, REWRITES, Case, check
 
 
 @pytest.mark.parametrize("rewrite", REWRITES)
-@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seed=st.integers(0, 2**31 - 1),
     ops=st.lists(st.sampled_from(OPS), min_size=1, max_size=10).map(tuple),
