@@ -123,7 +123,7 @@ def _neighbourhood_section(report: Report) -> str:
         "its own nodes in bold.</p><div class=\"cols\">"
         + "".join(
             f"<div><b>{side} model</b><br>{neighbourhood_svg(nodes, set(centre))}{_node_table(nodes, set(centre))}</div>"
-            for side, nodes, centre in sides
+            for side, nodes, centre in sides if nodes  # a dump or a simulator has no graph to show
         )
         + "</div>"
     )

@@ -42,7 +42,7 @@ from layerbisect.load import ModelLike, declared_inputs, load_model
 from layerbisect.progress import progress
 from layerbisect.report import LayerComparison, Report
 from layerbisect.run import DEFAULT_PROVIDERS, Session
-from layerbisect.summary import summarize
+from layerbisect.summary import neighbourhood, summarize
 
 Sample = Mapping[str, np.ndarray]
 PROBE_SIZE = 4096  # values per tensor compared when pairing by order
@@ -302,7 +302,8 @@ def _report(proto, graph, values, source, matches, totals, problems, shapes, flo
         notes=tuple(dict.fromkeys(_notes(matches, problems))), float_model=float_label,
         quant_model=_source_label(source), executions=2 * samples, peak_bytes=peak,
         float_summary=summarize(proto, float_label), providers=tuple(providers), seed=seed,
-    )  # no neighbourhoods: the HTML report draws them only in pairs, and a source has no graph
+        float_neighbourhood=() if first_bad is None else neighbourhood(proto, first_bad.float_nodes),
+    )
 
 
 def _span(graph: nx.DiGraph, node: str, paired: set[str]) -> tuple[str, ...]:

@@ -144,6 +144,8 @@ def test_a_python_callable_is_a_tensor_source():
     assert report.layers[0].float_tensor == "relu1" and report.layers[0].cosine > 0.9999
     assert np.isnan(report.first_bad.isolated_cosine) and report.first_bad_cause is None
     assert "conv2" in report.to_html() and report.to_json()
+    assert {node.name for node in report.float_neighbourhood} >= {"bn1", "relu1", "conv2", "bn2"}
+    assert "Around the first bad layer" in report.to_html()  # the float side alone
 
 
 def test_cli_compares_a_dump_folder(tmp_path, capsys):
