@@ -21,3 +21,9 @@ def test_quickstart_names_the_broken_convolution():
 def test_int8_story_names_the_layer_with_outliers():
     out = run("int8_story.py")
     assert "first layer below cosine 0.98 is #3 MatMul 'fc2'" in out
+
+
+def test_optimizer_story_names_the_broken_fold():
+    out = run("optimizer_story.py")
+    assert "first layer below cosine 0.98 is #2 BatchNormalization 'conv2+bn2'" in out
+    assert "error introduced there" in out and "GlobalAveragePool_6+Flatten_7" in out
