@@ -4,7 +4,8 @@ Pure numpy: the input declarations come in as ``InputSpec`` values (``layerbisec
 them from onnxruntime). The rules, for models that may declare different inputs:
 
 - each model gets the inputs it declares, taken by name from the feeds; inputs that the two
-  models name differently are paired by position (same dtype and shape) and share values;
+  models name differently are paired by position (same shape, float types or equal types)
+  and share values;
 - a key that neither model declares is an error; a key only one model declares goes to it alone;
 - a declared input missing from the feeds is an error that names the model and the input;
 - a shared name whose shapes differ by exactly an NCHW/NHWC permutation is permuted for the
