@@ -56,6 +56,8 @@ ACTIVATIONS = {
 # (Cast: a cast that an optimizer removed; Add/Mul/Sub/Div: by a constant, a bias or a scale
 # folded into a Gemm, a FusedMatMul or a Conv).
 FUSABLE = ACTIVATIONS | {"BatchNormalization", "Cast", "Add", "Mul", "Sub", "Div"}
+# Activations that a QuantizeLinear's range can stand for.
+CLAMPS = {"Relu", "Clip"}
 # Quantized operations that carry the activation after them.
 ACTIVATION_FUSIONS = {"FusedConv", "FusedGemm", "NhwcFusedConv"}
 # Operations that work element by element: they compute the same in any layout.
@@ -66,9 +68,12 @@ LAYOUT_FREE = (FUSABLE - {"BatchNormalization"}) | {
 }
 # Operations that carry weights: a region of one graph holds no more of them than the other's.
 ANCHORS = {"Conv", "ConvTranspose", "MatMul", "Gemm"}
+# Operations that only move values: a region side made of them alone computes nothing.
+MOVES = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand", "Cast", "Identity"}
+SAME_WEIGHTS = 0.999  # weight fingerprints this similar are the same weights
 MAX_REGION = 32  # operations on one side of a region
 MAX_VISIT = 4 * MAX_REGION  # quantized operations one region search looks at
-MAX_TRIALS = 16  # ways to settle an operation's waiting inputs that are tried
+MAX_TRIALS = MAX_VISIT  # ways to settle an operation's waiting inputs that are tried
 
 # Roles that may stand for one another, the shapes permitting: a Gemm computes a MatMul (plus
 # a bias, see ``bias``), a ReduceMean over H and W a GlobalAveragePool, a Flatten a Reshape.
@@ -173,6 +178,9 @@ class _Aligner:
         for node in float_ops:
             if not self._align_op(node):
                 self.pending.add(node)
+        for node in float_ops:  # once more: what paired later may settle what waited
+            if node in self.pending and self._align_op(node):
+                self.pending.discard(node)
         self._settle_graph_ends(float_ops)
         unaligned = tuple(node for node in float_ops if node in self.pending)
         return Alignment(self._pairs(), unaligned, len(float_ops))
@@ -238,9 +246,11 @@ class _Aligner:
         found = self._search(node, mapped)
         if found is not None:
             candidates, extension = found
+            (match, perm), evidence = self._choose(node, candidates)
+            if self._belongs_to_next(node, match):
+                return False
             if extension is not None:
                 self._extend(*extension)
-            (match, perm), evidence = self._choose(node, candidates)
             self._pair(node, match, perm, evidence)
             return True
         folded = self._folding((node, 0))
@@ -253,6 +263,18 @@ class _Aligner:
             self.evidence[node] = "layout"
             return True
         return False
+
+    def _belongs_to_next(self, node: str, match: str) -> bool:
+        """Whether ``match`` is rather the counterpart of the node's only reader, a foldable
+        operation of the same role whose weights it carries (of two BatchNormalizations in a
+        row, the quantized graph folded the first one and kept the second)."""
+        readers = self.float_consumers.get((node, 0), ())
+        role = self.fa[node]["role"]
+        if len(readers) != 1 or role not in FUSABLE or self.fa[readers[0]]["role"] != role:
+            return False
+        fingerprint = self.qa[match]["fingerprint"]
+        theirs = _similarity(self.fa[readers[0]]["fingerprint"], fingerprint)
+        return theirs > SAME_WEIGHTS and theirs > _similarity(self.fa[node]["fingerprint"], fingerprint) + 0.01
 
     def _pair(self, node: str, match: str, perm: Perm, evidence: str) -> None:
         attrs = self.fa[node]
@@ -417,9 +439,11 @@ class _Aligner:
         return None
 
     def _folding(self, value: ValueRef) -> list[_Settlement]:
-        """Settle ``value`` as folded into the quantized operation before it: a chain of
-        single-input foldable float operations, each its input's only reader, and Transposes
-        the other graph lacks."""
+        """Settle ``value`` as folded into the quantized operation before it, or into a
+        quantization that clamps like a Relu: a chain of single-input foldable float
+        operations, each its input's only reader, and Transposes the other graph lacks. A
+        Relu or Clip may share its input: onnxruntime removes one whose QuantizeLinear clamps
+        anyway, and the values before and after it stand for one quantized value here."""
         chain, node = [], value[0]
         while len(chain) < MAX_REGION:
             attrs = self.fa[node]
@@ -429,12 +453,11 @@ class _Aligner:
             if not waiting or not foldable or len(sources) != 1:
                 return []
             (source,) = sources
-            if attrs["role"] in FUSABLE and len(self.float_consumers[source]) != 1:
+            shared = len(self.float_consumers[source]) > 1
+            if shared and attrs["role"] in FUSABLE - CLAMPS:
                 return []
             chain.append(node)
             if source in self.vmap:
-                if self.evidence.get(source[0]) is None:
-                    return []
                 quant_value, perm = self._mapped(source)
                 for member in reversed(chain):
                     perm = _compose(perm, self.fa[member]["perm"])
@@ -449,13 +472,16 @@ class _Aligner:
         if found is None:
             return []
         region, frontier = found
+        if not _sealed(self.fa, self.float_consumers, value[0], region):
+            return []
         shape = self.fa[value[0]]["shapes"][value[1]]
         settlements = []
         for end, (members, uses, perm) in self._quant_closure(frontier).items():
-            if (uses != frontier.keys() or len(region) + len(members) < 3
+            if (uses != frontier.keys() or len(region) + len(members) < 3 or not _channel_move(perm)
                     or not _shapes_agree(shape, self.qa[end]["shapes"][0], perm)
                     or _anchors(self.qg, members) > _anchors(self.fg, region)
-                    or not self._sealed(end, members)):
+                    or _moves_only(self.qa, members) != _moves_only(self.fa, region)
+                    or not _sealed(self.qa, self.quant_consumers, end, members)):
                 continue
             order = tuple(sorted(members, key=lambda n: self.qa[n]["order"]))
             settlements.append(_Settlement(value, ((end, 0), perm), region, order))
@@ -527,15 +553,6 @@ class _Aligner:
                         push_readers((op, index))
         return closed
 
-    def _sealed(self, end: str, members: frozenset) -> bool:
-        """Whether every value of a quantized region but its end is read inside it only."""
-        return all(
-            reader in members
-            for member in members if member != end
-            for index in range(len(self.qa[member]["outputs"]))
-            for reader in self.quant_consumers.get((member, index), ())
-        )
-
     def _settle(self, settlement: _Settlement) -> None:
         value, float_ops, quant_ops = settlement.value, settlement.float_ops, settlement.quant_ops
         self.pending.difference_update(float_ops)
@@ -557,22 +574,31 @@ class _Aligner:
 
     def _settle_graph_ends(self, float_ops: list[str]) -> None:
         """Settle waiting float operations that nothing reads: a region ending where the
-        quantized graph ends, or else folded into the operation before."""
+        quantized graph ends, or else folded into the operation before, if that one ends the
+        quantized graph too (with no reader to verify it, a fold must end both graphs)."""
         for node in reversed(float_ops):
             outputs = range(len(self.fa[node]["outputs"]))
             if node not in self.pending or any((node, i) in self.float_consumers for i in outputs):
                 continue
             value = (node, 0)
             ends = [s for s in self._region_settlements(value) if self._unread(s.target[0][0])]
-            options = (ends if len(ends) == 1 else []) + self._folding(value)
+            if len(ends) > 1:  # alike ends: the one the quantized model declares in the same place
+                ends = [s for s in ends if self._same_output(value, s.target[0])]
+            folds = [s for s in self._folding(value) if self._unread(s.target[0][0])]
+            options = (ends if len(ends) == 1 else []) + folds
             if options:
                 self._settle(options[0])
 
+    def _same_output(self, value: ValueRef, quant_value: ValueRef) -> bool:
+        """Whether the two values are declared outputs of their models at the same position."""
+        float_outputs, quant_outputs = self.fg.graph["outputs"], self.qg.graph["outputs"]
+        return value in float_outputs and quant_outputs[float_outputs.index(value):][:1] == (quant_value,)
+
     def _unread(self, op: str) -> bool:
-        """Whether nothing reads the quantized operation's outputs but Transposes left unread."""
+        """Whether nothing reads the quantized node's outputs but Transposes left unread."""
         return all(
             self.qa[reader]["role"] == "Transpose" and self._unread(reader)
-            for index in range(len(self.qa[op]["outputs"]))
+            for index in range(len(self.qa[op]["readouts"]))
             for reader in self.quant_consumers.get((op, index), ())
         )
 
@@ -633,8 +659,23 @@ def _consumers(graph: nx.DiGraph) -> dict[ValueRef, list[str]]:
     return consumers
 
 
+def _sealed(attrs: dict, consumers: dict, end: str, members) -> bool:
+    """Whether every value of a region but its end is read inside the region only: a value
+    read outside exists in the other graph too, and a region must not swallow it."""
+    return all(
+        reader in members
+        for member in members if member != end
+        for index in range(len(attrs[member]["outputs"]))
+        for reader in consumers.get((member, index), ())
+    )
+
+
 def _anchors(graph: nx.DiGraph, nodes) -> int:
     return sum(graph.nodes[n]["role"] in ANCHORS for n in nodes)
+
+
+def _moves_only(attrs: dict, nodes) -> bool:
+    return all(attrs[n]["role"] in MOVES for n in nodes)
 
 
 def _disjoint(settlements: tuple[_Settlement, ...]) -> bool:
@@ -651,12 +692,14 @@ def _is_transpose(attrs: dict) -> bool:
 def _common_layout(layouts: list[tuple[Perm, int | None]]) -> tuple[bool, Perm]:
     """For an element-wise operation whose inputs have these layouts (permutation, rank):
     whether they agree, and the layout of its output. An input read as it is alongside
-    permuted ones must be a broadcast operand of lower rank."""
+    permuted ones must be a broadcast operand of lower rank. Only channels-first/last moves
+    count as layouts: any other permutation is a computation of its own."""
     perms = {perm for perm, _ in layouts if perm is not None}
     if len(perms) != 1:
         return not perms, None
     (perm,) = perms
-    return all(rank is not None and rank != len(perm) for p, rank in layouts if p is None), perm
+    broadcast = all(rank is not None and rank != len(perm) for p, rank in layouts if p is None)
+    return broadcast and _channel_move(perm), perm
 
 
 def _quant_layout(quant: dict, layouts: list[tuple[Perm, int | None]]) -> tuple[bool, Perm]:
@@ -667,6 +710,14 @@ def _quant_layout(quant: dict, layouts: list[tuple[Perm, int | None]]) -> tuple[
     if quant["role"] in LAYOUT_FREE:
         return _common_layout(layouts)
     return all(perm == quant["layout"] for perm, _ in layouts), quant["layout"]
+
+
+def _channel_move(perm: Perm) -> bool:
+    """Whether ``perm`` is no permutation or moves channels between first and last."""
+    if perm is None:
+        return True
+    rank = len(perm)
+    return perm in ((0, rank - 1, *range(1, rank - 1)), (0, *range(2, rank), 1))
 
 
 def _compose(first: Perm, then: Perm) -> Perm:

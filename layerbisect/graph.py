@@ -165,7 +165,8 @@ def build_graph(model: onnx.ModelProto) -> nx.DiGraph:
     ``bias`` (whether the operation adds a bias inside itself), ``perm`` (a Transpose's
     permutation; None for other operations and where unknown) and ``layout`` (for an operation
     that computes channels-last, the permutation that brings its tensors to channels-first;
-    None otherwise). Graph attribute ``tensors`` maps each tensor name to its ValueRef.
+    None otherwise). Graph attribute ``tensors`` maps each tensor name to its ValueRef;
+    ``outputs`` holds the ValueRef of each declared output, in order (None for a constant).
 
     Values computed from shapes alone (Shape, and what follows from it without other data) are
     constants here: a Reshape whose target shape one exporter computes and another folds reads
@@ -221,6 +222,7 @@ class _Builder:
         self.graph.graph["tensors"] = {
             name: ref for name, ref in self.source.items() if isinstance(ref, tuple)
         }
+        self.graph.graph["outputs"] = tuple(self.source.get(info.name) for info in self.graph_proto.output)
         return self.graph
 
     def _add(self, node: onnx.NodeProto, order: int) -> None:
