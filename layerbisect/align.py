@@ -14,9 +14,13 @@ with no counterpart waits until an operation that reads it pairs, and is then se
   Relu's name); it joins that operation's span;
 - *region*: several operations on one side compute what one or several operations compute on
   the other (a decomposed Gelu or LayerNorm against a fused one, in either direction, x *
-  HardSigmoid(x) against HardSwish). A region is closed: the float operations between paired
-  values, and the quantized operations that read only those values' counterparts and are read
-  only inside the region.
+  HardSigmoid(x) against HardSwish). A region is closed on both sides: the operations
+  between paired values, each value but the last read inside the region only; it computes
+  something (not Transposes and Reshapes alone) and holds no more weighted operations than
+  the other side.
+
+What nothing reads (graph ends) is settled last, by where both graphs end; the weights tell
+two foldable operations in a row apart (of two BatchNormalizations, the one folded away).
 
 A quantized operation that absorbed a bias (Gemm for MatMul + Add) or an activation (FusedConv)
 takes the float operation that follows at once.
@@ -479,7 +483,7 @@ class _Aligner:
         for end, (members, uses, perm) in self._quant_closure(frontier).items():
             if (uses != frontier.keys() or len(region) + len(members) < 3 or not _channel_move(perm)
                     or not _shapes_agree(shape, self.qa[end]["shapes"][0], perm)
-                    or _anchors(self.qg, members) > _anchors(self.fg, region)
+                    or _anchors(self.qa, members) > _anchors(self.fa, region)
                     or _moves_only(self.qa, members) != _moves_only(self.fa, region)
                     or not _sealed(self.qa, self.quant_consumers, end, members)):
                 continue
@@ -670,8 +674,8 @@ def _sealed(attrs: dict, consumers: dict, end: str, members) -> bool:
     )
 
 
-def _anchors(graph: nx.DiGraph, nodes) -> int:
-    return sum(graph.nodes[n]["role"] in ANCHORS for n in nodes)
+def _anchors(attrs: dict, nodes) -> int:
+    return sum(attrs[n]["role"] in ANCHORS for n in nodes)
 
 
 def _moves_only(attrs: dict, nodes) -> bool:
