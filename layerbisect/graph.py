@@ -111,6 +111,7 @@ FLOAT_DTYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorPro
                 onnx.TensorProto.BFLOAT16}
 FINGERPRINT_SIZE = 4096
 CONST, SCALE = "const", "scale"
+NOT_A_TENSOR = -1  # the dtype of a sequence, map or optional value: never compared
 
 
 @dataclass(frozen=True)
@@ -363,9 +364,12 @@ class _Builder:
         return None if rank is None else tuple(reversed(range(rank)))
 
     def _dtype(self, name: str) -> int | None:
+        """The element type, None where unknown, NOT_A_TENSOR for sequences, maps, optionals."""
         typ = self.types.get(name)
-        if typ is None or not typ.HasField("tensor_type"):
+        if typ is None or typ.WhichOneof("value") is None:
             return None
+        if not typ.HasField("tensor_type"):
+            return NOT_A_TENSOR
         return typ.tensor_type.elem_type or None
 
     def _shape(self, name: str) -> tuple | None:

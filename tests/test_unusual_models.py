@@ -150,11 +150,7 @@ def sequences_strings_and_shapes(gain: float) -> onnx.ModelProto:
 
 
 def test_sequences_strings_and_shape_arithmetic_are_left_out():
-    # isolated=False: the aligner still pairs the sequence value itself, and a cut there cannot
-    # be fed a tensor (reported to the matcher)
-    report = find_first_bad_layer(
-        sequences_strings_and_shapes(1.0), sequences_strings_and_shapes(-1.0), isolated=False
-    )
+    report = find_first_bad_layer(sequences_strings_and_shapes(1.0), sequences_strings_and_shapes(-1.0))
     compared = {layer.float_tensor for layer in report.layers}
     assert {"xs", "a", "ab", "y", "cat", "z"} <= compared
     assert not compared & {"seq", "shape", "numel", "text"}
