@@ -96,19 +96,21 @@ def build_float_model(channels: int, size: int, blocks: int, seed: int = 0):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
 
 
-def quantize_qdq(float_path: str, quant_path: str, shape: tuple[int, ...], seed: int = 1) -> None:
-    """QDQ int8 (activations and weights), MinMax on a few seeded random samples."""
+def quantize_qdq(
+    float_path: str, quant_path: str, shape: tuple[int, ...], seed: int = 1, samples: int = CALIBRATION_SAMPLES
+) -> None:
+    """QDQ int8 (activations and weights), MinMax on ``samples`` seeded random samples."""
     import logging
 
     import numpy as np
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     rng = np.random.default_rng(seed)
-    samples = [{"x": rng.standard_normal(shape).astype(np.float32)} for _ in range(CALIBRATION_SAMPLES)]
+    feeds = [{"x": rng.standard_normal(shape).astype(np.float32)} for _ in range(samples)]
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self._it = iter(samples)
+            self._it = iter(feeds)
 
         def get_next(self):
             return next(self._it, None)
