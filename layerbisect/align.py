@@ -423,14 +423,15 @@ class _Aligner:
     # Waiting float operations
 
     def _resolve(self, node: str, sources: list[ValueRef]) -> list[Mapped] | None:
-        """The counterparts of the node's inputs, settling inputs that wait (fused or regions)
-        in the first way that lets the node pair; None if there is none."""
+        """The counterparts of the node's inputs, settling inputs that wait (folded, else
+        regions) in the first way that lets the node pair; None if there is none."""
         waiting = list(dict.fromkeys(src for src in sources if src not in self.vmap))
         if not waiting:
             return [self._mapped(src) for src in sources]
         if any(src[0] not in self.pending for src in waiting):
             return None
-        options = [self._region_settlements(src) + self._folding(src) for src in waiting]
+        # a fold is the simpler explanation: try it before regions
+        options = [self._folding(src) + self._region_settlements(src) for src in waiting]
         for combination in islice(product(*options), MAX_TRIALS):
             if not _disjoint(combination):
                 continue
