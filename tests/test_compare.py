@@ -55,3 +55,15 @@ def test_first_failing():
     assert first_failing([]) is None
     assert first_failing([True, True]) is None
     assert first_failing([True, False, False]) == 1
+
+
+@pytest.mark.parametrize("size", [1, 65_535, 65_536, 200_001])
+def test_chunked_sums_match_a_direct_float64_computation(size):
+    rng = np.random.default_rng(size)
+    ref = rng.standard_normal(size).astype(np.float32)
+    act = (ref + 0.1 * rng.standard_normal(size)).astype(np.float32)
+    r, a = ref.astype(np.float64), act.astype(np.float64)
+    m = compare(ref, act)
+    assert m.cosine == pytest.approx(r @ a / np.sqrt((r @ r) * (a @ a)), rel=1e-12)
+    assert m.mse == pytest.approx(np.mean((a - r) ** 2), rel=1e-9)
+    assert m.max_abs == pytest.approx(np.max(np.abs(a - r)))
