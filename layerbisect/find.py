@@ -31,6 +31,7 @@ from layerbisect.summary import neighbourhood, summarize
 Sample = Mapping[str, np.ndarray]
 STRATEGIES = ("auto", "scan", "bisect")
 UNKNOWN_TENSOR_BYTES = 1 << 20  # assumed size of a value whose shape is unknown
+DEFAULT_BUDGET_CAP = 1 << 30  # beyond this, holding more activations only costs memory
 
 
 def find_first_bad_layer(
@@ -63,8 +64,8 @@ def find_first_bad_layer(
     quantized model (after its fusions), to find errors that appear only after fusion.
 
     ``strategy="scan"`` measures every aligned layer, in pieces that fit ``memory_budget``
-    (bytes of activations held at once; default: half the memory available now; a piece holds
-    one layer and the values feeding it at least);
+    (bytes of activations held at once; default: half the memory available now, at most
+    1 GiB; a piece holds one layer and the values feeding it at least);
     ``"bisect"`` finds the first bad layer with few model runs, measuring only the layers it
     probes; ``"auto"`` scans when every aligned value fits the budget, else bisects.
     ``isolated=True`` also measures each layer fed the float model's own inputs, to tell
@@ -96,7 +97,7 @@ def find_first_bad_layer(
         float_model, quant_model, shapes=shapes, providers=providers, ort_optimized=ort_optimized
     )
     pairs = alignment.pairs
-    budget = memory_budget if memory_budget is not None else available_memory() // 2
+    budget = memory_budget if memory_budget is not None else min(available_memory() // 2, DEFAULT_BUDGET_CAP)
     sizes = [_value_bytes(float_graph, pair) for pair in pairs]
     feeders = _feeders(float_proto, pairs) if isolated else [() for _ in pairs]
     # held per pair: its float and quantized values, and for isolated error its value in the
@@ -135,13 +136,13 @@ def find_first_bad_layer(
         for group in groups:
             record(group, run(group, isolated))
     else:
-        def check(indices: Sequence[int]) -> dict[int, bool]:
-            totals = run(indices, False)
+        def check(indices: Sequence[int], final: bool) -> dict[int, bool]:
+            totals = run(indices, isolated and final)  # the last pass measures isolated error too
             record(indices, totals)
             return {i: _layer(pairs[i], i, totals, p).passes(threshold) for p, i in enumerate(indices)}
 
         found, _ = bisect_first_failing(check, len(pairs), _batch(sizes, budget))
-        if found is not None and isolated:
+        if found is not None and isolated and math.isnan(_layer(pairs[found], found, *measured[found]).isolated_cosine):
             record([found], run([found], True))
 
     layers = tuple(
@@ -303,8 +304,11 @@ def _groups(costs: Sequence[int], budget: int) -> list[list[int]]:
 
 
 def _batch(sizes: Sequence[int], budget: int) -> int:
-    """How many values a bisection probe may hold (float and quantized), at least one."""
-    return max(1, budget // (2 * max(sizes)))
+    """Probes per bisection pass: as few as give the least passes the budget allows (more
+    would hold more without saving a pass), one at least."""
+    most = max(1, budget // (2 * max(sizes)))
+    passes = math.ceil(math.log(len(sizes) + 1) / math.log(most + 1))
+    return max(1, min(most, math.ceil((len(sizes) + 1) ** (1 / passes)) - 1))
 
 
 def _samples(inputs) -> Iterable[Sample | None]:

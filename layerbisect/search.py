@@ -9,7 +9,7 @@ True
 failures, once they start, go on (a layer below the threshold damages the layers after it):
 
 >>> flags = [True] * 70 + [False] * 30
->>> bisect_first_failing(lambda indices: {i: flags[i] for i in indices}, len(flags), batch=1)
+>>> bisect_first_failing(lambda indices, final: {i: flags[i] for i in indices}, len(flags), batch=1)
 (70, 7)
 """
 
@@ -24,12 +24,13 @@ def first_failing(passed: Iterable[bool]) -> int | None:
 
 
 def bisect_first_failing(
-    check: Callable[[Sequence[int]], Mapping[int, bool]], n: int, batch: int = 1
+    check: Callable[[Sequence[int], bool], Mapping[int, bool]], n: int, batch: int = 1
 ) -> tuple[int | None, int]:
     """First index in ``range(n)`` whose check fails, and the number of ``check`` calls.
 
     ``check`` evaluates up to ``batch`` indices in one call (one model execution, holding
-    ``batch`` tensors) and says which pass. Each call probes evenly spaced indices of the
+    ``batch`` tensors) and says which pass; its second argument is True for the last call,
+    whose probes cover all that is still in question. Each call probes evenly spaced indices of the
     interval still in question and narrows it to the gap before the first failing probe, so
     the calls number about ``log(n) / log(batch + 1)``. The answer equals ``first_failing``
     of all checks when failing is monotone (nothing passes after the first failure).
@@ -39,11 +40,12 @@ def bisect_first_failing(
     low, high, found, calls = 0, n, None, 0
     while low < high:
         span = high - low
-        if span <= batch:
+        final = span <= batch
+        if final:
             probes = list(range(low, high))
         else:
             probes = sorted({low + (j + 1) * span // (batch + 1) for j in range(batch)})
-        results = check(probes)
+        results = check(probes, final)
         calls += 1
         failing = [i for i in probes if not results[i]]
         if failing:

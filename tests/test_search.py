@@ -16,12 +16,16 @@ def test_bisect_agrees_with_a_full_scan_on_monotone_checks(n, batch):
         flags = monotone(n, first_bad)
         probed = []
 
-        def check(indices):
+        finals = []
+
+        def check(indices, final):
             assert 1 <= len(indices) <= batch
             probed.extend(indices)
+            finals.append(final)
             return {i: flags[i] for i in indices}
 
         found, calls = bisect_first_failing(check, n, batch)
+        assert finals.count(True) <= 1 and True not in finals[:-1]
         assert found == first_failing(flags)
         assert (calls == 0) == (n == 0) and calls <= math.ceil(math.log(max(n, 2)) / math.log(batch + 1)) + 2
         assert len(probed) == len(set(probed))  # nothing measured twice
@@ -29,4 +33,4 @@ def test_bisect_agrees_with_a_full_scan_on_monotone_checks(n, batch):
 
 def test_bad_arguments():
     with pytest.raises(ValueError):
-        bisect_first_failing(lambda i: {}, 5, batch=0)
+        bisect_first_failing(lambda i, final: {}, 5, batch=0)
