@@ -133,11 +133,11 @@ def keep_in_float(
     chosen: list[Pair] = []
     if before < threshold and score(candidates) >= threshold:
         found, _ = bisect_first_failing(
-            lambda ks: {k: score(candidates[: k + 1]) < threshold for k in ks}, len(candidates)
+            lambda ks, final: {k: score(candidates[: k + 1]) < threshold for k in ks}, len(candidates)
         )
         end = found + 1
         latest, _ = bisect_first_failing(  # then the latest start that still repairs
-            lambda ks: {k: score(candidates[k:end]) >= threshold for k in ks}, end
+            lambda ks, final: {k: score(candidates[k:end]) >= threshold for k in ks}, end
         )
         chosen = candidates[(end - 1 if latest is None else latest - 1): end]
         changed = True

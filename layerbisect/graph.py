@@ -111,6 +111,7 @@ FLOAT_DTYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorPro
                 onnx.TensorProto.BFLOAT16}
 FINGERPRINT_SIZE = 4096
 CONST, SCALE = "const", "scale"
+LARGE_INITIALIZER = 1024  # bytes; smaller ones (shapes, axes) may be read by shape inference
 NOT_A_TENSOR = -1  # the dtype of a sequence, map or optional value: never compared
 
 
@@ -176,20 +177,35 @@ def build_graph(model: onnx.ModelProto) -> nx.DiGraph:
     return _Builder(model).build()
 
 
+def inferred_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    """The type of every tensor onnx shape inference can tell, as ``{name: TypeProto}``.
+
+    Inference runs with the bytes of large initializers set aside (it needs their shapes, not
+    their values), so it copies no weights; ``model`` is left as it was.
+    """
+    large = [init for init in model.graph.initializer if len(init.raw_data) > LARGE_INITIALIZER]
+    kept = [init.raw_data for init in large]
+    try:
+        for init in large:
+            init.ClearField("raw_data")
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # shape inference is a help, never a requirement
+        inferred = model
+    finally:
+        for init, data in zip(large, kept):
+            init.raw_data = data
+    graph = inferred.graph
+    return {info.name: info.type for info in [*graph.input, *graph.value_info, *graph.output]}
+
+
 class _Builder:
     def __init__(self, model: onnx.ModelProto) -> None:
-        try:
-            model = onnx.shape_inference.infer_shapes(model)
-        except Exception:  # shape inference is a help, never a requirement
-            pass
+        self.types = inferred_types(model)
         self.graph_proto = model.graph
         self.initializers = {init.name: init for init in model.graph.initializer}
         self.constant_nodes = {
             node.output[0]: node for node in model.graph.node if node.op_type == "Constant"
         }
-        self.types: dict[str, onnx.TypeProto] = {}
-        for info in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
-            self.types[info.name] = info.type
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for node in model.graph.node:

@@ -17,7 +17,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from layerbisect.align import Pair
-from layerbisect.graph import Readout
+from layerbisect.graph import Readout, inferred_types
 
 SHELL = {"QuantizeLinear", "DequantizeLinear"}
 CUT_SUFFIX = "__layerbisect_float"
@@ -130,13 +130,10 @@ def _constant(node: onnx.NodeProto, index: int, constants: Mapping) -> np.ndarra
 
 
 def _types(model: onnx.ModelProto) -> dict[str, np.dtype]:
-    try:
-        model = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # types are a help: float32 is assumed where unknown
-        pass
+    """Element types known from shape inference (float32 is assumed elsewhere)."""
     types = {}
-    for info in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
-        elem = info.type.tensor_type.elem_type if info.type.HasField("tensor_type") else 0
+    for name, typ in inferred_types(model).items():
+        elem = typ.tensor_type.elem_type if typ.HasField("tensor_type") else 0
         if elem:
-            types[info.name] = np.dtype(helper.tensor_dtype_to_np_dtype(elem))
+            types[name] = np.dtype(helper.tensor_dtype_to_np_dtype(elem))
     return types
