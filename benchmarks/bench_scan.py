@@ -216,11 +216,13 @@ def child(mode: str, info: dict) -> dict:
 
     elif mode == "layerbisect":
         import layerbisect.find as lbfind
+        import layerbisect.measure as lbmeasure
         from layerbisect import find_first_bad_layer
 
         phases["import"] = time.perf_counter() - t0
         rss_marks: dict[str, float] = {"import": _vm("VmRSS")}
         _instrument(lbfind, phases, rss_marks)
+        _instrument(lbmeasure, phases, rss_marks)
         report = find_first_bad_layer(info["float_path"], info["quant_path"], inputs=feeds)
         bad = report.first_bad
         exposed = {}
@@ -288,7 +290,8 @@ def _prod(shape) -> int:
 
 
 def _instrument(module, phases: dict[str, float], rss_marks: dict[str, float]) -> None:
-    """Wrap what ``layerbisect.find`` calls with timers (a few hundred calls: negligible cost).
+    """Wrap what ``module`` (layerbisect.find, layerbisect.measure) calls with timers (a few
+    hundred calls: negligible cost).
 
     ``rss_marks`` gets the highest resident size seen right after each phase.
     """
@@ -301,6 +304,7 @@ def _instrument(module, phases: dict[str, float], rss_marks: dict[str, float]) -
         "expose": "expose (graphsurgeon)",
         "plan_inputs": "plan inputs",
         "compare": "compare (metrics)",
+        "cut": "cut (isolated error)",
     }
 
     def timed(fn, label):
@@ -319,7 +323,8 @@ def _instrument(module, phases: dict[str, float], rss_marks: dict[str, float]) -
         if hasattr(module, name):
             setattr(module, name, timed(getattr(module, name), label))
     session = getattr(module, "Session", None)
-    if session is not None:
+    if session is not None and not hasattr(session, "_timed"):
+        session._timed = True
         session.__init__ = timed(session.__init__, "session creation")
         session.run = timed(session.run, "run")
 
