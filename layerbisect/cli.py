@@ -58,16 +58,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if args.json:
             _write(args.json, report.to_json() + "\n")
-        if args.keep_float or args.repaired_model:
-            fallback = keep_in_float(
-                args.float_model, args.quant_model, inputs=inputs, threshold=args.threshold,
-                shapes=dict(args.shape), seed=args.seed, providers=args.providers,
-            )
-            print(fallback, file=sys.stderr)
-            if args.keep_float:
-                _write(args.keep_float, fallback.to_json() + "\n")
-            if args.repaired_model:
-                _save(fallback, args.repaired_model)
         if args.html:
             _write(args.html, report.to_html())
     except LayerbisectError as exc:
@@ -84,6 +74,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"layerbisect: warning: only {report.coverage:.0%} of the float model's operations "
             f"were aligned; {len(report.unaligned)} have no counterpart: {names}", file=sys.stderr,
         )
+    if args.keep_float or args.repaired_model:
+        try:
+            _keep_float(args, inputs)
+        except LayerbisectError as exc:
+            print(f"layerbisect: error: {exc}", file=sys.stderr)
+            return 2
     return 0 if report else 1
 
 
@@ -131,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--memory-budget", metavar="SIZE", type=_size, default=None,
-        help="activations held at once, e.g. 2G or 500M (default: half the free memory)",
+        help="activations held at once, e.g. 2G or 500M (default: half the free memory, at most 1G)",
     )
     parser.add_argument("--no-isolated", action="store_true", help="skip the per-layer (isolated) error")
     parser.add_argument("--workers", type=int, default=0, help="spread samples over N processes")
@@ -188,6 +184,19 @@ def _executor(workers: int) -> ContextManager[Executor | None]:
     if workers == 0:
         return nullcontext()
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _keep_float(args: argparse.Namespace, inputs: dict | None) -> None:
+    """Find the layers to keep in float, say so on stderr, and write what was asked."""
+    fallback = keep_in_float(
+        args.float_model, args.quant_model, inputs=inputs, threshold=args.threshold,
+        shapes=dict(args.shape), seed=args.seed, providers=args.providers,
+    )
+    print(fallback, file=sys.stderr)
+    if args.keep_float:
+        _write(args.keep_float, fallback.to_json() + "\n")
+    if args.repaired_model:
+        _save(fallback, args.repaired_model)
 
 
 def _save(fallback: FloatFallback, path: str) -> None:

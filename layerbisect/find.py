@@ -136,10 +136,19 @@ def find_first_bad_layer(
         for group in groups:
             record(group, run(group, isolated))
     else:
+        failing: list[int] = []
+
         def check(indices: Sequence[int], final: bool) -> dict[int, bool]:
-            totals = run(indices, isolated and final)  # the last pass measures isolated error too
-            record(indices, totals)
-            return {i: _layer(pairs[i], i, totals, p).passes(threshold) for p, i in enumerate(indices)}
+            # the last pass also measures isolated error (of the failing layer found before too)
+            # when that fits the budget; else a pass of its own follows
+            both = sorted({*indices, *failing[-1:]})
+            merged = final and isolated and sum(costs[i] for i in both) <= budget
+            measured_now = both if merged else list(indices)
+            totals = run(measured_now, merged)
+            record(measured_now, totals)
+            results = {i: _layer(pairs[i], i, *measured[i]).passes(threshold) for i in indices}
+            failing.extend(sorted(i for i, ok in results.items() if not ok)[:1])
+            return results
 
         found, _ = bisect_first_failing(check, len(pairs), _batch(sizes, budget))
         if found is not None and isolated and math.isnan(_layer(pairs[found], found, *measured[found]).isolated_cosine):
@@ -176,6 +185,7 @@ def find_first_bad_layer(
         peak_bytes=max(t.peak_bytes for t in passes),
         culprit=culprit,
         first_bad_cause=_cause(first_bad, threshold),
+        aligned=len(pairs),
         float_summary=summarize(float_proto, _label(float_model)),
         quant_summary=summarize(quant_proto, _label(quant_model)),
         providers=tuple(providers),

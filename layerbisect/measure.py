@@ -131,8 +131,11 @@ def measure(
 
 def _results(measurement: Measurement, samples: Iterable, executor: Executor | None):
     if executor is None:
-        for sample in samples:
-            yield measure_sample(measurement, sample)
+        try:
+            for sample in samples:
+                yield measure_sample(measurement, sample)
+        finally:
+            _SESSIONS.pop(measurement.key, None)  # sessions live as long as their pass
         return
     futures, chunk = [], []
     for sample in samples:

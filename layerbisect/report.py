@@ -96,7 +96,8 @@ class Report:
     below the threshold, "inherited" when its inputs were already damaged; ``culprit`` is the
     earliest layer whose isolated error is below the threshold (or, if none is, the one with
     the lowest isolated cosine up to the first bad layer). ``strategy`` ("scan" or "bisect"),
-    ``executions`` (model runs) and ``peak_bytes`` (activations held at once) say what it cost.
+    ``executions`` (model runs) and ``peak_bytes`` (activations held at once) say what it cost;
+    ``aligned`` counts all aligned layers, of which bisection measures only those it probes.
     ``float_summary``/``quant_summary`` describe the two models; ``providers``, ``seed`` and
     ``ort_optimized`` are the run settings; ``float_neighbourhood``/``quant_neighbourhood``
     are the nodes within two operations of the first bad layer in each model.
@@ -117,6 +118,7 @@ class Report:
     peak_bytes: int = 0
     culprit: LayerComparison | None = None
     first_bad_cause: str | None = None
+    aligned: int = 0
     float_summary: ModelSummary | None = None
     quant_summary: ModelSummary | None = None
     providers: tuple[str, ...] = ()
@@ -169,7 +171,10 @@ class Report:
         return "\n".join(lines)
 
     def _summary(self) -> str:
-        parts = [f"{len(self.layers)} aligned layers", f"coverage {self.coverage:.0%} of float ops"]
+        measured = f"{len(self.layers)} aligned layers"
+        if self.aligned > len(self.layers):  # bisection measures the layers it probes
+            measured = f"{len(self.layers)} of {self.aligned} aligned layers measured"
+        parts = [measured, f"coverage {self.coverage:.0%} of float ops"]
         if self.unaligned:
             parts.append(f"{len(self.unaligned)} float ops without counterpart")
         parts.append(f"{self.samples} sample{'s' if self.samples != 1 else ''}")

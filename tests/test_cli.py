@@ -107,3 +107,11 @@ def test_bad_search_flags(models, capsys, flag, value, message):
     with pytest.raises(SystemExit) as exit_info:
         main([str(models["float"]), str(models["int8"]), flag, value])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_keep_float_refused_after_the_report_is_printed(models, tmp_path, capsys):
+    dynamic = tmp_path / "dynamic.onnx"
+    onnx.save(quantize(make_cnn(), "dynamic"), dynamic)
+    assert main([str(models["float"]), str(dynamic), "--keep-float", str(tmp_path / "keep.json")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.startswith("PASS") and "needs a QDQ model" in captured.err

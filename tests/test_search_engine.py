@@ -37,7 +37,8 @@ def test_bisect_and_scan_agree_and_the_fault_is_introduced_there(name, fmt):
     assert scan.first_bad_cause == bisect.first_bad_cause == "introduced"
     assert scan.culprit.index == scan.first_bad.index
     n = len(scan.layers)
-    assert len(bisect.layers) < n
+    assert len(bisect.layers) < n and bisect.aligned == scan.aligned == n
+    assert f"{len(bisect.layers)} of {n} aligned layers measured" in str(bisect)
     # 2 models per probe, one probe at a time, plus 3 runs for the isolated error of the first bad layer
     assert bisect.executions <= 2 * int(np.ceil(np.log2(n))) + 2 + 3
     assert scan.executions == 3  # float, quantized, quantized cut at every layer
