@@ -12,3 +12,9 @@ def first_line(exc: BaseException, limit: int = 400) -> str:
     """The first line of an exception's message, for a one-line error."""
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:limit]
+
+
+def check_threshold(threshold: object) -> None:
+    """Refuse a cosine threshold outside (0, 1]."""
+    if not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
+        raise LayerbisectError(f"threshold must be in (0, 1], got {threshold!r}")

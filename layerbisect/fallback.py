@@ -22,7 +22,7 @@ from onnx import numpy_helper
 
 from layerbisect.align import Pair
 from layerbisect.compare import Aggregate, compare
-from layerbisect.errors import LayerbisectError
+from layerbisect.errors import LayerbisectError, check_threshold
 from layerbisect.expose import expose
 from layerbisect.find import Sample, _samples, setup
 from layerbisect.load import ModelLike
@@ -95,8 +95,7 @@ def keep_in_float(
     >>> fix.nodes_to_exclude  # doctest: +SKIP
     ('conv2',)
     """
-    if not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
-        raise LayerbisectError(f"threshold must be in (0, 1], got {threshold!r}")
+    check_threshold(threshold)
     float_proto, quant_proto, plan, _, alignment = setup(
         float_model, quant_model, shapes=shapes, providers=providers
     )

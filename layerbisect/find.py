@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from layerbisect.align import Alignment, Pair, align
-from layerbisect.errors import LayerbisectError
+from layerbisect.errors import LayerbisectError, check_threshold
 from layerbisect.graph import build_graph
 from layerbisect.inputs import InputPlan, plan_inputs
 from layerbisect.load import ModelLike, declared_inputs, load_model, subgraph_notes
@@ -77,8 +77,7 @@ def find_first_bad_layer(
     >>> report.first_bad.float_nodes, report.first_bad_cause  # doctest: +SKIP
     (('conv2',), 'introduced')
     """
-    if not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
-        raise LayerbisectError(f"threshold must be in (0, 1], got {threshold!r}")
+    check_threshold(threshold)
     if strategy not in STRATEGIES:
         raise LayerbisectError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if memory_budget is not None and memory_budget <= 0:
