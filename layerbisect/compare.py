@@ -106,12 +106,15 @@ def _max_abs(error: np.ndarray) -> float:
 
 
 class Aggregate:
-    """Running summary of one layer's metrics over samples, holding no tensors.
+    """Running summary of one layer's metrics over samples, holding no tensors (only each
+    sample's cosine, a float, for the percentile).
 
     >>> agg = Aggregate()
     >>> agg.add(Metrics(0.99, 30.0, 0.1, 0.5)); agg.add(Metrics(0.95, 20.0, 0.3, 0.9))
     >>> round(agg.cosine, 3), agg.cosine_worst, agg.worst_sample, agg.max_abs
     (0.97, 0.95, 1, 0.9)
+    >>> round(agg.cosine_p10, 3)
+    0.954
     """
 
     def __init__(self) -> None:
@@ -121,6 +124,7 @@ class Aggregate:
         self.worst_sample = 0
         self.max_abs = 0.0
         self.nonfinite = 0
+        self._cosines: list[float] = []
 
     def add(self, metrics: Metrics) -> None:
         """Fold in the metrics of the next sample."""
@@ -128,6 +132,7 @@ class Aggregate:
             if not (math.isnan(self.cosine_worst) and math.isnan(metrics.cosine)):
                 self.cosine_worst, self.worst_sample = metrics.cosine, self.samples
         self.samples += 1
+        self._cosines.append(metrics.cosine)
         self._cosine += metrics.cosine
         self._sqnr += metrics.sqnr_db
         self._mse += metrics.mse
@@ -138,6 +143,11 @@ class Aggregate:
     def cosine(self) -> float:
         """Mean cosine over samples."""
         return self._cosine / self.samples if self.samples else math.nan
+
+    @property
+    def cosine_p10(self) -> float:
+        """10th percentile of the cosine over samples (linear interpolation; NaN if any is)."""
+        return float(np.percentile(self._cosines, 10)) if self._cosines else math.nan
 
     @property
     def sqnr_db(self) -> float:

@@ -245,6 +245,7 @@ def _layer(pair: Pair, index: int, totals: Totals, position: int) -> LayerCompar
         mse=cumulative.mse,
         max_abs=cumulative.max_abs,
         cosine_worst=cumulative.cosine_worst,
+        cosine_p10=cumulative.cosine_p10,
         worst_sample=cumulative.worst_sample,
         nonfinite=cumulative.nonfinite,
         evidence=pair.evidence,

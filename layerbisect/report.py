@@ -23,7 +23,8 @@ class LayerComparison:
     ``float_nodes`` lists the float operations the layer spans (the last one produces
     ``float_tensor``); ``quant_nodes`` the quantized operations that compute ``quant_tensor``.
     ``cosine``, ``sqnr_db`` and ``mse`` are means over samples, ``max_abs`` the largest over
-    samples; ``cosine_worst`` is the lowest cosine, seen on sample ``worst_sample``;
+    samples; ``cosine_worst`` is the lowest cosine, seen on sample ``worst_sample``, and
+    ``cosine_p10`` its 10th percentile over samples;
     ``nonfinite`` counts, over all samples, NaN/Inf values that differ between the two.
     ``isolated_cosine``/``isolated_sqnr_db`` measure the layer fed the float model's own values
     at its inputs: the error it adds by itself (NaN where not measured). ``index`` is the
@@ -47,6 +48,7 @@ class LayerComparison:
     evidence: str
     isolated_cosine: float = math.nan
     isolated_sqnr_db: float = math.nan
+    cosine_p10: float = math.nan
 
     def passes(self, threshold: float) -> bool:
         """Whether the (mean) cosine reaches ``threshold``; NaN never does."""

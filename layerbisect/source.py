@@ -285,6 +285,7 @@ def _report(proto, graph, values, source, matches, totals, problems, shapes, flo
             float_tensor=value.tensor, quant_nodes=(match.key,), quant_tensor=match.key,
             shape=shapes[match.float_tensor], cosine=aggregate.cosine, sqnr_db=aggregate.sqnr_db,
             mse=aggregate.mse, max_abs=aggregate.max_abs, cosine_worst=aggregate.cosine_worst,
+            cosine_p10=aggregate.cosine_p10,
             worst_sample=aggregate.worst_sample, nonfinite=aggregate.nonfinite, evidence=match.evidence,
         ))
     if not layers:

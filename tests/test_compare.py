@@ -47,6 +47,7 @@ def test_aggregate_matches_brute_force():
     cosines = [m.cosine for m in metrics]
     assert agg.cosine == pytest.approx(np.mean(cosines))
     assert agg.cosine_worst == min(cosines) and agg.worst_sample == int(np.argmin(cosines))
+    assert agg.cosine_p10 == pytest.approx(np.percentile(cosines, 10))
     assert agg.mse == pytest.approx(np.mean([m.mse for m in metrics]))
     assert agg.max_abs == max(m.max_abs for m in metrics)
 

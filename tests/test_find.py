@@ -114,6 +114,7 @@ def test_several_samples_give_mean_and_worst():
     single = [find_first_bad_layer(float_model("cnn"), faulted("cnn", "qdq", "conv2"), s).first_bad for s in samples]
     assert report.first_bad.cosine == pytest.approx(np.mean([s.cosine for s in single]))
     assert report.first_bad.cosine_worst == pytest.approx(min(s.cosine for s in single))
+    assert report.first_bad.cosine_p10 == pytest.approx(np.percentile([s.cosine for s in single], 10))
 
 
 def test_random_inputs_are_seeded_and_reports_repeat():
