@@ -16,6 +16,7 @@ ONNX operator semantics.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 from typing import Optional
 
@@ -231,7 +232,7 @@ class _Builder:
                 fingerprint=None, bias=False, perm=None, layout=None,
             )
             self.source[info.name] = (node_id, 0)
-        for order, node in enumerate(self.graph_proto.node):
+        for order, node in _topological(self.graph_proto.node):
             self._add(node, order)
         for node_id, attrs in self.graph.nodes(data=True):
             if attrs["kind"] == "op":
@@ -243,7 +244,8 @@ class _Builder:
         return self.graph
 
     def _add(self, node: onnx.NodeProto, order: int) -> None:
-        inputs = [self.source.get(name, CONST) if name else CONST for name in node.input]
+        names = [*node.input, *_outer_scope_reads(node)]  # If/Loop/Scan bodies read outer values
+        inputs = [self.source.get(name, CONST) if name else CONST for name in names]
         data = [ref for ref in inputs if isinstance(ref, tuple)]
         if not data or node.op_type in SHAPE_OPS:
             kind = SCALE if SCALE in inputs or node.op_type == "DynamicQuantizeLinear" else CONST
@@ -396,6 +398,46 @@ class _Builder:
             dim.dim_value if dim.HasField("dim_value") else None
             for dim in typ.tensor_type.shape.dim
         )
+
+
+def _topological(nodes) -> list[tuple[int, onnx.NodeProto]]:
+    """``(position, node)`` in an order where every node follows what it reads, subgraphs'
+    outer-scope reads included (files are sorted without them), and otherwise file order."""
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    waits_on = [
+        {producer[name] for name in [*node.input, *_outer_scope_reads(node)] if name in producer} - {i}
+        for i, node in enumerate(nodes)
+    ]
+    readers: dict[int, list[int]] = {}
+    for i, needed in enumerate(waits_on):
+        for j in needed:
+            readers.setdefault(j, []).append(i)
+    ready = [i for i, needed in enumerate(waits_on) if not needed]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append((i, nodes[i]))
+        for reader in readers.get(i, ()):
+            waits_on[reader].discard(i)
+            if not waits_on[reader]:
+                heapq.heappush(ready, reader)
+    placed = {i for i, _ in order}
+    return order + [(i, node) for i, node in enumerate(nodes) if i not in placed]  # cycles: as given
+
+
+def _outer_scope_reads(node: onnx.NodeProto) -> list[str]:
+    """Names the subgraphs of ``node`` read from the enclosing graph, in first-read order."""
+    reads: dict[str, None] = {}
+    for attr in node.attribute:
+        for graph in [attr.g] if attr.HasField("g") else list(attr.graphs):
+            local = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+            for inner in graph.node:
+                for name in [*inner.input, *_outer_scope_reads(inner)]:
+                    if name and name not in local:
+                        reads[name] = None
+                local.update(inner.output)
+    return list(reads)
 
 
 def _has_input(node: onnx.NodeProto, index: int | None) -> bool:

@@ -292,7 +292,7 @@ def test_silero_16k_export_top_level_convolutions_are_compared_and_the_culprit_n
     show("silero 16k op15, dynamic int8", report)
     assert report.coverage == 1.0
     convs = [layer for layer in report.layers if layer.op_type == "Conv"]
-    assert [c.float_nodes[0] for c in convs] == ["/model/stft/Conv", *ENCODER_CONVS]
+    assert [c.float_nodes[0] for c in convs] == ["/model/stft/Conv", *ENCODER_CONVS, "/model/decoder/decoder/2/Conv"]
     assert all(c.quant_nodes[0] == c.float_nodes[0] + "_quant" for c in convs)
     assert report.first_bad is not None and report.first_bad.index <= layer_named(report, ENCODER_CONVS[3]).index
     assert report.culprit.float_nodes == (ENCODER_CONVS[3],) and report.culprit.isolated_cosine < 0.9
@@ -310,12 +310,6 @@ def test_silero_16k_export_planted_fault_in_an_encoder_conv_is_the_culprit():
     assert report.first_bad.index <= report.culprit.index
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: an If whose condition is computed from shapes only (here Equal(Gather(Shape(.)), 1)) "
-    "is taken for a constant by layerbisect.graph, since its branches read data from the outer scope, "
-    "not through node inputs: its outputs and everything after them leave the comparison, uncounted "
-    "(coverage stays 100%). The speech probability 'output' is never compared. Minimal repro: "
-    "test_if_with_a_shape_computed_condition_keeps_its_outputs_in_the_comparison"))
 def test_silero_16k_export_compares_the_speech_probability():
     report = op15_report()
     assert "output" in dict(report.outputs)
@@ -398,10 +392,6 @@ def _if_on_shape(scale: float) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: layerbisect.graph treats an op with no data input as a constant; an If reads its "
-    "branches' data from the outer scope, so an If on a shape-computed condition drops out with its "
-    "outputs: y (cosine -1 here) is not compared, report PASSes with coverage 100%"))
 def test_if_with_a_shape_computed_condition_keeps_its_outputs_in_the_comparison():
     x = {"x": np.array([[1.0, 2.0, 3.0, 4.0]], np.float32)}
     report = find_first_bad_layer(_if_on_shape(2.0), _if_on_shape(-2.0), x, quiet=True)
