@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Executor
@@ -12,10 +13,11 @@ from typing import NamedTuple
 import networkx as nx
 import numpy as np
 import onnx
+from onnx import helper
 
 from layerbisect.align import Alignment, Pair, align
 from layerbisect.errors import LayerbisectError, check_threshold
-from layerbisect.graph import build_graph
+from layerbisect.graph import build_graph, inferred_types
 from layerbisect.inputs import InputPlan, plan_inputs
 from layerbisect.load import ModelLike, declared_inputs, load_model, subgraph_notes
 from layerbisect.measure import Totals, available_memory, measure, prepare
@@ -97,7 +99,8 @@ def find_first_bad_layer(
     )
     pairs = alignment.pairs
     budget = memory_budget if memory_budget is not None else min(available_memory() // 2, DEFAULT_BUDGET_CAP)
-    sizes = [_value_bytes(float_graph, pair) for pair in pairs]
+    first, samples = _peek(samples)
+    sizes = _value_bytes(float_proto, pairs, {n: a.shape for n, a in plan.feeds(first, seed)[0].items()})
     feeders = _feeders(float_proto, pairs) if isolated else [() for _ in pairs]
     # held per pair: its float and quantized values, and for isolated error its value in the
     # cut model plus the float values fed to the cuts
@@ -291,13 +294,29 @@ def _feeders(model: onnx.ModelProto, pairs: Sequence[Pair]) -> list[tuple[int, .
     return feeders
 
 
-def _value_bytes(graph: nx.DiGraph, pair: Pair) -> int:
-    """Estimated bytes of a pair's float value, from inferred shapes (4-byte elements)."""
-    attrs = graph.nodes[pair.float_nodes[-1]]
-    shape = attrs["shapes"][attrs["outputs"].index(pair.float_tensor)]
-    if shape is None:
-        return UNKNOWN_TENSOR_BYTES
-    return 4 * math.prod(d if d else 1 for d in shape)
+def _value_bytes(model: onnx.ModelProto, pairs: Sequence[Pair], input_shapes: Mapping) -> list[int]:
+    """Estimated bytes of each pair's float value, from shapes inferred for these inputs."""
+    types = inferred_types(model, input_shapes)
+    sizes = []
+    for pair in pairs:
+        typ = types.get(pair.float_tensor)
+        if typ is None or not typ.HasField("tensor_type") or not typ.tensor_type.HasField("shape"):
+            sizes.append(UNKNOWN_TENSOR_BYTES)
+            continue
+        elem = typ.tensor_type.elem_type
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(elem)).itemsize if elem else 4
+        sizes.append(itemsize * math.prod(d.dim_value or 1 for d in typ.tensor_type.shape.dim))
+    return sizes
+
+
+def _peek(samples: Iterable) -> tuple[object, Iterable]:
+    """The first sample, and all the samples still to iterate."""
+    iterator = iter(samples)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        raise LayerbisectError("inputs holds no sample: give at least one dict of input name -> array") from None
+    return first, itertools.chain([first], iterator)
 
 
 def _groups(costs: Sequence[int], budget: int) -> list[list[int]]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import Optional
 
 import networkx as nx
@@ -178,23 +179,36 @@ def build_graph(model: onnx.ModelProto) -> nx.DiGraph:
     return _Builder(model).build()
 
 
-def inferred_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
-    """The type of every tensor onnx shape inference can tell, as ``{name: TypeProto}``.
+def inferred_types(
+    model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None
+) -> dict[str, onnx.TypeProto]:
+    """The type of every tensor onnx shape inference can tell, as ``{name: TypeProto}``;
+    ``input_shapes`` fixes the dynamic dimensions of the inputs it names.
 
     Inference runs with the bytes of large initializers set aside (it needs their shapes, not
     their values), so it copies no weights; ``model`` is left as it was.
     """
     large = [init for init in model.graph.initializer if len(init.raw_data) > LARGE_INITIALIZER]
     kept = [init.raw_data for init in large]
+    inputs = [i for i in model.graph.input if input_shapes and i.name in input_shapes]
+    declared = [onnx.TypeProto() for _ in inputs]
     try:
         for init in large:
             init.ClearField("raw_data")
+        for info, saved in zip(inputs, declared):
+            saved.CopyFrom(info.type)
+            shape = info.type.tensor_type.shape
+            shape.ClearField("dim")
+            for size in input_shapes[info.name]:
+                shape.dim.add().dim_value = int(size)
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception:  # shape inference is a help, never a requirement
         inferred = model
     finally:
         for init, data in zip(large, kept):
             init.raw_data = data
+        for info, saved in zip(inputs, declared):
+            info.type.CopyFrom(saved)
     graph = inferred.graph
     return {info.name: info.type for info in [*graph.input, *graph.value_info, *graph.output]}
 
