@@ -7,6 +7,7 @@ bad input (one line on stderr, no traceback).
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing
 import sys
 import zipfile
@@ -173,8 +174,8 @@ def _size(text: str) -> int:
         value = float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a size such as 2G, 500M or 1048576, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"a memory budget must be positive, got {text!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"a memory budget must be a positive finite size, got {text!r}")
     return int(value)
 
 

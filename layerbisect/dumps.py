@@ -162,10 +162,16 @@ def _entry(folder: Path, file: str, spec: dict) -> DumpedTensor:
         np.dtype(dtype or "float32")
     except TypeError:
         raise LayerbisectError(f"dump map entry {file!r}: unknown dtype {dtype!r}") from None
+    if shape is not None:
+        try:
+            shape = tuple(int(d) for d in shape)
+        except (TypeError, ValueError):
+            raise LayerbisectError(f"dump map entry {file!r}: shape must be a list of integers, got {spec['shape']!r}") from None
+        if any(d < 0 for d in shape):
+            raise LayerbisectError(f"dump map entry {file!r}: shape {list(shape)} has a negative dimension")
     name = spec.get("name")
     return DumpedTensor(
-        key=str(name) if name else f"<{file}>", path=path,
-        shape=None if shape is None else tuple(int(d) for d in shape), dtype=dtype, layout=layout,
+        key=str(name) if name else f"<{file}>", path=path, shape=shape, dtype=dtype, layout=layout,
         scale=spec.get("scale"), zero_point=spec.get("zero_point"),
     )
 

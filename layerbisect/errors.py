@@ -1,5 +1,7 @@
 """The one exception layerbisect raises for bad input."""
 
+import numbers
+
 
 class LayerbisectError(ValueError):
     """Bad input: the message names what is wrong, what was expected and what to do.
@@ -15,6 +17,6 @@ def first_line(exc: BaseException, limit: int = 400) -> str:
 
 
 def check_threshold(threshold: object) -> None:
-    """Refuse a cosine threshold outside (0, 1]."""
-    if not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
+    """Refuse a cosine threshold that is not a number in (0, 1] (numpy scalars are numbers)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 < threshold <= 1.0:
         raise LayerbisectError(f"threshold must be in (0, 1], got {threshold!r}")

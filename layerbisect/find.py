@@ -148,7 +148,11 @@ def find_first_bad_layer(
             measured_now = both if merged else list(indices)
             totals = run(measured_now, merged)
             record(measured_now, totals)
-            results = {i: _layer(pairs[i], i, *measured[i]).passes(threshold) for i in indices}
+            # a value that cannot be compared (not float, shapes differ) counts as passing
+            results = {
+                i: not _comparable(measured[i]) or _layer(pairs[i], i, *measured[i]).passes(threshold)
+                for i in indices
+            }
             failing.extend(sorted(i for i, ok in results.items() if not ok)[:1])
             return results
 
@@ -269,15 +273,17 @@ def _cause(first_bad: LayerComparison | None, threshold: float) -> str | None:
 
 
 def _culprit(layers, first_bad, threshold) -> LayerComparison | None:
-    """The earliest layer whose own error is below the threshold; else, up to the first bad
-    layer, the one adding the most error."""
-    measured = [layer for layer in layers if not math.isnan(layer.isolated_cosine)]
-    introducing = [layer for layer in measured if not layer.isolated_cosine >= threshold]
-    if introducing:
-        return introducing[0]
+    """Up to the first bad layer, the earliest layer whose own error is below the threshold;
+    else the one adding the most error. None when no layer is bad."""
     if first_bad is None:
         return None
-    before = [layer for layer in measured if layer.index <= first_bad.index]
+    before = [
+        layer for layer in layers
+        if layer.index <= first_bad.index and not math.isnan(layer.isolated_cosine)
+    ]
+    introducing = [layer for layer in before if not layer.isolated_cosine >= threshold]
+    if introducing:
+        return introducing[0]
     return min(before, key=lambda layer: layer.isolated_cosine, default=None)
 
 

@@ -1,7 +1,7 @@
 """Feeds for the two models: checked against what each model declares, or generated.
 
-Pure numpy: the input declarations come in as ``InputSpec`` values (``layerbisect.run`` reads
-them from onnxruntime). The rules, for models that may declare different inputs:
+Pure numpy: the input declarations come in as ``InputSpec`` values (``layerbisect.load``
+reads them from the ONNX graph). The rules, for models that may declare different inputs:
 
 - each model gets the inputs it declares, taken by name from the feeds; inputs that the two
   models name differently are paired by position (same shape, float types or equal types)
@@ -236,7 +236,7 @@ def _random_array(spec: InputSpec, shape: Sequence[int] | None, rng: np.random.G
             )
         shape = spec.shape
     shape = tuple(int(d) for d in shape)
-    if not _compatible(spec.shape, shape):
+    if any(d < 0 for d in shape) or not _compatible(spec.shape, shape):
         raise LayerbisectError(
             f"shape {list(shape)} given for input {spec.name!r} does not fit {spec.describe()}"
         )

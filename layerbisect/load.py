@@ -52,8 +52,8 @@ def load_model(model: ModelLike, *, role: str = "model") -> onnx.ModelProto:
         )
     if not copy.graph.node:
         raise LayerbisectError(f"{role} has no nodes: is it the right file?")
-    name_nodes(copy.graph)
     inline_constant_ifs(copy.graph)
+    name_nodes(copy.graph)  # after inlining, so inlined names are made unique too
     return copy
 
 

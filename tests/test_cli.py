@@ -115,3 +115,9 @@ def test_keep_float_refused_after_the_report_is_printed(models, tmp_path, capsys
     assert main([str(models["float"]), str(dynamic), "--keep-float", str(tmp_path / "keep.json")]) == 2
     captured = capsys.readouterr()
     assert captured.out.startswith("PASS") and "needs a QDQ model" in captured.err
+
+
+def test_infinite_memory_budget_is_bad_usage(models, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(models["float"]), str(models["int8"]), "--memory-budget", "inf"])
+    assert exit_info.value.code == 2 and "positive finite size" in capsys.readouterr().err

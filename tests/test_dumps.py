@@ -169,6 +169,9 @@ def test_cli_compares_a_dump_folder(tmp_path, capsys):
     ({"a.bin": {"shape": [1, 8, 16, 17]}}, "needs 2176"),
     ({"a.bin": {"shape": [2], "layout": "CHWN"}}, "layout must be"),
     ({"missing.bin": {"shape": [2]}}, "not in"),
+    ({"a.bin": {"shape": ["two", 4]}}, "shape must be a list of integers"),
+    ({"a.bin": {"shape": 7}}, "shape must be a list of integers"),
+    ({"a.bin": {"shape": [-1, 4]}}, "negative dimension"),
 ])
 def test_bad_maps_say_what_is_wrong(tmp_path, content, message):
     float_run()["conv1"].tofile(tmp_path / "a.bin")

@@ -113,3 +113,29 @@ def test_all_zero_tensors_compare_as_equal():
 def test_zero_against_nonzero_is_bad():
     report = find_first_bad_layer(scaled(1.0), scaled(0.0), X)
     assert report.first_bad.cosine == 0.0
+
+
+def test_numpy_threshold_is_a_number_and_bool_is_not():
+    assert find_first_bad_layer(scaled(1.0), scaled(1.0), X, threshold=np.float32(0.98)).threshold == pytest.approx(0.98)
+    with pytest.raises(LayerbisectError, match="threshold must be in"):
+        find_first_bad_layer(scaled(1.0), scaled(1.0), X, threshold=True)
+
+
+def test_negative_shape_for_random_inputs():
+    dynamic = scaled(1.0)
+    dynamic.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "n"
+    with pytest.raises(LayerbisectError, match=r"shape \[-2, 3\] given for input 'x' does not fit"):
+        find_first_bad_layer(dynamic, dynamic, shapes={"x": (-2, 3)})
+
+
+def test_culprit_is_never_after_the_first_bad_layer():
+    from layerbisect.find import _culprit
+    from layerbisect.report import LayerComparison
+
+    def layer(index, isolated):
+        return LayerComparison(index, "Relu", (f"n{index}",), f"t{index}", (f"n{index}",), f"t{index}", (1,),
+                               0.5, 0.0, 0.0, 0.0, 0.5, 0, 0, "structure", isolated_cosine=isolated)
+
+    layers = (layer(0, 0.995), layer(1, 0.99), layer(2, 0.5))
+    assert _culprit(layers, layers[1], 0.98).index == 1  # inherited: the largest contributor up to it
+    assert _culprit(layers, None, 0.98) is None
