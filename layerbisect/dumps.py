@@ -31,7 +31,6 @@ import numpy as np
 
 from layerbisect.errors import LayerbisectError
 
-RAW_SUFFIXES = (".bin", ".raw")
 RKNN_MAP = "map_name_to_file.txt"
 LAYOUTS = ("NCHW", "NHWC")
 

@@ -2,6 +2,8 @@
 
 import numbers
 
+NO_SAMPLES = "inputs holds no sample: give at least one dict of input name -> array"
+
 
 class LayerbisectError(ValueError):
     """Bad input: the message names what is wrong, what was expected and what to do.

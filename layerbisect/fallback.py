@@ -20,9 +20,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from layerbisect.align import Pair
+from layerbisect.align import ACTIVATIONS, Pair
 from layerbisect.compare import Aggregate, compare
-from layerbisect.errors import LayerbisectError, check_threshold
+from layerbisect.errors import NO_SAMPLES, LayerbisectError, check_threshold
 from layerbisect.expose import expose
 from layerbisect.find import Sample, _samples, setup
 from layerbisect.load import ModelLike
@@ -30,7 +30,6 @@ from layerbisect.run import DEFAULT_PROVIDERS, Session
 from layerbisect.search import bisect_first_failing
 
 FOLDED_INTO_WEIGHTS = {"BatchNormalization"}
-ACTIVATIONS = {"Relu", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish", "Sigmoid", "Tanh"}
 
 
 @dataclass(frozen=True)
@@ -103,7 +102,7 @@ def keep_in_float(
         raise LayerbisectError("keeping layers in float needs a QDQ model (QuantizeLinear/DequantizeLinear pairs)")
     samples = list(_samples(inputs))
     if not samples:
-        raise LayerbisectError("inputs holds no sample: give at least one dict of input name -> array")
+        raise LayerbisectError(NO_SAMPLES)
     outputs = _output_pairs(float_proto, alignment.pairs)
     float_session = Session(expose(float_proto, [p.float_tensor for p in outputs]), "float model", providers)
     feeds = [plan.feeds(sample, seed) for sample in samples]

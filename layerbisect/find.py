@@ -16,7 +16,7 @@ import onnx
 from onnx import helper
 
 from layerbisect.align import Alignment, Pair, align
-from layerbisect.errors import LayerbisectError, check_threshold
+from layerbisect.errors import NO_SAMPLES, LayerbisectError, check_threshold
 from layerbisect.graph import build_graph, inferred_types
 from layerbisect.inputs import InputPlan, plan_inputs
 from layerbisect.load import ModelLike, declared_inputs, load_model, subgraph_notes
@@ -121,10 +121,7 @@ def find_first_bad_layer(
             [pairs[b] for b in boundaries] if with_isolated else None,
             plan, seed=seed, providers=providers, prune=len(indices) < len(pairs),
         )
-        totals = measure(measurement, progress(samples, quiet), executor)
-        if not totals.samples:
-            raise LayerbisectError("inputs holds no sample: give at least one dict of input name -> array")
-        return totals
+        return measure(measurement, progress(samples, quiet), executor)
 
     measured: dict[int, tuple[Totals, int]] = {}
     passes: list[Totals] = []
@@ -321,7 +318,7 @@ def _peek(samples: Iterable) -> tuple[object, Iterable]:
     try:
         first = next(iterator)
     except StopIteration:
-        raise LayerbisectError("inputs holds no sample: give at least one dict of input name -> array") from None
+        raise LayerbisectError(NO_SAMPLES) from None
     return first, itertools.chain([first], iterator)
 
 

@@ -13,7 +13,7 @@ T = TypeVar("T")
 DELAY_S = 2.0  # work shorter than this shows no bar
 
 
-def progress(samples: Iterable[T], quiet: bool = False, what: str = "samples") -> Iterable[T]:
+def progress(samples: Iterable[T], quiet: bool = False) -> Iterable[T]:
     """``samples`` behind a tqdm bar, unless ``quiet``, tqdm is missing, or there is one sample.
 
     The bar shows on a terminal or in a notebook, only once the work has taken two seconds, and
@@ -25,4 +25,4 @@ def progress(samples: Iterable[T], quiet: bool = False, what: str = "samples") -
         from tqdm.auto import tqdm
     except ImportError:
         return samples
-    return tqdm(samples, desc=what, unit="sample", delay=DELAY_S, disable=None, leave=False)
+    return tqdm(samples, desc="samples", unit="sample", delay=DELAY_S, disable=None, leave=False)

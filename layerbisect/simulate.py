@@ -41,7 +41,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from layerbisect.align import Alignment, Pair
-from layerbisect.errors import LayerbisectError
+from layerbisect.errors import NO_SAMPLES, LayerbisectError
 from layerbisect.expose import expose
 from layerbisect.graph import FLOAT_DTYPES, Readout, build_graph
 from layerbisect.inputs import plan_inputs
@@ -287,7 +287,7 @@ class Simulated:
         proto = load_model(float_model, role="float model")
         _check_opset(proto)
         graph = build_graph(proto)
-        tensors = _activations(proto, graph)
+        tensors = _activations(graph)
         if not tensors:
             raise LayerbisectError("the float model has no float32 activation to simulate a format on")
         observe = _Observer(proto, tensors, samples, shapes, seed, providers)
@@ -397,7 +397,7 @@ class _Observer:
         self.sample_list = list(samples)
         self.seed = seed
         if not self.sample_list:
-            raise LayerbisectError("inputs holds no sample: give at least one dict of input name -> array")
+            raise LayerbisectError(NO_SAMPLES)
 
     @property
     def samples(self) -> int:
@@ -431,7 +431,7 @@ class _Observer:
         return effects
 
 
-def _activations(proto: onnx.ModelProto, graph: nx.DiGraph) -> list[str]:
+def _activations(graph: nx.DiGraph) -> list[str]:
     """The float32 values to quantize: graph inputs, then operation outputs, in order."""
     float32 = TensorProto.FLOAT
     tensors = [attrs["name"] for _, attrs in sorted(graph.nodes(data=True), key=lambda item: item[1]["order"])

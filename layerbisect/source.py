@@ -34,7 +34,7 @@ import onnx
 
 from layerbisect.compare import Aggregate, compare
 from layerbisect.dumps import DumpFolder
-from layerbisect.errors import LayerbisectError, first_line
+from layerbisect.errors import NO_SAMPLES, LayerbisectError, first_line
 from layerbisect.expose import expose
 from layerbisect.graph import FLOAT_DTYPES, build_graph
 from layerbisect.inputs import plan_inputs
@@ -138,7 +138,7 @@ def compare_source(
             _measure(match, reference, produced, totals, problems)
             shapes_seen[match.float_tensor] = tuple(reference[match.float_tensor].shape)
     if matches is None:
-        raise LayerbisectError("inputs holds no sample: give at least one dict of input name -> array")
+        raise LayerbisectError(NO_SAMPLES)
     return _report(proto, graph, values, source, matches, totals, problems, shapes_seen,
                    _label(float_model, proto), threshold, count, peak, providers, seed)
 
