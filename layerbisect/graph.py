@@ -10,8 +10,8 @@ operations. Quantization plumbing, constants and weights are not nodes: they are
 of a node's weight.
 
 The same function builds the graph of the float model and of the quantized one, so that the
-aligner (``layerbisect.align``) compares like with like. This module is the only one that knows
-ONNX operator semantics.
+aligner (``layerbisect.align``) compares like with like. This module knows what quantized
+operators mean; the aligner knows which float operations may be folded or replaced.
 """
 
 from __future__ import annotations
