@@ -13,7 +13,7 @@ import os
 import uuid
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -42,7 +42,7 @@ class Measurement:
     inputs: InputPlan
     seed: int
     providers: tuple[str, ...]
-    originals: tuple[onnx.ModelProto, onnx.ModelProto]
+    originals: tuple[onnx.ModelProto, onnx.ModelProto] | None  # to word a load failure
     key: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -137,6 +137,7 @@ def _results(measurement: Measurement, samples: Iterable, executor: Executor | N
         finally:
             _SESSIONS.pop(measurement.key, None)  # sessions live as long as their pass
         return
+    measurement = replace(measurement, originals=None)  # workers need not receive them
     futures, chunk = [], []
     for sample in samples:
         chunk.append(sample)
@@ -161,7 +162,7 @@ def _sessions(measurement: Measurement) -> tuple:
     """Sessions of a measurement, made once per process and kept for its last measurement."""
     if measurement.key not in _SESSIONS:
         _SESSIONS.clear()
-        float_original, quant_original = measurement.originals
+        float_original, quant_original = measurement.originals or (None, None)
         providers = measurement.providers
         _SESSIONS[measurement.key] = (
             Session(measurement.float_model, "float model", providers, float_original),
