@@ -162,32 +162,7 @@ def ort_debug(info: dict, limit_db: float = 14.0) -> dict:
     result: dict = {"baseline_rss_mb": bench_scan._vm("VmRSS")}
     phases: dict[str, float] = {}
     t0 = time.perf_counter()
-    from onnxruntime.quantization.qdq_loss_debug import (
-        collect_activations, compute_activation_error, create_activation_matching,
-        modify_model_output_intermediate_tensors,
-    )
-
-    phases["import"] = time.perf_counter() - t0
-
-    class Reader:  # collect_activations only iterates over it
-        def __iter__(self):
-            return iter([feeds])
-
-    with tempfile.TemporaryDirectory() as tmp:
-        aug_float, aug_quant = os.path.join(tmp, "float_aug.onnx"), os.path.join(tmp, "quant_aug.onnx")
-        t = time.perf_counter()
-        modify_model_output_intermediate_tensors(info["float_path"], aug_float)
-        modify_model_output_intermediate_tensors(info["quant_path"], aug_quant)
-        phases["augment (load, infer shapes, save)"] = time.perf_counter() - t
-        t = time.perf_counter()
-        float_acts = collect_activations(aug_float, Reader())
-        quant_acts = collect_activations(aug_quant, Reader())
-        phases["collect (sessions + run)"] = time.perf_counter() - t
-    t = time.perf_counter()
-    matched = create_activation_matching(quant_acts, float_acts)
-    matched = {k: v for k, v in matched.items() if "float" in v}  # compute_activation_error needs one
-    errors = compute_activation_error(matched)
-    phases["match + SQNR"] = time.perf_counter() - t
+    matched, errors = bench_scan.ort_debugger_errors(info, feeds, phases, t0)
     result["wall_s"] = time.perf_counter() - t0
     result["peak_rss_mb"] = bench_scan._vm("VmHWM")
     result["phases"] = phases

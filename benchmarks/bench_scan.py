@@ -241,36 +241,7 @@ def child(mode: str, info: dict) -> dict:
         )
 
     elif mode == "ort-debug":
-        from onnxruntime.quantization.qdq_loss_debug import (
-            collect_activations, compute_activation_error, create_activation_matching,
-            modify_model_output_intermediate_tensors,
-        )
-
-        phases["import"] = time.perf_counter() - t0
-
-        class Reader:  # collect_activations only iterates over it
-            def __init__(self) -> None:
-                self._items = [feeds]
-
-            def __iter__(self):
-                return iter(self._items)
-
-        with tempfile.TemporaryDirectory() as tmp:
-            aug_float, aug_quant = os.path.join(tmp, "float_aug.onnx"), os.path.join(tmp, "quant_aug.onnx")
-            t = time.perf_counter()
-            modify_model_output_intermediate_tensors(info["float_path"], aug_float)
-            modify_model_output_intermediate_tensors(info["quant_path"], aug_quant)
-            phases["augment (load, infer shapes, save)"] = time.perf_counter() - t
-            t = time.perf_counter()
-            float_acts = collect_activations(aug_float, Reader())
-            quant_acts = collect_activations(aug_quant, Reader())
-            phases["collect (sessions + run)"] = time.perf_counter() - t
-        t = time.perf_counter()
-        matched = create_activation_matching(quant_acts, float_acts)
-        # compute_activation_error indexes match["float"]; keep the pairs that have one.
-        matched = {k: v for k, v in matched.items() if "float" in v}
-        errors = compute_activation_error(matched)
-        phases["match + SQNR"] = time.perf_counter() - t
+        _, errors = ort_debugger_errors(info, feeds, phases, t0)
         result.update(aligned=len(errors), **_first_low_sqnr(info, errors))
 
     else:
@@ -280,6 +251,39 @@ def child(mode: str, info: dict) -> dict:
     result["peak_rss_mb"] = _vm("VmHWM")
     result["phases"] = phases
     return result
+
+
+def ort_debugger_errors(info: dict, feeds: dict, phases: dict[str, float], t0: float) -> tuple[dict, dict]:
+    """onnxruntime's quantization debugger on the pair (augment, collect activations, match,
+    SQNR), each step timed into ``phases``; its matched activations and errors by tensor name."""
+    from onnxruntime.quantization.qdq_loss_debug import (
+        collect_activations, compute_activation_error, create_activation_matching,
+        modify_model_output_intermediate_tensors,
+    )
+
+    phases["import"] = time.perf_counter() - t0
+
+    class Reader:  # collect_activations only iterates over it
+        def __iter__(self):
+            return iter([feeds])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        aug_float, aug_quant = os.path.join(tmp, "float_aug.onnx"), os.path.join(tmp, "quant_aug.onnx")
+        t = time.perf_counter()
+        modify_model_output_intermediate_tensors(info["float_path"], aug_float)
+        modify_model_output_intermediate_tensors(info["quant_path"], aug_quant)
+        phases["augment (load, infer shapes, save)"] = time.perf_counter() - t
+        t = time.perf_counter()
+        float_acts = collect_activations(aug_float, Reader())
+        quant_acts = collect_activations(aug_quant, Reader())
+        phases["collect (sessions + run)"] = time.perf_counter() - t
+    t = time.perf_counter()
+    matched = create_activation_matching(quant_acts, float_acts)
+    # compute_activation_error indexes match["float"]; keep the pairs that have one.
+    matched = {k: v for k, v in matched.items() if "float" in v}
+    errors = compute_activation_error(matched)
+    phases["match + SQNR"] = time.perf_counter() - t
+    return matched, errors
 
 
 def _prod(shape) -> int:
