@@ -20,12 +20,13 @@ from layerbisect.errors import NO_SAMPLES, LayerbisectError, check_threshold
 from layerbisect.graph import build_graph, inferred_types
 from layerbisect.inputs import InputPlan, plan_inputs
 from layerbisect.load import ModelLike, declared_inputs, load_model, subgraph_notes
-from layerbisect.measure import Totals, available_memory, measure, prepare
+from layerbisect.measure import Saved, Totals, available_memory, measure, prepare
 from layerbisect.progress import progress
 from layerbisect.report import LayerComparison, Report
 from layerbisect.run import DEFAULT_PROVIDERS
 from layerbisect.run import ort_optimized as ort_optimized_model
 from layerbisect.search import bisect_first_failing, first_failing
+from layerbisect.segment import Segments
 from layerbisect.simulate import Simulated, Simulation
 from layerbisect.source import compare_source, tensor_source
 from layerbisect.summary import neighbourhood, summarize
@@ -34,6 +35,9 @@ Sample = Mapping[str, np.ndarray]
 STRATEGIES = ("auto", "scan", "bisect")
 UNKNOWN_TENSOR_BYTES = 1 << 20  # assumed size of a value whose shape is unknown
 DEFAULT_BUDGET_CAP = 1 << 30  # beyond this, holding more activations only costs memory
+# Bisection probes one layer per pass, each pass a short segment resumed from the values saved
+# after the last layer known to pass; once this few layers remain, one pass measures them all.
+LAST_PASS_LAYERS = 8
 
 
 def find_first_bad_layer(
@@ -108,54 +112,79 @@ def find_first_bad_layer(
         (3 if isolated else 2) * size + 2 * sum(sizes[f] for f in feeders[i])
         for i, size in enumerate(sizes)
     ]
+    # one pass holds everything when that fits; else half the budget holds the values a pass
+    # measures, a quarter each the values it resumes from and those it saves for the next
+    # (saved values past that are dropped: the next pass then starts from the inputs)
+    fits = sum(costs) <= budget
     if strategy == "auto":
-        strategy = "scan" if sum(costs) <= budget else "bisect"
-    groups = _groups(costs, budget) if strategy == "scan" else []
+        strategy = "scan" if fits else "bisect"
+    groups = ([list(range(len(pairs)))] if fits else _groups(costs, budget / 2)) if strategy == "scan" else []
     if strategy == "bisect" or len(groups) > 1:
         samples = list(samples)  # several passes over the samples
+    segments = Segments(float_proto), Segments(quant_proto)
 
-    def run(indices: Sequence[int], with_isolated: bool) -> Totals:
+    def run(indices: Sequence[int], with_isolated: bool, start: Saved | None, save_after: int | None = None) -> Totals:
+        """Measure ``indices``, resumed from the values ``start`` saved, saving those a pass
+        after pair ``save_after`` resumes from."""
         boundaries = sorted({b for i in indices for b in feeders[i]})
+        saves: tuple[Sequence[str], Sequence[str]] = ((), ())
+        if save_after is not None:
+            done, later = pairs[: save_after + 1], pairs[save_after + 1:]
+            saves = (
+                segments[0].boundary([p.float_tensor for p in done], [p.float_tensor for p in later]),
+                segments[1].boundary([p.quant_tensor for p in done], [p.quant_tensor for p in later]),
+            )
         measurement = prepare(
-            float_proto, quant_proto, [pairs[i] for i in indices],
+            *segments, [pairs[i] for i in indices],
             [pairs[b] for b in boundaries] if with_isolated else None,
-            plan, seed=seed, providers=providers, prune=len(indices) < len(pairs),
+            plan, seed=seed, providers=providers, start=start, saves=saves,
         )
-        return measure(measurement, progress(samples, quiet), executor)
+        return measure(measurement, progress(samples, quiet), executor, start, save_limit=budget / 4)
 
     measured: dict[int, tuple[Totals, int]] = {}
     passes: list[Totals] = []
 
-    def record(indices: Sequence[int], totals: Totals) -> None:
+    def record(indices: Sequence[int], totals: Totals) -> Totals:
         passes.append(totals)
         for position, index in enumerate(indices):
             measured[index] = (totals, position)
+        return totals
 
     if strategy == "scan":
-        for group in groups:
-            record(group, run(group, isolated))
+        start = None
+        for number, group in enumerate(groups):
+            last = number == len(groups) - 1
+            start = record(group, run(group, isolated, start, None if last else group[-1])).saved
     else:
         failing: list[int] = []
+        resume: Saved | None = None  # the values saved after the last layer known to pass
+
+        def passes_at(index: int) -> bool:
+            # a value that cannot be compared (not float, shapes differ) counts as passing
+            return not _comparable(measured[index]) or _layer(pairs[index], index, *measured[index]).passes(threshold)
 
         def check(indices: Sequence[int], final: bool) -> dict[int, bool]:
-            # the last pass also measures isolated error (of the failing layer found before too)
-            # when that fits the budget; else a pass of its own follows
+            nonlocal resume
+            if not final:  # one probe: the segment up to it, saving where the next pass resumes
+                totals = record(indices, run(indices, False, resume, indices[-1]))
+                ok = passes_at(indices[-1])
+                resume = totals.saved if ok else resume
+                failing.extend([] if ok else indices[-1:])
+                return {indices[-1]: ok}
+            # the last pass also measures isolated error (of the failing layer found before
+            # too) when that fits the budget; else a pass of its own follows
             both = sorted({*indices, *failing[-1:]})
-            merged = final and isolated and sum(costs[i] for i in both) <= budget
+            merged = isolated and sum(costs[i] for i in both) <= budget / 2
             measured_now = both if merged else list(indices)
-            totals = run(measured_now, merged)
-            record(measured_now, totals)
-            # a value that cannot be compared (not float, shapes differ) counts as passing
-            results = {
-                i: not _comparable(measured[i]) or _layer(pairs[i], i, *measured[i]).passes(threshold)
-                for i in indices
-            }
+            record(measured_now, run(measured_now, merged, resume))
+            results = {i: passes_at(i) for i in indices}
             failing.extend(sorted(i for i, ok in results.items() if not ok)[:1])
             return results
 
-        found, _ = bisect_first_failing(check, len(pairs), _batch(sizes, budget))
+        last_pass = max(1, min(LAST_PASS_LAYERS, int(budget / 2 // max(costs))))
+        found, _ = bisect_first_failing(check, len(pairs), last_pass, probes=1)
         if found is not None and isolated and math.isnan(_layer(pairs[found], found, *measured[found]).isolated_cosine):
-            record([found], run([found], True))
+            record([found], run([found], True, resume))
 
     layers = tuple(
         _layer(pairs[i], i, *measured[i]) for i in sorted(measured) if _comparable(measured[i])
@@ -322,7 +351,7 @@ def _peek(samples: Iterable) -> tuple[object, Iterable]:
     return first, itertools.chain([first], iterator)
 
 
-def _groups(costs: Sequence[int], budget: int) -> list[list[int]]:
+def _groups(costs: Sequence[int], budget: float) -> list[list[int]]:
     """Consecutive pairs whose values, held together, fit the budget (one pair at least)."""
     groups: list[list[int]] = [[]]
     held = 0
@@ -333,14 +362,6 @@ def _groups(costs: Sequence[int], budget: int) -> list[list[int]]:
         groups[-1].append(index)
         held += cost
     return groups
-
-
-def _batch(sizes: Sequence[int], budget: int) -> int:
-    """Probes per bisection pass: as few as give the least passes the budget allows (more
-    would hold more without saving a pass), one at least."""
-    most = max(1, budget // (2 * max(sizes)))
-    passes = math.ceil(math.log(len(sizes) + 1) / math.log(most + 1))
-    return max(1, min(most, math.ceil((len(sizes) + 1) ** (1 / passes)) - 1))
 
 
 def _samples(inputs) -> Iterable[Sample | None]:

@@ -2,13 +2,16 @@
 
 A ``Measurement`` is everything one pass needs, in memory and picklable, so that samples can
 be measured here or in the workers of any ``concurrent.futures.Executor``: the float model and
-the quantized model, each pruned to the prefix that computes the values wanted, and, for
-isolated error, the quantized model cut at its boundaries (``layerbisect.isolate``).
-Per-sample metrics are small; activations are dropped as soon as a sample is compared.
+the quantized model, each cut down to the segment that computes the values wanted (from the
+inputs, or from values an earlier pass saved), and, for isolated error, the quantized segment
+cut at its boundaries (``layerbisect.isolate``). Per-sample metrics are small; activations are
+dropped as soon as a sample is compared, except the few a later pass resumes from.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import uuid
 from collections.abc import Iterable, Sequence
@@ -20,30 +23,52 @@ import onnx
 
 from layerbisect.align import Pair
 from layerbisect.compare import Aggregate, Metrics, compare
-from layerbisect.expose import expose
 from layerbisect.inputs import InputPlan
 from layerbisect.isolate import Cut, cut
 from layerbisect.run import Session
+from layerbisect.segment import Segments
 
 SAMPLES_PER_TASK = 4
 
 
 @dataclass(frozen=True)
 class Measurement:
-    """One pass over the samples: which pairs, and the three models that measure them."""
+    """One pass over the samples: which pairs, and the three models that measure them.
+
+    Each model is a segment (``layerbisect.segment``): it computes only the values wanted,
+    starting from the values saved by an earlier pass where there are some (``*_starts``),
+    and saves the values a later pass resumes from (``*_saves``).
+    """
 
     pairs: tuple[Pair, ...]
-    float_model: onnx.ModelProto
-    quant_model: onnx.ModelProto
+    float_model: onnx.ModelProto | None  # None: nothing left to compute
+    quant_model: onnx.ModelProto | None
     isolated_model: onnx.ModelProto | None
     cuts: tuple[Cut, ...]
     float_names: tuple[str, ...]
     quant_names: tuple[str, ...]
+    float_saves: tuple[str, ...]
+    quant_saves: tuple[str, ...]
     inputs: InputPlan
     seed: int
     providers: tuple[str, ...]
     originals: tuple[onnx.ModelProto, onnx.ModelProto] | None  # to word a load failure
     key: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass(frozen=True)
+class Saved:
+    """Values saved at a boundary: for each sample, a dict per model (float, quantized)."""
+
+    values: tuple[tuple[dict[str, np.ndarray], dict[str, np.ndarray]], ...]
+
+    def dtypes(self, model: int) -> dict[str, np.dtype]:
+        """Name and dtype of each value saved from the float (0) or quantized (1) model."""
+        return {name: array.dtype for name, array in self.values[0][model].items()} if self.values else {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_nbytes(f) + _nbytes(q) for f, q in self.values)
 
 
 @dataclass(frozen=True)
@@ -56,11 +81,13 @@ class SampleResult:
     shapes: tuple[tuple[int, ...], ...]
     held_bytes: int
     executions: int
+    saved: tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
 
 
 @dataclass
 class Totals:
-    """Aggregated metrics of a pass, and what it cost."""
+    """Aggregated metrics of a pass, what it cost, and the values it saved (None when they
+    did not fit the limit: a later pass then starts from the inputs)."""
 
     cumulative: list[Aggregate]
     isolated: list[Aggregate]
@@ -69,53 +96,73 @@ class Totals:
     samples: int = 0
     executions: int = 0
     peak_bytes: int = 0
+    saved: Saved | None = None
 
 
 def prepare(
-    float_model: onnx.ModelProto,
-    quant_model: onnx.ModelProto,
+    float_model: Segments,
+    quant_model: Segments,
     pairs: Sequence[Pair],
     boundaries: Sequence[Pair] | None,
     inputs: InputPlan,
     *,
     seed: int,
     providers: Sequence[str],
-    prune: bool = False,
+    start: Saved | None = None,
+    saves: tuple[Sequence[str], Sequence[str]] = ((), ()),
 ) -> Measurement:
-    """Build the models of a pass measuring ``pairs``; isolated error is measured unless
-    ``boundaries`` (the pairs whose values feed them, cut and fed float values) is None. ``prune=True`` cuts the
-    models after the last value wanted (a pass over part of the layers)."""
+    """Build the models of a pass measuring ``pairs``, resumed from the values of ``start``
+    and saving the values named in ``saves`` (float, quantized) for a later pass. Isolated
+    error is measured unless ``boundaries`` (the pairs whose values feed them, cut and fed
+    float values) is None."""
+    float_starts = start.dtypes(0) if start else {}
+    quant_starts = start.dtypes(1) if start else {}
     float_names = tuple(dict.fromkeys(p.float_tensor for p in [*pairs, *(boundaries or ())]))
     quant_names = tuple(dict.fromkeys(p.quant_tensor for p in pairs))
+    float_run = [n for n in dict.fromkeys([*float_names, *saves[0]]) if n not in float_starts]
+    quant_run = [n for n in dict.fromkeys([*quant_names, *saves[1]]) if n not in quant_starts]
     isolated_model, cuts = None, ()
-    if boundaries is not None:
-        cut_model, cuts = cut(quant_model, boundaries)
-        isolated_model = expose(cut_model, quant_names, prune=prune)
+    isolated_run = [n for n in quant_names if n not in quant_starts]
+    if boundaries is not None and isolated_run:
+        cut_model, cuts = cut(quant_model.extract(isolated_run, quant_starts), boundaries)
+        fed = {**quant_starts, **{c.name: c.dtype for c in cuts}}
+        isolated_model = Segments(cut_model).extract(isolated_run, fed)
     return Measurement(
         pairs=tuple(pairs),
-        float_model=expose(float_model, float_names, prune=prune),
-        quant_model=expose(quant_model, quant_names, prune=prune),
+        float_model=float_model.extract(float_run, float_starts) if float_run else None,
+        quant_model=quant_model.extract(quant_run, quant_starts) if quant_run else None,
         isolated_model=isolated_model,
         cuts=cuts,
         float_names=float_names,
         quant_names=quant_names,
+        float_saves=tuple(saves[0]),
+        quant_saves=tuple(saves[1]),
         inputs=inputs,
         seed=seed,
         providers=tuple(providers),
-        originals=(float_model, quant_model),
+        originals=(float_model.model, quant_model.model),
     )
 
 
 def measure(
-    measurement: Measurement, samples: Iterable, executor: Executor | None = None
+    measurement: Measurement,
+    samples: Iterable,
+    executor: Executor | None = None,
+    start: Saved | None = None,
+    save_limit: float = math.inf,
 ) -> Totals:
     """Measure every sample (a dict, or None for seeded random inputs) and aggregate in order.
 
-    With an ``executor``, samples go to its workers a few at a time; the result is the same.
+    ``start`` holds the values the pass resumes from, one entry per sample, in order. The
+    values the pass saves are kept while they total at most ``save_limit`` bytes. With an
+    ``executor``, samples go to its workers a few at a time; the result is the same.
     """
     n = len(measurement.pairs)
     totals = Totals([Aggregate() for _ in range(n)], [Aggregate() for _ in range(n)], {}, {})
-    for result in _results(measurement, samples, executor):
+    starts = start.values if start is not None else itertools.repeat(({}, {}))
+    saved: list | None = []
+    saved_bytes = 0
+    for result in _results(measurement, zip(samples, starts), executor):
         totals.samples += 1
         totals.executions += result.executions
         totals.peak_bytes = max(totals.peak_bytes, result.held_bytes)
@@ -126,21 +173,28 @@ def measure(
                 totals.cumulative[index].add(cumulative)
             if isolated is not None and index not in totals.problems:
                 totals.isolated[index].add(isolated)
+        if saved is not None and (measurement.float_saves or measurement.quant_saves):
+            saved_bytes += _nbytes(result.saved[0]) + _nbytes(result.saved[1])
+            saved = saved + [result.saved] if saved_bytes <= save_limit else None
+    if saved:
+        totals.saved = Saved(tuple(saved))
+    held = start.nbytes if start is not None else 0
+    totals.peak_bytes += held + (totals.saved.nbytes if totals.saved else 0)
     return totals
 
 
 def _results(measurement: Measurement, samples: Iterable, executor: Executor | None):
     if executor is None:
         try:
-            for sample in samples:
-                yield measure_sample(measurement, sample)
+            for sample, start in samples:
+                yield measure_sample(measurement, sample, start)
         finally:
             _SESSIONS.pop(measurement.key, None)  # sessions live as long as their pass
         return
     measurement = replace(measurement, originals=None)  # workers need not receive them
     futures, chunk = [], []
-    for sample in samples:
-        chunk.append(sample)
+    for item in samples:
+        chunk.append(item)
         if len(chunk) == SAMPLES_PER_TASK:
             futures.append(executor.submit(measure_samples, measurement, chunk))
             chunk = []
@@ -151,8 +205,8 @@ def _results(measurement: Measurement, samples: Iterable, executor: Executor | N
 
 
 def measure_samples(measurement: Measurement, samples: list) -> list[SampleResult]:
-    """Measure a few samples (the task a worker runs)."""
-    return [measure_sample(measurement, sample) for sample in samples]
+    """Measure a few (sample, start values) items (the task a worker runs)."""
+    return [measure_sample(measurement, sample, start) for sample, start in samples]
 
 
 _SESSIONS: dict[str, tuple] = {}
@@ -164,35 +218,67 @@ def _sessions(measurement: Measurement) -> tuple:
         _SESSIONS.clear()
         float_original, quant_original = measurement.originals or (None, None)
         providers = measurement.providers
+
+        def session(model, role, original):
+            return None if model is None else Session(model, role, providers, original)
+
         _SESSIONS[measurement.key] = (
-            Session(measurement.float_model, "float model", providers, float_original),
-            Session(measurement.quant_model, "quantized model", providers, quant_original),
-            None if measurement.isolated_model is None else
-            Session(measurement.isolated_model, "quantized model cut for isolated error", providers, quant_original),
+            session(measurement.float_model, "float model", float_original),
+            session(measurement.quant_model, "quantized model", quant_original),
+            session(measurement.isolated_model, "quantized model cut for isolated error", quant_original),
         )
     return _SESSIONS[measurement.key]
 
 
-def measure_sample(measurement: Measurement, sample) -> SampleResult:
-    """Run the models of ``measurement`` on one sample and compare every pair."""
+def measure_sample(measurement: Measurement, sample, start=({}, {})) -> SampleResult:
+    """Run the models of ``measurement`` on one sample and compare every pair; ``start``
+    holds the values this sample's pass resumes from (float, quantized)."""
     float_session, quant_session, isolated_session = _sessions(measurement)
     float_feeds, quant_feeds = measurement.inputs.feeds(sample, measurement.seed)
-    float_values = float_session.run(float_feeds, measurement.float_names)
-    quant_values = quant_session.run(quant_feeds, measurement.quant_names)
+    float_values = _run(float_session, measurement.float_model, float_feeds, start[0],
+                        [*measurement.float_names, *measurement.float_saves])
+    quant_values = _run(quant_session, measurement.quant_model, quant_feeds, start[1],
+                        [*measurement.quant_names, *measurement.quant_saves])
+    saved = (_kept(float_values, measurement.float_saves, float_session),
+             _kept(quant_values, measurement.quant_saves, quant_session))
     held = _nbytes(float_values) + _nbytes(quant_values)
-    executions = 2
+    executions = (float_session is not None) + (quant_session is not None)
     problems: dict[int, str] = {}
     cumulative = _compare_all(measurement.pairs, float_values, quant_values, problems)
     del quant_values
     isolated: tuple[Metrics | None, ...] = (None,) * len(measurement.pairs)
     if isolated_session is not None:
         cut_feeds = {c.name: c.feed(float_values[c.float_tensor]) for c in measurement.cuts}
-        isolated_values = isolated_session.run({**quant_feeds, **cut_feeds}, measurement.quant_names)
+        isolated_values = _run(isolated_session, measurement.isolated_model, {**quant_feeds, **cut_feeds},
+                               start[1], measurement.quant_names)
         held += _nbytes(isolated_values) + _nbytes(cut_feeds)
         executions += 1
         isolated = _compare_all(measurement.pairs, float_values, isolated_values, {})
     shapes = tuple(tuple(float_values[p.float_tensor].shape) for p in measurement.pairs)
-    return SampleResult(cumulative, isolated, tuple(problems.items()), shapes, held, executions)
+    return SampleResult(cumulative, isolated, tuple(problems.items()), shapes, held, executions, saved)
+
+
+def _run(session: Session | None, model, feeds: dict, start: dict, names: Sequence[str]) -> dict:
+    """The values ``names`` of one run of a segment: those it starts from, and the others
+    it computes from the feeds and start values its model declares."""
+    values = {name: start[name] for name in names if name in start}
+    wanted = [name for name in dict.fromkeys(names) if name not in values]
+    if session is not None and wanted:
+        declared = {i.name for i in model.graph.input}
+        feeds = {name: array for name, array in {**feeds, **start}.items() if name in declared}
+        values.update(session.run(feeds, wanted))
+    return values
+
+
+def _kept(values: dict, names: Sequence[str], session: Session | None) -> dict[str, np.ndarray]:
+    """The values to save: numeric tensors as the model holds them (not those read through a
+    cast, nor sequences and the like: a later pass recomputes those)."""
+    cast = session.renamed if session is not None else {}
+    return {
+        name: values[name] for name in names
+        if name in values and name not in cast
+        and isinstance(values[name], np.ndarray) and values[name].dtype.kind in "biuf"
+    }
 
 
 def _compare_all(pairs, float_values, quant_values, problems: dict) -> tuple[Metrics | None, ...]:

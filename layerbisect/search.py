@@ -24,35 +24,38 @@ def first_failing(passed: Iterable[bool]) -> int | None:
 
 
 def bisect_first_failing(
-    check: Callable[[Sequence[int], bool], Mapping[int, bool]], n: int, batch: int = 1
+    check: Callable[[Sequence[int], bool], Mapping[int, bool]], n: int, batch: int = 1,
+    probes: int | None = None,
 ) -> tuple[int | None, int]:
     """First index in ``range(n)`` whose check fails, and the number of ``check`` calls.
 
-    ``check`` evaluates up to ``batch`` indices in one call (one model execution, holding
-    ``batch`` tensors) and says which pass; its second argument is True for the last call,
-    whose probes cover all that is still in question. Each call probes evenly spaced indices of the
-    interval still in question and narrows it to the gap before the first failing probe, so
-    the calls number about ``log(n) / log(batch + 1)``. The answer equals ``first_failing``
-    of all checks when failing is monotone (nothing passes after the first failure).
+    ``check`` evaluates indices and says which pass; it may leave out those after the
+    first failing one. Each call probes ``probes`` (default ``batch``) evenly spaced indices
+    of the interval still in question and narrows it to the gap before the first failing
+    probe, so the calls number about ``log(n / batch) / log(probes + 1)``; the last call
+    (second argument True) checks every index still in question, ``batch`` at most. The
+    answer equals ``first_failing`` of all checks when failing is monotone (nothing passes
+    after the first failure).
     """
-    if n < 0 or batch < 1:
-        raise ValueError(f"need n >= 0 and batch >= 1, got n={n}, batch={batch}")
+    probes = batch if probes is None else probes
+    if n < 0 or batch < 1 or probes < 1:
+        raise ValueError(f"need n >= 0, batch >= 1 and probes >= 1, got {n}, {batch}, {probes}")
     low, high, found, calls = 0, n, None, 0
     while low < high:
         span = high - low
         final = span <= batch
         if final:
-            probes = list(range(low, high))
+            checked = list(range(low, high))
         else:
-            probes = sorted({low + (j + 1) * span // (batch + 1) for j in range(batch)})
-        results = check(probes, final)
+            checked = sorted({low + (j + 1) * span // (probes + 1) for j in range(probes)})
+        results = check(checked, final)
         calls += 1
-        failing = [i for i in probes if not results[i]]
+        failing = [i for i in checked if i in results and not results[i]]
         if failing:
             found = failing[0]
             high = found
-            passed = [i for i in probes if i < found]
+            passed = [i for i in checked if i < found]
             low = passed[-1] + 1 if passed else low
         else:
-            low = probes[-1] + 1
+            low = checked[-1] + 1
     return found, calls

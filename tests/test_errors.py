@@ -51,13 +51,28 @@ def test_wrong_argument_type():
         find_first_bad_layer(3, scaled(1.0))
 
 
-def test_model_onnxruntime_cannot_load_names_model_and_op():
+def with_custom_op(before: bool) -> onnx.ModelProto:
+    """scaled(1.0) with a vendor op onnxruntime does not know before or after its Mul."""
     custom = scaled(1.0)
-    custom.graph.node[0].output[0] = "t"
-    custom.graph.node.append(helper.make_node("VendorClip", ["t"], ["y"], name="clip", domain="com.vendor"))
+    if before:
+        custom.graph.node[0].input[0] = "t"
+        custom.graph.node.insert(0, helper.make_node("VendorClip", ["x"], ["t"], name="clip", domain="com.vendor"))
+    else:
+        custom.graph.node[0].output[0] = "t"
+        custom.graph.node.append(helper.make_node("VendorClip", ["t"], ["y"], name="clip", domain="com.vendor"))
     custom.opset_import.append(helper.make_opsetid("com.vendor", 1))
+    return custom
+
+
+def test_model_onnxruntime_cannot_load_names_model_and_op():
     with pytest.raises(LayerbisectError, match="onnxruntime cannot load the quantized model: .*com.vendor:VendorClip"):
-        find_first_bad_layer(scaled(1.0), custom, X)
+        find_first_bad_layer(scaled(1.0), with_custom_op(before=True), X)
+
+
+def test_an_unknown_op_after_every_aligned_layer_is_never_run():
+    report = find_first_bad_layer(scaled(1.0), with_custom_op(before=False), X)
+    assert [layer.float_nodes for layer in report.layers] == [("scale",)]
+    assert report.layers[0].cosine == pytest.approx(1.0) and report.first_bad is None
 
 
 @pytest.mark.parametrize("threshold", [0, -0.5, 1.01, float("nan"), "0.9"])
