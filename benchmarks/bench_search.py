@@ -201,7 +201,7 @@ def _instrument(phases: dict[str, float], passes: list[dict], stats: dict) -> No
         ("neighbourhood", "report: summaries, neighbourhood"),
     ]:
         timed(lbfind, name, label)
-    timed(lbmeasure, "expose", "pass: expose/prune (graphsurgeon)")
+    timed(lbmeasure.Segments, "extract", "pass: extract segments")
     timed(lbmeasure, "cut", "pass: cut (isolated model)")
     timed(lbmeasure, "compare", "pass: compare (metrics)")
     timed(lbisolate.Cut, "feed", "pass: feeds for cuts")
@@ -246,9 +246,9 @@ def _instrument(phases: dict[str, float], passes: list[dict], stats: dict) -> No
         passes.append({
             "values": len(pairs),
             "isolated": boundaries is not None,
-            "prune": bool(kwargs.get("prune")),
-            "float_nodes": len(measurement.float_model.graph.node),
-            "quant_nodes": len(measurement.quant_model.graph.node),
+            "resumed": kwargs.get("start") is not None,
+            "float_nodes": len(measurement.float_model.graph.node) if measurement.float_model else 0,
+            "quant_nodes": len(measurement.quant_model.graph.node) if measurement.quant_model else 0,
             "prepare_s": seconds,
         })
         return measurement
@@ -261,7 +261,7 @@ def _instrument(phases: dict[str, float], passes: list[dict], stats: dict) -> No
     def measure_wrapper(*args, **kwargs):
         before = dict(phases)
         t = time.perf_counter()
-        totals = measure(*args, **kwargs)
+        totals, saved = measure(*args, **kwargs)
         record = passes[-1] if passes else {}
         record["measure_s"] = time.perf_counter() - t
         for key in phases:
@@ -270,7 +270,7 @@ def _instrument(phases: dict[str, float], passes: list[dict], stats: dict) -> No
                 record[key[6:]] = delta
         record.update(executions=totals.executions, held_mb=totals.peak_bytes / 2**20,
                       rss_mb=bench_scan._vm("VmRSS"), hwm_mb=bench_scan._vm("VmHWM"))
-        return totals
+        return totals, saved
 
     lbfind.measure = measure_wrapper
 
@@ -504,15 +504,15 @@ def print_table(rows, repeat: int, planted: str | None, goal_wall: float = GOAL_
 
 def print_passes(rows) -> None:
     print("\nmodel-running passes of each layerbisect row (one line per pass):")
-    header = (f"  {'row':<30} {'pass':>4} {'kind':<9} {'values':>6} {'f/q nodes':>10} {'prep s':>7} "
+    header = (f"  {'row':<30} {'pass':>4} {'kind':<17} {'values':>6} {'f/q nodes':>10} {'prep s':>7} "
               f"{'sess s':>7} {'run s':>7} {'cmp s':>6} {'held MB':>8} {'HWM MB':>7}")
     print(header)
     for label, r in rows:
         for i, p in enumerate(r["passes"]):
             sessions = sum(v for k, v in p.items() if k.startswith("session creation"))
             runs = sum(v for k, v in p.items() if k.startswith("run "))
-            kind = "isolated" if p["isolated"] else ("probe" if p["prune"] else "full")
-            print(f"  {label:<30} {i:>4} {kind:<9} {p['values']:>6} "
+            kind = ("isolated" if p["isolated"] else "values") + (", resumed" if p["resumed"] else "")
+            print(f"  {label:<30} {i:>4} {kind:<17} {p['values']:>6} "
                   f"{str(p['float_nodes']) + '/' + str(p['quant_nodes']):>10} {p['prepare_s']:>7.2f} "
                   f"{sessions:>7.2f} {runs:>7.2f} {p.get('compare (metrics)', 0.0):>6.2f} "
                   f"{p.get('held_mb', 0.0):>8.0f} {p.get('hwm_mb', 0.0):>7.0f}")

@@ -123,7 +123,9 @@ def find_first_bad_layer(
         samples = list(samples)  # several passes over the samples
     segments = Segments(float_proto), Segments(quant_proto)
 
-    def run(indices: Sequence[int], with_isolated: bool, start: Saved | None, save_after: int | None = None) -> Totals:
+    def run(
+        indices: Sequence[int], with_isolated: bool, start: Saved | None, save_after: int | None = None
+    ) -> tuple[Totals, Saved | None]:
         """Measure ``indices``, resumed from the values ``start`` saved, saving those a pass
         after pair ``save_after`` resumes from."""
         boundaries = sorted({b for i in indices for b in feeders[i]})
@@ -144,17 +146,18 @@ def find_first_bad_layer(
     measured: dict[int, tuple[Totals, int]] = {}
     passes: list[Totals] = []
 
-    def record(indices: Sequence[int], totals: Totals) -> Totals:
+    def record(indices: Sequence[int], result: tuple[Totals, Saved | None]) -> Saved | None:
+        totals, saved = result
         passes.append(totals)
         for position, index in enumerate(indices):
             measured[index] = (totals, position)
-        return totals
+        return saved
 
     if strategy == "scan":
         start = None
         for number, group in enumerate(groups):
             last = number == len(groups) - 1
-            start = record(group, run(group, isolated, start, None if last else group[-1])).saved
+            start = record(group, run(group, isolated, start, None if last else group[-1]))
     else:
         failing: list[int] = []
         resume: Saved | None = None  # the values saved after the last layer known to pass
@@ -166,9 +169,9 @@ def find_first_bad_layer(
         def check(indices: Sequence[int], final: bool) -> dict[int, bool]:
             nonlocal resume
             if not final:  # one probe: the segment up to it, saving where the next pass resumes
-                totals = record(indices, run(indices, False, resume, indices[-1]))
+                saved = record(indices, run(indices, False, resume, indices[-1]))
                 ok = passes_at(indices[-1])
-                resume = totals.saved if ok else resume
+                resume = saved if ok else resume
                 failing.extend([] if ok else indices[-1:])
                 return {indices[-1]: ok}
             # the last pass also measures isolated error (of the failing layer found before

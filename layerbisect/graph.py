@@ -179,36 +179,42 @@ def build_graph(model: onnx.ModelProto) -> nx.DiGraph:
     return _Builder(model).build()
 
 
+def _shape_only(init: onnx.TensorProto) -> onnx.TensorProto:
+    """``init`` without its bytes: what shape inference needs of a weight."""
+    return onnx.TensorProto(name=init.name, data_type=init.data_type, dims=init.dims)
+
+
 def inferred_types(
     model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None
 ) -> dict[str, onnx.TypeProto]:
     """The type of every tensor onnx shape inference can tell, as ``{name: TypeProto}``;
     ``input_shapes`` fixes the dynamic dimensions of the inputs it names.
 
-    Inference runs with the bytes of large initializers set aside (it needs their shapes, not
-    their values), so it copies no weights; ``model`` is left as it was.
+    Inference runs on a light copy of the model whose large initializers hold their shapes but
+    not their bytes: it copies no weights, and ``model`` is left as it was (clearing and
+    restoring a field in place would grow its memory by the weights' size).
     """
-    large = [init for init in model.graph.initializer if len(init.raw_data) > LARGE_INITIALIZER]
-    kept = [init.raw_data for init in large]
-    inputs = [i for i in model.graph.input if input_shapes and i.name in input_shapes]
-    declared = [onnx.TypeProto() for _ in inputs]
-    try:
-        for init in large:
-            init.ClearField("raw_data")
-        for info, saved in zip(inputs, declared):
-            saved.CopyFrom(info.type)
-            shape = info.type.tensor_type.shape
+    graph = model.graph
+    light = onnx.ModelProto(
+        ir_version=model.ir_version, opset_import=model.opset_import, functions=model.functions,
+        graph=onnx.GraphProto(
+            node=graph.node, output=graph.output, value_info=graph.value_info,
+            initializer=[_shape_only(init) if init.ByteSize() > LARGE_INITIALIZER else init
+                         for init in graph.initializer],
+        ),
+    )
+    for info in graph.input:
+        declared = light.graph.input.add()
+        declared.CopyFrom(info)
+        if input_shapes and info.name in input_shapes:
+            shape = declared.type.tensor_type.shape
             shape.ClearField("dim")
             for size in input_shapes[info.name]:
                 shape.dim.add().dim_value = int(size)
-        inferred = onnx.shape_inference.infer_shapes(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light)
     except Exception:  # shape inference is a help, never a requirement
-        inferred = model
-    finally:
-        for init, data in zip(large, kept):
-            init.raw_data = data
-        for info, saved in zip(inputs, declared):
-            info.type.CopyFrom(saved)
+        inferred = light
     graph = inferred.graph
     return {info.name: info.type for info in [*graph.input, *graph.value_info, *graph.output]}
 

@@ -86,8 +86,7 @@ class SampleResult:
 
 @dataclass
 class Totals:
-    """Aggregated metrics of a pass, what it cost, and the values it saved (None when they
-    did not fit the limit: a later pass then starts from the inputs)."""
+    """Aggregated metrics of a pass, and what it cost."""
 
     cumulative: list[Aggregate]
     isolated: list[Aggregate]
@@ -96,7 +95,6 @@ class Totals:
     samples: int = 0
     executions: int = 0
     peak_bytes: int = 0
-    saved: Saved | None = None
 
 
 def prepare(
@@ -150,12 +148,14 @@ def measure(
     executor: Executor | None = None,
     start: Saved | None = None,
     save_limit: float = math.inf,
-) -> Totals:
-    """Measure every sample (a dict, or None for seeded random inputs) and aggregate in order.
+) -> tuple[Totals, Saved | None]:
+    """Measure every sample (a dict, or None for seeded random inputs) and aggregate in order;
+    return the totals and the values the pass saved.
 
     ``start`` holds the values the pass resumes from, one entry per sample, in order. The
-    values the pass saves are kept while they total at most ``save_limit`` bytes. With an
-    ``executor``, samples go to its workers a few at a time; the result is the same.
+    values the pass saves are returned when they total at most ``save_limit`` bytes (else
+    None: a later pass then starts from the inputs). With an ``executor``, samples go to its
+    workers a few at a time; the result is the same.
     """
     n = len(measurement.pairs)
     totals = Totals([Aggregate() for _ in range(n)], [Aggregate() for _ in range(n)], {}, {})
@@ -175,12 +175,12 @@ def measure(
                 totals.isolated[index].add(isolated)
         if saved is not None and (measurement.float_saves or measurement.quant_saves):
             saved_bytes += _nbytes(result.saved[0]) + _nbytes(result.saved[1])
-            saved = saved + [result.saved] if saved_bytes <= save_limit else None
-    if saved:
-        totals.saved = Saved(tuple(saved))
-    held = start.nbytes if start is not None else 0
-    totals.peak_bytes += held + (totals.saved.nbytes if totals.saved else 0)
-    return totals
+            saved = None if saved_bytes > save_limit else saved
+            if saved is not None:
+                saved.append(result.saved)
+    kept = Saved(tuple(saved)) if saved else None
+    totals.peak_bytes += (start.nbytes if start is not None else 0) + (kept.nbytes if kept else 0)
+    return totals, kept
 
 
 def _results(measurement: Measurement, samples: Iterable, executor: Executor | None):
