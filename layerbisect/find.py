@@ -121,74 +121,16 @@ def find_first_bad_layer(
     groups = ([list(range(len(pairs)))] if fits else _groups(costs, budget / 2)) if strategy == "scan" else []
     if strategy == "bisect" or len(groups) > 1:
         samples = list(samples)  # several passes over the samples
-    segments = Segments(float_proto), Segments(quant_proto)
-
-    def run(
-        indices: Sequence[int], with_isolated: bool, start: Saved | None, save_after: int | None = None
-    ) -> tuple[Totals, Saved | None]:
-        """Measure ``indices``, resumed from the values ``start`` saved, saving those a pass
-        after pair ``save_after`` resumes from."""
-        boundaries = sorted({b for i in indices for b in feeders[i]})
-        saves: tuple[Sequence[str], Sequence[str]] = ((), ())
-        if save_after is not None:
-            done, later = pairs[: save_after + 1], pairs[save_after + 1:]
-            saves = (
-                segments[0].boundary([p.float_tensor for p in done], [p.float_tensor for p in later]),
-                segments[1].boundary([p.quant_tensor for p in done], [p.quant_tensor for p in later]),
-            )
-        measurement = prepare(
-            *segments, [pairs[i] for i in indices],
-            [pairs[b] for b in boundaries] if with_isolated else None,
-            plan, seed=seed, providers=providers, start=start, saves=saves,
-        )
-        return measure(measurement, progress(samples, quiet), executor, start, save_limit=budget / 4)
-
-    measured: dict[int, tuple[Totals, int]] = {}
-    passes: list[Totals] = []
-
-    def record(indices: Sequence[int], result: tuple[Totals, Saved | None]) -> Saved | None:
-        totals, saved = result
-        passes.append(totals)
-        for position, index in enumerate(indices):
-            measured[index] = (totals, position)
-        return saved
-
+    passes = _Passes(
+        pairs, (Segments(float_proto), Segments(quant_proto)), feeders, plan, samples,
+        seed=seed, providers=providers, executor=executor, quiet=quiet, save_limit=budget / 4,
+    )
     if strategy == "scan":
-        start = None
-        for number, group in enumerate(groups):
-            last = number == len(groups) - 1
-            start = record(group, run(group, isolated, start, None if last else group[-1]))
+        _scan(passes, groups, isolated)
     else:
-        failing: list[int] = []
-        resume: Saved | None = None  # the values saved after the last layer known to pass
-
-        def passes_at(index: int) -> bool:
-            # a value that cannot be compared (not float, shapes differ) counts as passing
-            return not _comparable(measured[index]) or _layer(pairs[index], index, *measured[index]).passes(threshold)
-
-        def check(indices: Sequence[int], final: bool) -> dict[int, bool]:
-            nonlocal resume
-            if not final:  # one probe: the segment up to it, saving where the next pass resumes
-                saved = record(indices, run(indices, False, resume, indices[-1]))
-                ok = passes_at(indices[-1])
-                resume = saved if ok else resume
-                failing.extend([] if ok else indices[-1:])
-                return {indices[-1]: ok}
-            # the last pass also measures isolated error (of the failing layer found before
-            # too) when that fits the budget; else a pass of its own follows
-            both = sorted({*indices, *failing[-1:]})
-            merged = isolated and sum(costs[i] for i in both) <= budget / 2
-            measured_now = both if merged else list(indices)
-            record(measured_now, run(measured_now, merged, resume))
-            results = {i: passes_at(i) for i in indices}
-            failing.extend(sorted(i for i, ok in results.items() if not ok)[:1])
-            return results
-
         last_pass = max(1, min(LAST_PASS_LAYERS, int(budget / 2 // max(costs))))
-        found, _ = bisect_first_failing(check, len(pairs), last_pass, probes=1)
-        if found is not None and isolated and math.isnan(_layer(pairs[found], found, *measured[found]).isolated_cosine):
-            record([found], run([found], True, resume))
-
+        _bisect(passes, threshold, last_pass, isolated, lambda indices: sum(costs[i] for i in indices) <= budget / 2)
+    measured = passes.measured
     layers = tuple(
         _layer(pairs[i], i, *measured[i]) for i in sorted(measured) if _comparable(measured[i])
     )
@@ -199,7 +141,7 @@ def find_first_bad_layer(
     culprit = _culprit(layers, first_bad, threshold)
     notes = [*plan.notes, *subgraph_notes(float_proto, "float model"), *subgraph_notes(quant_proto, "quantized model")]
     notes += [
-        f"left out: {why}" for totals in passes for why in totals.problems.values()
+        f"left out: {why}" for totals in passes.totals for why in totals.problems.values()
         if why != "not a float tensor"
     ]
     if isinstance(quant_model, Simulation):
@@ -208,7 +150,7 @@ def find_first_bad_layer(
         layers=layers,
         first_bad=first_bad,
         threshold=float(threshold),
-        samples=passes[0].samples,
+        samples=passes.totals[0].samples,
         outputs=_output_tensors(float_graph, float_proto),
         unaligned=alignment.unaligned,
         coverage=alignment.coverage,
@@ -216,8 +158,8 @@ def find_first_bad_layer(
         float_model=_label(float_model),
         quant_model=_label(quant_model),
         strategy=strategy,
-        executions=sum(t.executions for t in passes),
-        peak_bytes=max(t.peak_bytes for t in passes),
+        executions=sum(t.executions for t in passes.totals),
+        peak_bytes=max(t.peak_bytes for t in passes.totals),
         culprit=culprit,
         first_bad_cause=_cause(first_bad, threshold),
         aligned=len(pairs),
@@ -229,6 +171,93 @@ def find_first_bad_layer(
         float_neighbourhood=() if first_bad is None else neighbourhood(float_proto, first_bad.float_nodes),
         quant_neighbourhood=() if first_bad is None else neighbourhood(quant_proto, first_bad.quant_nodes),
     )
+
+
+class _Passes:
+    """Runs the passes of one search over the samples and keeps what each measured: for each
+    pair measured, the totals of its pass and its position there."""
+
+    def __init__(self, pairs, segments, feeders, plan, samples, *, seed, providers, executor, quiet, save_limit):
+        self.pairs, self.segments, self.feeders, self.plan, self.samples = pairs, segments, feeders, plan, samples
+        self.seed, self.providers, self.executor, self.quiet = seed, providers, executor, quiet
+        self.save_limit = save_limit
+        self.measured: dict[int, tuple[Totals, int]] = {}
+        self.totals: list[Totals] = []
+
+    def run(
+        self, indices: Sequence[int], isolated: bool, start: Saved | None, save_after: int | None = None
+    ) -> Saved | None:
+        """Measure the pairs ``indices`` (isolated error too if ``isolated``), resuming from the
+        values ``start`` holds; return the values saved for a pass that resumes after pair
+        ``save_after``, if given and they fit."""
+        pairs = self.pairs
+        saves: tuple[Sequence[str], Sequence[str]] = ((), ())
+        if save_after is not None:
+            done, later = pairs[: save_after + 1], pairs[save_after + 1:]
+            float_segments, quant_segments = self.segments
+            saves = (
+                float_segments.boundary([p.float_tensor for p in done], [p.float_tensor for p in later]),
+                quant_segments.boundary([p.quant_tensor for p in done], [p.quant_tensor for p in later]),
+            )
+        boundaries = sorted({b for i in indices for b in self.feeders[i]})
+        measurement = prepare(
+            *self.segments, [pairs[i] for i in indices],
+            [pairs[b] for b in boundaries] if isolated else None,
+            self.plan, seed=self.seed, providers=self.providers, start=start, saves=saves,
+        )
+        totals, saved = measure(
+            measurement, progress(self.samples, self.quiet), self.executor, start, save_limit=self.save_limit
+        )
+        self.totals.append(totals)
+        for position, index in enumerate(indices):
+            self.measured[index] = (totals, position)
+        return saved
+
+    def layer(self, index: int) -> LayerComparison:
+        return _layer(self.pairs[index], index, *self.measured[index])
+
+    def passes(self, index: int, threshold: float) -> bool:
+        """Whether a measured pair passes; one that cannot be compared (not float, shapes
+        differ) counts as passing."""
+        return not _comparable(self.measured[index]) or self.layer(index).passes(threshold)
+
+
+def _scan(passes: _Passes, groups: Sequence[Sequence[int]], isolated: bool) -> None:
+    """Measure every group in order, each pass resuming where the previous one stopped."""
+    start = None
+    for number, group in enumerate(groups):
+        last = number == len(groups) - 1
+        start = passes.run(group, isolated, start, None if last else group[-1])
+
+
+def _bisect(passes: _Passes, threshold: float, last_pass: int, isolated: bool, fits) -> None:
+    """Find the first failing pair with one probe per pass, each pass resuming after the last
+    probe known to pass; the last pass measures up to ``last_pass`` pairs, with isolated error
+    when ``fits(indices)``."""
+    failing: list[int] = []
+    resume: Saved | None = None  # the values saved after the last probe known to pass
+
+    def check(indices: Sequence[int], final: bool) -> dict[int, bool]:
+        nonlocal resume
+        if not final:  # one probe: the segment up to it, saving where the next pass resumes
+            probe = indices[-1]
+            saved = passes.run([probe], False, resume, probe)
+            ok = passes.passes(probe, threshold)
+            resume = saved if ok else resume
+            failing.extend([] if ok else [probe])
+            return {probe: ok}
+        # the last pass also measures isolated error (of the failing probe found before too)
+        # when that fits; else a pass of its own follows
+        both = sorted({*indices, *failing[-1:]})
+        merged = isolated and fits(both)
+        passes.run(both if merged else indices, merged, resume)
+        results = {i: passes.passes(i, threshold) for i in indices}
+        failing.extend(sorted(i for i, ok in results.items() if not ok)[:1])
+        return results
+
+    found, _ = bisect_first_failing(check, len(passes.pairs), last_pass, probes=1)
+    if found is not None and isolated and math.isnan(passes.layer(found).isolated_cosine):
+        passes.run([found], True, resume)
 
 
 class Setup(NamedTuple):
