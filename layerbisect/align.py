@@ -28,7 +28,9 @@ takes the float operation that follows at once.
 Layouts: Transposes are seen through on both sides. A quantized operation reading a value
 through Transposes, or computing channels-last, pairs when the layouts work out; the pair's
 quantized readout then carries the permutation back to the float model's layout, and values
-are compared after it. A float Transpose that the other graph lacks pairs with nothing.
+are compared after it. A float Transpose that the other graph lacks pairs with nothing. Only
+channels-first/last moves count as layouts, except where an optimizer moved the float graph's
+Transposes past a Concat or element-wise operations (cancelling two across them).
 
 >>> import onnx
 >>> from onnx import helper, TensorProto
@@ -251,7 +253,7 @@ class _Aligner:
         if found is not None:
             candidates, extension = found
             (match, perm), evidence = self._choose(node, candidates)
-            if self._belongs_to_next(node, match):
+            if self._belongs_to_next(node, match) or self._belongs_to_sibling(node, match):
                 return False
             if extension is not None:
                 self._extend(*extension)
@@ -279,6 +281,19 @@ class _Aligner:
         fingerprint = self.qa[match]["fingerprint"]
         theirs = _similarity(self.fa[readers[0]]["fingerprint"], fingerprint)
         return theirs > SAME_WEIGHTS and theirs > _similarity(self.fa[node]["fingerprint"], fingerprint) + 0.01
+
+    def _belongs_to_sibling(self, node: str, match: str) -> bool:
+        """Whether ``match`` is rather the counterpart of an unpaired float sibling (same role,
+        same inputs), whose readers' roles are those of the match's readers where the node's
+        are not (of two Relus on one value, quantization clamped one away and kept the other)."""
+        readers = _reader_roles(self.qa, self.quant_consumers, match)
+        if _reader_roles(self.fa, self.float_consumers, node) == readers:
+            return False
+        return any(
+            _reader_roles(self.fa, self.float_consumers, sibling) == readers
+            for sibling in self.float_siblings[_float_key(self.fa[node])]
+            if sibling != node and sibling not in self.evidence
+        )
 
     def _pair(self, node: str, match: str, perm: Perm, evidence: str) -> None:
         attrs = self.fa[node]
@@ -326,24 +341,28 @@ class _Aligner:
         """Unclaimed quantized operations that compute ``node`` from ``mapped`` (through
         Transposes), each with the permutation from its output to the node's."""
         attrs = self.fa[node]
-        roots = []
+        roots, read_as_mapped = [], True
         for value, perm in mapped:
             root, root_perm = self._root(value)
             roots.append((root, _compose(root_perm, perm)))
+            read_as_mapped = read_as_mapped and root_perm is None
         key = tuple(sorted(root for root, _ in roots))
         found = []
         for role in ROLE_ALIASES.get(attrs["role"], (attrs["role"],)):
             for match in self.index.get((role, key), ()):
                 if match in self.claimed:
                     continue
-                fits, perm = self._layout_fits(attrs, self.qa[match], roots, self.quant_inputs[match])
+                fits, perm = self._layout_fits(attrs, self.qa[match], roots, self.quant_inputs[match], read_as_mapped)
                 if fits and _shapes_agree(attrs["shapes"][0], self.qa[match]["shapes"][0], perm):
                     found.append((match, perm))
         return found
 
-    def _layout_fits(self, attrs: dict, quant: dict, roots: list, inputs: list) -> tuple[bool, Perm]:
+    def _layout_fits(
+        self, attrs: dict, quant: dict, roots: list, inputs: list, read_as_mapped: bool
+    ) -> tuple[bool, Perm]:
         """Whether a quantized operation with ``inputs`` computes the float operation whose
-        inputs are ``roots`` in the layouts they have, and the permutation of its output."""
+        inputs are ``roots`` in the layouts they have, and the permutation of its output.
+        ``read_as_mapped``: the inputs' counterparts are no quantized Transposes' outputs."""
         layouts = []
         free = list(range(len(inputs)))
         for position, (root, perm) in enumerate(roots):
@@ -353,11 +372,17 @@ class _Aligner:
             source, _, quant_perm = inputs[chosen]
             shape = self.qa[source[0]]["shapes"][source[1]]
             layouts.append((_compose(_inverse(quant_perm), perm), None if shape is None else len(shape)))
+            read_as_mapped = read_as_mapped and quant_perm is None
         if attrs["role"] == "Transpose":  # the same permutation of the same value, so that
             # Transposes that cancel out cannot stand for one the other graph lacks
             return layouts[0][0] is None and attrs["perm"] is not None and quant["perm"] == attrs["perm"], None
-        if attrs["role"] in LAYOUT_FREE:
-            return _common_layout(layouts)
+        if attrs["role"] in LAYOUT_FREE:  # with no quantized Transpose on the way, any layout
+            # is the float graph's own Transposes, which an optimizer pushed past the operation
+            return _common_layout(layouts, any_perm=read_as_mapped)
+        if attrs["role"] == "Concat":  # inputs in one layout join along the permuted axis (an
+            # optimizer moves Transposes through a Concat); the output shapes tell which axis
+            perms = {perm for perm, _ in layouts}
+            return len(perms) == 1, next(iter(perms)) if len(perms) == 1 else None
         expected = _compose(quant["layout"], _inverse(attrs["layout"]))
         return all(perm == expected for perm, _ in layouts), expected
 
@@ -664,6 +689,10 @@ def _consumers(graph: nx.DiGraph) -> dict[ValueRef, list[str]]:
     return consumers
 
 
+def _reader_roles(attrs: dict, consumers: dict, node: str) -> list[str]:
+    return sorted(attrs[reader]["role"] for reader in consumers.get((node, 0), ()))
+
+
 def _sealed(attrs: dict, consumers: dict, end: str, members) -> bool:
     """Whether every value of a region but its end is read inside the region only: a value
     read outside exists in the other graph too, and a region must not swallow it."""
@@ -694,17 +723,17 @@ def _is_transpose(attrs: dict) -> bool:
     return attrs["role"] == "Transpose" and attrs["perm"] is not None
 
 
-def _common_layout(layouts: list[tuple[Perm, int | None]]) -> tuple[bool, Perm]:
+def _common_layout(layouts: list[tuple[Perm, int | None]], any_perm: bool = False) -> tuple[bool, Perm]:
     """For an element-wise operation whose inputs have these layouts (permutation, rank):
     whether they agree, and the layout of its output. An input read as it is alongside
     permuted ones must be a broadcast operand of lower rank. Only channels-first/last moves
-    count as layouts: any other permutation is a computation of its own."""
+    count as layouts, unless ``any_perm``: any other permutation is a computation of its own."""
     perms = {perm for perm, _ in layouts if perm is not None}
     if len(perms) != 1:
         return not perms, None
     (perm,) = perms
     broadcast = all(rank is not None and rank != len(perm) for p, rank in layouts if p is None)
-    return broadcast and _channel_move(perm), perm
+    return broadcast and (any_perm or _channel_move(perm)), perm
 
 
 def _quant_layout(quant: dict, layouts: list[tuple[Perm, int | None]]) -> tuple[bool, Perm]:
