@@ -25,7 +25,7 @@ from layerbisect.compare import Aggregate, compare
 from layerbisect.errors import NO_SAMPLES, LayerbisectError, check_threshold
 from layerbisect.expose import expose
 from layerbisect.find import Sample, _samples, setup
-from layerbisect.load import ModelLike
+from layerbisect.load import ModelLike, tensor_array, with_data
 from layerbisect.run import DEFAULT_PROVIDERS, Session
 from layerbisect.search import bisect_first_failing
 
@@ -74,7 +74,7 @@ class FloatFallback:
 
     def save_model(self, path: str | PathLike) -> None:
         """Write the repaired model to ``path`` (the only file this module writes)."""
-        onnx.save(self.repaired, str(path))
+        onnx.save(with_data(self.repaired), str(path))
 
 
 def keep_in_float(
@@ -242,7 +242,7 @@ def _float_weight(twin, position, float_inits, quantized) -> onnx.TensorProto | 
     """The float model's constant at the same input of the same operation, if it fits."""
     if twin is None or position >= len(twin.input) or twin.input[position] not in float_inits:
         return None
-    value = numpy_helper.to_array(float_inits[twin.input[position]])
+    value = tensor_array(float_inits[twin.input[position]])
     if tuple(value.shape) != tuple(quantized.dims):
         return None
     return numpy_helper.from_array(value, twin.input[position] + "__layerbisect_float")

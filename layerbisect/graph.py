@@ -17,6 +17,7 @@ operators mean; the aligner knows which float operations may be folded or replac
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
 from typing import Optional
@@ -24,7 +25,8 @@ from typing import Optional
 import networkx as nx
 import numpy as np
 import onnx
-from onnx import numpy_helper
+
+from layerbisect.load import tensor_array
 
 ValueRef = tuple[str, int]
 """A value: (graph node id, output index). Graph inputs are nodes with a single output."""
@@ -358,11 +360,11 @@ class _Builder:
     def _value(self, name: str) -> np.ndarray | None:
         """The value of a constant tensor: an initializer, a Constant, or a dequantized one."""
         if name in self.initializers:
-            return numpy_helper.to_array(self.initializers[name])
+            return tensor_array(self.initializers[name])
         if name in self.constant_nodes:
             attr = self.constant_nodes[name].attribute
             tensors = [a.t for a in attr if a.name == "value"]
-            return numpy_helper.to_array(tensors[0]) if tensors else None
+            return tensor_array(tensors[0]) if tensors else None
         node = self.producer.get(name)
         if node is not None and node.op_type == "DequantizeLinear":
             raw = self._value(node.input[0])
@@ -372,25 +374,39 @@ class _Builder:
             return readout.dequantize(raw) if readout.scale is not None else raw
         return None
 
+    def _weight(self, name: str) -> tuple[np.ndarray, Readout] | None:
+        """A constant as it is stored, with the readout that dequantizes it when it is read
+        through a DequantizeLinear. An initializer in an external file is memory-mapped: the
+        caller reads only the part it needs."""
+        readout = Readout(name)
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "DequantizeLinear":
+            readout = Readout(name, self._const(node, 1), self._const(node, 2), _axis(node))
+            name = node.input[0]
+        if name in self.initializers:
+            return tensor_array(self.initializers[name], mapped=True), readout
+        value = self._value(name)
+        return None if value is None else (value, readout)
+
     def _fingerprint(self, node: onnx.NodeProto) -> np.ndarray | None:
         """A sample of the node's (dequantized) weight, to tell similar nodes apart."""
+        transposed = _attr(node, "transB") == 1  # Gemm computes x @ B.T
         if node.op_type in WEIGHT_QPARAMS:
             w_at, scale_at, zp_at = WEIGHT_QPARAMS[node.op_type]
-            raw = self._const(node, w_at)
-            if raw is None:
+            weight = self._weight(node.input[w_at]) if w_at < len(node.input) and node.input[w_at] else None
+            if weight is None:
                 return None
             zero_point = self._const(node, zp_at) if zp_at is not None else None
             zp = 0.0 if zero_point is None or zero_point.size != 1 else float(zero_point.ravel()[0])
-            weight = raw.astype(np.float64) - zp
-        else:
-            candidates = [self._value(name) for name in node.input if self.source.get(name) == CONST]
-            arrays = [a for a in candidates if a is not None and a.size > 1 and a.dtype.kind == "f"]
-            if not arrays:
-                return None
-            weight = max(arrays, key=lambda a: a.size)
-        if _attr(node, "transB") == 1 and weight.ndim == 2:  # Gemm computes x @ B.T
-            weight = weight.T
-        return np.asarray(weight).ravel()[:FINGERPRINT_SIZE].astype(np.float64)  # a copy: a view would keep the whole weight alive
+            return _head(*weight, transposed) - zp
+        candidates = [self._weight(name) for name in node.input if self.source.get(name) == CONST]
+        weights = [
+            (array, readout) for array, readout in filter(None, candidates)
+            if array.size > 1 and (array.dtype.kind == "f" or readout.scale is not None)
+        ]
+        if not weights:
+            return None
+        return _head(*max(weights, key=lambda weight: weight[0].size), transposed)
 
     def _perm(self, node: onnx.NodeProto, shape: tuple | None) -> Perm:
         """A Transpose's permutation (reversed axes by default), or None if unknown."""
@@ -418,6 +434,22 @@ class _Builder:
             dim.dim_value if dim.HasField("dim_value") else None
             for dim in typ.tensor_type.shape.dim
         )
+
+
+def _head(array: np.ndarray, readout: Readout, transposed: bool) -> np.ndarray:
+    """The first ``FINGERPRINT_SIZE`` values of ``array`` (of its transpose when ``transposed``
+    and it is a matrix), dequantized by ``readout``, as a float64 copy. Only the rows holding
+    them are read (of a memory map, only those are read from disk)."""
+    scale, zero_point, axis = readout.scale, readout.zero_point, readout.axis % max(array.ndim, 1)
+    if transposed and array.ndim == 2:
+        array, axis = array.T, 1 - axis
+    if array.ndim:
+        array = array[: -(-FINGERPRINT_SIZE // max(1, math.prod(array.shape[1:])))]
+        if axis == 0 and scale is not None and scale.size > 1:  # per-channel along the rows
+            scale = scale[: len(array)]
+            zero_point = None if zero_point is None else zero_point[: len(array)]
+    values = Readout(readout.tensor, scale, zero_point, axis).dequantize(np.array(array))
+    return values.ravel()[:FINGERPRINT_SIZE].astype(np.float64)
 
 
 def _topological(nodes) -> list[tuple[int, onnx.NodeProto]]:

@@ -14,10 +14,11 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from layerbisect.align import Pair
 from layerbisect.graph import Readout, inferred_types
+from layerbisect.load import tensor_array
 
 SHELL = {"QuantizeLinear", "DequantizeLinear"}
 CUT_SUFFIX = "__layerbisect_float"
@@ -125,7 +126,7 @@ def _zero_point_dtype(readout: Readout) -> np.dtype:
 
 def _constant(node: onnx.NodeProto, index: int, constants: Mapping) -> np.ndarray | None:
     if index < len(node.input) and node.input[index] in constants:
-        return numpy_helper.to_array(constants[node.input[index]])
+        return tensor_array(constants[node.input[index]])
     return None
 
 

@@ -1,8 +1,12 @@
 """Load a model from a path or a ModelProto and give every node a stable, readable name.
 
-The caller's file and ModelProto are never modified: a path is only read (with the external
-data files it names, relative to its folder), and a ModelProto is copied before names are
-filled in.
+The caller's file and ModelProto are never modified: a path is only read, and a ModelProto is
+copied before names are filled in.
+
+Weights kept in external data files stay there: a loaded model refers to them by their folder
+(an absolute ``basepath`` entry beside each ``location``), onnxruntime maps them into memory
+when it builds a session (``layerbisect.run``), and ``tensor_array`` reads one when its values
+are needed. Only small external tensors (shapes, axes, conditions) are read in at load.
 """
 
 from __future__ import annotations
@@ -15,12 +19,15 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
-from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_tensor, uses_external_data
 
 from layerbisect.errors import LayerbisectError, first_line
 from layerbisect.inputs import InputSpec
 
 ModelLike = Union[str, PathLike, onnx.ModelProto]
+# External tensors smaller than this are read in at load: shape inference reads such constants.
+SMALL_EXTERNAL = 1024
+BASEPATH = "basepath"  # an external data key onnx accepts; onnxruntime does not (see run.py)
 
 
 def load_model(model: ModelLike, *, role: str = "model") -> onnx.ModelProto:
@@ -37,12 +44,13 @@ def load_model(model: ModelLike, *, role: str = "model") -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
-        external = [t.name for t in _tensors(copy.graph) if uses_external_data(t)]
-        if external:
+        unlocated = [t.name for t in _tensors(copy.graph) if uses_external_data(t) and not external_folder(t)]
+        if unlocated:
             raise LayerbisectError(
-                f"{role}: tensor {external[0]!r} is kept in an external data file that was not "
+                f"{role}: tensor {unlocated[0]!r} is kept in an external data file that was not "
                 "loaded; pass the path of the .onnx file instead, or onnx.load it with its data"
             )
+        _locate_external_data(copy.graph, None, role)
     elif isinstance(model, (str, PathLike)):
         copy = _read(Path(model), role)
     else:
@@ -140,14 +148,92 @@ def _read(path: Path, role: str) -> onnx.ModelProto:
         ) from None
     if not model.HasField("graph"):
         raise LayerbisectError(f"{role} {path} is not an ONNX model: it holds no graph")
-    try:
-        load_external_data_for_model(model, str(path.parent))
-    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
-        raise LayerbisectError(
-            f"{role} {path}: cannot read its external data ({first_line(exc)}); the data files "
-            "must be complete and beside the .onnx file, where they were saved"
-        ) from None
+    _locate_external_data(model.graph, path.parent.absolute(), f"{role} {path}")
     return model
+
+
+def _locate_external_data(graph: onnx.GraphProto, folder: Path | None, role: str) -> None:
+    """Check, in place, that the external data of ``graph``'s tensors is all there (found in
+    ``folder``, or in each tensor's own ``basepath`` when ``folder`` is None), without reading
+    it; read in the small tensors and those that are not initializers of ``graph`` itself,
+    and give the others ``folder`` as their ``basepath``."""
+    initializers = len(graph.initializer)
+    for index, tensor in enumerate(_tensors(graph)):  # the initializers come first
+        if not uses_external_data(tensor):
+            continue
+        base = folder or Path(external_folder(tensor))
+        try:
+            length = _external_length(tensor, base)
+            if index >= initializers or length < SMALL_EXTERNAL:
+                load_external_data_for_tensor(tensor, str(base))
+            elif folder is not None:
+                _set_folder(tensor, folder)
+        except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+            raise LayerbisectError(
+                f"{role}: cannot read its external data ({first_line(exc)}); the data files "
+                "must be complete and beside the .onnx file, where they were saved"
+            ) from None
+
+
+def _external_length(tensor: onnx.TensorProto, folder: Path) -> int:
+    """The bytes of ``tensor``'s data, checked to lie in a file of ``folder``; none is read."""
+    info = ExternalDataInfo(tensor)
+    location = Path(info.location)
+    if location.is_absolute() or ".." in location.parts:
+        raise ValueError(f"location {info.location!r} of tensor {tensor.name!r} is not inside the model's folder")
+    available = (folder / location).stat().st_size - (info.offset or 0)
+    length = available if info.length is None else info.length
+    if not 0 <= length <= available:
+        raise ValueError(
+            f"External data length ({length}) exceeds available data ({available} bytes from "
+            f"offset {info.offset or 0}) for tensor {tensor.name!r}"
+        )
+    return length
+
+
+def _set_folder(tensor: onnx.TensorProto, folder: Path) -> None:
+    entries = [(e.key, e.value) for e in tensor.external_data if e.key != BASEPATH]
+    del tensor.external_data[:]
+    for key, value in [*entries, (BASEPATH, str(folder))]:
+        tensor.external_data.add(key=key, value=value)
+
+
+def external_folder(tensor: onnx.TensorProto) -> str:
+    """The absolute folder that ``tensor``'s external data location is relative to, as
+    ``load_model`` records it; "" when it is not recorded."""
+    folder = next((e.value for e in tensor.external_data if e.key == BASEPATH), "")
+    return folder if Path(folder).is_absolute() else ""
+
+
+def tensor_array(tensor: onnx.TensorProto, *, mapped: bool = False) -> np.ndarray:
+    """The value of ``tensor``, read from its external data file when it has one.
+
+    ``mapped=True`` returns a read-only memory map of that file instead (for numeric types of
+    a byte or more an element), for a caller that reads a small part of a large tensor.
+    """
+    if not uses_external_data(tensor):
+        return numpy_helper.to_array(tensor)
+    folder = external_folder(tensor)
+    if mapped:
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+        info, shape = ExternalDataInfo(tensor), tuple(tensor.dims)
+        if dtype.kind in "biuf" and info.length == int(np.prod(shape)) * dtype.itemsize > 0:
+            return np.memmap(
+                Path(folder) / info.location, dtype=dtype.newbyteorder("<"), mode="r",
+                offset=info.offset or 0, shape=shape,
+            )
+    return numpy_helper.to_array(tensor, base_dir=folder)
+
+
+def with_data(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a loaded ``model`` holding the data of its external tensors: a model to give
+    back to the user, which ``onnx.save`` can write anywhere and onnxruntime load."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in _tensors(copy.graph):
+        if uses_external_data(tensor) and external_folder(tensor):
+            load_external_data_for_tensor(tensor, external_folder(tensor))
+    return copy
 
 
 def _taken_branch(node: onnx.NodeProto, constants: dict, declared: set[str]) -> onnx.GraphProto | None:
@@ -155,7 +241,7 @@ def _taken_branch(node: onnx.NodeProto, constants: dict, declared: set[str]) -> 
     the branch holds subgraphs of its own (they may read the branch's values by name)."""
     if node.op_type != "If" or node.input[0] not in constants or node.input[0] in declared:
         return None
-    taken = "then_branch" if numpy_helper.to_array(constants[node.input[0]]).any() else "else_branch"
+    taken = "then_branch" if tensor_array(constants[node.input[0]]).any() else "else_branch"
     branch = next(attr.g for attr in node.attribute if attr.name == taken)
     nested = any(_subgraphs(attr) for inner in branch.node for attr in inner.attribute)
     return None if nested else branch

@@ -11,9 +11,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
+from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
 from layerbisect.errors import LayerbisectError, first_line
 from layerbisect.inputs import Feeds
+from layerbisect.load import BASEPATH, external_folder
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 # A serialized protobuf must stay under 2 GiB: past this size, initializers go to onnxruntime
@@ -22,13 +24,16 @@ DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 PROTO_LIMIT = (2 << 30) - (64 << 20)
 DETACHABLE = 1 << 10
 AS_FLOAT = "__layerbisect_as_float"
+# Where onnxruntime finds the external data of a model given as bytes.
+EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"
 
 
 class Session:
     """An onnxruntime session over an in-memory model, with errors that name the model.
 
-    Models of any size are accepted (past ``PROTO_LIMIT`` bytes, large initializers are handed
-    to onnxruntime as buffers, never written to disk). ``run`` returns numpy arrays:
+    Models of any size are accepted: initializers kept in external files are read from there
+    by onnxruntime, and past ``PROTO_LIMIT`` bytes, large in-memory initializers are handed
+    to onnxruntime as buffers, never written to disk. ``run`` returns numpy arrays:
     bfloat16 values as float32, and values that are not tensors (sequences, maps, absent
     optionals) as 0-d object arrays, which no comparison takes for float values.
 
@@ -130,29 +135,42 @@ def _create(
 
     ``as_float`` maps outputs to new outputs that hold them cast to float32.
     """
-    buffers: list[np.ndarray] = []
-    if _size(model) >= PROTO_LIMIT:
-        model, detached = _detach_initializers(model)
-        buffers = [numpy_helper.to_array(init) for init in detached]
-        options.add_external_initializers(
-            [init.name for init in detached], [_ort_value(array) for array in buffers]
-        )
+    model, folder, buffers = _for_onnxruntime(model)
+    if folder:
+        options.add_session_config_entry(EXTERNAL_FOLDER, folder)
+    if buffers:
+        options.add_external_initializers(list(buffers), [_ort_value(array) for array in buffers.values()])
     data = model.SerializeToString()
     if as_float:  # parsing concatenated messages merges them: these nodes and outputs are added
         data += _float_outputs(as_float).SerializeToString()
     session = ort.InferenceSession(data, options, providers=list(providers))
-    return session, buffers
+    return session, list(buffers.values())
 
 
-def _detach_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
-    """A copy of ``model`` whose initializers of ``DETACHABLE`` bytes or more are placeholders,
-    and those initializers. Their data is not copied."""
+def _for_onnxruntime(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str, dict[str, np.ndarray]]:
+    """``model`` as onnxruntime takes it from bytes, the folder of its external data, and the
+    initializers to hand over as buffers (by name).
+
+    Initializers kept in external files (see ``layerbisect.load``) stay there: onnxruntime reads
+    them from the folder of the first one, mapping them into memory; one in another folder is
+    read in. Past ``PROTO_LIMIT``, in-memory initializers of ``DETACHABLE`` bytes or more become
+    buffers. Otherwise ``model`` itself is returned: nothing is copied.
+    """
     graph = model.graph
-    detached = [init for init in graph.initializer if init.ByteSize() >= DETACHABLE]
-    names = {init.name for init in detached}
-    initializers = [
-        _placeholder(init) if init.name in names else init for init in graph.initializer
-    ]
+    on_disk = [init for init in graph.initializer if uses_external_data(init)]
+    large = _size(model) >= PROTO_LIMIT
+    if not on_disk and not large:
+        return model, "", {}
+    folder = external_folder(on_disk[0]) if on_disk else ""
+    buffers: dict[str, np.ndarray] = {}
+    initializers = []
+    for init in graph.initializer:
+        if uses_external_data(init):
+            init = _relative_to(init, folder)
+        elif large and init.ByteSize() >= DETACHABLE:
+            buffers[init.name] = numpy_helper.to_array(init)
+            init = _placeholder(init)
+        initializers.append(init)
     light_graph = onnx.GraphProto(
         name=graph.name, node=graph.node, input=graph.input, output=graph.output,
         value_info=graph.value_info, initializer=initializers,
@@ -162,7 +180,22 @@ def _detach_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[
         ir_version=model.ir_version, opset_import=model.opset_import, functions=model.functions,
         producer_name=model.producer_name, graph=light_graph,
     )
-    return light, detached
+    return light, folder, buffers
+
+
+def _relative_to(init: onnx.TensorProto, folder: str) -> onnx.TensorProto:
+    """A copy of the external ``init`` as onnxruntime reads it from ``folder``: without its
+    ``basepath`` (which onnxruntime rejects), or with its data read in when it lies elsewhere."""
+    copy = onnx.TensorProto()
+    copy.CopyFrom(init)
+    if external_folder(init) != folder:
+        load_external_data_for_tensor(copy, external_folder(init))
+        return copy
+    entries = [(e.key, e.value) for e in init.external_data if e.key != BASEPATH]
+    del copy.external_data[:]
+    for key, value in entries:
+        copy.external_data.add(key=key, value=value)
+    return copy
 
 
 def _size(model: onnx.ModelProto) -> int:

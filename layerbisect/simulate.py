@@ -45,7 +45,7 @@ from layerbisect.errors import NO_SAMPLES, LayerbisectError
 from layerbisect.expose import expose
 from layerbisect.graph import FLOAT_DTYPES, Readout, build_graph
 from layerbisect.inputs import plan_inputs
-from layerbisect.load import ModelLike, declared_inputs, load_model
+from layerbisect.load import ModelLike, declared_inputs, load_model, with_data
 from layerbisect.report import LayerComparison
 from layerbisect.run import DEFAULT_PROVIDERS, Session
 
@@ -299,7 +299,7 @@ class Simulated:
         model, names = _simulated_model(proto, grids, f"{proto.graph.name} {self}".strip())
         return Simulation(
             format=self.format,
-            model=model,
+            model=with_data(model),  # the user may save it
             names=names,
             grids=grids,
             effects=observe.effects(grids),

@@ -11,8 +11,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import layerbisect.graph
+import layerbisect.load
 import layerbisect.run
-from layerbisect import LayerbisectError, find_first_bad_layer
+from layerbisect import LayerbisectError, find_first_bad_layer, keep_in_float
+from layerbisect.graph import build_graph
+from layerbisect.load import SMALL_EXTERNAL, external_folder, load_model, tensor_array
+from layerbisect.run import Session
 from models import corrupt_weights, make_cnn, quant_node_for, quantize, random_inputs
 
 OPSET = [helper.make_opsetid("", 17)]
@@ -229,35 +234,118 @@ def test_if_with_a_constant_condition_is_inlined_and_its_insides_compared():
 
 
 def digest(folder: Path) -> dict[str, tuple[str, int]]:
-    """Content hash and modification time of every file in ``folder``."""
+    """Content hash and modification time of every file under ``folder``."""
     return {
-        p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-        for p in sorted(folder.iterdir())
+        str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*")) if p.is_file()
     }
 
 
 @pytest.fixture(scope="module")
 def external(tmp_path_factory):
-    """The CNN and its faulty int8 version saved with their weights in external data files."""
+    """The CNN and its faulty int8 version saved, in two folders, with their weights in
+    external data files (every tensor, however small)."""
     folder = tmp_path_factory.mktemp("external")
+    (folder / "quantized").mkdir()
     quant = quantize(cnn(), "qdq")
     broken = corrupt_weights(quant, quant_node_for(quant, "conv2"))
-    for name, model in (("float", cnn()), ("broken", broken)):
+    for path, model in ((folder / "float.onnx", cnn()), (folder / "quantized" / "broken.onnx", broken)):
         model = onnx.ModelProto.FromString(model.SerializeToString())  # saving moves the data out
-        onnx.save(model, folder / f"{name}.onnx", save_as_external_data=True,
-                  all_tensors_to_one_file=True, location=f"{name}.data", size_threshold=0)
+        onnx.save(model, path, save_as_external_data=True,
+                  all_tensors_to_one_file=True, location=f"{path.stem}.data", size_threshold=0)
     return folder, broken
 
 
-def test_models_with_external_data_load_from_their_folder_and_stay_untouched(external, monkeypatch):
+def test_loading_leaves_the_weights_in_their_files(external, monkeypatch):
     folder, broken = external
+    monkeypatch.chdir(folder.parent)
+    originals = {t.name: numpy_helper.to_array(t) for t in broken.graph.initializer}
+    loaded = load_model(folder / "quantized" / "broken.onnx")
+    in_memory = [t.name for t in loaded.graph.initializer if t.data_location != TensorProto.EXTERNAL]
+    assert in_memory == [name for name, array in originals.items() if array.nbytes < SMALL_EXTERNAL]
+    monkeypatch.setattr(layerbisect.load, "SMALL_EXTERNAL", 0)
+    loaded = load_model(folder / "quantized" / "broken.onnx")
+    on_disk = [t for t in loaded.graph.initializer if t.data_location == TensorProto.EXTERNAL]
+    saved_out = onnx.load(folder / "quantized" / "broken.onnx", load_external_data=False)
+    assert len(on_disk) == sum(t.data_location == TensorProto.EXTERNAL for t in saved_out.graph.initializer) > 10
+    assert not any(t.HasField("raw_data") for t in on_disk)
+    assert {external_folder(t) for t in on_disk} == {str(folder / "quantized")}
+    for tensor in loaded.graph.initializer:
+        np.testing.assert_array_equal(tensor_array(tensor), originals[tensor.name])
+        np.testing.assert_array_equal(tensor_array(tensor, mapped=True), originals[tensor.name])
+    assert load_model(loaded) == loaded  # a loaded model loads as it is
+
+
+@pytest.mark.parametrize("quantized", ["qdq", "qoperator"])
+def test_weights_read_from_files_fingerprint_as_in_memory(external, tmp_path, monkeypatch, quantized):
+    """Fingerprints read a few rows of a mapped file: per-channel weights, Gemm with transB."""
+    folder, _ = external
+    monkeypatch.setattr(layerbisect.load, "SMALL_EXTERNAL", 0)
+    monkeypatch.setattr(layerbisect.graph, "FINGERPRINT_SIZE", 50)  # fewer values than a weight holds
+    quant = quantize(cnn(), quantized, per_channel=True)
+    onnx.save(onnx.ModelProto.FromString(quant.SerializeToString()), tmp_path / "quant.onnx",
+              save_as_external_data=True, location="quant.data", size_threshold=0)
+    for model, path in ((cnn(), folder / "float.onnx"), (quant, tmp_path / "quant.onnx")):
+        in_memory, from_file = build_graph(load_model(model)), build_graph(load_model(path))
+        prints = [(n, a["fingerprint"]) for n, a in in_memory.nodes(data=True) if a["fingerprint"] is not None]
+        assert len(prints) >= 4  # three Conv and the Gemm at least
+        for node, fingerprint in prints:
+            np.testing.assert_array_equal(from_file.nodes[node]["fingerprint"], fingerprint)
+
+
+@pytest.mark.parametrize("small", [SMALL_EXTERNAL, 0])
+def test_models_with_external_data_load_from_their_folder_and_stay_untouched(external, monkeypatch, small):
+    """The same report as in memory, with the small tensors read in or not."""
+    folder, broken = external
+    monkeypatch.setattr(layerbisect.load, "SMALL_EXTERNAL", small)
     before = digest(folder)
     monkeypatch.chdir(folder.parent)  # external data is found relative to the model, not here
-    from_files = find_first_bad_layer(folder / "float.onnx", folder / "broken.onnx", random_inputs(cnn()))
+    paths = folder / "float.onnx", folder / "quantized" / "broken.onnx"
+    from_files = find_first_bad_layer(*paths, random_inputs(cnn()))
     in_memory = find_first_bad_layer(cnn(), broken, random_inputs(cnn()))
     assert from_files.first_bad.float_nodes == ("conv2",)
-    assert [layer.cosine for layer in from_files.layers] == [layer.cosine for layer in in_memory.layers]
+    assert from_files.layers == in_memory.layers
+    optimized = find_first_bad_layer(*paths, random_inputs(cnn()), ort_optimized=True)
+    assert optimized.first_bad.float_nodes == ("conv2",)
     assert digest(folder) == before
+
+
+def test_float_fallback_on_files_in_two_folders(external, tmp_path, monkeypatch):
+    """Float weights from one folder join a quantized model from another; the repaired model
+    is saved with its data."""
+    folder, broken = external
+    monkeypatch.setattr(layerbisect.load, "SMALL_EXTERNAL", 0)
+    before = digest(folder)
+    fix = keep_in_float(folder / "float.onnx", folder / "quantized" / "broken.onnx", random_inputs(cnn()))
+    assert fix == keep_in_float(cnn(), broken, random_inputs(cnn()))
+    assert fix.float_nodes == ("conv2",)
+    fix.save_model(tmp_path / "repaired.onnx")
+    assert [p.name for p in tmp_path.iterdir()] == ["repaired.onnx"]
+    repaired = onnx.load(tmp_path / "repaired.onnx")
+    assert not any(onnx.external_data_helper.uses_external_data(t) for t in repaired.graph.initializer)
+    assert digest(folder) == before
+
+
+def test_a_session_reads_initializers_from_two_folders(tmp_path):
+    """onnxruntime is given one folder; an initializer kept in another is read in."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 300])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 300])
+    a, b = np.eye(300, dtype=np.float32) * 2, np.arange(300, dtype=np.float32)
+    loaded = []
+    for name, value, op in (("a", a, "MatMul"), ("b", b, "Add")):
+        (tmp_path / name).mkdir()
+        node = helper.make_node(op, ["x", name], ["y"])
+        graph = helper.make_graph([node], name, [x], [y], [numpy_helper.from_array(value, name)])
+        onnx.save(helper.make_model(graph, opset_imports=OPSET, ir_version=9), tmp_path / name / "m.onnx",
+                  save_as_external_data=True, location="m.data", size_threshold=0)
+        loaded.append(load_model(tmp_path / name / "m.onnx"))
+    model = loaded[0]
+    model.graph.node.append(helper.make_node("Add", ["y0", "b"], ["y"]))
+    model.graph.node[0].output[0] = "y0"
+    model.graph.initializer.extend(loaded[1].graph.initializer)
+    assert {external_folder(t) for t in model.graph.initializer} == {str(tmp_path / "a"), str(tmp_path / "b")}
+    feeds = {"x": np.ones((2, 300), np.float32)}
+    np.testing.assert_array_equal(Session(model, "model").run(feeds, ["y"])["y"], feeds["x"] @ a + b)
 
 
 def test_missing_or_truncated_external_data_is_a_clear_error(external, tmp_path):
@@ -275,11 +363,13 @@ def test_missing_or_truncated_external_data_is_a_clear_error(external, tmp_path)
 
 
 @pytest.mark.parametrize("ort_optimized", [False, True])
-def test_models_too_large_for_one_protobuf_give_the_same_report(monkeypatch, ort_optimized):
-    """Past the protobuf limit, large initializers reach onnxruntime as buffers."""
-    quant = quantize(cnn(), "qdq")
-    broken = corrupt_weights(quant, quant_node_for(quant, "conv2"))
+def test_models_too_large_for_one_protobuf_give_the_same_report(external, monkeypatch, ort_optimized):
+    """Past the protobuf limit, large initializers in memory reach onnxruntime as buffers;
+    those in external files stay there."""
+    folder, broken = external
     usual = find_first_bad_layer(cnn(), broken, random_inputs(cnn()), ort_optimized=ort_optimized)
     monkeypatch.setattr(layerbisect.run, "PROTO_LIMIT", 0)
     large = find_first_bad_layer(cnn(), broken, random_inputs(cnn()), ort_optimized=ort_optimized)
     assert large.to_dict() == usual.to_dict()
+    mixed = find_first_bad_layer(folder / "float.onnx", broken, random_inputs(cnn()), ort_optimized=ort_optimized)
+    assert mixed.layers == usual.layers
