@@ -104,6 +104,7 @@ def keep_in_float(
     if not samples:
         raise LayerbisectError(NO_SAMPLES)
     outputs = _output_pairs(float_proto, alignment.pairs)
+    read = [_carried(quant_proto, p.quant_tensor) for p in outputs]
     float_session = Session(expose(float_proto, [p.float_tensor for p in outputs]), "float model", providers)
     feeds = [plan.feeds(sample, seed) for sample in samples]
     references = [float_session.run(f, [p.float_tensor for p in outputs]) for f, _ in feeds]
@@ -117,12 +118,12 @@ def keep_in_float(
         key = frozenset(p.float_tensor for p in chosen)
         if key not in cache:
             model = bypass(float_proto, quant_proto, chosen)
-            session = Session(expose(model, [p.quant_tensor for p in outputs]), "repaired model", providers)
+            session = Session(expose(model, read), "repaired model", providers)
             aggregates = [Aggregate() for _ in outputs]
             for (_, quant_feeds), reference in zip(feeds, references):
-                values = session.run(quant_feeds, [p.quant_tensor for p in outputs])
-                for agg, pair in zip(aggregates, outputs):
-                    agg.add(compare(reference[pair.float_tensor], pair.quant_readout.dequantize(values[pair.quant_tensor])))
+                values = session.run(quant_feeds, read)
+                for agg, pair, name in zip(aggregates, outputs, read):
+                    agg.add(compare(reference[pair.float_tensor], pair.quant_readout.dequantize(values[name])))
             executions += len(samples)
             cache[key] = min(agg.cosine for agg in aggregates)
         return cache[key]
@@ -253,6 +254,17 @@ def _bypassable(model: onnx.ModelProto) -> Callable[[Pair], bool]:
     dequantized = {node.output[0] for node in model.graph.node if node.op_type == "DequantizeLinear"}
     inputs = {node.name: node.input for node in model.graph.node}
     return lambda pair: any(t in dequantized for n in pair.quant_nodes for t in inputs.get(n, ()))
+
+
+def _carried(quant_model: onnx.ModelProto, tensor: str) -> str:
+    """The float tensor that carries an integer readout on: the output of the
+    DequantizeLinear reading it, which a repaired model keeps (as the output of an Identity
+    where the layer is kept in float); else ``tensor`` itself."""
+    return next(
+        (node.output[0] for node in quant_model.graph.node
+         if node.op_type == "DequantizeLinear" and node.input[0] == tensor),
+        tensor,
+    )
 
 
 def _output_pairs(float_model: onnx.ModelProto, pairs: Sequence[Pair]) -> list[Pair]:

@@ -241,7 +241,8 @@ def measure_sample(measurement: Measurement, sample, start=({}, {})) -> SampleRe
                         [*measurement.quant_names, *measurement.quant_saves])
     saved = (_kept(float_values, measurement.float_saves, float_session),
              _kept(quant_values, measurement.quant_saves, quant_session))
-    held = _nbytes(float_values) + _nbytes(quant_values)
+    # values read from ``start`` or saved for later are counted with those (see ``measure``)
+    held = _fresh_bytes(float_values, start[0], saved[0]) + _fresh_bytes(quant_values, start[1], saved[1])
     executions = (float_session is not None) + (quant_session is not None)
     problems: dict[int, str] = {}
     cumulative = _compare_all(measurement.pairs, float_values, quant_values, problems)
@@ -292,6 +293,10 @@ def _compare_all(pairs, float_values, quant_values, problems: dict) -> tuple[Met
             problems[index] = f"shapes differ: {reference.shape} vs {actual.shape}"
         results.append(None if index in problems else compare(reference, actual))
     return tuple(results)
+
+
+def _fresh_bytes(values: dict, start: dict, saved: dict) -> int:
+    return sum(np.asarray(v).nbytes for name, v in values.items() if name not in start and name not in saved)
 
 
 def _nbytes(values: dict) -> int:

@@ -112,7 +112,7 @@ def test_renamed_quantized_graph_with_fault():
     assert report.first_bad.float_nodes == ("q_proj",)
     assert report.first_bad.evidence == "weights"  # q, k and v read the same input
     k_proj = next(layer for layer in report.layers if layer.float_nodes == ("k_proj",))
-    assert k_proj.quant_tensor == names["k_proj_DequantizeLinear_Output"] and k_proj.cosine > 0.999
+    assert k_proj.quant_tensor == names["k_proj_QuantizeLinear_Output"] and k_proj.cosine > 0.999  # read as int8
 
 
 @pytest.mark.parametrize("reduce_mean", [True, False])
