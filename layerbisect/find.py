@@ -38,6 +38,8 @@ DEFAULT_BUDGET_CAP = 1 << 30  # beyond this, holding more activations only costs
 # Bisection probes one layer per pass, each pass a short segment resumed from the values saved
 # after the last layer known to pass; once this few layers remain, one pass measures them all.
 LAST_PASS_LAYERS = 8
+# ops that move or re-encode values without computing: a model of only these has no layers
+PLUMBING = {"Identity", "Transpose", "Reshape", "QuantizeLinear", "DequantizeLinear", "Cast"}
 
 
 def find_first_bad_layer(
@@ -288,9 +290,12 @@ def setup(
     float_graph = build_graph(float_proto)
     alignment = simulation.alignment(float_graph) if simulation else align(float_graph, build_graph(quant_proto))
     if not alignment.pairs:
+        computing = [n for n in quant_proto.graph.node if n.op_type not in PLUMBING]
         raise LayerbisectError(
             "no layer of the float model could be paired with the quantized model: "
-            "do the two models compute the same network, from the same inputs?"
+            + ("do the two models compute the same network, from the same inputs?" if computing else
+               "the quantized model computes nothing (it holds only Identity, Transpose or "
+               "quantization nodes; an optimizer may have removed every layer)")
         )
     return Setup(float_proto, quant_proto, plan, float_graph, alignment)
 
@@ -369,7 +374,7 @@ def _value_bytes(model: onnx.ModelProto, pairs: Sequence[Pair], input_shapes: Ma
             continue
         elem = typ.tensor_type.elem_type
         itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(elem)).itemsize if elem else 4
-        sizes.append(itemsize * math.prod(d.dim_value or 1 for d in typ.tensor_type.shape.dim))
+        sizes.append(itemsize * math.prod(max(d.dim_value, 1) for d in typ.tensor_type.shape.dim))
     return sizes
 
 

@@ -239,14 +239,33 @@ def check(case: Case) -> str:
             return "healthy"
         node, weight = weighted[case.fault // 2 % len(weighted)]
         faulty_float = corrupt(model, weight, shuffle=case.fault % 2 == 1)
-        report = find_first_bad_layer(
-            model, rewrite(faulty_float, case.rewrite), feeds, THRESHOLD, ort_optimized=optimized
-        )
+        quant = rewrite(faulty_float, case.rewrite)
+        report = find_first_bad_layer(model, quant, feeds, THRESHOLD, ort_optimized=optimized)
+        # bisection, with passes resumed from saved values, on a budget that forces several
+        bisected = find_first_bad_layer(model, quant, feeds, THRESHOLD, ort_optimized=optimized,
+                                        strategy="bisect", memory_budget=max(1, report.peak_bytes // 4))
+        _agrees(report, bisected)
     except Unquantizable:
         return "unquantizable"
     except LayerbisectError as exc:
         return f"error: {exc}"
     return _judge(case, model, faulty_float, node, healthy, report, feeds)
+
+
+def _agrees(scan: Report, bisected: Report) -> None:
+    """Bisection names the scan's first bad layer wherever the answer is clear: every layer
+    before it well above the threshold, it well below, and every layer after it failing
+    (bisection assumes that)."""
+    bad = scan.first_bad
+    if bad is None or bad.cosine >= CLEAR_MARGIN:
+        return
+    position = scan.layers.index(bad)
+    before, after = scan.layers[:position], scan.layers[position:]
+    if all(layer.cosine >= 0.99 for layer in before) and not any(layer.passes(THRESHOLD) for layer in after):
+        assert bisected.first_bad is not None and bisected.first_bad.index == bad.index, (
+            f"scan names {bad.describe()}, bisection "
+            f"{bisected.first_bad.describe() if bisected.first_bad else 'nothing'}"
+        )
 
 
 def _judge(case, model, faulty_float, node: str, healthy: Report, report: Report, feeds) -> str:
