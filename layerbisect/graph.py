@@ -157,8 +157,9 @@ class Readout:
             shape[self.axis] = -1
             scale = scale.reshape(shape)
             zero_point = zero_point.reshape(shape) if zero_point is not None else None
-        zp = 0 if zero_point is None else zero_point.astype(np.float64)
-        return ((array.astype(np.float64) - zp) * scale).astype(np.float32)
+        # in float32, as onnxruntime's DequantizeLinear computes it
+        zp = np.float32(0) if zero_point is None else zero_point.astype(np.float32)
+        return (array.astype(np.float32) - zp) * scale.astype(np.float32)
 
 
 def build_graph(model: onnx.ModelProto) -> nx.DiGraph:
