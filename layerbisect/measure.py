@@ -15,7 +15,7 @@ import math
 import os
 import uuid
 from collections.abc import Iterable, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -29,6 +29,7 @@ from layerbisect.run import Session
 from layerbisect.segment import Segments
 
 SAMPLES_PER_TASK = 4
+COMPARE_THREADS = min(4, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -283,16 +284,25 @@ def _kept(values: dict, names: Sequence[str], session: Session | None) -> dict[s
 
 
 def _compare_all(pairs, float_values, quant_values, problems: dict) -> tuple[Metrics | None, ...]:
-    results = []
-    for index, pair in enumerate(pairs):
+    """Metrics of every pair, None where it cannot be compared (the reason goes to
+    ``problems``). Pairs are compared on threads: numpy leaves the GIL for the arithmetic,
+    so the cores onnxruntime just used are busy again."""
+
+    def one(pair: Pair) -> Metrics | str:
         reference = pair.float_readout.dequantize(float_values[pair.float_tensor])
         actual = pair.quant_readout.dequantize(quant_values[pair.quant_tensor])
         if reference.dtype.kind != "f":
-            problems[index] = "not a float tensor"
-        elif reference.shape != actual.shape:
-            problems[index] = f"shapes differ: {reference.shape} vs {actual.shape}"
-        results.append(None if index in problems else compare(reference, actual))
-    return tuple(results)
+            return "not a float tensor"
+        if reference.shape != actual.shape:
+            return f"shapes differ: {reference.shape} vs {actual.shape}"
+        return compare(reference, actual)
+
+    with ThreadPoolExecutor(COMPARE_THREADS) as pool:
+        outcomes = list(pool.map(one, pairs))
+    for index, outcome in enumerate(outcomes):
+        if isinstance(outcome, str):
+            problems[index] = outcome
+    return tuple(None if isinstance(outcome, str) else outcome for outcome in outcomes)
 
 
 def _fresh_bytes(values: dict, start: dict, saved: dict) -> int:
