@@ -294,6 +294,7 @@ def main() -> None:
     if args.child:
         print(MARK + json.dumps(child(args.child, json.loads(args.info))), flush=True)
         return
+    bench_scan.compile_layerbisect()
     start = time.perf_counter()
     print(f"{time.strftime('%Y-%m-%d')}, python {sys.version.split()[0]}, {os.cpu_count()} CPUs,",
           bench_scan._versions(), "\n")

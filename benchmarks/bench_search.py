@@ -350,6 +350,7 @@ def main() -> None:
         print(MARK + json.dumps(result), flush=True)
         return
 
+    bench_scan.compile_layerbisect()
     start = time.perf_counter()
     print(f"{time.strftime('%Y-%m-%d')}, python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
           f"{fmt_mb(mem_available())} available,", bench_scan._versions())

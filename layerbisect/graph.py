@@ -267,7 +267,7 @@ class _Builder:
         return self.graph
 
     def _add(self, node: onnx.NodeProto, order: int) -> None:
-        names = [*node.input, *_outer_scope_reads(node)]  # If/Loop/Scan bodies read outer values
+        names = [*node.input, *outer_scope_reads(node)]  # If/Loop/Scan bodies read outer values
         inputs = [self.source.get(name, CONST) if name else CONST for name in names]
         data = [ref for ref in inputs if isinstance(ref, tuple)]
         if not data or node.op_type in SHAPE_OPS:
@@ -460,7 +460,7 @@ def _topological(nodes) -> list[tuple[int, onnx.NodeProto]]:
     outer-scope reads included (files are sorted without them), and otherwise file order."""
     producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
     waits_on = [
-        {producer[name] for name in [*node.input, *_outer_scope_reads(node)] if name in producer} - {i}
+        {producer[name] for name in [*node.input, *outer_scope_reads(node)] if name in producer} - {i}
         for i, node in enumerate(nodes)
     ]
     readers: dict[int, list[int]] = {}
@@ -481,14 +481,14 @@ def _topological(nodes) -> list[tuple[int, onnx.NodeProto]]:
     return order + [(i, node) for i, node in enumerate(nodes) if i not in placed]  # cycles: as given
 
 
-def _outer_scope_reads(node: onnx.NodeProto) -> list[str]:
+def outer_scope_reads(node: onnx.NodeProto) -> list[str]:
     """Names the subgraphs of ``node`` read from the enclosing graph, in first-read order."""
     reads: dict[str, None] = {}
     for attr in node.attribute:
         for graph in [attr.g] if attr.HasField("g") else list(attr.graphs):
             local = {i.name for i in graph.input} | {i.name for i in graph.initializer}
             for inner in graph.node:
-                for name in [*inner.input, *_outer_scope_reads(inner)]:
+                for name in [*inner.input, *outer_scope_reads(inner)]:
                     if name and name not in local:
                         reads[name] = None
                 local.update(inner.output)

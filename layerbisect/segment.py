@@ -26,7 +26,7 @@ import onnx
 from onnx import helper
 
 from layerbisect.errors import LayerbisectError
-from layerbisect.graph import _outer_scope_reads as outer_scope_reads  # TODO make public
+from layerbisect.graph import outer_scope_reads
 
 
 class Segments:
