@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
 
-import numpy as np
 import onnx
 from onnx import numpy_helper
 
@@ -24,7 +23,8 @@ from layerbisect.align import ACTIVATIONS, Pair
 from layerbisect.compare import Aggregate, compare
 from layerbisect.errors import NO_SAMPLES, LayerbisectError, check_threshold
 from layerbisect.expose import expose
-from layerbisect.find import Sample, _samples, setup
+from layerbisect.find import setup
+from layerbisect.inputs import Sample, samples_of
 from layerbisect.load import ModelLike, tensor_array, with_data
 from layerbisect.run import DEFAULT_PROVIDERS, Session
 from layerbisect.search import bisect_first_failing
@@ -100,7 +100,7 @@ def keep_in_float(
     )
     if not any(node.op_type == "DequantizeLinear" for node in quant_proto.graph.node):
         raise LayerbisectError("keeping layers in float needs a QDQ model (QuantizeLinear/DequantizeLinear pairs)")
-    samples = list(_samples(inputs))
+    samples = list(samples_of(inputs))
     if not samples:
         raise LayerbisectError(NO_SAMPLES)
     outputs = _output_pairs(float_proto, alignment.pairs)

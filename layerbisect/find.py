@@ -18,7 +18,7 @@ from onnx import helper
 from layerbisect.align import Alignment, Pair, align
 from layerbisect.errors import NO_SAMPLES, LayerbisectError, check_threshold
 from layerbisect.graph import build_graph, inferred_types
-from layerbisect.inputs import InputPlan, plan_inputs
+from layerbisect.inputs import InputPlan, Sample, plan_inputs, samples_of
 from layerbisect.load import ModelLike, declared_inputs, load_model, subgraph_notes
 from layerbisect.measure import Saved, Totals, available_memory, measure, prepare
 from layerbisect.progress import progress
@@ -31,7 +31,6 @@ from layerbisect.simulate import Simulated, Simulation
 from layerbisect.source import compare_source, tensor_source
 from layerbisect.summary import neighbourhood, summarize
 
-Sample = Mapping[str, np.ndarray]
 STRATEGIES = ("auto", "scan", "bisect")
 UNKNOWN_TENSOR_BYTES = 1 << 20  # assumed size of a value whose shape is unknown
 DEFAULT_BUDGET_CAP = 1 << 30  # beyond this, holding more activations only costs memory
@@ -90,7 +89,7 @@ def find_first_bad_layer(
         raise LayerbisectError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if memory_budget is not None and memory_budget <= 0:
         raise LayerbisectError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
-    samples = _samples(inputs)
+    samples = samples_of(inputs)
     source = tensor_source(quant_model)
     if ort_optimized and (source is not None or isinstance(quant_model, Simulated)):
         raise LayerbisectError("ort_optimized applies to a quantized model, not to a simulated format or tensor source")
@@ -399,18 +398,6 @@ def _groups(costs: Sequence[int], budget: float) -> list[list[int]]:
         groups[-1].append(index)
         held += cost
     return groups
-
-
-def _samples(inputs) -> Iterable[Sample | None]:
-    if inputs is None:
-        return [None]
-    if isinstance(inputs, Mapping):
-        return [inputs]
-    if isinstance(inputs, (str, bytes, np.ndarray)):
-        raise LayerbisectError(
-            "inputs must be a dict of input name -> array, or a list of such dicts"
-        )
-    return inputs
 
 
 def _output_tensors(graph, model: onnx.ModelProto) -> tuple[tuple[str, str], ...]:

@@ -22,7 +22,7 @@ reads them from the ONNX graph). The rules, for models that may declare differen
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +30,7 @@ import numpy as np
 from layerbisect.errors import LayerbisectError
 
 Feeds = dict[str, np.ndarray]
+Sample = Mapping[str, np.ndarray]
 Dim = int | str | None
 TO_NHWC, TO_NCHW = (0, 2, 3, 1), (0, 3, 1, 2)
 
@@ -254,3 +255,15 @@ def _random_array(spec: InputSpec, shape: Sequence[int] | None, rng: np.random.G
     raise LayerbisectError(
         f"cannot make random values for input {spec.name!r} of type {spec.dtype}; pass real inputs"
     )
+
+
+def samples_of(inputs: Sample | Iterable[Sample] | None) -> Iterable[Sample | None]:
+    """The samples ``inputs`` stands for: one dict, an iterable of dicts, or None for one
+    sample of seeded random values."""
+    if inputs is None:
+        return [None]
+    if isinstance(inputs, Mapping):
+        return [inputs]
+    if isinstance(inputs, (str, bytes, np.ndarray)):
+        raise LayerbisectError("inputs must be a dict of input name -> array, or a list of such dicts")
+    return inputs

@@ -52,7 +52,7 @@ def html_fragment(report: Report) -> str:
     verdict_class = "pass" if report.first_bad is None else "fail"
     parts = [
         f'<div class="lb">{STYLE}<h2 class="{verdict_class}">{escape(report.verdict)}</h2>',
-        f"<p>{escape(report._summary())}</p>",
+        f"<p>{escape(report.summary_line())}</p>",
         chart_svg(report),
         "<h3>Layers</h3>",
         _layer_table(report),
@@ -322,7 +322,7 @@ def rich_table(report: Report) -> Any:
     from rich.text import Text
 
     title = Text(report.verdict, style="bold green" if report.first_bad is None else "bold red")
-    title.append("\n" + report._summary(), style="default")
+    title.append("\n" + report.summary_line(), style="default")
     table = Table(
         title=title, title_justify="left", caption="\n".join(f"note: {n}" for n in report.notes) or None,
         caption_justify="left",

@@ -155,7 +155,7 @@ class Report:
         return f"{head}; {outputs}" if outputs else head
 
     def __str__(self) -> str:
-        lines = [self.verdict, self._summary(), ""]
+        lines = [self.verdict, self.summary_line(), ""]
         rows = [("", "#", "op", "float node(s)", "quant node(s)", "cosine", "SQNR dB", "isolated")]
         for layer in self.layers:
             rows.append((
@@ -172,7 +172,8 @@ class Report:
         lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
 
-    def _summary(self) -> str:
+    def summary_line(self) -> str:
+        """Layers measured, coverage, samples, strategy, model runs and activations held."""
         measured = f"{len(self.layers)} aligned layers"
         if self.aligned > len(self.layers):  # bisection measures the layers it probes
             measured = f"{len(self.layers)} of {self.aligned} aligned layers measured"

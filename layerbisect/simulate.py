@@ -44,7 +44,7 @@ from layerbisect.align import Alignment, Pair
 from layerbisect.errors import NO_SAMPLES, LayerbisectError
 from layerbisect.expose import expose
 from layerbisect.graph import FLOAT_DTYPES, Readout, build_graph
-from layerbisect.inputs import plan_inputs
+from layerbisect.inputs import Sample, plan_inputs
 from layerbisect.load import ModelLike, declared_inputs, load_model, with_data
 from layerbisect.report import LayerComparison
 from layerbisect.run import DEFAULT_PROVIDERS, Session
@@ -56,7 +56,6 @@ INTEGER = re.compile(r"^(u?int)(\d+)$")
 MIN_OPSET = 11  # Round, and Clip with its bounds as inputs
 SUFFIX = "__layerbisect_sim"
 
-Sample = Mapping[str, np.ndarray]
 
 
 @dataclass(frozen=True)

@@ -37,14 +37,13 @@ from layerbisect.dumps import DumpFolder
 from layerbisect.errors import NO_SAMPLES, LayerbisectError, first_line
 from layerbisect.expose import expose
 from layerbisect.graph import FLOAT_DTYPES, build_graph
-from layerbisect.inputs import plan_inputs
+from layerbisect.inputs import Sample, plan_inputs
 from layerbisect.load import ModelLike, declared_inputs, load_model
 from layerbisect.progress import progress
 from layerbisect.report import LayerComparison, Report
 from layerbisect.run import DEFAULT_PROVIDERS, Session
 from layerbisect.summary import neighbourhood, summarize
 
-Sample = Mapping[str, np.ndarray]
 PROBE_SIZE = 4096  # values per tensor compared when pairing by order
 CLOSEST = 6.0  # digits of agreement that count as equal
 
