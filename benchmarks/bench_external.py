@@ -27,6 +27,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_scan  # noqa: E402  (peak RSS readings, bytecode)
+
 WIDTH = 2048
 BATCH = 8
 MARK = "@@BENCH@@"
@@ -118,15 +121,6 @@ def build(folder: str, layers: int, fault: int) -> dict:
             "float_mb": os.path.getsize(os.path.join(folder, "float.data")) / 2**20}
 
 
-def _vm(field: str) -> float:
-    """A /proc/self/status field in MiB (VmHWM: peak resident size; VmRSS: now)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def child(mode: str, info: dict) -> dict:
     """One measurement, in this (fresh) process."""
     import numpy as np
@@ -158,7 +152,7 @@ def child(mode: str, info: dict) -> dict:
             found=bad is not None and info["planted"] in bad.float_nodes,
             strategy=report.strategy, layers=len(report.layers), executions=report.executions,
         )
-    result.update(wall_s=time.perf_counter() - start, peak_rss_mb=_vm("VmHWM"))
+    result.update(wall_s=time.perf_counter() - start, peak_rss_mb=bench_scan._vm("VmHWM"))
     return result
 
 
@@ -185,6 +179,7 @@ def main() -> None:
     if args.child:
         print(MARK + json.dumps(child(args.child, json.loads(args.info))), flush=True)
         return
+    bench_scan.compile_layerbisect()
     layers = max(3, round(args.gb * 2**30 / (WIDTH * WIDTH * 4)))
     import layerbisect
     import numpy
