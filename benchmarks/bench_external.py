@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ import bench_scan  # noqa: E402  (peak RSS readings, bytecode)
 
 WIDTH = 2048
 BATCH = 8
-MARK = "@@BENCH@@"
+MARK = bench_scan.MARK
 MODES = (
     ("floor", "floor: ORT sessions of both files, one run each"),
     ("load", "load_model of both files"),
@@ -158,15 +157,7 @@ def child(mode: str, info: dict) -> dict:
 
 def measure(mode: str, info: dict) -> dict:
     """Run one measurement in a fresh interpreter and return what it reports."""
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--child", mode, "--info", json.dumps(info)],
-        capture_output=True, text=True,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-        raise SystemExit(f"measurement {mode!r} failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len(MARK):])
+    return bench_scan.run_child(__file__, mode, info, None)
 
 
 def main() -> None:

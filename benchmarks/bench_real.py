@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -56,7 +55,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 import bench_scan  # noqa: E402  (floor and ORT-debugger children, timers, RSS readings)
 
-MARK = "@@BENCH_REAL@@"
+MARK = bench_scan.MARK
 CASES = ("minilm", "silero", "ocr")
 ROWS = [
     ("floor", "floor: ORT plain run, float + quant"),
@@ -201,15 +200,7 @@ def ort_debug(info: dict, limit_db: float = 14.0) -> dict:
 
 def measure(mode: str, info: dict, timeout: float) -> dict:
     """Run one measurement in a fresh interpreter and return what it reports."""
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--child", mode, "--info", json.dumps(info)],
-        capture_output=True, text=True, timeout=timeout,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-        raise SystemExit(f"measurement {mode!r} failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len(MARK):])
+    return bench_scan.run_child(__file__, mode, info, timeout)
 
 
 # --------------------------------------------------------------------------- parent

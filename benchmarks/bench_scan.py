@@ -48,7 +48,6 @@ def build_float_model(channels: int, size: int, blocks: int, seed: int = 0):
     Every node's output tensor carries the node's name, except fc -> "y".
     """
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -366,11 +365,15 @@ def _first_low_sqnr(info: dict, errors: dict, limit_db: float = 14.0) -> dict:
 
 
 def measure(mode: str, info: dict, timeout: float) -> dict:
-    """Run one measurement in a fresh interpreter and return what it reports."""
-    env = dict(os.environ)
+    """Run one measurement of this script in a fresh interpreter and return what it reports."""
+    return run_child(__file__, mode, info, timeout)
+
+
+def run_child(script: str, mode: str, info: dict, timeout: float | None = None) -> dict:
+    """Run ``script --child mode`` in a fresh interpreter and return the result it prints."""
     proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--child", mode, "--info", json.dumps(info)],
-        capture_output=True, text=True, timeout=timeout, env=env,
+        [sys.executable, os.path.abspath(script), "--child", mode, "--info", json.dumps(info)],
+        capture_output=True, text=True, timeout=timeout,
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]
     if proc.returncode != 0 or not lines:
