@@ -88,3 +88,26 @@ def test_bisection_resumes_each_pass_and_finds_the_same_layer_as_a_scan(monkeypa
     # each model's nodes run about once over the search, not once per pass
     float_nodes = sum(len(m.float_model.graph.node) for _, m in passes if m.float_model)
     assert len(passes) >= 4 and float_nodes < 2 * len(float_model.graph.node)
+
+
+def test_a_segment_resumed_after_a_value_that_a_subgraph_reads_runs(monkeypatch):
+    """The If's branches read ``r`` from the enclosing graph: resumed after ``r``, the If's
+    segment takes it as an input, which the branches see."""
+    from test_unusual_models import control_flow
+
+    x = {"x": np.array([0.5, -1.0, 2.0], np.float32)}
+    broken = control_flow(1.0, inner_gain=-2.0)  # the If's then-branch is wrong
+    scan = find_first_bad_layer(control_flow(1.0), broken, x, strategy="scan")
+    monkeypatch.setattr(find, "LAST_PASS_LAYERS", 1)
+    starts = []
+    prepare = find.prepare
+
+    def spy(*args, **kwargs):
+        starts.append(set(kwargs["start"].dtypes(0)) if kwargs["start"] else set())
+        return prepare(*args, **kwargs)
+
+    monkeypatch.setattr(find, "prepare", spy)
+    bisect = find_first_bad_layer(control_flow(1.0), broken, x, strategy="bisect", memory_budget=1 << 16)
+    assert bisect.first_bad.float_nodes == scan.first_bad.float_nodes == ("choose",)
+    assert bisect.first_bad.cosine == pytest.approx(scan.first_bad.cosine)
+    assert {"r", "total"} in starts  # the last pass starts after ReduceSum, with the If's outer read
