@@ -94,6 +94,13 @@ def find_first_bad_layer(
     if ort_optimized and (source is not None or isinstance(quant_model, Simulated)):
         raise LayerbisectError("ort_optimized applies to a quantized model, not to a simulated format or tensor source")
     if source is not None:
+        ignored = [name for name, value in [("strategy", strategy != "auto"), ("memory_budget", memory_budget),
+                                            ("executor", executor), ("isolated", not isolated)] if value]
+        if ignored:
+            raise LayerbisectError(
+                f"{', '.join(ignored)} cannot apply to a tensor source: its tensors are dumped, not "
+                "computed here, and are compared as they come (cumulative error only); leave it out"
+            )
         return compare_source(float_model, source, samples, threshold, shapes=shapes, seed=seed,
                               providers=providers, quiet=quiet)
     if isinstance(quant_model, Simulated):

@@ -187,3 +187,9 @@ def test_an_empty_folder_and_several_samples_are_refused(tmp_path):
     sample = random_inputs(make_cnn())
     with pytest.raises(LayerbisectError, match="2 samples"):
         find_first_bad_layer(make_cnn(), tmp_path, [sample, sample])
+
+
+@pytest.mark.parametrize("option", [{"strategy": "bisect"}, {"memory_budget": 1 << 20}, {"isolated": False}])
+def test_search_options_that_cannot_apply_to_a_tensor_source_are_refused(tmp_path, option):
+    with pytest.raises(LayerbisectError, match=f"{next(iter(option))} cannot apply to a tensor source"):
+        find_first_bad_layer(make_cnn(), lambda feeds: {}, random_inputs(make_cnn()), **option)
