@@ -120,13 +120,15 @@ def samples(model, n=6):
     return [random_inputs(model, seed) for seed in range(n)]
 
 
-def test_process_pool_gives_the_serial_report():
+@pytest.mark.parametrize("options", [{}, {"strategy": "bisect", "memory_budget": 1 << 20}])
+def test_process_pool_gives_the_serial_report(options):
+    """Scan, and bisection whose passes resume from values the workers saved and sent back."""
     float_model, quant = faulted("cnn", "dynamic")
-    serial = find_first_bad_layer(float_model, quant, samples(float_model))
+    serial = find_first_bad_layer(float_model, quant, samples(float_model), **options)
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        parallel = find_first_bad_layer(float_model, quant, samples(float_model), executor=pool)
+        parallel = find_first_bad_layer(float_model, quant, samples(float_model), executor=pool, **options)
     assert parallel.to_dict() == serial.to_dict()
-    assert serial.samples == 6
+    assert serial.samples == 6 and serial.strategy == options.get("strategy", "scan")
 
 
 def test_dask_cluster_gives_the_serial_report():
