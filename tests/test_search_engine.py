@@ -123,7 +123,7 @@ def samples(model, n=6):
 @pytest.mark.parametrize("options", [{}, {"strategy": "bisect", "memory_budget": 1 << 20}])
 def test_process_pool_gives_the_serial_report(options):
     """Scan, and bisection whose passes resume from values the workers saved and sent back."""
-    float_model, quant = faulted("cnn", "dynamic")
+    float_model, quant = faulted("transformer" if options else "cnn", "dynamic")  # its first probe passes
     serial = find_first_bad_layer(float_model, quant, samples(float_model), **options)
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         parallel = find_first_bad_layer(float_model, quant, samples(float_model), executor=pool, **options)
