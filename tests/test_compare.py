@@ -69,13 +69,27 @@ def test_first_failing():
     assert first_failing([True, False, False]) == 1
 
 
-@pytest.mark.parametrize("size", [1, 65_535, 65_536, 200_001])
-def test_chunked_sums_match_a_direct_float64_computation(size):
+@pytest.mark.parametrize("dtype,rel", [(np.float32, 1e-7), (np.float64, 1e-12)])
+@pytest.mark.parametrize("size", [1, 16_384, 65_535, 65_536, 200_001])
+def test_chunked_sums_match_a_direct_float64_computation(size, dtype, rel):
+    """Large float32 tensors are summed in float32 chunks (pairwise), anything else in float64."""
     rng = np.random.default_rng(size)
-    ref = rng.standard_normal(size).astype(np.float32)
-    act = (ref + 0.1 * rng.standard_normal(size)).astype(np.float32)
+    ref = rng.standard_normal(size).astype(dtype)
+    act = (ref + 0.1 * rng.standard_normal(size)).astype(dtype)
     r, a = ref.astype(np.float64), act.astype(np.float64)
     m = compare(ref, act)
-    assert m.cosine == pytest.approx(r @ a / np.sqrt((r @ r) * (a @ a)), rel=1e-12)
-    assert m.mse == pytest.approx(np.mean((a - r) ** 2), rel=1e-9)
+    assert m.cosine == pytest.approx(r @ a / np.sqrt((r @ r) * (a @ a)), rel=rel)
+    assert m.mse == pytest.approx(np.mean((a - r) ** 2), rel=rel)
+    assert m.sqnr_db == pytest.approx(10 * np.log10((r @ r) / ((a - r) @ (a - r))), rel=rel)
     assert m.max_abs == pytest.approx(np.max(np.abs(a - r)))
+
+
+@pytest.mark.parametrize("scale", [1e25, 1e-25])
+def test_float32_values_whose_squares_leave_float32s_range_are_summed_in_float64(scale):
+    rng = np.random.default_rng(0)
+    ref = (scale * rng.standard_normal(20_000)).astype(np.float32)
+    act = (ref * np.float32(1.01)).astype(np.float32)
+    r, a = ref.astype(np.float64), act.astype(np.float64)
+    m = compare(ref, act)
+    assert m.nonfinite == 0 and m.cosine == pytest.approx(1.0, abs=1e-9)
+    assert m.sqnr_db == pytest.approx(10 * np.log10((r @ r) / ((a - r) @ (a - r))), rel=1e-9)
