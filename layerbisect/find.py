@@ -73,8 +73,10 @@ def find_first_bad_layer(
     ``strategy="scan"`` measures every aligned layer, in pieces that fit ``memory_budget``
     (bytes of activations held at once; default: half the memory available now, at most
     1 GiB; a piece holds one layer and the values feeding it at least);
-    ``"bisect"`` finds the first bad layer with few model runs, measuring only the layers it
-    probes; ``"auto"`` scans when every aligned value fits the budget, else bisects.
+    ``"bisect"`` finds the first bad layer with a probe per pass, each pass resuming from
+    values the last one saved (so each model runs about once over the search), measuring only
+    the layers it probes; ``"auto"`` scans when every aligned value fits the budget, else
+    bisects.
     ``isolated=True`` also measures each layer fed the float model's own inputs, to tell
     where error is introduced from where it is inherited. ``executor`` (any
     ``concurrent.futures.Executor``) spreads samples over its workers. A progress bar over
