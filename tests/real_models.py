@@ -34,6 +34,8 @@ from __future__ import annotations
 import os
 from importlib.metadata import PackageNotFoundError, files
 
+from collections.abc import Iterator
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -186,40 +188,32 @@ def fold_sample_rate(model: onnx.ModelProto, rate: int = SILERO_RATE) -> onnx.Mo
     return copy
 
 
+def graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every subgraph inside it, at any depth."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                yield from graphs(sub)
+
+
 def drop_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy without recorded intermediate shapes, in the graph and its subgraphs: the if-less
     silero export records shapes that onnx's own inference contradicts (128 vs 512), which
     stops onnxruntime's quantizer."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-
-    def strip(graph: onnx.GraphProto) -> None:
+    for graph in graphs(copy.graph):
         del graph.value_info[:]
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    strip(attr.g)
-                for sub in attr.graphs:
-                    strip(sub)
-
-    strip(copy.graph)
     return copy
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     """Operator counts of ``model``, nodes inside subgraphs included."""
     counts: dict[str, int] = {}
-
-    def walk(graph: onnx.GraphProto) -> None:
+    for graph in graphs(model.graph):
         for node in graph.node:
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    walk(attr.g)
-                for sub in attr.graphs:
-                    walk(sub)
-
-    walk(model.graph)
     return counts
 
 
