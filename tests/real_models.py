@@ -32,9 +32,8 @@ package that is not installed raises ``ModelUnavailable``, which the tests turn 
 from __future__ import annotations
 
 import os
-from importlib.metadata import PackageNotFoundError, files
-
 from collections.abc import Iterator
+from importlib.metadata import PackageNotFoundError, files
 
 import numpy as np
 import onnx
