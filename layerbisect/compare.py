@@ -1,11 +1,11 @@
 """Metrics between a reference tensor and a tensor that should hold the same values.
 
 Pure numpy. Metrics are defined for all-zero tensors; NaN and Inf are counted, not propagated
-into a crash. Large float32 tensors are summed a chunk at a time: products in float32, each
-chunk summed pairwise (numpy's sum), the chunks in float64, for a relative error of 1e-7 at
-most, far below what a threshold or a dB figure can tell, at half the cost of float64
-throughout. Small tensors, other dtypes, and float32 data whose squares leave float32's range
-are summed in float64 (so the cosine of two positive scalars is exactly 1).
+into a crash. Large float32 tensors are summed a chunk at a time: each chunk's sums of squares
+by a float32 BLAS dot, the chunks in float64, for a relative error near 1e-7 at most, far below
+what a threshold or a dB figure can tell, at a fifth of the cost of float64 throughout. Small tensors, other dtypes, and float32 data whose squares leave float32's range
+are summed in float64 (so the cosine of two positive scalars is exactly 1). Integers read with
+one scale (``Quantized``) are dequantized a chunk at a time, never whole.
 
 >>> m = compare(np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.5]))
 >>> round(m.cosine, 4), round(m.sqnr_db, 1), m.max_abs
@@ -25,6 +25,41 @@ FAST_SIZE = 1 << 14  # float32 tensors this large are summed in float32 (smaller
 
 
 @dataclass(frozen=True)
+class Quantized:
+    """Integer ``values`` that stand for ``(values - zero_point) * scale``, computed in float32
+    as onnxruntime's DequantizeLinear does, one scale and zero point for the whole tensor.
+
+    >>> q = Quantized(np.array([0, 2, 4], np.int8), scale=0.5, zero_point=2)
+    >>> q.dequantized()
+    array([-1.,  0.,  1.], dtype=float32)
+    """
+
+    values: np.ndarray
+    scale: float
+    zero_point: float = 0.0
+
+    dtype = np.dtype(np.float32)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.values.shape
+
+    @property
+    def size(self) -> int:
+        return self.values.size
+
+    def dequantized(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """The float values, of the flattened elements ``start:stop`` (all by default)."""
+        chunk = self.values.reshape(-1)[start:stop].astype(np.float32)
+        chunk -= np.float32(self.zero_point)
+        chunk *= np.float32(self.scale)
+        return chunk
+
+
+Values = np.ndarray | Quantized
+
+
+@dataclass(frozen=True)
 class Metrics:
     """How close ``actual`` is to ``reference``.
 
@@ -41,17 +76,16 @@ class Metrics:
     nonfinite: int = 0
 
 
-def compare(reference: np.ndarray, actual: np.ndarray) -> Metrics:
-    """Compare two arrays of the same shape."""
-    ref = np.asarray(reference).ravel()
-    act = np.asarray(actual).ravel()
-    if ref.shape != act.shape:
+def compare(reference: Values, actual: Values) -> Metrics:
+    """Compare two arrays (or ``Quantized`` integers) of the same shape."""
+    ref, act = _flat(reference), _flat(actual)
+    if ref.size != act.size:
         raise ValueError(f"cannot compare arrays of {ref.size} and {act.size} elements")
     with np.errstate(invalid="ignore", over="ignore", under="ignore"):  # looked at below
         signal, actual_square, product, noise, max_abs = _sums(ref, act)
     if not (math.isfinite(signal + actual_square + noise) and _held(signal, ref) and _held(actual_square, act)):
         # NaN or Inf in the data, or squares beyond float32's range: a second look, in float64
-        ref, act, nonfinite = _finite_part(ref, act)
+        ref, act, nonfinite = _finite_part(_whole(ref), _whole(act))
         if nonfinite:
             error = act - ref
             return Metrics(math.nan, math.nan, _mean_square(error), _max_abs(error), nonfinite)
@@ -64,34 +98,59 @@ def compare(reference: np.ndarray, actual: np.ndarray) -> Metrics:
     )
 
 
-def _sums(ref: np.ndarray, act: np.ndarray) -> tuple[float, float, float, float, float]:
+def _flat(values: Values) -> Values:
+    if isinstance(values, Quantized):
+        return Quantized(values.values.ravel(), values.scale, values.zero_point)
+    return np.asarray(values).ravel()
+
+
+def _whole(values: Values) -> np.ndarray:
+    return values.dequantized() if isinstance(values, Quantized) else values
+
+
+def _chunk(values: Values, start: int) -> np.ndarray:
+    if isinstance(values, Quantized):
+        return values.dequantized(start, start + CHUNK)
+    return values[start:start + CHUNK]
+
+
+def _sums(ref: Values, act: Values) -> tuple[float, float, float, float, float]:
     """Sums of squares and products, a chunk at a time (chunks stay in cache; no copy of whole
     tensors): in float32 for large float32 tensors, else in float64. The product comes from the
     three sums of squares (``r.a = (r.r + a.a - e.e) / 2``)."""
     exact = not (ref.dtype == act.dtype == np.float32) or ref.size < FAST_SIZE
     ref_square = act_square = noise = max_abs = 0.0
     for start in range(0, ref.size, CHUNK):
-        r, a = ref[start:start + CHUNK], act[start:start + CHUNK]
+        r, a = _chunk(ref, start), _chunk(act, start)
         if exact:
             r, a = r.astype(np.float64), a.astype(np.float64)
         e = a - r
-        ref_square += _square_sum(r)
-        act_square += _square_sum(a)
-        noise += _square_sum(e)
-        max_abs = max(max_abs, float(np.abs(e).max()))
+        square_sum = _pairwise_square_sum if exact else _dot_square_sum
+        ref_square += square_sum(r)
+        act_square += square_sum(a)
+        noise += square_sum(e)
+        max_abs = max(max_abs, float(e.max()), -float(e.min()))
     return ref_square, act_square, (ref_square + act_square - noise) / 2, noise, max_abs
 
 
-def _square_sum(x: np.ndarray) -> float:
-    """Sum of squares, pairwise: no BLAS, whose threads made compare several times slower on a
-    busy machine."""
+def _pairwise_square_sum(x: np.ndarray) -> float:
+    """Sum of squares, pairwise (numpy's own loop): no float64 BLAS dot, which OpenBLAS
+    spreads over its threads, so that on a busy machine each call waited for a descheduled
+    thread (5 ns an element against 0.5)."""
     return float(np.add.reduce(x * x))
 
 
-def _held(square_sum: float, values: np.ndarray) -> bool:
+def _dot_square_sum(x: np.ndarray) -> float:
+    """Sum of squares of float32 values: a BLAS dot, a fifth of the pairwise sum's cost, as
+    precise here (1e-8 to 1.4e-7 relative, as BLAS keeps many partial sums), and on one thread
+    (OpenBLAS's sdot took as long capped at one thread, busy machine or not)."""
+    return float(np.dot(x, x))
+
+
+def _held(square_sum: float, values: Values) -> bool:
     """False when a sum of squares is zero though some value is not: squares too small for
     float32."""
-    return square_sum > 0.0 or not values.any()
+    return square_sum > 0.0 or not _whole(values).any()
 
 
 def _finite_part(ref: np.ndarray, act: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:

@@ -114,13 +114,13 @@ def find_first_bad_layer(
     pairs = alignment.pairs
     budget = memory_budget if memory_budget is not None else min(available_memory() // 2, DEFAULT_BUDGET_CAP)
     first, samples = _peek(samples)
-    sizes = _value_bytes(float_proto, pairs, {n: a.shape for n, a in plan.feeds(first, seed)[0].items()})
+    sizes, quant_sizes = _value_bytes(float_proto, pairs, {n: a.shape for n, a in plan.feeds(first, seed)[0].items()})
     feeders = _feeders(float_proto, pairs) if isolated else [() for _ in pairs]
     # held per pair: its float and quantized values, and for isolated error its value in the
-    # cut model plus the float values fed to the cuts
+    # cut model plus, for each value fed to the cuts, its float value and what is fed
     costs = [
-        (3 if isolated else 2) * size + 2 * sum(sizes[f] for f in feeders[i])
-        for i, size in enumerate(sizes)
+        sizes[i] + (2 if isolated else 1) * quant_sizes[i] + sum(sizes[f] + quant_sizes[f] for f in feeders[i])
+        for i in range(len(pairs))
     ]
     # one pass holds everything when that fits; else half the budget holds the values a pass
     # measures, a quarter each the values it resumes from and those it saves for the next
@@ -371,19 +371,28 @@ def _feeders(model: onnx.ModelProto, pairs: Sequence[Pair]) -> list[tuple[int, .
     return feeders
 
 
-def _value_bytes(model: onnx.ModelProto, pairs: Sequence[Pair], input_shapes: Mapping) -> list[int]:
-    """Estimated bytes of each pair's float value, from shapes inferred for these inputs."""
+def _value_bytes(model: onnx.ModelProto, pairs: Sequence[Pair], input_shapes: Mapping) -> tuple[list[int], list[int]]:
+    """Estimated bytes of each pair's float value and of its quantized value, from shapes
+    inferred for these inputs. A quantized value with a scale is read as integers: of its zero
+    point's type, else 8-bit."""
     types = inferred_types(model, input_shapes)
-    sizes = []
+    sizes, quant_sizes = [], []
     for pair in pairs:
         typ = types.get(pair.float_tensor)
         if typ is None or not typ.HasField("tensor_type") or not typ.tensor_type.HasField("shape"):
-            sizes.append(UNKNOWN_TENSOR_BYTES)
-            continue
-        elem = typ.tensor_type.elem_type
-        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(elem)).itemsize if elem else 4
-        sizes.append(itemsize * math.prod(max(d.dim_value, 1) for d in typ.tensor_type.shape.dim))
-    return sizes
+            elements, itemsize = UNKNOWN_TENSOR_BYTES // 4, 4
+        else:
+            elem = typ.tensor_type.elem_type
+            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(elem)).itemsize if elem else 4
+            elements = math.prod(max(d.dim_value, 1) for d in typ.tensor_type.shape.dim)
+        readout = pair.quant_readout
+        if readout.scale is not None:
+            itemsize_quant = readout.zero_point.dtype.itemsize if readout.zero_point is not None else 1
+        else:
+            itemsize_quant = itemsize
+        sizes.append(elements * itemsize)
+        quant_sizes.append(elements * itemsize_quant)
+    return sizes, quant_sizes
 
 
 def _peek(samples: Iterable) -> tuple[object, Iterable]:

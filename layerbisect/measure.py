@@ -22,7 +22,8 @@ import numpy as np
 import onnx
 
 from layerbisect.align import Pair
-from layerbisect.compare import Aggregate, Metrics, compare
+from layerbisect.graph import Readout
+from layerbisect.compare import Aggregate, Metrics, Quantized, compare
 from layerbisect.inputs import InputPlan
 from layerbisect.isolate import Cut, cut
 from layerbisect.run import Session
@@ -289,8 +290,8 @@ def _compare_all(pairs, float_values, quant_values, problems: dict) -> tuple[Met
     so the cores onnxruntime just used are busy again."""
 
     def one(pair: Pair) -> Metrics | str:
-        reference = pair.float_readout.dequantize(float_values[pair.float_tensor])
-        actual = pair.quant_readout.dequantize(quant_values[pair.quant_tensor])
+        reference = _float_values(pair.float_readout, float_values[pair.float_tensor])
+        actual = _float_values(pair.quant_readout, quant_values[pair.quant_tensor])
         if reference.dtype.kind != "f":
             return "not a float tensor"
         if reference.shape != actual.shape:
@@ -303,6 +304,16 @@ def _compare_all(pairs, float_values, quant_values, problems: dict) -> tuple[Met
         if isinstance(outcome, str):
             problems[index] = outcome
     return tuple(None if isinstance(outcome, str) else outcome for outcome in outcomes)
+
+
+def _float_values(readout: Readout, array: np.ndarray) -> np.ndarray | Quantized:
+    """``readout.dequantize(array)``, left to ``compare`` where one scale covers the whole
+    tensor: it dequantizes a chunk at a time, with no float copy of the whole tensor."""
+    scale, zero_point = readout.scale, readout.zero_point
+    if (scale is None or scale.size != 1 or not isinstance(array, np.ndarray) or array.dtype.kind not in "iu"
+            or (readout.perm is not None and array.ndim == len(readout.perm))):
+        return readout.dequantize(array)
+    return Quantized(array, float(scale.item()), 0.0 if zero_point is None else float(zero_point.item()))
 
 
 def _fresh_bytes(values: dict, start: dict, saved: dict) -> int:

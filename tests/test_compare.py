@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from layerbisect.compare import Aggregate, Metrics, compare
+from layerbisect.compare import Aggregate, Metrics, Quantized, compare
 from layerbisect.search import first_failing
 
 
@@ -93,3 +93,15 @@ def test_float32_values_whose_squares_leave_float32s_range_are_summed_in_float64
     m = compare(ref, act)
     assert m.nonfinite == 0 and m.cosine == pytest.approx(1.0, abs=1e-9)
     assert m.sqnr_db == pytest.approx(10 * np.log10((r @ r) / ((a - r) @ (a - r))), rel=1e-9)
+
+
+@pytest.mark.parametrize("size", [7, 16_384, 200_001])
+def test_quantized_values_are_dequantized_a_chunk_at_a_time_with_the_same_result(size):
+    rng = np.random.default_rng(size)
+    ints = rng.integers(-128, 128, size).astype(np.int8)
+    ref = ((ints.astype(np.float32) - 3) * np.float32(0.05) + 0.01 * rng.standard_normal(size)).astype(np.float32)
+    whole = (ints.astype(np.float32) - np.float32(3)) * np.float32(0.05)
+    assert compare(ref, Quantized(ints.reshape(1, -1), 0.05, 3)) == compare(ref, whole)
+    assert compare(Quantized(ints, 0.05, 3), ref) == compare(whole, ref)
+    ref[size // 2] = np.nan  # the second look, over whole tensors
+    assert compare(ref, Quantized(ints, 0.05, 3)).nonfinite == 1
