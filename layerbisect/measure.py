@@ -289,8 +289,8 @@ def _kept(values: dict, names: Sequence[str], session: Session | None) -> dict[s
 
 def _compare_all(pairs, float_values, quant_values, problems: dict) -> tuple[Metrics | None, ...]:
     """Metrics of every pair, None where it cannot be compared (the reason goes to
-    ``problems``). One thread: with BLAS dots, compare is bound by memory, and threads made
-    it slower on this 2-core machine (by 15% with 2 threads, 40% with 4)."""
+    ``problems``). On this thread: once compare summed with BLAS dots, spreading pairs over
+    threads made it slower on a 2-core machine (by 15% with 2 threads, 40% with 4)."""
     outcomes = []
     for index, pair in enumerate(pairs):
         reference = _float_values(pair.float_readout, float_values[pair.float_tensor])
