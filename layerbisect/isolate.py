@@ -52,9 +52,12 @@ class Cut:
         return np.clip(quantized, info.min, info.max).astype(self.dtype)
 
 
-def cut(model: onnx.ModelProto, boundaries: Iterable[Pair]) -> tuple[onnx.ModelProto, tuple[Cut, ...]]:
+def cut(
+    model: onnx.ModelProto, boundaries: Iterable[Pair], types: Mapping[str, onnx.TypeProto] | None = None
+) -> tuple[onnx.ModelProto, tuple[Cut, ...]]:
     """Return a copy of the quantized ``model`` cut at the quantized values of ``boundaries``,
-    and the cuts to feed with the float values of the same pairs.
+    and the cuts to feed with the float values of the same pairs. ``types`` are the values'
+    types where known (default: inferred from ``model``).
 
     A value is cut wherever it is read: after its QuantizeLinear/DequantizeLinear shell and
     before it, so that every consumer reads the fed value. The producers still compute the
@@ -63,7 +66,7 @@ def cut(model: onnx.ModelProto, boundaries: Iterable[Pair]) -> tuple[onnx.ModelP
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    inferred = inferred_types(model)
+    inferred = inferred_types(model) if types is None else types
     constants = {init.name: init for init in graph.initializer}
     producer = {o: node for node in graph.node for o in node.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}

@@ -123,7 +123,7 @@ def prepare(
     isolated_model, cuts = None, ()
     isolated_run = [n for n in quant_names if n not in quant_starts]
     if boundaries is not None and isolated_run:
-        cut_model, cuts = cut(quant_model.extract(isolated_run, quant_starts), boundaries)
+        cut_model, cuts = cut(quant_model.extract(isolated_run, quant_starts), boundaries, quant_model.types)
         fed = {**quant_starts, **{c.name: c.dtype for c in cuts}}
         isolated_model = Segments(cut_model).extract(isolated_run, fed)
     return Measurement(

@@ -20,13 +20,14 @@ between them and the values wanted. This module knows ONNX graphs, not layers or
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from functools import cached_property
 
 import numpy as np
 import onnx
 from onnx import helper
 
 from layerbisect.errors import LayerbisectError
-from layerbisect.graph import outer_scope_reads
+from layerbisect.graph import inferred_types, outer_scope_reads
 
 
 class Segments:
@@ -45,6 +46,11 @@ class Segments:
         for i, names in enumerate(self.reads):
             for name in names:
                 self.readers.setdefault(name, set()).add(i)
+
+    @cached_property
+    def types(self) -> dict[str, onnx.TypeProto]:
+        """The type of each value of the model that shape inference can tell (inferred once)."""
+        return inferred_types(self.model)
 
     def needed(self, outputs: Iterable[str], starts: Iterable[str] = ()) -> set[int]:
         """Positions of the nodes that compute ``outputs`` when ``starts`` are given."""
