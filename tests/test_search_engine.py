@@ -60,6 +60,18 @@ def test_memory_budget_is_respected_by_both_strategies():
     assert [l.isolated_cosine for l in chunked.layers] == pytest.approx([l.isolated_cosine for l in everything.layers])
 
 
+@pytest.mark.parametrize("name", BUILDERS)
+def test_a_budget_a_quarter_above_what_a_scan_holds_is_one_pass(name):
+    """Integer values are counted at their width (int8: a quarter of float32), not as float:
+    the estimate stays above what is held, but not by much."""
+    float_model, quant = faulted(name, "qdq")
+    feeds = random_inputs(float_model)
+    everything = find_first_bad_layer(float_model, quant, feeds, strategy="scan")
+    budget = int(everything.peak_bytes * 1.25)
+    report = find_first_bad_layer(float_model, quant, feeds, strategy="scan", memory_budget=budget)
+    assert report.executions == 3 and report.peak_bytes <= budget
+
+
 def chain(noise: list[float], seed: int = 0) -> onnx.ModelProto:
     """x[16,32] -> MatMul(W_i) -> Tanh, repeated; W_i perturbed by ``noise[i]`` (relative)."""
     rng = np.random.default_rng(seed)
