@@ -257,7 +257,11 @@ def measure_sample(measurement: Measurement, sample, start=({}, {})) -> SampleRe
         cut_feeds = {c.name: c.feed(float_values[c.float_tensor]) for c in measurement.cuts}
         isolated_values = _run(isolated_session, measurement.isolated_model, {**quant_feeds, **cut_feeds},
                                start[1], measurement.quant_names)
-        held += _nbytes(isolated_values) + _nbytes(cut_feeds)
+        # a float value fed as it is (a cut after DequantizeLinear) is not held twice
+        float_arrays = {id(value) for value in float_values.values()}
+        held += _nbytes(isolated_values) + sum(
+            feed.nbytes for feed in cut_feeds.values() if id(feed) not in float_arrays
+        )
         executions += 1
         isolated = _compare_all(measurement.pairs, float_values, isolated_values, {})
     shapes = tuple(tuple(float_values[p.float_tensor].shape) for p in measurement.pairs)
