@@ -22,8 +22,8 @@ import numpy as np
 import onnx
 
 from layerbisect.align import Pair
-from layerbisect.graph import Readout
 from layerbisect.compare import Aggregate, Metrics, Quantized, compare
+from layerbisect.graph import Readout
 from layerbisect.inputs import InputPlan
 from layerbisect.isolate import Cut, cut
 from layerbisect.run import Session
