@@ -435,21 +435,24 @@ class _Footprint:
         fed: set[int] = set()
         held = 0
         for index in range(len(self.sizes)):
-            new_feeders = set(self.feeders[index]) - fed
-            cost = self.sizes[index] + self.copies * self.quant_sizes[index] + sum(
-                self.quant_sizes[f] + (0 if f in measured else self.sizes[f]) for f in new_feeders
-            )  # feeders come before the pairs they feed: ``index`` was not fed yet
-            if not groups or (measured and held + cost > budget):
+            cost = self._added(index, measured, fed)
+            if not groups or held + cost > budget:
                 groups.append([])
                 measured, fed = set(), set()
-                new_feeders = set(self.feeders[index])
-                cost = self.of([index])
-                held = 0
+                held, cost = 0, self._added(index, measured, fed)
             groups[-1].append(index)
             measured.add(index)
-            fed |= new_feeders
+            fed.update(self.feeders[index])
             held += cost
         return groups
+
+    def _added(self, index: int, measured: set[int], fed: set[int]) -> int:
+        """What measuring pair ``index`` adds to a pass that measures ``measured`` and feeds
+        ``fed`` (feeders come before the pairs they feed: ``index`` is not fed yet)."""
+        new = set(self.feeders[index]) - fed
+        return self.sizes[index] + self.copies * self.quant_sizes[index] + sum(
+            self.quant_sizes[f] + (0 if f in measured else self.sizes[f]) for f in new
+        )
 
 
 def _output_tensors(graph, model: onnx.ModelProto) -> tuple[tuple[str, str], ...]:
