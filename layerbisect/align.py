@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, replace
-from itertools import islice, product
+from itertools import islice, product, takewhile
 
 import networkx as nx
 import numpy as np
@@ -328,8 +328,11 @@ class _Aligner:
         candidates = self._candidates(node, mapped)
         if candidates:
             return candidates, None
+        # an operation of the role of the node's own reader is rather that reader's counterpart
+        # (a Relu the quantized graph clamped away, then a Mul on both sides): not absorbed
+        readers = {self.fa[reader]["role"] for reader in self.float_consumers.get((node, 0), ())}
         for position, (value, perm) in enumerate(mapped):
-            tail = self._tail(value)
+            tail = list(takewhile(lambda op: self.qa[op]["role"] not in readers, self._tail(value)))
             for step, extended in enumerate(tail):
                 trial = mapped[:position] + [((extended, 0), perm)] + mapped[position + 1:]
                 candidates = self._candidates(node, trial)

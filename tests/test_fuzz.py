@@ -19,3 +19,12 @@ from fuzz_graphs import OPS, REWRITES, Case, check
 def test_planted_fault_is_named(rewrite, seed, ops, fault):
     """``check`` raises on a wrong answer; what it returns is tallied (--hypothesis-show-statistics)."""
     event(check(Case(seed, ops, rewrite, fault)).split(":")[0])
+
+
+@pytest.mark.parametrize("case", [
+    # onnxruntime clamps relu1 away into QLinearMatMul; with mul2's factor negated, relu4
+    # stays: mul2 was taken as absorbed by matmul0 and relu1 paired with relu4
+    Case(1897704307, ("matmul", "relu", "mul", "mul", "relu", "sigmoid", "sigmoid", "conv", "gap"), "optimized", 186),
+])
+def test_fuzz_cases_once_wrong(case):
+    assert check(case) == "found"
