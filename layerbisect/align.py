@@ -271,15 +271,22 @@ class _Aligner:
         return False
 
     def _belongs_to_next(self, node: str, match: str) -> bool:
-        """Whether ``match`` is rather the counterpart of the node's only reader, a foldable
-        operation of the same role whose weights it carries (of two BatchNormalizations in a
-        row, the quantized graph folded the first one and kept the second)."""
-        readers = self.float_consumers.get((node, 0), ())
+        """Whether ``match`` is rather the counterpart of the node's reader of the same role, a
+        foldable operation whose weights it carries, or, where weights cannot tell, whose
+        readers' roles it has where the node's are others (of two BatchNormalizations in a
+        row, the quantized graph folded the first one, whatever else reads it, and kept the
+        second)."""
         role = self.fa[node]["role"]
-        if len(readers) != 1 or role not in FUSABLE or self.fa[readers[0]]["role"] != role:
+        readers = [r for r in self.float_consumers.get((node, 0), ()) if self.fa[r]["role"] == role]
+        if len(readers) != 1 or role not in FUSABLE:
             return False
+        (reader,) = readers
         fingerprint = self.qa[match]["fingerprint"]
-        theirs = _similarity(self.fa[readers[0]]["fingerprint"], fingerprint)
+        if fingerprint is None or self.fa[reader]["fingerprint"] is None:
+            roles = _reader_roles(self.qa, self.quant_consumers, match)
+            return _reader_roles(self.fa, self.float_consumers, reader) == roles != _reader_roles(
+                self.fa, self.float_consumers, node)
+        theirs = _similarity(self.fa[reader]["fingerprint"], fingerprint)
         return theirs > SAME_WEIGHTS and theirs > _similarity(self.fa[node]["fingerprint"], fingerprint) + 0.01
 
     def _belongs_to_sibling(self, node: str, match: str) -> bool:

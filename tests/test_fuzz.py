@@ -25,6 +25,9 @@ def test_planted_fault_is_named(rewrite, seed, ops, fault):
     # onnxruntime clamps relu1 away into QLinearMatMul; with mul2's factor negated, relu4
     # stays: mul2 was taken as absorbed by matmul0 and relu1 paired with relu4
     Case(1897704307, ("matmul", "relu", "mul", "mul", "relu", "sigmoid", "sigmoid", "conv", "gap"), "optimized", 186),
+    # bn3 folded into conv2 though a Sigmoid reads it too, bn4 kept; one channel, so no
+    # weights told the two BatchNormalizations apart: bn3 was paired with bn4's counterpart
+    Case(1495291419, ("matmul", "conv", "conv", "bn", "bn", "sigmoid", "add", "sigmoid"), "fold", 566),
 ])
 def test_fuzz_cases_once_wrong(case):
     assert check(case) == "found"
