@@ -34,10 +34,12 @@ from layerbisect.summary import neighbourhood, summarize
 STRATEGIES = ("auto", "scan", "bisect")
 UNKNOWN_TENSOR_BYTES = 1 << 20  # assumed size of a value whose shape is unknown
 DEFAULT_BUDGET_CAP = 1 << 30  # beyond this, holding more activations only costs memory
-# A scan measures at most this many bytes of values a pass, whatever the budget: the next pass
-# reuses the memory the last one freed, where larger pieces fault in fresh pages. PP-OCRv4 det
-# (medians of 5): at 640x640, pieces of 128 MiB took 1.19 s and peaked at 256 MB, pieces of
-# 512 MiB 1.45 s and 548 MB; at 320x320, 0.57 s and 246 MB against one pass's 0.59 s and 343 MB.
+# A scan of one sample measures at most this many bytes of values a pass, whatever the budget:
+# the next pass reuses the memory the last one freed, where larger pieces fault in fresh pages.
+# PP-OCRv4 det (medians of 5): at 640x640, pieces of 128 MiB took 1.19 s and peaked at 256 MB,
+# pieces of 512 MiB 1.45 s and 548 MB; at 320x320, 0.57 s and 246 MB against one pass's 0.59 s
+# and 343 MB. With several samples a pass reuses its memory from one sample to the next, and
+# more passes only cost more (32 samples at 640x640: 34.9 s against 32.1 s, 1139 MB against 968).
 SCAN_PIECE = 1 << 27
 # Bisection probes one layer per pass, each pass a short segment resumed from the values saved
 # after the last layer known to pass; once this few layers remain, one pass measures them all.
@@ -77,8 +79,8 @@ def find_first_bad_layer(
 
     ``strategy="scan"`` measures every aligned layer, in pieces that fit ``memory_budget``
     (bytes of activations held at once; default: half the memory available now, at most
-    1 GiB; a piece holds one layer and the values feeding it at least, and at most 128 MiB
-    of values, the fastest size measured);
+    1 GiB; a piece holds one layer and the values feeding it at least, and for one sample
+    at most 128 MiB of values, the fastest size measured);
     ``"bisect"`` finds the first bad layer with a probe per pass, each pass resuming from
     values the last one saved (so each model runs about once over the search), measuring only
     the layers it probes; ``"auto"`` scans when every aligned value fits the budget, else
@@ -119,20 +121,21 @@ def find_first_bad_layer(
     )
     pairs = alignment.pairs
     budget = memory_budget if memory_budget is not None else min(available_memory() // 2, DEFAULT_BUDGET_CAP)
-    first, samples = _peek(samples)
+    first, single, samples = _peek(samples)
     sizes, quant_sizes = _value_bytes(float_proto, pairs, {n: a.shape for n, a in plan.feeds(first, seed)[0].items()})
     feeders = _feeders(float_proto, pairs) if isolated else [() for _ in pairs]
     footprint = _Footprint(sizes, quant_sizes, feeders, isolated)
     everything = list(range(len(pairs)))
     # auto scans when everything fits the budget. A scan runs in one pass when everything fits
-    # a piece; else half the budget (at most a piece) holds the values a pass measures, a
-    # quarter each the values it resumes from and those it saves for the next (saved values
-    # past that are dropped: the next pass then starts from the inputs)
+    # (a piece, for one sample); else half the budget (at most a piece, for one sample) holds
+    # the values a pass measures, a quarter each the values it resumes from and those it saves
+    # for the next (saved values past that are dropped: the next pass then starts from the inputs)
     held = footprint.of(everything)
     if strategy == "auto":
         strategy = "scan" if held <= budget else "bisect"
     if strategy == "scan":
-        groups = [everything] if held <= min(budget, SCAN_PIECE) else footprint.groups(min(budget / 2, SCAN_PIECE))
+        piece = SCAN_PIECE if single else math.inf
+        groups = [everything] if held <= min(budget, piece) else footprint.groups(min(budget / 2, piece))
     else:
         groups = []
     if strategy == "bisect" or len(groups) > 1:
@@ -402,14 +405,13 @@ def _value_bytes(model: onnx.ModelProto, pairs: Sequence[Pair], input_shapes: Ma
     return sizes, quant_sizes
 
 
-def _peek(samples: Iterable) -> tuple[object, Iterable]:
-    """The first sample, and all the samples still to iterate."""
+def _peek(samples: Iterable) -> tuple[object, bool, Iterable]:
+    """The first sample, whether it is the only one, and all the samples still to iterate."""
     iterator = iter(samples)
-    try:
-        first = next(iterator)
-    except StopIteration:
-        raise LayerbisectError(NO_SAMPLES) from None
-    return first, itertools.chain([first], iterator)
+    head = list(itertools.islice(iterator, 2))
+    if not head:
+        raise LayerbisectError(NO_SAMPLES)
+    return head[0], len(head) == 1, itertools.chain(head, iterator)
 
 
 class _Footprint:
