@@ -220,17 +220,13 @@ def _sessions(measurement: Measurement) -> tuple:
         float_original, quant_original = measurement.originals or (None, None)
         providers = measurement.providers
 
-        def session(model, role, original, optimized=True):
-            return None if model is None else Session(model, role, providers, original, optimized)
+        def session(model, role, original):
+            return None if model is None else Session(model, role, providers, original)
 
-        # The cut model runs unoptimized: its layers read float values, so QDQ groups do not
-        # fuse into integer kernels there anyway, and planning the other passes took longer
-        # than they saved (PP-OCRv4 det, 294 cuts: 0.14 s against 0.035 s to create, as fast
-        # to run, the same isolated cosines to the last bit).
         _SESSIONS[measurement.key] = (
             session(measurement.float_model, "float model", float_original),
             session(measurement.quant_model, "quantized model", quant_original),
-            session(measurement.isolated_model, "quantized model cut for isolated error", quant_original, False),
+            session(measurement.isolated_model, "quantized model cut for isolated error", quant_original),
         )
     return _SESSIONS[measurement.key]
 

@@ -53,11 +53,8 @@ class Session:
         role: str,
         providers: Sequence[str] = DEFAULT_PROVIDERS,
         original: onnx.ModelProto | None = None,
-        optimized: bool = True,
     ) -> None:
-        """``original`` is the model before exposing: on failure, it tells whose fault it is.
-        ``optimized=False`` skips onnxruntime's graph optimizations (for a model whose values
-        need not be those of the graph onnxruntime would deploy)."""
+        """``original`` is the model before exposing: on failure, it tells whose fault it is."""
         self.role = role
         unknown = [p for p in providers if p not in ort.get_available_providers()]
         if unknown:
@@ -66,14 +63,14 @@ class Session:
                 f"available: {', '.join(ort.get_available_providers())}"
             )
         try:
-            self.session, self._buffers = _create(model, _options(optimized), providers)
+            self.session, self._buffers = _create(model, _options(), providers)
             # onnxruntime cannot hand bfloat16 to numpy: such outputs are read through a Cast.
             self.renamed = {
                 out.name: out.name + AS_FLOAT
                 for out in self.session.get_outputs() if out.type == "tensor(bfloat16)"
             }
             if self.renamed:
-                self.session, self._buffers = _create(model, _options(optimized), providers, self.renamed)
+                self.session, self._buffers = _create(model, _options(), providers, self.renamed)
         except Exception as exc:
             if original is not None:
                 try:
@@ -120,10 +117,8 @@ def ort_optimized(model: onnx.ModelProto, role: str, providers: Sequence[str] = 
         return onnx.load(str(path))
 
 
-def _options(optimized: bool = True) -> ort.SessionOptions:
+def _options() -> ort.SessionOptions:
     options = ort.SessionOptions()
-    if not optimized:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     # Idle worker threads would otherwise spin and take the cores the comparison needs.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
