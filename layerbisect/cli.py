@@ -7,7 +7,6 @@ bad input (one line on stderr, no traceback).
 from __future__ import annotations
 
 import argparse
-import math
 import multiprocessing
 import sys
 import zipfile
@@ -19,9 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from layerbisect.errors import LayerbisectError
-from layerbisect.fallback import FloatFallback, keep_in_float
+from layerbisect.errors import LayerbisectError, first_line
+from layerbisect.fallback import keep_in_float
+from layerbisect.files import check_outputs, write_text
 from layerbisect.find import find_first_bad_layer
+from layerbisect.options import check_workers, memory_size
 from layerbisect.render import echo
 from layerbisect.run import DEFAULT_PROVIDERS
 from layerbisect.simulate import simulated
@@ -38,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (args.quant_model is None) == (args.simulate is None):
         parser.error("give either a quantized model or --simulate FORMAT")
     try:
-        _refuse_overwriting_inputs(args)
+        _check_outputs(args)
         inputs = _read_inputs(args.inputs, args.input)
         quant_model = _quantized_side(args)
         with _executor(args.workers) as executor:
@@ -58,9 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 executor=executor,
             )
         if args.json:
-            _write(args.json, report.to_json() + "\n")
+            write_text(args.json, report.to_json() + "\n", reads=report.sources)
         if args.html:
-            _write(args.html, report.to_html())
+            report.save_html(args.html)
     except LayerbisectError as exc:
         print(f"layerbisect: error: {exc}", file=sys.stderr)
         return 2
@@ -149,15 +150,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _refuse_overwriting_inputs(args: argparse.Namespace) -> None:
-    """The user's models and feeds are never written: no output may be one of them."""
-    given = [args.float_model, args.quant_model, args.inputs, *(path for _, path in args.input)]
-    existing = {Path(path).resolve() for path in given if path and Path(path).exists()}
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Before any work: every output can be written, and none is a file the run reads."""
     outputs = {"--json": args.json, "--html": args.html, "--keep-float": args.keep_float,
                "--repaired-model": args.repaired_model}
-    for flag, path in outputs.items():
-        if path and Path(path).resolve() in existing:
-            raise LayerbisectError(f"{flag} {path} would overwrite an input file; write it elsewhere")
+    reads = [args.float_model, args.quant_model, args.inputs, *(path for _, path in args.input)]
+    check_outputs(outputs, reads)
 
 
 def _quantized_side(args: argparse.Namespace):
@@ -168,21 +166,14 @@ def _quantized_side(args: argparse.Namespace):
 
 
 def _size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    text = text.strip().upper().removesuffix("B")
     try:
-        value = float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a size such as 2G, 500M or 1048576, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"a memory budget must be a positive finite size, got {text!r}")
-    return int(value)
+        return memory_size(text, "--memory-budget")
+    except LayerbisectError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _executor(workers: int) -> ContextManager[Executor | None]:
-    if workers < 0:
-        raise LayerbisectError(f"--workers must be 0 or more, got {workers}")
-    if workers == 0:
+    if check_workers(workers, "--workers") == 0:
         return nullcontext()
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
@@ -195,16 +186,9 @@ def _keep_float(args: argparse.Namespace, inputs: dict | None) -> None:
     )
     print(fallback, file=sys.stderr)
     if args.keep_float:
-        _write(args.keep_float, fallback.to_json() + "\n")
+        write_text(args.keep_float, fallback.to_json() + "\n", reads=fallback.sources)
     if args.repaired_model:
-        _save(fallback, args.repaired_model)
-
-
-def _save(fallback: FloatFallback, path: str) -> None:
-    try:
-        fallback.save_model(path)
-    except OSError as exc:
-        raise LayerbisectError(f"cannot write {path}: {exc.strerror}") from None
+        fallback.save_model(args.repaired_model)
 
 
 def _name_value(text: str) -> tuple[str, str]:
@@ -230,7 +214,7 @@ def _read_inputs(npz: str | None, singles: list[tuple[str, str]]) -> dict | None
         return None
     feeds: dict[str, np.ndarray] = {}
     if npz is not None:
-        archive = _load(npz, f"--inputs {npz}")
+        archive = _load(npz, "--inputs", "an .npz archive")
         if not isinstance(archive, np.lib.npyio.NpzFile):
             raise LayerbisectError(
                 f"--inputs {npz} holds a single array, not an .npz archive; use --input NAME={npz}"
@@ -238,7 +222,7 @@ def _read_inputs(npz: str | None, singles: list[tuple[str, str]]) -> dict | None
         with archive:
             feeds.update({key: archive[key] for key in archive.files})
     for name, path in singles:
-        array = _load(path, f"--input {name}={path}")
+        array = _load(path, f"--input {name}", "an .npy array")
         if not isinstance(array, np.ndarray):
             array.close()
             raise LayerbisectError(f"--input {name}={path} is an .npz archive, not one .npy array")
@@ -246,20 +230,21 @@ def _read_inputs(npz: str | None, singles: list[tuple[str, str]]) -> dict | None
     return feeds
 
 
-def _load(path: str, flag: str):
+def _load(path: str, flag: str, kind: str):
+    """The array or archive in a feeds file, or an error naming the flag and what is wrong."""
+    if Path(path).is_dir():
+        raise LayerbisectError(f"{flag}: {path} is a folder, not {kind}")
     if not Path(path).is_file():
-        raise LayerbisectError(f"input file not found: {path}")
+        raise LayerbisectError(f"{flag}: file not found: {path}")
     try:
         return np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise LayerbisectError(f"cannot read {flag}: {exc}") from None
-
-
-def _write(path: str, text: str) -> None:
-    try:
-        Path(path).write_text(text, encoding="utf-8")
-    except OSError as exc:
-        raise LayerbisectError(f"cannot write {path}: {exc.strerror}") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        # numpy's own advice for a file it cannot read is to allow pickles: never take it
+        reason = "it holds Python objects (pickled data)" if "pickle" in str(exc) else first_line(exc)
+        raise LayerbisectError(
+            f"{flag}: {path} is not {kind} (numpy could not read it: {reason}); save it with "
+            f"{'numpy.savez' if kind.endswith('archive') else 'numpy.save'}"
+        ) from None
 
 
 if __name__ == "__main__":

@@ -65,8 +65,9 @@ class Metrics:
 
     ``cosine`` is 1.0 when both are all zeros and 0.0 when only one is; ``sqnr_db`` is the
     signal-to-quantization-noise ratio in dB (inf when equal); ``nonfinite`` counts elements
-    where NaN/Inf appear in one tensor and not identically in the other; when it is non-zero,
-    ``cosine`` and ``sqnr_db`` are NaN, which never passes a threshold.
+    where ``actual`` holds NaN/Inf and ``reference`` does not; when it is non-zero, ``cosine``
+    and ``sqnr_db`` are NaN, which never passes a threshold. ``reference_nonfinite`` counts
+    elements where the reference itself holds NaN/Inf: they are left out of every metric.
     """
 
     cosine: float
@@ -74,6 +75,7 @@ class Metrics:
     mse: float
     max_abs: float
     nonfinite: int = 0
+    reference_nonfinite: int = 0
 
 
 def compare(reference: Values, actual: Values) -> Metrics:
@@ -83,18 +85,20 @@ def compare(reference: Values, actual: Values) -> Metrics:
         raise ValueError(f"cannot compare arrays of {ref.size} and {act.size} elements")
     with np.errstate(invalid="ignore", over="ignore", under="ignore"):  # looked at below
         signal, actual_square, product, noise, max_abs = _sums(ref, act)
+    reference_nonfinite = 0
     if not (math.isfinite(signal + actual_square + noise) and _held(signal, ref) and _held(actual_square, act)):
         # NaN or Inf in the data, or squares beyond float32's range: a second look, in float64
-        ref, act, nonfinite = _finite_part(_whole(ref), _whole(act))
+        ref, act, nonfinite, reference_nonfinite = _finite_part(_whole(ref), _whole(act))
         if nonfinite:
             error = act - ref
-            return Metrics(math.nan, math.nan, _mean_square(error), _max_abs(error), nonfinite)
+            return Metrics(math.nan, math.nan, _mean_square(error), _max_abs(error), nonfinite, reference_nonfinite)
         signal, actual_square, product, noise, max_abs = _sums(ref, act)
     return Metrics(
         cosine=_cosine(signal, actual_square, product),
         sqnr_db=_sqnr_db(signal, noise),
         mse=noise / ref.size if ref.size else 0.0,
         max_abs=max_abs,
+        reference_nonfinite=reference_nonfinite,
     )
 
 
@@ -153,13 +157,12 @@ def _held(square_sum: float, values: Values) -> bool:
     return square_sum > 0.0 or not _whole(values).any()
 
 
-def _finite_part(ref: np.ndarray, act: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """The elements finite in both, and how many NaN/Inf differ between the two."""
+def _finite_part(ref: np.ndarray, act: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """The elements finite in both; how many are NaN/Inf in ``act`` alone; how many in ``ref``."""
     ref, act = ref.astype(np.float64), act.astype(np.float64)
     finite_ref, finite_act = np.isfinite(ref), np.isfinite(act)
     both = finite_ref & finite_act
-    same_special = ~both & (finite_ref == finite_act) & ((ref == act) | (np.isnan(ref) & np.isnan(act)))
-    return ref[both], act[both], int(np.count_nonzero(~both & ~same_special))
+    return ref[both], act[both], int(np.count_nonzero(finite_ref & ~finite_act)), int(np.count_nonzero(~finite_ref))
 
 
 def _cosine(ref_square: float, act_square: float, product: float) -> float:
@@ -204,7 +207,7 @@ class Aggregate:
         self.cosine_worst = math.inf
         self.worst_sample = 0
         self.max_abs = 0.0
-        self.nonfinite = 0
+        self.nonfinite = self.reference_nonfinite = 0
         self._cosines: list[float] = []
 
     def add(self, metrics: Metrics) -> None:
@@ -219,6 +222,7 @@ class Aggregate:
         self._mse += metrics.mse
         self.max_abs = max(self.max_abs, metrics.max_abs)
         self.nonfinite += metrics.nonfinite
+        self.reference_nonfinite += metrics.reference_nonfinite
 
     @property
     def cosine(self) -> float:

@@ -21,11 +21,13 @@ from onnx import numpy_helper
 
 from layerbisect.align import ACTIVATIONS, Pair
 from layerbisect.compare import Aggregate, compare
-from layerbisect.errors import NO_SAMPLES, LayerbisectError, check_threshold
+from layerbisect.errors import NO_SAMPLES, LayerbisectError
 from layerbisect.expose import expose
+from layerbisect.files import sources, write
 from layerbisect.find import setup
 from layerbisect.inputs import Sample, samples_of
 from layerbisect.load import ModelLike, tensor_array, with_data
+from layerbisect.options import check_threshold
 from layerbisect.run import DEFAULT_PROVIDERS, Session
 from layerbisect.search import bisect_first_failing
 
@@ -40,7 +42,8 @@ class FloatFallback:
     vendor tools); ``nodes_to_exclude`` is the list for onnxruntime.quantization's
     ``nodes_to_exclude``. ``cosine_before``/``cosine_after`` are the lowest output cosine
     (mean over samples) of the quantized and of the repaired model; ``repaired`` is the
-    repaired model, written only by ``save_model``.
+    repaired model, written only by ``save_model``; ``sources`` the files it was made from,
+    which ``save_model`` refuses to write over.
     """
 
     float_nodes: tuple[str, ...]
@@ -50,6 +53,7 @@ class FloatFallback:
     threshold: float
     executions: int
     repaired: onnx.ModelProto = field(repr=False, compare=False)
+    sources: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     def __bool__(self) -> bool:
         return self.cosine_after >= self.threshold
@@ -73,8 +77,10 @@ class FloatFallback:
         }, indent=2)
 
     def save_model(self, path: str | PathLike) -> None:
-        """Write the repaired model to ``path`` (the only file this module writes)."""
-        onnx.save(with_data(self.repaired), str(path))
+        """Write the repaired model to ``path`` (the only file this module writes), whole; a
+        path that is one of ``sources`` is refused (``LayerbisectError``)."""
+        model = with_data(self.repaired)
+        write(path, lambda temporary: onnx.save(model, str(temporary)), reads=self.sources)
 
 
 def keep_in_float(
@@ -157,6 +163,7 @@ def keep_in_float(
         threshold=float(threshold),
         executions=executions,
         repaired=repaired,
+        sources=sources(float_model, quant_model, float_proto, quant_proto),
     )
 
 

@@ -16,13 +16,15 @@ import onnx
 from onnx import helper
 
 from layerbisect.align import Alignment, Pair, align
-from layerbisect.errors import NO_SAMPLES, LayerbisectError, check_threshold
+from layerbisect.errors import NO_SAMPLES, LayerbisectError
+from layerbisect.files import sources
 from layerbisect.graph import build_graph, inferred_types
 from layerbisect.inputs import InputPlan, Sample, plan_inputs, samples_of
 from layerbisect.load import ModelLike, declared_inputs, load_model, subgraph_notes
 from layerbisect.measure import Saved, Totals, available_memory, measure, prepare
+from layerbisect.options import check_strategy, check_threshold, memory_size
 from layerbisect.progress import progress
-from layerbisect.report import LayerComparison, Report
+from layerbisect.report import LayerComparison, Report, nonfinite_notes
 from layerbisect.run import DEFAULT_PROVIDERS
 from layerbisect.run import ort_optimized as ort_optimized_model
 from layerbisect.search import bisect_first_failing, first_failing
@@ -31,7 +33,6 @@ from layerbisect.simulate import Simulated, Simulation
 from layerbisect.source import compare_source, tensor_source
 from layerbisect.summary import neighbourhood, summarize
 
-STRATEGIES = ("auto", "scan", "bisect")
 UNKNOWN_TENSOR_BYTES = 1 << 20  # assumed size of a value whose shape is unknown
 DEFAULT_BUDGET_CAP = 1 << 30  # beyond this, holding more activations only costs memory
 # A scan of one sample measures at most this many bytes of values a pass, whatever the budget:
@@ -59,7 +60,7 @@ def find_first_bad_layer(
     providers: Sequence[str] = DEFAULT_PROVIDERS,
     ort_optimized: bool = False,
     strategy: str = "auto",
-    memory_budget: int | None = None,
+    memory_budget: int | str | None = None,
     isolated: bool = True,
     executor: Executor | None = None,
     quiet: bool = False,
@@ -78,7 +79,7 @@ def find_first_bad_layer(
     quantized model (after its fusions), to find errors that appear only after fusion.
 
     ``strategy="scan"`` measures every aligned layer, in pieces that fit ``memory_budget``
-    (bytes of activations held at once; default: half the memory available now, at most
+    (activations held at once, in bytes or as "2G", "500M"; default: half the memory available now, at most
     1 GiB; a piece holds one layer and the values feeding it at least, and for one sample
     at most 128 MiB of values, the fastest size measured);
     ``"bisect"`` finds the first bad layer with a probe per pass, each pass resuming from
@@ -95,10 +96,8 @@ def find_first_bad_layer(
     (('conv2',), 'introduced')
     """
     check_threshold(threshold)
-    if strategy not in STRATEGIES:
-        raise LayerbisectError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-    if memory_budget is not None and memory_budget <= 0:
-        raise LayerbisectError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+    strategy = check_strategy(strategy)
+    memory_budget = None if memory_budget is None else memory_size(memory_budget)
     samples = samples_of(inputs)
     source = tensor_source(quant_model)
     if ort_optimized and (source is not None or isinstance(quant_model, Simulated)):
@@ -159,7 +158,8 @@ def find_first_bad_layer(
     bad = first_failing(layer.passes(threshold) for layer in layers)
     first_bad = None if bad is None else layers[bad]
     culprit = _culprit(layers, first_bad, threshold)
-    notes = [*plan.notes, *subgraph_notes(float_proto, "float model"), *subgraph_notes(quant_proto, "quantized model")]
+    notes = [*plan.notes, *nonfinite_notes(layers), *subgraph_notes(float_proto, "float model"),
+             *subgraph_notes(quant_proto, "quantized model")]
     notes += [
         f"left out: {why}" for totals in passes.totals for why in totals.problems.values()
         if why != "not a float tensor"
@@ -190,6 +190,7 @@ def find_first_bad_layer(
         ort_optimized=ort_optimized,
         float_neighbourhood=() if first_bad is None else neighbourhood(float_proto, first_bad.float_nodes),
         quant_neighbourhood=() if first_bad is None else neighbourhood(quant_proto, first_bad.quant_nodes),
+        sources=sources(float_model, quant_model, float_proto, quant_proto),
     )
 
 
@@ -336,6 +337,7 @@ def _layer(pair: Pair, index: int, totals: Totals, position: int) -> LayerCompar
         cosine_p10=cumulative.cosine_p10,
         worst_sample=cumulative.worst_sample,
         nonfinite=cumulative.nonfinite,
+        float_nonfinite=cumulative.reference_nonfinite,
         evidence=pair.evidence,
         isolated_cosine=isolated.cosine if isolated.samples else math.nan,
         isolated_sqnr_db=isolated.sqnr_db if isolated.samples else math.nan,
@@ -360,7 +362,7 @@ def _culprit(layers, first_bad, threshold) -> LayerComparison | None:
         return None
     before = [
         layer for layer in layers
-        if layer.index <= first_bad.index and not math.isnan(layer.isolated_cosine)
+        if layer.index <= first_bad.index and not math.isnan(layer.isolated_cosine) and not layer.float_nonfinite
     ]
     introducing = [layer for layer in before if not layer.isolated_cosine >= threshold]
     if introducing:

@@ -92,6 +92,8 @@ class InputPlan:
                 f"every input is empty (input {name!r} has shape {list(array.shape)}): no value "
                 "would hold anything to compare; give inputs with at least one element"
             )
+        for name, array in arrays.items():
+            _check_finite(name, array)
         return (
             self._model_feeds(arrays, self.float_specs, self.quant_specs, "float model"),
             self._model_feeds(arrays, self.quant_specs, self.float_specs, "quantized model", self.aliases),
@@ -130,6 +132,22 @@ class InputPlan:
             elif spec.name not in feeds:
                 feeds[spec.name] = _random_array(spec, self.shapes.get(spec.name), rng)
         return feeds
+
+
+def _check_finite(name: str, array: np.ndarray) -> None:
+    """Refuse NaN and Inf in a float input: the float model carries them on while quantization
+    turns them into finite numbers, so every layer after them would look bad."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return
+    finite = np.isfinite(array)
+    if finite.all():
+        return
+    nan = int(np.count_nonzero(np.isnan(array)))
+    raise LayerbisectError(
+        f"input {name!r} holds {nan} NaN and {array.size - int(finite.sum()) - nan} infinite values "
+        f"(of {array.size}): the float model carries them on while quantization makes them finite, "
+        "so every layer would look bad; replace them (numpy.nan_to_num) or leave that sample out"
+    )
 
 
 def plan_inputs(

@@ -44,7 +44,7 @@ def load_model(model: ModelLike, *, role: str = "model") -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
-        unlocated = [t.name for t in _tensors(copy.graph) if uses_external_data(t) and not external_folder(t)]
+        unlocated = [t.name for t in all_tensors(copy.graph) if uses_external_data(t) and not external_folder(t)]
         if unlocated:
             raise LayerbisectError(
                 f"{role}: tensor {unlocated[0]!r} is kept in an external data file that was not "
@@ -137,6 +137,8 @@ def declared_inputs(model: onnx.ModelProto) -> list[InputSpec]:
 
 
 def _read(path: Path, role: str) -> onnx.ModelProto:
+    if path.is_dir():
+        raise LayerbisectError(f"{role} {path} is a folder, not an .onnx file; give the model file inside it")
     if not path.is_file():
         raise LayerbisectError(f"{role} file not found: {path}")
     try:
@@ -158,7 +160,7 @@ def _locate_external_data(graph: onnx.GraphProto, folder: Path | None, role: str
     it; read in the small tensors and those that are not initializers of ``graph`` itself,
     and give the others ``folder`` as their ``basepath``."""
     initializers = len(graph.initializer)
-    for index, tensor in enumerate(_tensors(graph)):  # the initializers come first
+    for index, tensor in enumerate(all_tensors(graph)):  # the initializers come first
         if not uses_external_data(tensor):
             continue
         base = folder or Path(external_folder(tensor))
@@ -230,7 +232,7 @@ def with_data(model: onnx.ModelProto) -> onnx.ModelProto:
     back to the user, which ``onnx.save`` can write anywhere and onnxruntime load."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    for tensor in _tensors(copy.graph):
+    for tensor in all_tensors(copy.graph):
         if uses_external_data(tensor) and external_folder(tensor):
             load_external_data_for_tensor(tensor, external_folder(tensor))
     return copy
@@ -247,7 +249,7 @@ def _taken_branch(node: onnx.NodeProto, constants: dict, declared: set[str]) -> 
     return None if nested else branch
 
 
-def _tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
+def all_tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
     """The initializers and Constant values of ``graph`` and of its subgraphs."""
     tensors = list(graph.initializer)
     for node in graph.node:
@@ -255,7 +257,7 @@ def _tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
             if attr.type == onnx.AttributeProto.TENSOR:
                 tensors.append(attr.t)
             for sub in _subgraphs(attr):
-                tensors += _tensors(sub)
+                tensors += all_tensors(sub)
     return tensors
 
 

@@ -12,7 +12,6 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from os import PathLike
-from pathlib import Path
 from typing import Any
 
 
@@ -25,7 +24,9 @@ class LayerComparison:
     ``cosine``, ``sqnr_db`` and ``mse`` are means over samples, ``max_abs`` the largest over
     samples; ``cosine_worst`` is the lowest cosine, seen on sample ``worst_sample``, and
     ``cosine_p10`` its 10th percentile over samples;
-    ``nonfinite`` counts, over all samples, NaN/Inf values that differ between the two.
+    ``nonfinite`` counts, over all samples, NaN/Inf values of the quantized model where the
+    float model's are finite; ``float_nonfinite`` the NaN/Inf values of the float model itself,
+    left out of the metrics (the reference is broken there, so the layer is not judged).
     ``isolated_cosine``/``isolated_sqnr_db`` measure the layer fed the float model's own values
     at its inputs: the error it adds by itself (NaN where not measured). ``index`` is the
     layer's position among all aligned layers.
@@ -49,10 +50,12 @@ class LayerComparison:
     isolated_cosine: float = math.nan
     isolated_sqnr_db: float = math.nan
     cosine_p10: float = math.nan
+    float_nonfinite: int = 0
 
     def passes(self, threshold: float) -> bool:
-        """Whether the (mean) cosine reaches ``threshold``; NaN never does."""
-        return self.cosine >= threshold
+        """Whether the (mean) cosine reaches ``threshold``; NaN never does. A layer whose float
+        value holds NaN/Inf is not judged (it passes): the float model breaks there itself."""
+        return self.float_nonfinite > 0 or self.cosine >= threshold
 
     def describe(self) -> str:
         """One line: index, op, where, and how close."""
@@ -102,7 +105,9 @@ class Report:
     ``aligned`` counts all aligned layers, of which bisection measures only those it probes.
     ``float_summary``/``quant_summary`` describe the two models; ``providers``, ``seed`` and
     ``ort_optimized`` are the run settings; ``float_neighbourhood``/``quant_neighbourhood``
-    are the nodes within two operations of the first bad layer in each model.
+    are the nodes within two operations of the first bad layer in each model. ``sources`` are
+    the files the report was made from (model files and their external data), which
+    ``save_html`` refuses to write over.
     """
 
     layers: tuple[LayerComparison, ...]
@@ -128,6 +133,7 @@ class Report:
     ort_optimized: bool = False
     float_neighbourhood: tuple[GraphNode, ...] = ()
     quant_neighbourhood: tuple[GraphNode, ...] = ()
+    sources: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
         return self.first_bad is None
@@ -203,11 +209,14 @@ class Report:
         return html_document(self)
 
     def save_html(self, path: str | PathLike) -> None:
-        """Write ``to_html()`` to ``path``; the file opens offline in any browser.
+        """Write ``to_html()`` to ``path``; the file opens offline in any browser. A path that
+        is one of ``sources`` is refused (``LayerbisectError``).
 
         >>> report.save_html("report.html")  # doctest: +SKIP
         """
-        Path(path).write_text(self.to_html(), encoding="utf-8")
+        from layerbisect.files import write_text
+
+        write_text(path, self.to_html(), reads=self.sources)
 
     def to_dataframe(self) -> Any:
         """One row per layer as a pandas DataFrame indexed by layer index (needs pandas).
@@ -237,6 +246,22 @@ class Report:
     def to_json(self) -> str:
         """The report as strict JSON: non-finite numbers become "inf", "-inf" or "nan"."""
         return json.dumps(_json_safe(self.to_dict()), indent=2)
+
+
+def nonfinite_notes(layers: tuple[LayerComparison, ...]) -> list[str]:
+    """A note for where the float model itself produced NaN/Inf (its inputs are finite: they
+    are checked), and how many layers after it carry them; none if it never does."""
+    broken = [layer for layer in layers if layer.float_nonfinite]
+    if not broken:
+        return []
+    first, later = broken[0], len(broken) - 1
+    carried = f", and {later} later layer{'s' if later != 1 else ''} carry them" if later else ""
+    return [
+        f"float model produced NaN/Inf: {first.float_nonfinite} values at #{first.index} {first.op_type} "
+        f"{'+'.join(first.float_nodes)!r} from finite inputs{carried}; the float model itself breaks "
+        "there (an overflow, a division by zero, a log of zero?), so those layers are compared where "
+        "both models are finite and not judged against the threshold"
+    ]
 
 
 def _json_safe(value):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from os import PathLike
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -36,11 +36,12 @@ from layerbisect.compare import Aggregate, compare
 from layerbisect.dumps import DumpFolder
 from layerbisect.errors import NO_SAMPLES, LayerbisectError, first_line
 from layerbisect.expose import expose
+from layerbisect.files import sources
 from layerbisect.graph import FLOAT_DTYPES, build_graph
 from layerbisect.inputs import Sample, plan_inputs
 from layerbisect.load import ModelLike, declared_inputs, load_model
 from layerbisect.progress import progress
-from layerbisect.report import LayerComparison, Report
+from layerbisect.report import LayerComparison, Report, nonfinite_notes
 from layerbisect.run import DEFAULT_PROVIDERS, Session
 from layerbisect.summary import neighbourhood, summarize
 
@@ -138,8 +139,9 @@ def compare_source(
             shapes_seen[match.float_tensor] = tuple(reference[match.float_tensor].shape)
     if matches is None:
         raise LayerbisectError(NO_SAMPLES)
-    return _report(proto, graph, values, source, matches, totals, problems, shapes_seen,
-                   _label(float_model, proto), threshold, count, peak, providers, seed)
+    report = _report(proto, graph, values, source, matches, totals, problems, shapes_seen,
+                     _label(float_model, proto), threshold, count, peak, providers, seed)
+    return replace(report, sources=sources(float_model, proto, getattr(source, "path", None)))
 
 
 def pair_tensors(reference: Sequence[tuple[str, np.ndarray]], produced: Mapping[str, np.ndarray]) -> list[Match]:
@@ -285,7 +287,8 @@ def _report(proto, graph, values, source, matches, totals, problems, shapes, flo
             shape=shapes[match.float_tensor], cosine=aggregate.cosine, sqnr_db=aggregate.sqnr_db,
             mse=aggregate.mse, max_abs=aggregate.max_abs, cosine_worst=aggregate.cosine_worst,
             cosine_p10=aggregate.cosine_p10,
-            worst_sample=aggregate.worst_sample, nonfinite=aggregate.nonfinite, evidence=match.evidence,
+            worst_sample=aggregate.worst_sample, nonfinite=aggregate.nonfinite,
+            float_nonfinite=aggregate.reference_nonfinite, evidence=match.evidence,
         ))
     if not layers:
         raise LayerbisectError(
@@ -299,7 +302,8 @@ def _report(proto, graph, values, source, matches, totals, problems, shapes, flo
         layers=tuple(layers), first_bad=first_bad, threshold=float(threshold), samples=samples,
         outputs=_outputs(graph, proto), unaligned=tuple(op for op in ops if op not in matched),
         coverage=len(matched) / len(ops) if ops else 1.0,
-        notes=tuple(dict.fromkeys(_notes(matches, problems))), float_model=float_label,
+        notes=tuple(dict.fromkeys([*nonfinite_notes(tuple(layers)), *_notes(matches, problems)])),
+        float_model=float_label,
         quant_model=_source_label(source), executions=2 * samples, peak_bytes=peak,
         float_summary=summarize(proto, float_label), providers=tuple(providers), seed=seed,
         float_neighbourhood=() if first_bad is None else neighbourhood(proto, first_bad.float_nodes),

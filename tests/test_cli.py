@@ -54,12 +54,12 @@ def test_random_inputs_when_no_feeds_are_given(models, capsys):
 @pytest.mark.parametrize("args,message", [
     (["missing.onnx", "{int8}"], "float model file not found: missing.onnx"),
     (["{float}", "{int8}", "--threshold", "1.5"], "threshold must be in (0, 1], got 1.5"),
-    (["{float}", "{int8}", "--inputs", "nope.npz"], "input file not found: nope.npz"),
+    (["{float}", "{int8}", "--inputs", "nope.npz"], "--inputs: file not found: nope.npz"),
     (["{float}", "{int8}", "--input", "z={npy}"], "'z' is not an input of either model"),
     (["{float}", "{int8}", "--providers", "NoSuchProvider"], "execution provider 'NoSuchProvider' is not available"),
     (["{float}", "{int8}", "--inputs", "{npy}"], "holds a single array, not an .npz archive; use --input NAME="),
     (["{float}", "{int8}", "--input", "x={npz}"], "is an .npz archive, not one .npy array"),
-    (["{float}", "{int8}", "--input", "x=nofile.npy"], "input file not found: nofile.npy"),
+    (["{float}", "{int8}", "--input", "x=nofile.npy"], "--input x: file not found: nofile.npy"),
 ])
 def test_bad_input_is_one_line_on_stderr_and_exit_2(models, capsys, args, message):
     args = [a.format(**{k: str(v) for k, v in models.items()}) for a in args]
@@ -100,7 +100,7 @@ def test_keep_float_and_repaired_model(models, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flag,value,message", [
-    ("--memory-budget", "lots", "expected a size such as 2G"),
+    ("--memory-budget", "lots", "must be a size such as 2G"),
     ("--strategy", "fast", "invalid choice: 'fast'"),
 ])
 def test_bad_search_flags(models, capsys, flag, value, message):
@@ -120,4 +120,4 @@ def test_keep_float_refused_after_the_report_is_printed(models, tmp_path, capsys
 def test_infinite_memory_budget_is_bad_usage(models, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([str(models["float"]), str(models["int8"]), "--memory-budget", "inf"])
-    assert exit_info.value.code == 2 and "positive finite size" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "positive, finite size" in capsys.readouterr().err

@@ -34,7 +34,9 @@ def test_nan_and_inf_are_counted_not_raised():
     m = compare(np.array([1.0, 2.0, 3.0]), np.array([1.0, np.nan, np.inf]))
     assert m.nonfinite == 2 and math.isnan(m.cosine)
     same = compare(np.array([1.0, np.inf]), np.array([1.0, np.inf]))
-    assert same.nonfinite == 0 and same.cosine == 1.0
+    assert same.nonfinite == 0 and same.reference_nonfinite == 1 and same.cosine == 1.0
+    broken = compare(np.array([1.0, np.nan, 2.0]), np.array([1.0, 5.0, 2.0]))  # the reference's own NaN
+    assert (broken.nonfinite, broken.reference_nonfinite) == (0, 1) and broken.cosine == 1.0
 
 
 def test_aggregate_matches_brute_force():
@@ -103,5 +105,8 @@ def test_quantized_values_are_dequantized_a_chunk_at_a_time_with_the_same_result
     whole = (ints.astype(np.float32) - np.float32(3)) * np.float32(0.05)
     assert compare(ref, Quantized(ints.reshape(1, -1), 0.05, 3)) == compare(ref, whole)
     assert compare(Quantized(ints, 0.05, 3), ref) == compare(whole, ref)
-    ref[size // 2] = np.nan  # the second look, over whole tensors
-    assert compare(ref, Quantized(ints, 0.05, 3)).nonfinite == 1
+    ref[size // 2] = np.nan  # the second look, over whole tensors: the reference's NaN left out
+    m = compare(ref, Quantized(ints, 0.05, 3))
+    assert (m.reference_nonfinite, m.nonfinite) == (1, 0) and m.cosine > 0.999
+    m = compare(whole, ref)
+    assert (m.reference_nonfinite, m.nonfinite) == (0, 1) and math.isnan(m.cosine)

@@ -124,7 +124,7 @@ def test_bad_strategy_and_budget():
     float_model, quant = faulted("cnn", "qdq")
     with pytest.raises(LayerbisectError, match="strategy must be one of auto, scan, bisect"):
         find_first_bad_layer(float_model, quant, strategy="fast")
-    with pytest.raises(LayerbisectError, match="memory_budget must be a positive number of bytes"):
+    with pytest.raises(LayerbisectError, match="memory_budget must be a positive, finite size"):
         find_first_bad_layer(float_model, quant, memory_budget=0)
 
 
