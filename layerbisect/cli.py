@@ -11,10 +11,10 @@ import multiprocessing
 import sys
 import zipfile
 from collections.abc import Sequence
-from contextlib import nullcontext
-from typing import ContextManager
 from concurrent.futures import Executor, ProcessPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
+from typing import ContextManager
 
 import numpy as np
 
@@ -215,32 +215,37 @@ def _read_inputs(npz: str | None, singles: list[tuple[str, str]]) -> dict | None
     feeds: dict[str, np.ndarray] = {}
     if npz is not None:
         archive = _load(npz, "--inputs", "an .npz archive")
-        if not isinstance(archive, np.lib.npyio.NpzFile):
+        if isinstance(archive, np.ndarray):
             raise LayerbisectError(
                 f"--inputs {npz} holds a single array, not an .npz archive; use --input NAME={npz}"
             )
-        with archive:
-            feeds.update({key: archive[key] for key in archive.files})
+        feeds.update(archive)
     for name, path in singles:
         array = _load(path, f"--input {name}", "an .npy array")
         if not isinstance(array, np.ndarray):
-            array.close()
             raise LayerbisectError(f"--input {name}={path} is an .npz archive, not one .npy array")
         feeds[name] = array
     return feeds
 
 
-def _load(path: str, flag: str, kind: str):
-    """The array or archive in a feeds file, or an error naming the flag and what is wrong."""
+def _load(path: str, flag: str, kind: str) -> np.ndarray | dict[str, np.ndarray]:
+    """The array, or the arrays of an archive, in a feeds file; or an error naming the flag
+    and what is wrong."""
     if Path(path).is_dir():
         raise LayerbisectError(f"{flag}: {path} is a folder, not {kind}")
     if not Path(path).is_file():
         raise LayerbisectError(f"{flag}: file not found: {path}")
     try:
-        return np.load(path, allow_pickle=False)
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            return loaded
+        with loaded:  # an archive's arrays are read when asked for: read them here
+            return {key: loaded[key] for key in loaded.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        # numpy's own advice for a file it cannot read is to allow pickles: never take it
-        reason = "it holds Python objects (pickled data)" if "pickle" in str(exc) else first_line(exc)
+        # numpy takes any file it does not know for a pickle and advises allowing pickles
+        text = str(exc)
+        reason = ("it holds Python objects" if "Object arrays" in text else
+                  "it is neither an .npy nor an .npz file" if "pickle" in text else first_line(exc))
         raise LayerbisectError(
             f"{flag}: {path} is not {kind} (numpy could not read it: {reason}); save it with "
             f"{'numpy.savez' if kind.endswith('archive') else 'numpy.save'}"

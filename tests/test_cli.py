@@ -51,23 +51,6 @@ def test_random_inputs_when_no_feeds_are_given(models, capsys):
     assert main([str(models["float"]), str(models["broken"]), "--seed", "3"]) == 1
 
 
-@pytest.mark.parametrize("args,message", [
-    (["missing.onnx", "{int8}"], "float model file not found: missing.onnx"),
-    (["{float}", "{int8}", "--threshold", "1.5"], "threshold must be in (0, 1], got 1.5"),
-    (["{float}", "{int8}", "--inputs", "nope.npz"], "--inputs: file not found: nope.npz"),
-    (["{float}", "{int8}", "--input", "z={npy}"], "'z' is not an input of either model"),
-    (["{float}", "{int8}", "--providers", "NoSuchProvider"], "execution provider 'NoSuchProvider' is not available"),
-    (["{float}", "{int8}", "--inputs", "{npy}"], "holds a single array, not an .npz archive; use --input NAME="),
-    (["{float}", "{int8}", "--input", "x={npz}"], "is an .npz archive, not one .npy array"),
-    (["{float}", "{int8}", "--input", "x=nofile.npy"], "--input x: file not found: nofile.npy"),
-])
-def test_bad_input_is_one_line_on_stderr_and_exit_2(models, capsys, args, message):
-    args = [a.format(**{k: str(v) for k, v in models.items()}) for a in args]
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1 and "Traceback" not in err
-
-
 def test_bad_usage_exits_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["only_one.onnx"])

@@ -1,0 +1,239 @@
+"""Issue 22's battery: bad input through the CLI and the API gets one clear line (exit 2), and
+no input file changes, hard links, symlinks and external data included (sha256 of every file
+of the user's folder before and after each case). Outputs that would overwrite an input are
+refused before any work."""
+
+import hashlib
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from models import (
+    corrupt_weights,
+    make_cnn,
+    make_transformer,
+    quant_node_for,
+    quantize,
+    random_inputs,
+)
+from onnx import TensorProto, helper, numpy_helper
+
+import layerbisect.cli
+from layerbisect import LayerbisectError, find_first_bad_layer, keep_in_float
+from layerbisect.cli import main
+from layerbisect.files import write
+
+
+def digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (links read through)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def log_model() -> onnx.ModelProto:
+    """y = Log(x - 1) + 1 on x float32[1, 8]: NaN where x < 1, from finite inputs."""
+    nodes = [helper.make_node("Sub", ["x", "one"], ["s"], name="shift"),
+             helper.make_node("Log", ["s"], ["l"], name="log"),
+             helper.make_node("Add", ["l", "one"], ["y"], name="after")]
+    graph = helper.make_graph(
+        nodes, "log", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+        [numpy_helper.from_array(np.array(1.0, np.float32), "one")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+@pytest.fixture(scope="module")
+def user(tmp_path_factory) -> Path:
+    """A user's folder: models (one with external data), feeds, and links to them."""
+    folder = tmp_path_factory.mktemp("user")
+    float_model = make_cnn()
+    quant = quantize(float_model, "qdq")
+    onnx.save(float_model, folder / "fp32.onnx")
+    onnx.save(corrupt_weights(quant, quant_node_for(quant, "conv2")), folder / "int8.onnx")
+    onnx.save(make_transformer(), folder / "transformer.onnx")
+    onnx.save(float_model, folder / "ext.onnx", save_as_external_data=True, location="ext.onnx.data",
+              size_threshold=0)
+    feeds = random_inputs(float_model)
+    np.savez(folder / "feeds.npz", **feeds)
+    np.save(folder / "x.npy", feeds["x"])
+    np.savez(folder / "wrong_keys.npz", image=feeds["x"])
+    np.savez(folder / "extra_key.npz", **feeds, mask=np.ones(3))
+    nan = feeds["x"].copy()
+    nan[0, 0, 0, 0] = np.nan
+    np.savez(folder / "nan.npz", x=nan)
+    np.savez(folder / "inf.npz", x=np.where(feeds["x"] > 2.5, np.inf, feeds["x"]).astype(np.float32))
+    np.save(folder / "objects.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    (folder / "notes.txt").write_text("not an array")
+    (folder / "models").mkdir()
+    os.link(folder / "int8.onnx", folder / "int8_hardlink.json")
+    os.link(folder / "ext.onnx.data", folder / "data_hardlink.html")
+    (folder / "int8_symlink.json").symlink_to(folder / "int8.onnx")
+    return folder
+
+
+# (arguments, what stderr says); "@" stands for the user's folder
+CASES = {
+    # outputs that are inputs: refused before any work
+    "json over the quantized model": (["@fp32.onnx", "@int8.onnx", "--json", "@int8.onnx"], "would overwrite an input file"),
+    "html over the float model": (["@fp32.onnx", "@int8.onnx", "--html", "@fp32.onnx"], "would overwrite an input file"),
+    "repaired model over the quantized model": (
+        ["@fp32.onnx", "@int8.onnx", "--repaired-model", "@int8.onnx"], "would overwrite an input file"),
+    "keep-float json over the feeds": (
+        ["@fp32.onnx", "@int8.onnx", "--inputs", "@feeds.npz", "--keep-float", "@feeds.npz"], "would overwrite an input file"),
+    "json over a single feed": (["@fp32.onnx", "@int8.onnx", "--input", "x=@x.npy", "--json", "@x.npy"],
+                                "would overwrite an input file"),
+    "json on a hard link to the quantized model": (
+        ["@fp32.onnx", "@int8.onnx", "--json", "@int8_hardlink.json"], "same file as"),
+    "repaired model on a hard link to the quantized model": (
+        ["@fp32.onnx", "@int8.onnx", "--repaired-model", "@int8_hardlink.json"], "same file as"),
+    "json on a symlink to the quantized model": (
+        ["@fp32.onnx", "@int8.onnx", "--json", "@int8_symlink.json"], "would overwrite an input file"),
+    "json over the float model's external data": (
+        ["@ext.onnx", "@int8.onnx", "--json", "@ext.onnx.data"], "would overwrite an input file"),
+    "html on a hard link to the external data": (
+        ["@ext.onnx", "@int8.onnx", "--html", "@data_hardlink.html"], "same file as"),
+    "two outputs one file": (["@fp32.onnx", "@int8.onnx", "--json", "@out.json", "--html", "@out.json"],
+                             "are the same file"),
+    "output folder missing": (["@fp32.onnx", "@int8.onnx", "--json", "@missing/report.json"], "does not exist"),
+    "output is a folder": (["@fp32.onnx", "@int8.onnx", "--html", "@models"], "it is a folder"),
+    # models
+    "float model missing": (["@nope.onnx", "@int8.onnx"], "float model file not found"),
+    "model is a folder": (["@models", "@int8.onnx"], "is a folder, not an .onnx file"),
+    "model is text": (["@notes.txt", "@int8.onnx"], "is not a readable ONNX file"),
+    "models take different inputs": (
+        ["@fp32.onnx", "@transformer.onnx"],
+        "input 'x' is float32[1,3,16,16] in the float model but float32[1,8,32] in the quantized model"),
+    # feeds
+    "feeds missing": (["@fp32.onnx", "@int8.onnx", "--inputs", "@nope.npz"], "--inputs: file not found"),
+    "feeds are text": (["@fp32.onnx", "@int8.onnx", "--inputs", "@notes.txt"],
+                       "is not an .npz archive (numpy could not read it: it is neither an .npy nor an .npz file)"),
+    "feed holds objects": (["@fp32.onnx", "@int8.onnx", "--input", "x=@objects.npy"], "it holds Python objects"),
+    "feeds are a folder": (["@fp32.onnx", "@int8.onnx", "--inputs", "@models"], "is a folder, not an .npz archive"),
+    "feeds are one array": (["@fp32.onnx", "@int8.onnx", "--inputs", "@x.npy"], "holds a single array, not an .npz"),
+    "a feed is an archive": (["@fp32.onnx", "@int8.onnx", "--input", "x=@feeds.npz"], "is an .npz archive, not one .npy"),
+    "a feed missing": (["@fp32.onnx", "@int8.onnx", "--input", "x=@nofile.npy"], "--input x: file not found"),
+    "a feed no model takes": (["@fp32.onnx", "@int8.onnx", "--input", "z=@x.npy"], "'z' is not an input of either model"),
+    "feeds under other names": (["@fp32.onnx", "@int8.onnx", "--inputs", "@wrong_keys.npz"],
+                                "input 'image' is not an input of either model; the models take ['x']"),
+    "feeds with an extra key": (["@fp32.onnx", "@int8.onnx", "--inputs", "@extra_key.npz"],
+                                "input 'mask' is not an input of either model"),
+    "a NaN pixel": (["@fp32.onnx", "@int8.onnx", "--inputs", "@nan.npz"], "input 'x' holds 1 NaN and 0 infinite values"),
+    "infinite pixels": (["@fp32.onnx", "@int8.onnx", "--inputs", "@inf.npz"], "NaN and "),
+    # options
+    "threshold above 1": (["@fp32.onnx", "@int8.onnx", "--threshold", "1.5"], "threshold must be in (0, 1], got 1.5"),
+    "negative workers": (["@fp32.onnx", "@int8.onnx", "--workers", "-1"], "--workers must be 0 or more"),
+    "unknown provider": (["@fp32.onnx", "@int8.onnx", "--providers", "NoSuchProvider"],
+                         "execution provider 'NoSuchProvider' is not available"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_cli_refuses_in_one_line_and_changes_no_file(user, capsys, monkeypatch, case):
+    args, message = CASES[case]
+    if {"--json", "--html", "--repaired-model", "--keep-float"} & set(args):  # refused before any work
+        monkeypatch.setattr(layerbisect.cli, "find_first_bad_layer", lambda *a, **k: pytest.fail("the run started"))
+    before = digest(user)
+    assert main([a.replace("@", f"{user}/") for a in args]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert digest(user) == before
+
+
+@pytest.mark.parametrize("value,message", [
+    ("lots", "must be a size such as 2G"), ("inf", "positive, finite size"), ("0", "positive, finite size"),
+])
+def test_cli_memory_budget_is_bad_usage(user, capsys, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(user / "fp32.onnx"), str(user / "int8.onnx"), "--memory-budget", value])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_outputs_beside_inputs_are_written_whole_and_inputs_unchanged(user, tmp_path, capsys):
+    before = digest(user)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text("old")  # an earlier report is replaced, not refused
+    args = [str(user / "fp32.onnx"), str(user / "int8.onnx"), "--inputs", str(user / "feeds.npz"),
+            "--json", str(out / "report.json"), "--html", str(out / "report.html")]
+    assert main(args) == 1
+    assert '"passed": false' in (out / "report.json").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.json"]  # no temporary left
+    assert digest(user) == before
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "report.json"
+    target.write_text("old")
+
+    def crash(temporary: Path) -> None:
+        temporary.write_text("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(LayerbisectError, match="cannot write .*report.json: No space left on device"):
+        write(target, crash)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_api_writers_refuse_the_files_a_result_was_made_from(user, tmp_path):
+    onnx.save(make_cnn(), tmp_path / "ext.onnx", save_as_external_data=True, location="ext.onnx.data",
+              size_threshold=0)
+    before = digest(user), digest(tmp_path)
+    report = find_first_bad_layer(tmp_path / "ext.onnx", user / "int8.onnx", random_inputs(make_cnn()))
+    assert str(tmp_path / "ext.onnx.data") in report.sources  # where its weights are
+    for path in (user / "int8.onnx", user / "int8_hardlink.json", tmp_path / "ext.onnx", tmp_path / "ext.onnx.data"):
+        with pytest.raises(LayerbisectError, match="would overwrite an input file"):
+            report.save_html(path)
+    fallback = keep_in_float(user / "fp32.onnx", user / "int8.onnx", random_inputs(make_cnn()))
+    with pytest.raises(LayerbisectError, match="would overwrite an input file"):
+        fallback.save_model(user / "int8_hardlink.json")
+    assert (digest(user), digest(tmp_path)) == before
+
+
+@pytest.mark.parametrize("budget,expected", [
+    ("2G", "scan"), ("500M", "scan"), (1 << 30, "scan"), ("64KiB", "bisect"), (" 64 kb ", "bisect"),
+    (float("nan"), "positive, finite size"), ("lots", "must be a size such as 2G"), (True, "number of bytes"),
+    (0, "positive, finite size"), (-5, "positive, finite size"),
+])
+def test_api_memory_budget_takes_what_the_cli_takes(budget, expected):
+    float_model = make_cnn()
+    if expected not in ("scan", "bisect"):
+        with pytest.raises(LayerbisectError, match=expected):
+            find_first_bad_layer(float_model, float_model, memory_budget=budget)
+        return
+    report = find_first_bad_layer(float_model, quantize(float_model, "qdq"), memory_budget=budget)
+    assert report.first_bad is None and report.strategy == expected
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_api_refuses_nonfinite_inputs(bad):
+    float_model = make_cnn()
+    feeds = random_inputs(float_model)
+    feeds["x"][0, 1, 2, 3] = bad
+    with pytest.raises(LayerbisectError, match=r"input 'x' holds \d NaN and \d infinite values \(of 768\)"):
+        find_first_bad_layer(float_model, quantize(float_model, "qdq"), [random_inputs(float_model), feeds])
+
+
+def test_nan_the_float_model_makes_itself_is_a_finding_not_the_first_bad_layer():
+    model = log_model()
+    x = {"x": np.linspace(0.0, 3.0, 8, dtype=np.float32).reshape(1, 8)}  # Log of x - 1 < 0: NaN
+    report = find_first_bad_layer(model, model, x)
+    by_node = {layer.float_nodes[-1]: layer for layer in report.layers}
+    assert report.first_bad is None
+    assert by_node["shift"].float_nonfinite == 0
+    assert by_node["log"].float_nonfinite == 3 and by_node["after"].float_nonfinite == 3  # x < 1 at 3 of 8
+    assert by_node["log"].cosine == pytest.approx(1.0)  # where both are finite
+    note = next(n for n in report.notes if n.startswith("float model produced NaN/Inf"))
+    assert "3 values at #1 Log 'log'" in note and "1 later layer carry them" in note
+
+
+def test_api_options_refused_in_one_place():
+    model = make_cnn()
+    with pytest.raises(LayerbisectError, match="strategy must be one of auto, scan, bisect"):
+        find_first_bad_layer(model, model, strategy="fast")
+    with pytest.raises(LayerbisectError, match=r"threshold must be in \(0, 1\]"):
+        find_first_bad_layer(model, model, threshold=math.nan)
