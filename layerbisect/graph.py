@@ -42,6 +42,7 @@ ROLES = {
     "MatMulInteger": "MatMul",
     "MatMulIntegerToFloat": "MatMul",
     "DynamicQuantizeMatMul": "MatMul",
+    "MatMulNBits": "MatMul",
     "QGemm": "Gemm",
     "QLinearAdd": "Add",
     "QLinearMul": "Mul",
@@ -108,7 +109,7 @@ INTEGER_OPS = {"MatMulInteger", "ConvInteger"}
 # Input position of the bias that operators add inside themselves.
 BIAS_INPUT = {
     "Conv": 2, "ConvTranspose": 2, "Gemm": 2, "QLinearConv": 8, "QGemm": 6,
-    "DynamicQuantizeMatMul": 4, "MatMulIntegerToFloat": 6, "FusedConv": 2, "FusedGemm": 2,
+    "DynamicQuantizeMatMul": 4, "MatMulIntegerToFloat": 6, "FusedConv": 2, "FusedGemm": 2, "MatMulNBits": 5,
 }
 SHELL_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Identity", "Dropout"}
 FLOAT_DTYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
@@ -373,6 +374,8 @@ class _Builder:
             raw = self._value(node.input[0])
             if raw is None:
                 return None
+            if _attr(node, "block_size"):
+                return _blocked(raw, self._const(node, 1), self._const(node, 2), _axis(node), _attr(node, "block_size"))
             readout = Readout(name, self._const(node, 1), self._const(node, 2), _axis(node))
             return readout.dequantize(raw) if readout.scale is not None else raw
         return None
@@ -383,6 +386,9 @@ class _Builder:
         caller reads only the part it needs."""
         readout = Readout(name)
         node = self.producer.get(name)
+        if node is not None and node.op_type == "DequantizeLinear" and _attr(node, "block_size"):
+            value = self._value(name)  # blocked (int4 weights): dequantized here, whole
+            return None if value is None else (value, readout)
         if node is not None and node.op_type == "DequantizeLinear":
             readout = Readout(name, self._const(node, 1), self._const(node, 2), _axis(node))
             name = node.input[0]
@@ -393,6 +399,8 @@ class _Builder:
 
     def _fingerprint(self, node: onnx.NodeProto) -> np.ndarray | None:
         """A sample of the node's (dequantized) weight, to tell similar nodes apart."""
+        if node.op_type == "MatMulNBits":
+            return self._blocked_head(node)
         transposed = _attr(node, "transB") == 1  # Gemm computes x @ B.T
         if node.op_type in WEIGHT_QPARAMS:
             w_at, scale_at, zp_at = WEIGHT_QPARAMS[node.op_type]
@@ -410,6 +418,34 @@ class _Builder:
         if not weights:
             return None
         return _head(*max(weights, key=lambda weight: weight[0].size), transposed)
+
+    def _blocked_head(self, node: onnx.NodeProto) -> np.ndarray | None:
+        """The head of a MatMulNBits weight (onnxruntime's int4 quantizer, the ONNX LLM
+        builders), dequantized in MatMul orientation ([K, N], as ``_head`` gives it): B is
+        stored transposed, [N, K / block, block * bits / 8] bytes, low bits first, with a
+        scale and a zero point (default 2^(bits-1)) per block. Only the blocks holding the
+        first rows are unpacked."""
+        bits, block, k, n = (_attr(node, key) for key in ("bits", "block_size", "K", "N"))
+        bits = bits or 4
+        packed = self._weight(node.input[1]) if len(node.input) > 2 else None
+        scales = self._const(node, 2)
+        if packed is None or scales is None or not (block and k and n) or 8 % bits:
+            return None
+        per_byte, blocks = 8 // bits, -(-k // block)
+        rows = min(k, -(-FINGERPRINT_SIZE // n))
+        used = -(-rows // block)
+        data = np.asarray(packed[0]).reshape(n, blocks, -1)[:, :used].astype(np.int32)
+        values = (data[..., None] >> (bits * np.arange(per_byte))) & ((1 << bits) - 1)
+        values = values.reshape(n, used, -1)[:, :, :block].astype(np.float64)
+        zero_point = self._const(node, 3)
+        if zero_point is None:
+            zero_point = np.full((n, used), 2.0 ** (bits - 1))
+        elif zero_point.dtype == np.uint8:  # packed like the weight
+            zp = zero_point.reshape(n, -1).astype(np.int32)
+            zero_point = ((zp[..., None] >> (bits * np.arange(per_byte))) & ((1 << bits) - 1)).reshape(n, -1)
+        zero_point = zero_point.reshape(n, -1)[:, :used].astype(np.float64)
+        weight = (values - zero_point[..., None]) * scales.reshape(n, -1)[:, :used, None].astype(np.float64)
+        return weight.reshape(n, -1)[:, :rows].T.ravel()[:FINGERPRINT_SIZE]
 
     def _perm(self, node: onnx.NodeProto, shape: tuple | None) -> Perm:
         """A Transpose's permutation (reversed axes by default), or None if unknown."""
@@ -456,6 +492,21 @@ def _head(array: np.ndarray, readout: Readout, transposed: bool) -> np.ndarray:
             zero_point = None if zero_point is None else zero_point[: len(array)]
     values = Readout(readout.tensor, scale, zero_point, axis).dequantize(np.array(array))
     return values.ravel()[:FINGERPRINT_SIZE].astype(np.float64)
+
+
+def _blocked(raw: np.ndarray, scale: np.ndarray | None, zero_point: np.ndarray | None, axis: int,
+             block: int) -> np.ndarray | None:
+    """What a blocked DequantizeLinear (opset 21) computes: each run of ``block`` elements
+    along ``axis`` has a scale and a zero point of its own."""
+    if scale is None or scale.ndim != raw.ndim:
+        return None
+    axis %= raw.ndim
+
+    def spread(params: np.ndarray) -> np.ndarray:
+        return np.repeat(params, block, axis=axis).take(np.arange(raw.shape[axis]), axis=axis).astype(np.float32)
+
+    zero = np.float32(0) if zero_point is None else spread(zero_point)
+    return (raw.astype(np.float32) - zero) * spread(scale)
 
 
 def _topological(nodes) -> list[tuple[int, onnx.NodeProto]]:

@@ -2,8 +2,10 @@
 correspondence known by construction: the pairs must be those of the plain graph, and the
 planted fault named."""
 
+import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 
 from layerbisect import find_first_bad_layer
 from models import corrupt_weights, make_cnn, make_transformer, quant_node_for, quantize, random_inputs
@@ -42,3 +44,53 @@ def test_dimensions_written_as_minus_one_are_unknown_not_a_mismatch(make, faulty
     assert pairs(report) == pairs(plain) and report.coverage == plain.coverage > 0.9
     assert report.first_bad.float_nodes[-1] == plain.first_bad.float_nodes[-1]
     assert faulty in report.culprit.float_nodes
+
+
+def int4(model: onnx.ModelProto, quant_format: str) -> onnx.ModelProto:
+    """``model`` with its MatMul weights in int4 blocks of 32, by onnxruntime's
+    MatMulNBitsQuantizer: com.microsoft MatMulNBits ("QOperator") or blocked DequantizeLinear
+    of int4 initializers ("QDQ")."""
+    pytest.importorskip("onnx_ir", reason="onnxruntime's MatMulNBitsQuantizer needs onnx_ir")
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=False, quant_format=QuantFormat[quant_format])
+    quantizer = MatMulNBitsQuantizer(copy, algo_config=config)
+    quantizer.process()
+    return quantizer.model.model
+
+
+def shuffled_weight(model: onnx.ModelProto, node_prefix: str) -> onnx.ModelProto:
+    """A copy with the integer weight read by the node named ``node_prefix...`` shuffled (the
+    packed bytes of a MatMulNBits, or the int4 initializer behind a DequantizeLinear)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    nodes = {out: node for node in copy.graph.node for out in node.output}
+    node = next(n for n in copy.graph.node if n.name.startswith(node_prefix) and n.op_type in ("MatMulNBits", "MatMul"))
+    name = node.input[1]
+    if name in nodes:  # through its DequantizeLinear
+        name = nodes[name].input[0]
+    init = next(i for i in copy.graph.initializer if i.name == name)
+    values = numpy_helper.to_array(init)
+    shuffled = np.random.default_rng(0).permutation(values.reshape(-1)).reshape(values.shape)
+    init.CopyFrom(numpy_helper.from_array(shuffled, name))
+    return copy
+
+
+@pytest.mark.parametrize("quant_format", ["QOperator", "QDQ"])
+def test_int4_weights_pair_as_matmuls_and_a_shuffled_one_is_named(quant_format):
+    float_model = make_transformer(hidden=64)
+    quant = int4(float_model, quant_format)
+    inputs = random_inputs(float_model)
+    clean = find_first_bad_layer(float_model, quant, inputs)
+    matmuls = {layer.float_nodes[-1]: layer for layer in clean.layers if layer.op_type == "MatMul"}
+    weighted = ("q_proj", "k_proj", "v_proj", "o_proj", "ffn1_proj", "ffn2_proj")
+    assert all(matmuls[name].quant_nodes[-1].startswith(name) for name in weighted)
+    assert clean.coverage == 1.0 and clean.first_bad is None
+    assert min(matmuls[name].isolated_cosine for name in weighted) > 0.99  # int4 blocks of 32
+    report = find_first_bad_layer(float_model, shuffled_weight(quant, "ffn1_proj"), inputs)
+    assert report.culprit.float_nodes == ("ffn1_proj",) and report.culprit.isolated_cosine < 0.5
+    assert [(layer.float_nodes, layer.quant_tensor) for layer in report.layers] == \
+        [(layer.float_nodes, layer.quant_tensor) for layer in clean.layers]
