@@ -17,7 +17,7 @@ with no counterpart waits until an operation that reads it pairs, and is then se
   HardSigmoid(x) against HardSwish). A region is closed on both sides: the operations
   between paired values, each value but the last read inside the region only; it computes
   something (not Transposes and Reshapes alone) and holds no more weighted operations than
-  the other side.
+  the other side, and at most three of the float model's (never most of them).
 
 What nothing reads (graph ends) is settled last, by where both graphs end; the weights tell
 two foldable operations in a row apart (of two BatchNormalizations, the one folded away).
@@ -80,7 +80,7 @@ ANCHORS = {"Conv", "ConvTranspose", "MatMul", "Gemm"}
 # Weighted float operations (anchors with a constant weight) one region may hold, and never
 # more than half the model's: quantization, BatchNorm folding and Gemm fusion keep every
 # weighted operation, and no region of the test suite's models or of the real ones holds one;
-# onnxruntime's Attention fusion, the largest known, computes three (Q, K and V) in one.
+# onnxruntime's Attention fusion (not in the tests) computes three, Q, K and V, in one.
 MAX_REGION_WEIGHTED = 3
 # Operations that only move values: a region side made of them alone computes nothing.
 MOVES = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand", "Cast", "Identity"}
@@ -142,7 +142,7 @@ class Alignment:
     the only one of its quantized span (a region computing several pairs none of them)."""
     weight_agreement: float = math.nan
     """The median over weighted pairs of ``weights.channel_agreement``: near 1 when the
-    quantized model holds the float model's weights, near 0.2 when it holds other weights; NaN
+    quantized model holds the float model's weights, near 0.1 when it holds other weights; NaN
     when no pair's weights could be compared."""
     first_unpaired: str | None = None
     """The first weighted float operation (in topological order) not paired one for one."""
