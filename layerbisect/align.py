@@ -17,7 +17,7 @@ with no counterpart waits until an operation that reads it pairs, and is then se
   HardSigmoid(x) against HardSwish). A region is closed on both sides: the operations
   between paired values, each value but the last read inside the region only; it computes
   something (not Transposes and Reshapes alone) and holds no more weighted operations than
-  the other side.
+  the other side, and at most three of the float model's (never most of them).
 
 What nothing reads (graph ends) is settled last, by where both graphs end; the weights tell
 two foldable operations in a row apart (of two BatchNormalizations, the one folded away).
@@ -46,6 +46,8 @@ Transposes past a Concat or element-wise operations (cancelling two across them)
 from __future__ import annotations
 
 import heapq
+import math
+import statistics
 from dataclasses import dataclass, replace
 from itertools import islice, product, takewhile
 
@@ -53,6 +55,7 @@ import networkx as nx
 import numpy as np
 
 from layerbisect.graph import FLOAT_DTYPES, Perm, Readout, ValueRef
+from layerbisect.weights import channel_agreement
 
 ACTIVATIONS = {
     "Relu", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish", "Sigmoid", "Tanh", "Elu", "Selu",
@@ -74,6 +77,11 @@ LAYOUT_FREE = (FUSABLE - {"BatchNormalization"}) | {
 }
 # Operations that carry weights: a region of one graph holds no more of them than the other's.
 ANCHORS = {"Conv", "ConvTranspose", "MatMul", "Gemm"}
+# Weighted float operations (anchors with a constant weight) one region may hold, and never
+# more than half the model's: quantization, BatchNorm folding and Gemm fusion keep every
+# weighted operation, and no region of the test suite's models or of the real ones holds one;
+# onnxruntime's Attention fusion (not in the tests) computes three, Q, K and V, in one.
+MAX_REGION_WEIGHTED = 3
 # Operations that only move values: a region side made of them alone computes nothing.
 MOVES = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand", "Cast", "Identity"}
 SAME_WEIGHTS = 0.999  # weight fingerprints this similar are the same weights
@@ -126,6 +134,18 @@ class Alignment:
     pairs: tuple[Pair, ...]
     unaligned: tuple[str, ...]
     float_ops: int
+    weighted: int = 0
+    """The float model's weighted operations: Conv, ConvTranspose, MatMul, Gemm with a constant
+    weight."""
+    weighted_paired: int = 0
+    """Those paired one for one: the only weighted operation of a pair's float span, computed by
+    the only one of its quantized span (a region computing several pairs none of them)."""
+    weight_agreement: float = math.nan
+    """The median over weighted pairs of ``weights.channel_agreement``: near 1 when the
+    quantized model holds the float model's weights, near 0.1 when it holds other weights; NaN
+    when no pair's weights could be compared."""
+    first_unpaired: str | None = None
+    """The first weighted float operation (in topological order) not paired one for one."""
 
     @property
     def coverage(self) -> float:
@@ -172,6 +192,7 @@ class _Aligner:
         self.float_consumers = _consumers(float_graph)
         self.baked: set[str] = set()
         self.float_only_inputs: set[str] = set()
+        self.weighted_total = sum(is_weighted(attrs) for attrs in self.fa.values())
 
     def run(self) -> Alignment:
         self._align_inputs()
@@ -189,7 +210,17 @@ class _Aligner:
                 self.pending.discard(node)
         self._settle_graph_ends(float_ops)
         unaligned = tuple(node for node in float_ops if node in self.pending)
-        return Alignment(self._pairs(), unaligned, len(float_ops))
+        spans = self._pairs()
+        weighted = [node for node in float_ops if is_weighted(self.fa[node])]
+        matches = self._weighted_matches(spans)
+        agreements = [channel_agreement(self.fa[f], self.qa[q]) for f, q in matches.items()]
+        agreements = [a for a in agreements if a is not None]
+        return Alignment(
+            tuple(pair for pair, _, _ in spans), unaligned, len(float_ops),
+            weighted=len(weighted), weighted_paired=len(matches),
+            weight_agreement=statistics.median(agreements) if agreements else math.nan,
+            first_unpaired=next((self.fa[n]["name"] for n in weighted if n not in matches), None),
+        )
 
     # Inputs and layouts
 
@@ -520,12 +551,20 @@ class _Aligner:
             if (uses != frontier.keys() or len(region) + len(members) < 3 or not _channel_move(perm)
                     or not _shapes_agree(shape, self.qa[end]["shapes"][0], perm)
                     or _anchors(self.qa, members) > _anchors(self.fa, region)
+                    or not self._region_weighted_fits(region)
                     or _moves_only(self.qa, members) != _moves_only(self.fa, region)
                     or not _sealed(self.qa, self.quant_consumers, end, members)):
                 continue
             order = tuple(sorted(members, key=lambda n: self.qa[n]["order"]))
             settlements.append(_Settlement(value, ((end, 0), perm), region, order))
         return settlements
+
+    def _region_weighted_fits(self, region: tuple[str, ...]) -> bool:
+        """Whether a float region holds few enough weighted operations to be one layer: at most
+        ``MAX_REGION_WEIGHTED``, and at most half of the model's (a region computing the whole
+        model against another network is no layer)."""
+        inside = sum(is_weighted(self.fa[n]) for n in region)
+        return inside <= MAX_REGION_WEIGHTED and 2 * inside <= self.weighted_total
 
     def _float_region(self, node: str) -> tuple[tuple[str, ...], dict[ValueRef, Perm]] | None:
         """The waiting float operations behind ``node`` (itself included), in order, and the
@@ -644,7 +683,21 @@ class _Aligner:
 
     # Result
 
-    def _pairs(self) -> tuple[Pair, ...]:
+    def _weighted_matches(self, spans) -> dict[str, str]:
+        """Each weighted float operation paired one for one, with the quantized operation
+        computing it: pairs whose float span holds one weighted operation and whose quantized
+        span one anchor."""
+        matches = {}
+        for _, span, quant in spans:
+            weighted = [n for n in span if is_weighted(self.fa[n])]
+            anchors = [n for n in quant if self.qa[n]["role"] in ANCHORS]
+            if len(weighted) == len(anchors) == 1:
+                matches[weighted[0]] = anchors[0]
+        return matches
+
+    def _pairs(self) -> list[tuple[Pair, tuple[str, ...], tuple[str, ...]]]:
+        """Every pair, in the float model's order, with the float and quantized graph nodes of
+        its spans."""
         by_quant: dict[ValueRef, list[ValueRef]] = {}
         for float_value, quant_value in self.vmap.items():
             if (self.fa[float_value[0]]["kind"] == "op" and self.qa[quant_value[0]]["kind"] == "op"
@@ -664,7 +717,7 @@ class _Aligner:
                 member for v in float_values for member in self.regions.get(v[0], (v[0],))
             ))
             evidence = self.evidence[last_node] if len(span) == 1 or last_node in self.regions else "fused"
-            pairs.append((last["order"], index, Pair(
+            pairs.append((last["order"], index, span, self.quant_span[quant_node], Pair(
                 float_nodes=tuple(self.fa[n]["name"] for n in span),
                 float_tensor=last["outputs"][index],
                 quant_nodes=tuple(self.qa[n]["name"] for n in self.quant_span[quant_node]),
@@ -675,7 +728,13 @@ class _Aligner:
                 quant_readout=_permuted(quant_readout, self.layout.get(last_value)),
             )))
         pairs.sort(key=lambda item: item[:2])
-        return tuple(pair for _, _, pair in pairs)
+        return [(pair, span, quant) for _, _, span, quant, pair in pairs]
+
+
+def is_weighted(attrs: dict) -> bool:
+    """Whether a graph node is a weighted operation: an anchor with a constant weight (a
+    MatMul of two activations is none)."""
+    return attrs["kind"] == "op" and attrs["role"] in ANCHORS and attrs["fingerprint"] is not None
 
 
 def _permuted(readout: Readout, perm: Perm) -> Readout:

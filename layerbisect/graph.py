@@ -170,6 +170,7 @@ def build_graph(model: onnx.ModelProto) -> nx.DiGraph:
     (position in the model), ``sources`` (the ValueRef of each data input, in input order),
     ``readouts``, ``shapes`` and ``dtypes`` (one per output, None where unknown), ``fingerprint``
     (a sample of the dequantized weight, in MatMul orientation for a Gemm with transB, or None),
+    ``weight_shape`` (that weight's shape in the same orientation, or None),
     ``bias`` (whether the operation adds a bias inside itself), ``perm`` (a Transpose's
     permutation; None for other operations and where unknown) and ``layout`` (for an operation
     that computes channels-last, the permutation that brings its tensors to channels-first;
@@ -253,7 +254,7 @@ class _Builder:
                 order=-len(self.graph_proto.input) + position, sources=(),
                 readouts=(Readout(info.name),), shapes=(self._shape(info.name),),
                 dtypes=(self._dtype(info.name),),
-                fingerprint=None, bias=False, perm=None, layout=None,
+                fingerprint=None, weight_shape=None, bias=False, perm=None, layout=None,
             )
             self.source[info.name] = (node_id, 0)
         for order, node in _topological(self.graph_proto.node):
@@ -283,12 +284,13 @@ class _Builder:
                 self.source[out] = SCALE
             return
         shapes = tuple(self._shape(out) for out in node.output)
+        fingerprint, weight_shape = self._fingerprint(node)
         self.graph.add_node(
             node.name, kind="op", name=node.name, op_type=node.op_type,
             role=ROLES.get(node.op_type, node.op_type), order=order, sources=tuple(data),
             outputs=tuple(node.output), shapes=shapes,
             dtypes=tuple(self._dtype(out) for out in node.output),
-            fingerprint=self._fingerprint(node), bias=_has_input(node, BIAS_INPUT.get(node.op_type)),
+            fingerprint=fingerprint, weight_shape=weight_shape, bias=_has_input(node, BIAS_INPUT.get(node.op_type)),
             perm=self._perm(node, shapes[0]) if node.op_type == "Transpose" else None,
             layout=_channels_last(node, shapes[0]),
         )
@@ -397,27 +399,30 @@ class _Builder:
         value = self._value(name)
         return None if value is None else (value, readout)
 
-    def _fingerprint(self, node: onnx.NodeProto) -> np.ndarray | None:
-        """A sample of the node's (dequantized) weight, to tell similar nodes apart."""
+    def _fingerprint(self, node: onnx.NodeProto) -> tuple[np.ndarray | None, tuple | None]:
+        """A sample of the node's (dequantized) weight, to tell similar nodes apart, and the
+        weight's shape in the sample's orientation (None, None without a weight)."""
         if node.op_type == "MatMulNBits":
-            return self._blocked_head(node)
+            head = self._blocked_head(node)
+            return (None, None) if head is None else (head, (_attr(node, "K"), _attr(node, "N")))
         transposed = _attr(node, "transB") == 1  # Gemm computes x @ B.T
         if node.op_type in WEIGHT_QPARAMS:
             w_at, scale_at, zp_at = WEIGHT_QPARAMS[node.op_type]
             weight = self._weight(node.input[w_at]) if w_at < len(node.input) and node.input[w_at] else None
             if weight is None:
-                return None
+                return None, None
             zero_point = self._const(node, zp_at) if zp_at is not None else None
             zp = 0.0 if zero_point is None or zero_point.size != 1 else float(zero_point.ravel()[0])
-            return _head(*weight, transposed) - zp
+            return _head(*weight, transposed) - zp, _oriented(weight[0].shape, transposed)
         candidates = [self._weight(name) for name in node.input if self.source.get(name) == CONST]
         weights = [
             (array, readout) for array, readout in filter(None, candidates)
             if array.size > 1 and (array.dtype.kind == "f" or readout.scale is not None)
         ]
         if not weights:
-            return None
-        return _head(*max(weights, key=lambda weight: weight[0].size), transposed)
+            return None, None
+        array, readout = max(weights, key=lambda weight: weight[0].size)
+        return _head(array, readout, transposed), _oriented(array.shape, transposed)
 
     def _blocked_head(self, node: onnx.NodeProto) -> np.ndarray | None:
         """The head of a MatMulNBits weight (onnxruntime's int4 quantizer, the ONNX LLM
@@ -507,6 +512,11 @@ def _blocked(raw: np.ndarray, scale: np.ndarray | None, zero_point: np.ndarray |
 
     zero = np.float32(0) if zero_point is None else spread(zero_point)
     return (raw.astype(np.float32) - zero) * spread(scale)
+
+
+def _oriented(shape: tuple, transposed: bool) -> tuple:
+    """A weight's shape as ``_head`` samples it: a matrix's transposed when ``transposed``."""
+    return tuple(reversed(shape)) if transposed and len(shape) == 2 else tuple(shape)
 
 
 def _topological(nodes) -> list[tuple[int, onnx.NodeProto]]:

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 from os import PathLike
 from typing import Any
 
+from layerbisect.weights import UNRELATED_WEIGHTS
+
 
 @dataclass(frozen=True)
 class LayerComparison:
@@ -105,9 +107,14 @@ class Report:
     ``aligned`` counts all aligned layers, of which bisection measures only those it probes.
     ``float_summary``/``quant_summary`` describe the two models; ``providers``, ``seed`` and
     ``ort_optimized`` are the run settings; ``float_neighbourhood``/``quant_neighbourhood``
-    are the nodes within two operations of the first bad layer in each model. ``sources`` are
-    the files the report was made from (model files and their external data), which
-    ``save_html`` refuses to write over.
+    are the nodes within two operations of the first bad layer in each model.
+    ``weighted`` counts the float model's weighted layers (Conv, ConvTranspose, MatMul, Gemm
+    with a constant weight), ``weighted_paired`` those paired one for one with a quantized
+    one; ``weight_agreement`` is the median over those pairs of how much their weights agree,
+    channel by channel (1.0 for the same weights quantized, rescaled or folded; NaN where
+    nothing could be compared). Below 0.5 the verdict says the weights share nothing.
+    ``sources`` are the files the report was made from (model files and their external data),
+    which ``save_html`` refuses to write over.
     """
 
     layers: tuple[LayerComparison, ...]
@@ -133,10 +140,19 @@ class Report:
     ort_optimized: bool = False
     float_neighbourhood: tuple[GraphNode, ...] = ()
     quant_neighbourhood: tuple[GraphNode, ...] = ()
+    weighted: int = 0
+    weighted_paired: int = 0
+    weight_agreement: float = math.nan
     sources: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
         return self.first_bad is None
+
+    @property
+    def weights_unrelated(self) -> bool:
+        """Whether the paired weighted layers hold other weights than the float model's: the
+        median agreement is below ``weights.UNRELATED_WEIGHTS`` (False where not measured)."""
+        return self.weight_agreement < UNRELATED_WEIGHTS
 
     @property
     def verdict(self) -> str:
@@ -158,7 +174,11 @@ class Report:
                 head += (f"; culprit #{self.culprit.index} {self.culprit.op_type} "
                          f"{'+'.join(self.culprit.float_nodes)!r} (isolated cosine "
                          f"{_num(self.culprit.isolated_cosine, 4)})")
-        return f"{head}; {outputs}" if outputs else head
+        if outputs:
+            head = f"{head}; {outputs}"
+        if self.weights_unrelated:
+            head += f"; the weights share nothing (weight agreement {_num(self.weight_agreement, 2)})"
+        return head
 
     def __str__(self) -> str:
         lines = [self.verdict, self.summary_line(), ""]
@@ -179,13 +199,18 @@ class Report:
         return "\n".join(lines)
 
     def summary_line(self) -> str:
-        """Layers measured, coverage, samples, strategy, model runs and activations held."""
+        """Layers measured, coverage, weighted layers paired and their weights' agreement,
+        samples, strategy, model runs and activations held."""
         measured = f"{len(self.layers)} aligned layers"
         if self.aligned > len(self.layers):  # bisection measures the layers it probes
             measured = f"{len(self.layers)} of {self.aligned} aligned layers measured"
         parts = [measured, f"coverage {self.coverage:.0%} of float ops"]
         if self.unaligned:
             parts.append(f"{len(self.unaligned)} float ops without counterpart")
+        if self.weighted:
+            parts.append(f"weighted layers paired: {self.weighted_paired} of {self.weighted}")
+        if not math.isnan(self.weight_agreement):
+            parts.append(f"weight agreement {_num(self.weight_agreement, 2)}")
         parts.append(f"{self.samples} sample{'s' if self.samples != 1 else ''}")
         parts.append(f"{self.strategy}: {self.executions} model runs, {self.peak_bytes / 2**20:.1f} MiB held at peak")
         return ", ".join(parts)

@@ -40,7 +40,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from layerbisect.align import Alignment, Pair
+from layerbisect.align import Alignment, Pair, is_weighted
 from layerbisect.errors import NO_SAMPLES, LayerbisectError
 from layerbisect.expose import expose
 from layerbisect.graph import FLOAT_DTYPES, Readout, build_graph
@@ -355,7 +355,8 @@ class Simulation:
                     float_readout=attrs["readouts"][index], quant_readout=Readout(quant),
                 ))
         ops = sum(1 for _, a in float_graph.nodes(data=True) if a["kind"] == "op")
-        return Alignment(tuple(pairs), (), ops)
+        weighted = sum(is_weighted(a) for _, a in float_graph.nodes(data=True))
+        return Alignment(tuple(pairs), (), ops, weighted=weighted, weighted_paired=weighted, weight_agreement=1.0)
 
     def notes(self, layers: Iterable[LayerComparison | None]) -> list[str]:
         """What was simulated, then why each of ``layers`` (the first bad one, the culprit)

@@ -198,7 +198,7 @@ def _feeds(model: onnx.ModelProto, rng: np.random.Generator) -> dict[str, np.nda
     return feeds
 
 
-_QTYPES = {"int8": "QInt8", "uint8": "QUInt8", "int16": "QInt16", "uint16": "QUInt16"}
+_QTYPES = {"int8": "QInt8", "uint8": "QUInt8", "int16": "QInt16", "uint16": "QUInt16", "int4": "QInt4"}
 
 
 @contextlib.contextmanager
@@ -230,8 +230,9 @@ def quantize(
     ``fmt``: "qdq" / "qoperator" (quantize_static, MinMax calibration on
     ``calibration_inputs`` or ``num_samples`` seeded random samples) or "dynamic"
     (quantize_dynamic; ``activation_type`` and ``seed`` unused). Types: "int8",
-    "uint8", "int16", "uint16"; ORT accepts 16-bit only for "qdq" and then bumps
-    the model to opset 21 (standard-domain Q/DQ, no contrib ops needed).
+    "uint8", "int16", "uint16", and "int4" for weights; ORT accepts 16-bit and int4
+    only for "qdq" and then bumps the model to opset 21 (standard-domain Q/DQ, no
+    contrib ops needed).
     """
     from onnxruntime.quantization import (
         CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static,
