@@ -101,7 +101,12 @@ class Pair:
     """One float value and the quantized value that stands for it.
 
     ``float_nodes`` is the span of float operations whose result the pair compares (the last
-    one produces ``float_tensor``); ``quant_nodes`` the quantized operations that compute it.
+    one produces it); ``quant_nodes`` the quantized operations that compute it. Both values
+    are read where their readouts say: ``float_tensor`` is ``float_readout.tensor`` and
+    ``quant_tensor`` is ``quant_readout.tensor``. In a float model that is the operation's
+    output; in a quantized model compared as the float side, it is the end of the output's
+    quantization shell, as on the quantized side, so a model compared with itself compares
+    each value with itself.
     ``evidence`` says what decided the pairing: "structure" (the only candidate), "weights",
     "name" or "order" (among several), "fused" (a float operation folded away), or "region"
     (operations of one graph computed by other operations of the other, such as a decomposed
@@ -656,7 +661,8 @@ class _Aligner:
             last_value = float_values[-1]
             last_node, index = last_value
             last = self.fa[last_node]
-            if last["dtypes"][index] not in FLOAT_DTYPES | {None}:
+            float_readout = last["readouts"][index]
+            if not _reads_float(last, index):
                 continue
             quant_node, quant_index = quant_value
             quant_readout = self.qa[quant_node]["readouts"][quant_index]
@@ -666,16 +672,26 @@ class _Aligner:
             evidence = self.evidence[last_node] if len(span) == 1 or last_node in self.regions else "fused"
             pairs.append((last["order"], index, Pair(
                 float_nodes=tuple(self.fa[n]["name"] for n in span),
-                float_tensor=last["outputs"][index],
+                float_tensor=float_readout.tensor,
                 quant_nodes=tuple(self.qa[n]["name"] for n in self.quant_span[quant_node]),
                 quant_tensor=quant_readout.tensor,
                 op_type=last["op_type"],
                 evidence=evidence,
-                float_readout=last["readouts"][index],
+                float_readout=float_readout,
                 quant_readout=_permuted(quant_readout, self.layout.get(last_value)),
             )))
         pairs.sort(key=lambda item: item[:2])
         return tuple(pair for _, _, pair in pairs)
+
+
+def _reads_float(attrs: dict, index: int) -> bool:
+    """Whether an output of a float-graph operation is read as float values: a float tensor,
+    or one its readout carries through a quantization shell, which ends in integers with
+    their scale, or in float (a DequantizeLinear, an integer operator's Cast and rescaling
+    Mul). A quantized model compared as the float side has such outputs."""
+    readout = attrs["readouts"][index]
+    return (attrs["dtypes"][index] in FLOAT_DTYPES | {None} or readout.scale is not None
+            or readout.tensor != attrs["outputs"][index])
 
 
 def _permuted(readout: Readout, perm: Perm) -> Readout:

@@ -26,18 +26,20 @@ CUT_SUFFIX = "__layerbisect_float"
 
 @dataclass(frozen=True)
 class Cut:
-    """A new graph input standing for ``tensor``: it carries the float value ``float_tensor``,
-    quantized with ``readout``'s parameters when ``dtype`` is an integer type."""
+    """A new graph input standing for ``tensor``: it carries the float model's value read by
+    ``float_readout``, quantized with ``readout``'s parameters when ``dtype`` is an integer
+    type."""
 
     name: str
     tensor: str
-    float_tensor: str
+    float_readout: Readout
     dtype: np.dtype
     readout: Readout
 
     def feed(self, value: np.ndarray) -> np.ndarray:
-        """The array to feed for the float ``value``."""
-        value = self.readout.to_tensor_layout(value)
+        """The array to feed for ``value``, the float model's tensor ``float_readout.tensor``
+        (integers where the float side is itself a quantized model: dequantized first)."""
+        value = self.readout.to_tensor_layout(self.float_readout.dequantize(value))
         if self.dtype.kind not in "iu" or self.readout.scale is None:
             return value.astype(self.dtype, copy=False)
         scale, zero_point = self.readout.scale, self.readout.zero_point
@@ -75,7 +77,7 @@ def cut(
             consumers.setdefault(name, []).append(node)
     cuts: dict[str, Cut] = {}
     for pair in boundaries:
-        readout, float_tensor = pair.quant_readout, pair.float_tensor
+        readout = pair.quant_readout
         root = readout.tensor
         while root in producer and producer[root].op_type in SHELL and producer[root].input[0] not in constants:
             root = producer[root].input[0]
@@ -95,7 +97,7 @@ def cut(
                         _qparams(tensor, producer, consumers, constants), perm=readout.perm)
                     known = inferred.get(tensor)
                     dtype = _dtype(known) or _zero_point_dtype(params)
-                    cuts[name] = Cut(name, tensor, float_tensor, dtype, params)
+                    cuts[name] = Cut(name, tensor, pair.float_readout, dtype, params)
                 node.input[:] = [name if x == tensor else x for x in node.input]
     for item in cuts.values():
         declared = graph.input.add(name=item.name)

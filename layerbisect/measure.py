@@ -250,7 +250,7 @@ def measure_sample(measurement: Measurement, sample, start=({}, {})) -> SampleRe
     del quant_values
     isolated: tuple[Metrics | None, ...] = (None,) * len(measurement.pairs)
     if isolated_session is not None:
-        cut_feeds = {c.name: c.feed(float_values[c.float_tensor]) for c in measurement.cuts}
+        cut_feeds = {c.name: c.feed(float_values[c.float_readout.tensor]) for c in measurement.cuts}
         isolated_values = _run(isolated_session, measurement.isolated_model, {**quant_feeds, **cut_feeds},
                                start[1], measurement.quant_names)
         # a float value fed as it is (a cut after DequantizeLinear) is not held twice
