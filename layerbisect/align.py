@@ -106,7 +106,8 @@ class Pair:
     ``quant_tensor`` is ``quant_readout.tensor``. In a float model that is the operation's
     output; in a quantized model compared as the float side, it is the end of the output's
     quantization shell, as on the quantized side, so a model compared with itself compares
-    each value with itself.
+    each value with itself. ``float_output`` is the operation's output itself (before that
+    shell), what a float reader of the value there reads.
     ``evidence`` says what decided the pairing: "structure" (the only candidate), "weights",
     "name" or "order" (among several), "fused" (a float operation folded away), or "region"
     (operations of one graph computed by other operations of the other, such as a decomposed
@@ -122,6 +123,7 @@ class Pair:
     evidence: str
     float_readout: Readout
     quant_readout: Readout
+    float_output: str
 
 
 @dataclass(frozen=True)
@@ -679,6 +681,7 @@ class _Aligner:
                 evidence=evidence,
                 float_readout=float_readout,
                 quant_readout=_permuted(quant_readout, self.layout.get(last_value)),
+                float_output=last["outputs"][index],
             )))
         pairs.sort(key=lambda item: item[:2])
         return tuple(pair for _, _, pair in pairs)

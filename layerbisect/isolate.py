@@ -81,15 +81,19 @@ def cut(
         root = readout.tensor
         while root in producer and producer[root].op_type in SHELL and producer[root].input[0] not in constants:
             root = producer[root].input[0]
-        stack, seen = [root], set()
+        stack, seen = [(root, root == readout.tensor)], set()
         while stack:
-            tensor = stack.pop()
+            tensor, past_readout = stack.pop()
             if tensor in seen:
                 continue
             seen.add(tensor)
             for node in consumers.get(tensor, []):
-                if node.op_type in SHELL and node.input[0] == tensor:
-                    stack.append(node.output[0])
+                # past the readout, a QuantizeLinear requantizes (a Relu the quantizer dropped
+                # clamps there): it reads the fed value. Passed through, its readers were fed
+                # the value it had not clamped (isolated cosine 0.9935 of a model with itself).
+                requantizes = past_readout and node.op_type == "QuantizeLinear"
+                if node.op_type in SHELL and node.input[0] == tensor and not requantizes:
+                    stack.append((node.output[0], past_readout or node.output[0] == readout.tensor))
                     continue
                 name = tensor + CUT_SUFFIX
                 if name not in cuts:
@@ -97,7 +101,12 @@ def cut(
                         _qparams(tensor, producer, consumers, constants), perm=readout.perm)
                     known = inferred.get(tensor)
                     dtype = _dtype(known) or _zero_point_dtype(params)
-                    cuts[name] = Cut(name, tensor, pair.float_readout, dtype, params)
+                    # a reader of the value before its shell reads it unrounded: where the float
+                    # side is itself quantized, fed its rounded readout, a MaxPool there read
+                    # other values than in the model compared with itself (cosine 0.99999)
+                    before_shell = tensor == root != readout.tensor
+                    source = Readout(pair.float_output) if before_shell else pair.float_readout
+                    cuts[name] = Cut(name, tensor, source, dtype, params)
                 node.input[:] = [name if x == tensor else x for x in node.input]
     for item in cuts.values():
         declared = graph.input.add(name=item.name)
