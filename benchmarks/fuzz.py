@@ -1,11 +1,14 @@
 """Fuzz layerbisect with many random graphs: rewrite each (rename, fold BatchNorm, quantize),
-plant a fault at a random layer, and check that the faulty layer is named.
+plant a fault at a random layer, and check that the faulty layer is named; or, with
+``--identity``, compare each rewritten model with itself: every value paired with itself,
+at cosine 1.
 
 The cases and the check are those of tests/test_fuzz.py (tests/fuzz_graphs.py), drawn here
 from a seeded generator, so a run is reproducible and far longer than CI's. Each wrong answer
 or crash is printed with the case that reproduces it:
 
     python benchmarks/fuzz.py --count 500 --seed 1
+    python benchmarks/fuzz.py --identity --count 500
     python benchmarks/fuzz.py --case "Case(seed=739875953, ops=('conv', 'bn'), rewrite='fold', fault=0)"
 """
 
@@ -22,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from fuzz_graphs import OPS, REWRITES, Case, check  # noqa: E402
+from fuzz_graphs import OPS, REWRITES, Case, check, check_identity  # noqa: E402
 
 
 def cases(count: int, seed: int, max_ops: int):
@@ -33,10 +36,11 @@ def cases(count: int, seed: int, max_ops: int):
         yield Case(int(rng.integers(2**31)), ops, str(rng.choice(REWRITES)), int(rng.integers(1000)))
 
 
-def run(case: Case) -> str:
-    """The outcome of one case; wrong answers and crashes are printed."""
+def run(case: Case, identity: bool) -> str:
+    """The outcome of one case (of ``check_identity`` if ``identity``, else of ``check``);
+    wrong answers and crashes are printed."""
     try:
-        return check(case)
+        return check_identity(case) if identity else check(case)
     except AssertionError as exc:
         print(f"WRONG {case!r}: {exc}", flush=True)
         return "wrong"
@@ -51,12 +55,13 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the case generator")
     parser.add_argument("--max-ops", type=int, default=10, help="most operations in a graph")
     parser.add_argument("--case", help="run one case, given as printed by a failure")
+    parser.add_argument("--identity", action="store_true", help="compare each rewritten model with itself")
     args = parser.parse_args()
     todo = [eval(args.case, {"Case": Case})] if args.case else cases(args.count, args.seed, args.max_ops)
     outcomes: Counter[tuple[str, str]] = Counter()
     start = time.perf_counter()
     for case in todo:
-        outcome = run(case)
+        outcome = run(case, args.identity)
         outcomes[case.rewrite, outcome.split(":")[0]] += 1
         if outcome.startswith("error"):
             print(f"ERROR {case!r}: {outcome[7:]}", flush=True)

@@ -109,7 +109,13 @@ class Pair:
     """One float value and the quantized value that stands for it.
 
     ``float_nodes`` is the span of float operations whose result the pair compares (the last
-    one produces ``float_tensor``); ``quant_nodes`` the quantized operations that compute it.
+    one produces it); ``quant_nodes`` the quantized operations that compute it. Both values
+    are read where their readouts say: ``float_tensor`` is ``float_readout.tensor`` and
+    ``quant_tensor`` is ``quant_readout.tensor``. In a float model that is the operation's
+    output; in a quantized model compared as the float side, it is the end of the output's
+    quantization shell, as on the quantized side, so a model compared with itself compares
+    each value with itself. ``float_output`` is the operation's output itself (before that
+    shell), what a float reader of the value there reads.
     ``evidence`` says what decided the pairing: "structure" (the only candidate), "weights",
     "name" or "order" (among several), "fused" (a float operation folded away), or "region"
     (operations of one graph computed by other operations of the other, such as a decomposed
@@ -125,6 +131,7 @@ class Pair:
     evidence: str
     float_readout: Readout
     quant_readout: Readout
+    float_output: str
 
 
 @dataclass(frozen=True)
@@ -709,7 +716,8 @@ class _Aligner:
             last_value = float_values[-1]
             last_node, index = last_value
             last = self.fa[last_node]
-            if last["dtypes"][index] not in FLOAT_DTYPES | {None}:
+            float_readout = last["readouts"][index]
+            if not _reads_float(last, index):
                 continue
             quant_node, quant_index = quant_value
             quant_readout = self.qa[quant_node]["readouts"][quant_index]
@@ -719,13 +727,14 @@ class _Aligner:
             evidence = self.evidence[last_node] if len(span) == 1 or last_node in self.regions else "fused"
             pairs.append((last["order"], index, span, self.quant_span[quant_node], Pair(
                 float_nodes=tuple(self.fa[n]["name"] for n in span),
-                float_tensor=last["outputs"][index],
+                float_tensor=float_readout.tensor,
                 quant_nodes=tuple(self.qa[n]["name"] for n in self.quant_span[quant_node]),
                 quant_tensor=quant_readout.tensor,
                 op_type=last["op_type"],
                 evidence=evidence,
-                float_readout=last["readouts"][index],
+                float_readout=float_readout,
                 quant_readout=_permuted(quant_readout, self.layout.get(last_value)),
+                float_output=last["outputs"][index],
             )))
         pairs.sort(key=lambda item: item[:2])
         return [(pair, span, quant) for _, _, span, quant, pair in pairs]
@@ -735,6 +744,16 @@ def is_weighted(attrs: dict) -> bool:
     """Whether a graph node is a weighted operation: an anchor with a constant weight (a
     MatMul of two activations is none)."""
     return attrs["kind"] == "op" and attrs["role"] in ANCHORS and attrs["fingerprint"] is not None
+
+
+def _reads_float(attrs: dict, index: int) -> bool:
+    """Whether an output of a float-graph operation is read as float values: a float tensor,
+    or one its readout carries through a quantization shell, which ends in integers with
+    their scale, or in float (a DequantizeLinear, an integer operator's Cast and rescaling
+    Mul). A quantized model compared as the float side has such outputs."""
+    readout = attrs["readouts"][index]
+    return (attrs["dtypes"][index] in FLOAT_DTYPES | {None} or readout.scale is not None
+            or readout.tensor != attrs["outputs"][index])
 
 
 def _permuted(readout: Readout, perm: Perm) -> Readout:

@@ -129,7 +129,8 @@ def keep_in_float(
             for (_, quant_feeds), reference in zip(feeds, references):
                 values = session.run(quant_feeds, read)
                 for agg, pair, name in zip(aggregates, outputs, read):
-                    agg.add(compare(reference[pair.float_tensor], pair.quant_readout.dequantize(values[name])))
+                    agg.add(compare(pair.float_readout.dequantize(reference[pair.float_tensor]),
+                                    pair.quant_readout.dequantize(values[name])))
             executions += len(samples)
             cache[key] = min(agg.cosine for agg in aggregates)
         return cache[key]

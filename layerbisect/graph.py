@@ -25,6 +25,7 @@ from typing import Optional
 import networkx as nx
 import numpy as np
 import onnx
+from onnx import helper
 
 from layerbisect.load import tensor_array
 
@@ -184,6 +185,26 @@ def build_graph(model: onnx.ModelProto) -> nx.DiGraph:
     return _Builder(model).build()
 
 
+def _shape_stand_in(node: onnx.NodeProto) -> onnx.NodeProto:
+    """For shape inference, an onnxruntime fusion as the standard operation whose output has
+    the same shape: FusedMatMul (untransposed) as MatMul, FusedConv as Conv, FusedGemm as Gemm,
+    a Gelu as an Identity. Others are left as they are. Without this, a float value after a
+    FusedMatMul had no shape, and paired with a Gemm's flattened input ([8, 128] for
+    [1, 8, 128]), where a cut then fed the float value to a Gemm that takes 2-D only."""
+    if node.domain != "com.microsoft":
+        return node
+    plain = [a for a in node.attribute if not a.name.startswith("activation")]
+    if node.op_type == "FusedMatMul" and not any(a.name.startswith("trans") and a.i for a in plain):
+        return helper.make_node("MatMul", node.input[:2], node.output)
+    if node.op_type in ("FusedConv", "FusedGemm"):
+        stand_in = helper.make_node(node.op_type[len("Fused"):], node.input[:3], node.output)
+        stand_in.attribute.extend(plain)
+        return stand_in
+    if node.op_type in ("Gelu", "FastGelu", "QuickGelu", "BiasGelu"):
+        return helper.make_node("Identity", node.input[:1], node.output)
+    return node
+
+
 def _shape_only(init: onnx.TensorProto) -> onnx.TensorProto:
     """``init`` without its bytes: what shape inference needs of a weight."""
     return onnx.TensorProto(name=init.name, data_type=init.data_type, dims=init.dims)
@@ -197,13 +218,15 @@ def inferred_types(
 
     Inference runs on a light copy of the model whose large initializers hold their shapes but
     not their bytes: it copies no weights, and ``model`` is left as it was (clearing and
-    restoring a field in place would grow its memory by the weights' size).
+    restoring a field in place would grow its memory by the weights' size). onnxruntime's
+    float fusions stand there as the standard operations of the same shapes, which onnx
+    infers (it knows no com.microsoft operator, and every shape after one would be unknown).
     """
     graph = model.graph
     light = onnx.ModelProto(
         ir_version=model.ir_version, opset_import=model.opset_import, functions=model.functions,
         graph=onnx.GraphProto(
-            node=graph.node, output=graph.output, value_info=graph.value_info,
+            node=[_shape_stand_in(node) for node in graph.node], output=graph.output, value_info=graph.value_info,
             initializer=[_shape_only(init) if init.ByteSize() > LARGE_INITIALIZER else init
                          for init in graph.initializer],
         ),

@@ -26,18 +26,20 @@ CUT_SUFFIX = "__layerbisect_float"
 
 @dataclass(frozen=True)
 class Cut:
-    """A new graph input standing for ``tensor``: it carries the float value ``float_tensor``,
-    quantized with ``readout``'s parameters when ``dtype`` is an integer type."""
+    """A new graph input standing for ``tensor``: it carries the float model's value read by
+    ``float_readout``, quantized with ``readout``'s parameters when ``dtype`` is an integer
+    type."""
 
     name: str
     tensor: str
-    float_tensor: str
+    float_readout: Readout
     dtype: np.dtype
     readout: Readout
 
     def feed(self, value: np.ndarray) -> np.ndarray:
-        """The array to feed for the float ``value``."""
-        value = self.readout.to_tensor_layout(value)
+        """The array to feed for ``value``, the float model's tensor ``float_readout.tensor``
+        (integers where the float side is itself a quantized model: dequantized first)."""
+        value = self.readout.to_tensor_layout(self.float_readout.dequantize(value))
         if self.dtype.kind not in "iu" or self.readout.scale is None:
             return value.astype(self.dtype, copy=False)
         scale, zero_point = self.readout.scale, self.readout.zero_point
@@ -75,19 +77,23 @@ def cut(
             consumers.setdefault(name, []).append(node)
     cuts: dict[str, Cut] = {}
     for pair in boundaries:
-        readout, float_tensor = pair.quant_readout, pair.float_tensor
+        readout = pair.quant_readout
         root = readout.tensor
         while root in producer and producer[root].op_type in SHELL and producer[root].input[0] not in constants:
             root = producer[root].input[0]
-        stack, seen = [root], set()
+        stack, seen = [(root, root == readout.tensor)], set()
         while stack:
-            tensor = stack.pop()
+            tensor, past_readout = stack.pop()
             if tensor in seen:
                 continue
             seen.add(tensor)
             for node in consumers.get(tensor, []):
-                if node.op_type in SHELL and node.input[0] == tensor:
-                    stack.append(node.output[0])
+                # past the readout, a QuantizeLinear requantizes (a Relu the quantizer dropped
+                # clamps there): it reads the fed value. Passed through, its readers were fed
+                # the value it had not clamped (isolated cosine 0.9935 of a model with itself).
+                requantizes = past_readout and node.op_type == "QuantizeLinear"
+                if node.op_type in SHELL and node.input[0] == tensor and not requantizes:
+                    stack.append((node.output[0], past_readout or node.output[0] == readout.tensor))
                     continue
                 name = tensor + CUT_SUFFIX
                 if name not in cuts:
@@ -95,7 +101,12 @@ def cut(
                         _qparams(tensor, producer, consumers, constants), perm=readout.perm)
                     known = inferred.get(tensor)
                     dtype = _dtype(known) or _zero_point_dtype(params)
-                    cuts[name] = Cut(name, tensor, float_tensor, dtype, params)
+                    # a reader of the value before its shell reads it unrounded: where the float
+                    # side is itself quantized, fed its rounded readout, a MaxPool there read
+                    # other values than in the model compared with itself (cosine 0.99999)
+                    before_shell = tensor == root != readout.tensor
+                    source = Readout(pair.float_output) if before_shell else pair.float_readout
+                    cuts[name] = Cut(name, tensor, source, dtype, params)
                 node.input[:] = [name if x == tensor else x for x in node.input]
     for item in cuts.values():
         declared = graph.input.add(name=item.name)

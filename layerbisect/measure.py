@@ -116,9 +116,7 @@ def prepare(
     float values) is None."""
     float_starts = start.dtypes(0) if start else {}
     quant_starts = start.dtypes(1) if start else {}
-    float_names = tuple(dict.fromkeys(p.float_tensor for p in [*pairs, *(boundaries or ())]))
     quant_names = tuple(dict.fromkeys(p.quant_tensor for p in pairs))
-    float_run = [n for n in dict.fromkeys([*float_names, *saves[0]]) if n not in float_starts]
     quant_run = [n for n in dict.fromkeys([*quant_names, *saves[1]]) if n not in quant_starts]
     isolated_model, cuts = None, ()
     isolated_run = [n for n in quant_names if n not in quant_starts]
@@ -126,6 +124,9 @@ def prepare(
         cut_model, cuts = cut(quant_model.extract(isolated_run, quant_starts), boundaries, quant_model.types)
         fed = {**quant_starts, **{c.name: c.dtype for c in cuts}}
         isolated_model = Segments(cut_model).extract(isolated_run, fed)
+    float_names = tuple(dict.fromkeys([*(p.float_tensor for p in [*pairs, *(boundaries or ())]),
+                                       *(c.float_readout.tensor for c in cuts)]))
+    float_run = [n for n in dict.fromkeys([*float_names, *saves[0]]) if n not in float_starts]
     return Measurement(
         pairs=tuple(pairs),
         float_model=float_model.extract(float_run, float_starts) if float_run else None,
@@ -250,7 +251,7 @@ def measure_sample(measurement: Measurement, sample, start=({}, {})) -> SampleRe
     del quant_values
     isolated: tuple[Metrics | None, ...] = (None,) * len(measurement.pairs)
     if isolated_session is not None:
-        cut_feeds = {c.name: c.feed(float_values[c.float_tensor]) for c in measurement.cuts}
+        cut_feeds = {c.name: c.feed(float_values[c.float_readout.tensor]) for c in measurement.cuts}
         isolated_values = _run(isolated_session, measurement.isolated_model, {**quant_feeds, **cut_feeds},
                                start[1], measurement.quant_names)
         # a float value fed as it is (a cut after DequantizeLinear) is not held twice

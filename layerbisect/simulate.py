@@ -352,7 +352,7 @@ class Simulation:
                 pairs.append(Pair(
                     float_nodes=(attrs["name"],), float_tensor=tensor, quant_nodes=(attrs["name"],),
                     quant_tensor=quant, op_type=attrs["op_type"], evidence="structure",
-                    float_readout=attrs["readouts"][index], quant_readout=Readout(quant),
+                    float_readout=Readout(tensor), quant_readout=Readout(quant), float_output=tensor,
                 ))
         ops = sum(1 for _, a in float_graph.nodes(data=True) if a["kind"] == "op")
         weighted = sum(is_weighted(a) for _, a in float_graph.nodes(data=True))

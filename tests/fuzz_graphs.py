@@ -7,6 +7,7 @@ hypothesis, ``benchmarks/fuzz.py`` runs many. A case is reproducible from its ``
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from layerbisect import LayerbisectError, Report, find_first_bad_layer
+from layerbisect.run import ort_optimized
 from models import quantize
 
 OPS = ("conv", "bn", "relu", "sigmoid", "add", "mul", "matmul", "concat", "transpose", "reshape",
@@ -22,6 +24,7 @@ OPS = ("conv", "bn", "relu", "sigmoid", "add", "mul", "matmul", "concat", "trans
 REWRITES = ("rename", "fold", "qdq", "qoperator", "dynamic", "optimized")
 QUANTIZED = ("qdq", "qoperator", "dynamic", "optimized")  # "optimized": QDQ as onnxruntime runs it
 THRESHOLD = 0.98
+IDENTICAL = 0.99999  # the cosine of a value with itself, within float tolerance
 CLEAR_MARGIN = 0.9  # a fault is planted to be found when its reference cosine is below this
 MIN_QUANTIZED_SIZE = 16  # elements of a quantized value for its cosine to tell a fault from noise
 
@@ -216,6 +219,44 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b) / norms)
 
 
+def _feeds(case: Case, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The case's sample for ``model``'s one input (renamed or not)."""
+    declared = model.graph.input[0]
+    shape = [d.dim_value for d in declared.type.tensor_type.shape.dim]
+    return {declared.name: np.random.default_rng(case.seed + 1).standard_normal(shape).astype(np.float32)}
+
+
+def identical_model(case: Case) -> onnx.ModelProto:
+    """The case's model rewritten (``fault`` unused); for "optimized", the graph onnxruntime
+    runs for its QDQ model."""
+    model = rewrite(random_model(case.seed, case.ops), case.rewrite)
+    return ort_optimized(model, "model") if case.rewrite == "optimized" else model
+
+
+def check_identity(case: Case) -> str:
+    """Compare the case's rewritten model with itself; return "identical" (every float
+    operation aligned with itself, every value read from the same tensor on both sides, every
+    cosine, isolated ones included, at least ``IDENTICAL``), "unquantizable" or "error:
+    <message>" (a LayerbisectError). Anything else raises AssertionError."""
+    try:
+        model = identical_model(case)
+        report = find_first_bad_layer(model, model, _feeds(case, model), THRESHOLD, quiet=True)
+    except Unquantizable:
+        return "unquantizable"
+    except LayerbisectError as exc:
+        return f"error: {exc}"
+    assert report.coverage == 1.0, f"unaligned: {report.unaligned}"
+    for layer in report.layers:
+        assert (layer.float_nodes, layer.float_tensor) == (layer.quant_nodes, layer.quant_tensor), (
+            f"{layer.describe()} pairs {layer.float_nodes} {layer.float_tensor!r} with "
+            f"{layer.quant_nodes} {layer.quant_tensor!r}")
+        assert layer.cosine >= IDENTICAL, layer.describe()
+        assert math.isnan(layer.isolated_cosine) or layer.isolated_cosine >= IDENTICAL, (
+            f"{layer.describe()}: isolated cosine {layer.isolated_cosine}")
+    assert report.first_bad is None
+    return "identical"
+
+
 def check(case: Case) -> str:
     """Run layerbisect on ``case`` and check its answer; return what happened:
 
@@ -227,8 +268,7 @@ def check(case: Case) -> str:
     answer raises AssertionError.
     """
     model = random_model(case.seed, case.ops)
-    feeds = {"x": np.random.default_rng(case.seed + 1).standard_normal(
-        [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]).astype(np.float32)}
+    feeds = _feeds(case, model)
     weighted = weighted_nodes(model)
     optimized = case.rewrite == "optimized"
     try:
