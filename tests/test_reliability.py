@@ -11,20 +11,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from models import (
-    corrupt_weights,
-    make_cnn,
-    make_transformer,
-    quant_node_for,
-    quantize,
-    random_inputs,
-)
 from onnx import TensorProto, helper, numpy_helper
 
 import layerbisect.cli
 from layerbisect import LayerbisectError, find_first_bad_layer, keep_in_float
 from layerbisect.cli import main
 from layerbisect.files import write
+from models import corrupt_weights, make_cnn, make_transformer, quant_node_for, quantize, random_inputs
+from test_networks import mlp_like_cnn
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -55,6 +49,8 @@ def user(tmp_path_factory) -> Path:
     onnx.save(float_model, folder / "fp32.onnx")
     onnx.save(corrupt_weights(quant, quant_node_for(quant, "conv2")), folder / "int8.onnx")
     onnx.save(make_transformer(), folder / "transformer.onnx")
+    onnx.save(mlp_like_cnn(), folder / "mlp.onnx")
+    onnx.save(quant, folder / "qdq.onnx")
     onnx.save(float_model, folder / "ext.onnx", save_as_external_data=True, location="ext.onnx.data",
               size_threshold=0)
     feeds = random_inputs(float_model)
@@ -104,6 +100,8 @@ CASES = {
     "float model missing": (["@nope.onnx", "@int8.onnx"], "float model file not found"),
     "model is a folder": (["@models", "@int8.onnx"], "is a folder, not an .onnx file"),
     "model is text": (["@notes.txt", "@int8.onnx"], "is not a readable ONNX file"),
+    "another network, same inputs and outputs": (
+        ["@fp32.onnx", "@mlp.onnx"], "the two models do not compute the same network: 0 of 4 weighted layers pair"),
     "models take different inputs": (
         ["@fp32.onnx", "@transformer.onnx"],
         "input 'x' is float32[1,3,16,16] in the float model but float32[1,8,32] in the quantized model"),
@@ -151,6 +149,14 @@ def test_cli_memory_budget_is_bad_usage(user, capsys, value, message):
     with pytest.raises(SystemExit) as exit_info:
         main([str(user / "fp32.onnx"), str(user / "int8.onnx"), "--memory-budget", value])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_quantized_model_against_itself_passes_at_cosine_1(user, capsys):
+    before = digest(user)
+    assert main([str(user / "qdq.onnx"), str(user / "qdq.onnx"), "--inputs", str(user / "feeds.npz")]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line[:4].strip().isdigit()]
+    assert len(rows) > 5 and all(row[-3:] == ["1.0000", "inf", "1.0000"] for row in rows)
+    assert digest(user) == before
 
 
 def test_outputs_beside_inputs_are_written_whole_and_inputs_unchanged(user, tmp_path, capsys):
