@@ -537,11 +537,20 @@ class _Aligner:
             chain.append(node)
             if source in self.vmap:
                 quant_value, perm = self._mapped(source)
+                if not self._can_fold(chain, quant_value):
+                    return []
                 for member in reversed(chain):
                     perm = _compose(perm, self.fa[member]["perm"])
                 return [_Settlement(value, (quant_value, perm), tuple(reversed(chain)), ())]
             node = source[0]
         return []
+
+    def _can_fold(self, chain: list[str], quant_value: ValueRef) -> bool:
+        """Whether the quantized operation behind ``quant_value`` can hold what ``chain``
+        computes: a constant added or subtracted needs a bias of its own (a MatMul has none,
+        and what adds onnxruntime's fused bias is the next operation, SkipLayerNormalization)."""
+        adds = any(self.fa[member]["role"] in ("Add", "Sub") for member in chain)
+        return not adds or self.qa[quant_value[0]]["bias"]
 
     def _region_settlements(self, value: ValueRef) -> list[_Settlement]:
         """Settle ``value`` as the end of a region: the waiting float operations behind it,

@@ -28,43 +28,13 @@ import onnx
 from onnx import helper
 
 from layerbisect.load import tensor_array
+from layerbisect.vocabulary import INTERMEDIATES, ROLES
 
 ValueRef = tuple[str, int]
 """A value: (graph node id, output index). Graph inputs are nodes with a single output."""
 
 Perm = Optional[tuple[int, ...]]
 """An axis permutation as ``numpy.transpose`` takes it; None where the layout is unchanged."""
-
-# Quantized operators and the float operator they stand for.
-ROLES = {
-    "QLinearConv": "Conv",
-    "ConvInteger": "Conv",
-    "QLinearMatMul": "MatMul",
-    "MatMulInteger": "MatMul",
-    "MatMulIntegerToFloat": "MatMul",
-    "DynamicQuantizeMatMul": "MatMul",
-    "MatMulNBits": "MatMul",
-    "QGemm": "Gemm",
-    "QLinearAdd": "Add",
-    "QLinearMul": "Mul",
-    "QLinearGlobalAveragePool": "GlobalAveragePool",
-    "QLinearAveragePool": "AveragePool",
-    "QLinearSigmoid": "Sigmoid",
-    "QLinearLeakyRelu": "LeakyRelu",
-    "QLinearSoftmax": "Softmax",
-    "QLinearConcat": "Concat",
-    "QLinearReduceMean": "ReduceMean",
-    "QLinearWhere": "Where",
-    "QAttention": "Attention",
-    "QEmbedLayerNormalization": "EmbedLayerNormalization",
-    # onnxruntime's fusions (com.microsoft): the activation they carry is a float span's tail.
-    "FusedConv": "Conv",
-    "FusedGemm": "Gemm",
-    "FusedMatMul": "MatMul",
-    "NhwcFusedConv": "Conv",
-    "NhwcConv": "Conv",
-    "NhwcMaxPool": "MaxPool",
-}
 
 # Operators that compute in channels-last layout (NHWC), like any op with channels_last=1.
 CHANNELS_LAST_OPS = {"NhwcConv", "NhwcFusedConv", "NhwcMaxPool"}
@@ -306,21 +276,34 @@ class _Builder:
             for out in node.output[1:]:
                 self.source[out] = SCALE
             return
-        shapes = tuple(self._shape(out) for out in node.output)
-        fingerprint, weight_shape = self._fingerprint(node)
+        outputs = tuple(node.output)
+        intermediate = INTERMEDIATES.get(node.op_type)
+        if intermediate is not None and len(outputs) > intermediate[0] and outputs[intermediate[0]]:
+            index, role = intermediate
+            step = f"{node.name}#{role}"  # one onnx node, two operations: ids differ, names do not
+            self._add_op(step, node, order - 0.5, role, data, (outputs[index],), fingerprint=(None, None))
+            data, outputs = [(step, 0)], outputs[:index]
+        self._add_op(node.name, node, order, ROLES.get(node.op_type, node.op_type), data, outputs)
+
+    def _add_op(self, node_id: str, node: onnx.NodeProto, order: float, role: str, data: list,
+                outputs: tuple[str, ...], fingerprint: tuple | None = None) -> None:
+        """Add the operation ``node_id``: ``node`` (or one step of it) computing ``outputs``
+        from the values ``data``, in the role ``role``."""
+        shapes = tuple(self._shape(out) for out in outputs)
+        fingerprint, weight_shape = self._fingerprint(node) if fingerprint is None else fingerprint
         self.graph.add_node(
-            node.name, kind="op", name=node.name, op_type=node.op_type,
-            role=ROLES.get(node.op_type, node.op_type), order=order, sources=tuple(data),
-            outputs=tuple(node.output), shapes=shapes,
-            dtypes=tuple(self._dtype(out) for out in node.output),
+            node_id, kind="op", name=node.name, op_type=node.op_type,
+            role=role, order=order, sources=tuple(data),
+            outputs=outputs, shapes=shapes,
+            dtypes=tuple(self._dtype(out) for out in outputs),
             fingerprint=fingerprint, weight_shape=weight_shape, bias=_has_input(node, BIAS_INPUT.get(node.op_type)),
             perm=self._perm(node, shapes[0]) if node.op_type == "Transpose" else None,
             layout=_channels_last(node, shapes[0]),
         )
         for src, _ in dict.fromkeys(data):
-            self.graph.add_edge(src, node.name)
-        for index, out in enumerate(node.output):
-            self.source[out] = (node.name, index)
+            self.graph.add_edge(src, node_id)
+        for index, out in enumerate(outputs):
+            self.source[out] = (node_id, index)
 
     def _is_shell(self, node: onnx.NodeProto, inputs: list) -> bool:
         """Whether ``node`` only carries a value along (quantization plumbing, identities)."""

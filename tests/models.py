@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 OPSET = 17
 IR_VERSION = 8
 
-__all__ = ["make_cnn", "make_transformer", "quantize", "corrupt_weights", "quant_node_for",
+__all__ = ["make_cnn", "make_transformer", "make_bert", "quantize", "corrupt_weights", "quant_node_for",
            "weight_initializer_of", "random_inputs"]
 
 
@@ -179,6 +179,51 @@ def make_transformer(seed: int = 0, seq: int = 8, hidden: int = 32, heads: int =
     inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, hidden])
     out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, hidden])
     return g.model("transformer", inp, out)
+
+
+def make_bert(seed: int = 0, seq: int = 8, hidden: int = 64, heads: int = 2) -> onnx.ModelProto:
+    """One post-norm (BERT) encoder block: input "x" [1,seq,hidden] -> output "y", the pattern
+    onnxruntime's transformers optimizer fuses into Attention, SkipLayerNormalization and
+    BiasGelu. Nodes as ``make_transformer``'s, with LayerNormalization after each residual Add
+    (ln1, ln2 -> "y"), bias Adds reading (bias, MatMul) and the attention scaled by a Div."""
+    g = _Graph(seed)
+    d = hidden // heads
+
+    def ln(name: str, x: str) -> str:
+        s = g.weight(f"{name}.scale", g.rng.uniform(0.8, 1.2, hidden))
+        b = g.const(f"{name}.bias", g.rng.uniform(-0.1, 0.1, hidden).astype(np.float32))
+        return g.node("LayerNormalization", name, [x, s, b], axis=-1, epsilon=1e-5)
+    def linear(name: str, x: str, fin: int, fout: int, gain: float = 1.0) -> str:
+        w = g.weight(f"{name}.weight", g.rng.standard_normal((fin, fout)) * gain / math.sqrt(fin), (0, 1))
+        h = g.node("MatMul", f"{name}_proj", [x, w])
+        return g.node("Add", f"{name}_bias", [g.randn(f"{name}.bias", (fout,), 0.05), h])
+    heads_shape = g.const("heads_shape", np.array([0, 0, heads, d], dtype=np.int64))
+    flat_shape = g.const("flat_shape", np.array([0, 0, hidden], dtype=np.int64))
+    split = {}
+    for p, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])):
+        t = linear(p, "x", hidden, hidden)
+        t = g.node("Reshape", f"{p}_reshape", [t, heads_shape])
+        split[p] = g.node("Transpose", f"{p}_transpose", [t], perm=perm)
+    s = g.node("MatMul", "qk_matmul", [split["q"], split["k"]])
+    s = g.node("Div", "qk_scale", [s, g.const("sqrt_d", np.array(math.sqrt(d), np.float32))])
+    a = g.node("MatMul", "attn_v", [g.node("Softmax", "softmax", [s], axis=-1), split["v"]])
+    a = g.node("Transpose", "attn_transpose", [a], perm=[0, 2, 1, 3])
+    a = g.node("Reshape", "attn_reshape", [a, flat_shape])
+    r1 = ln("ln1", g.node("Add", "residual1", [linear("o", a, hidden, hidden), "x"]))
+    f = linear("ffn1", r1, hidden, 4 * hidden, gain=math.sqrt(2.0))
+    e = g.node("Div", "gelu_div", [f, g.const("sqrt2", np.array(math.sqrt(2.0), np.float32))])
+    e = g.node("Erf", "gelu_erf", [e])
+    e = g.node("Add", "gelu_add", [e, g.const("one", np.array(1.0, np.float32))])
+    f = g.node("Mul", "gelu_mul", [f, e])
+    f = g.node("Mul", "gelu_half", [f, g.const("half", np.array(0.5, np.float32))])
+    f = linear("ffn2", f, 4 * hidden, hidden)
+    r2 = g.node("Add", "residual2", [f, r1])
+    scale = g.weight("ln2.scale", g.rng.uniform(0.8, 1.2, hidden))
+    shift = g.const("ln2.bias", g.rng.uniform(-0.1, 0.1, hidden).astype(np.float32))
+    g.nodes.append(helper.make_node("LayerNormalization", [r2, scale, shift], ["y"], name="ln2", axis=-1, epsilon=1e-5))
+    inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, hidden])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, hidden])
+    return g.model("bert", inp, out)
 
 
 def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:

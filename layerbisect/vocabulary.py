@@ -1,0 +1,52 @@
+"""What operators mean in float terms: the tables to extend for an operator not met yet.
+
+The graph builder (``layerbisect.graph``) gives every operation a *role*, the float operator
+it stands for, so that the aligner compares like with like: a QLinearConv is a Conv, a
+MatMulNBits a MatMul. A fused operator that outputs a value its float form computes on the
+way (SkipLayerNormalization's residual sum) is split into one operation per such value.
+
+Adding an operator is adding a line here; what the aligner folds and replaces lives in
+``layerbisect.align``.
+"""
+
+# Quantized and fused operators, and the float operator they stand for.
+ROLES = {
+    "QLinearConv": "Conv",
+    "ConvInteger": "Conv",
+    "QLinearMatMul": "MatMul",
+    "MatMulInteger": "MatMul",
+    "MatMulIntegerToFloat": "MatMul",
+    "DynamicQuantizeMatMul": "MatMul",
+    "MatMulNBits": "MatMul",  # int4/int8 weight-only blocks (onnxruntime's int4 quantizer, LLM builders)
+    "QGemm": "Gemm",
+    "QLinearAdd": "Add",
+    "QLinearMul": "Mul",
+    "QLinearGlobalAveragePool": "GlobalAveragePool",
+    "QLinearAveragePool": "AveragePool",
+    "QLinearSigmoid": "Sigmoid",
+    "QLinearLeakyRelu": "LeakyRelu",
+    "QLinearSoftmax": "Softmax",
+    "QLinearConcat": "Concat",
+    "QLinearReduceMean": "ReduceMean",
+    "QLinearWhere": "Where",
+    "QAttention": "Attention",
+    "QEmbedLayerNormalization": "EmbedLayerNormalization",
+    # onnxruntime's fusions (com.microsoft): the activation they carry is a float span's tail.
+    "FusedConv": "Conv",
+    "FusedGemm": "Gemm",
+    "FusedMatMul": "MatMul",
+    "NhwcFusedConv": "Conv",
+    "NhwcConv": "Conv",
+    "NhwcMaxPool": "MaxPool",
+    # the normalization of input + skip (+ bias); the sum itself is an intermediate (below)
+    "SkipLayerNormalization": "LayerNormalization",
+    "SkipSimplifiedLayerNormalization": "SimplifiedLayerNormalization",
+}
+
+# Fused operators with an output holding a value their float form computes on the way: that
+# output's index and the value's role. It becomes an operation of its own, computed from the
+# fused operator's inputs, and the fused operator computes its other outputs from it.
+INTERMEDIATES = {
+    "SkipLayerNormalization": (3, "Add"),  # input + skip (+ bias), before the normalization
+    "SkipSimplifiedLayerNormalization": (3, "Add"),
+}
