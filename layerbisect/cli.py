@@ -76,6 +76,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"layerbisect: warning: only {report.coverage:.0%} of the float model's operations "
             f"were aligned; {len(report.unaligned)} have no counterpart: {names}", file=sys.stderr,
         )
+    if report.weighted_paired < report.weighted:
+        print(
+            f"layerbisect: warning: only {report.weighted_paired} of the float model's {report.weighted} "
+            "weighted layers paired one for one; the others are inside fused regions or unpaired",
+            file=sys.stderr,
+        )
     if args.keep_float or args.repaired_model:
         try:
             _keep_float(args, inputs)

@@ -178,6 +178,9 @@ class Report:
             head = f"{head}; {outputs}"
         if self.weights_unrelated:
             head += f"; the weights share nothing (weight agreement {_num(self.weight_agreement, 2)})"
+        elif self.weighted_paired < self.weighted:
+            head += (f"; only {self.weighted_paired} of {self.weighted} weighted layers paired one for one "
+                     "(a fault in the others is placed only to the region holding them)")
         return head
 
     def __str__(self) -> str:
