@@ -21,8 +21,9 @@ from models import quantize
 
 OPS = ("conv", "bn", "relu", "sigmoid", "add", "mul", "matmul", "concat", "transpose", "reshape",
        "maxpool", "gap", "softmax")
-REWRITES = ("rename", "fold", "qdq", "qoperator", "dynamic", "optimized")
-QUANTIZED = ("qdq", "qoperator", "dynamic", "optimized")  # "optimized": QDQ as onnxruntime runs it
+REWRITES = ("rename", "fold", "qdq", "qoperator", "dynamic", "optimized", "paddle", "int4")
+# "optimized": QDQ as onnxruntime runs it; "int4": MatMul weights in int4 blocks (MatMulNBits)
+QUANTIZED = ("qdq", "qoperator", "dynamic", "optimized", "int4")
 THRESHOLD = 0.98
 IDENTICAL = 0.99999  # the cosine of a value with itself, within float tolerance
 CLEAR_MARGIN = 0.9  # a fault is planted to be found when its reference cosine is below this
@@ -185,13 +186,43 @@ class Unquantizable(Exception):
     """onnxruntime's quantizer does not take every valid graph."""
 
 
+def unknown_dims(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose dimensions but the channels are written as -1 wherever a shape
+    is declared, as Paddle2ONNX writes dynamic ones."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for info in [*copy.graph.input, *copy.graph.output, *copy.graph.value_info]:
+        for axis, dim in enumerate(info.type.tensor_type.shape.dim):
+            if axis != 1:
+                dim.Clear()
+                dim.dim_value = -1
+    return copy
+
+
+def int4_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its MatMul weights in int4 blocks of 16 by onnxruntime's
+    MatMulNBitsQuantizer (com.microsoft MatMulNBits)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    quantizer = MatMulNBitsQuantizer(copy, block_size=16, is_symmetric=False)
+    quantizer.process()
+    return quantizer.model.model
+
+
 def rewrite(model: onnx.ModelProto, how: str) -> onnx.ModelProto:
-    """``model`` renamed, folded (and renamed), or quantized to int8 (QDQ, QOperator, dynamic)."""
+    """``model`` renamed, folded (and renamed), with dimensions written as -1 (and renamed),
+    with int4 MatMul weights, or quantized to int8 (QDQ, QOperator, dynamic)."""
     if how == "rename":
         return rename(model)
     if how == "fold":
         return rename(fold_batchnorms(model))
+    if how == "paddle":
+        return rename(unknown_dims(model))
     try:
+        if how == "int4":
+            return int4_weights(model)
         return quantize(model, "qdq" if how == "optimized" else how, num_samples=16)
     except Exception as exc:
         raise Unquantizable(str(exc)) from exc
