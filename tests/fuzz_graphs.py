@@ -251,10 +251,11 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _feeds(case: Case, model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """The case's sample for ``model``'s one input (renamed or not)."""
-    declared = model.graph.input[0]
-    shape = [d.dim_value for d in declared.type.tensor_type.shape.dim]
-    return {declared.name: np.random.default_rng(case.seed + 1).standard_normal(shape).astype(np.float32)}
+    """The case's sample for ``model``'s one input (renamed or not, its dimensions maybe
+    written as -1: the shape is the float model's)."""
+    shape = [d.dim_value for d in random_model(case.seed, case.ops).graph.input[0].type.tensor_type.shape.dim]
+    name = model.graph.input[0].name
+    return {name: np.random.default_rng(case.seed + 1).standard_normal(shape).astype(np.float32)}
 
 
 def identical_model(case: Case) -> onnx.ModelProto:
