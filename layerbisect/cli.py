@@ -52,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 seed=args.seed,
                 providers=args.providers,
                 ort_optimized=args.ort_optimized,
+                allow_swapped=args.allow_swapped,
                 quiet=args.quiet,
                 strategy=args.strategy,
                 memory_budget=args.memory_budget,
@@ -129,6 +130,10 @@ def _parser() -> argparse.ArgumentParser:
         help="compare the quantized graph as onnxruntime optimizes it (its fused nodes)",
     )
     parser.add_argument(
+        "--allow-swapped", action="store_true",
+        help="compare even when the float model holds quantization and the quantized one does not",
+    )
+    parser.add_argument(
         "--strategy", choices=["auto", "scan", "bisect"], default="auto",
         help="scan every layer, bisect to the first bad one with few runs, or choose by the "
         "memory budget (default auto)",
@@ -188,7 +193,7 @@ def _keep_float(args: argparse.Namespace, inputs: dict | None) -> None:
     """Find the layers to keep in float, say so on stderr, and write what was asked."""
     fallback = keep_in_float(
         args.float_model, args.quant_model, inputs=inputs, threshold=args.threshold,
-        shapes=dict(args.shape), seed=args.seed, providers=args.providers,
+        shapes=dict(args.shape), seed=args.seed, providers=args.providers, allow_swapped=args.allow_swapped,
     )
     print(fallback, file=sys.stderr)
     if args.keep_float:

@@ -92,6 +92,7 @@ def keep_in_float(
     shapes: Mapping[str, Sequence[int]] | None = None,
     seed: int = 0,
     providers: Sequence[str] = DEFAULT_PROVIDERS,
+    allow_swapped: bool = False,
 ) -> FloatFallback:
     """Find a small set of layers of a QDQ model to keep in float so that every output of the
     repaired model reaches ``threshold`` (cosine with the float model, mean over samples).
@@ -102,7 +103,7 @@ def keep_in_float(
     """
     check_threshold(threshold)
     float_proto, quant_proto, plan, _, alignment = setup(
-        float_model, quant_model, shapes=shapes, providers=providers
+        float_model, quant_model, shapes=shapes, providers=providers, allow_swapped=allow_swapped
     )
     if not any(node.op_type == "DequantizeLinear" for node in quant_proto.graph.node):
         raise LayerbisectError("keeping layers in float needs a QDQ model (QuantizeLinear/DequantizeLinear pairs)")

@@ -31,7 +31,7 @@ from layerbisect.search import bisect_first_failing, first_failing
 from layerbisect.segment import Segments
 from layerbisect.simulate import Simulated, Simulation
 from layerbisect.source import compare_source, tensor_source
-from layerbisect.summary import neighbourhood, summarize
+from layerbisect.summary import neighbourhood, quantization, summarize
 from layerbisect.weights import UNRELATED_WEIGHTS
 
 UNKNOWN_TENSOR_BYTES = 1 << 20  # assumed size of a value whose shape is unknown
@@ -68,6 +68,7 @@ def find_first_bad_layer(
     seed: int = 0,
     providers: Sequence[str] = DEFAULT_PROVIDERS,
     ort_optimized: bool = False,
+    allow_swapped: bool = False,
     strategy: str = "auto",
     memory_budget: int | str | None = None,
     isolated: bool = True,
@@ -85,7 +86,9 @@ def find_first_bad_layer(
     of such dicts), or None for one seeded random sample; ``shapes`` gives the full shape of
     inputs with dynamic dimensions when inputs are random. A layer's cosine is its mean over
     samples. ``ort_optimized=True`` compares the graph onnxruntime actually runs for the
-    quantized model (after its fusions), to find errors that appear only after fusion.
+    quantized model (after its fusions), to find errors that appear only after fusion. A float
+    model that holds quantization while the quantized one does not is refused as swapped,
+    unless ``allow_swapped=True``.
 
     ``strategy="scan"`` measures every aligned layer, in pieces that fit ``memory_budget``
     (activations held at once, in bytes or as "2G", "500M"; default: half the memory available now, at most
@@ -125,7 +128,8 @@ def find_first_bad_layer(
         samples = list(samples)
         quant_model = quant_model.build(float_model, samples, shapes=shapes, seed=seed, providers=providers)
     float_proto, quant_proto, plan, float_graph, alignment = setup(
-        float_model, quant_model, shapes=shapes, providers=providers, ort_optimized=ort_optimized
+        float_model, quant_model, shapes=shapes, providers=providers, ort_optimized=ort_optimized,
+        allow_swapped=allow_swapped,
     )
     pairs = alignment.pairs
     budget = memory_budget if memory_budget is not None else min(available_memory() // 2, DEFAULT_BUDGET_CAP)
@@ -319,14 +323,18 @@ def setup(
     shapes: Mapping[str, Sequence[int]] | None = None,
     providers: Sequence[str] = DEFAULT_PROVIDERS,
     ort_optimized: bool = False,
+    allow_swapped: bool = False,
 ) -> Setup:
     """Load both models, plan their inputs and align their values (the static part).
 
     Refuses two models that do not compute the same network: fewer than half of the float
-    model's weighted layers pair one for one (``MIN_WEIGHTED_PAIRED``)."""
+    model's weighted layers pair one for one (``MIN_WEIGHTED_PAIRED``); and, unless
+    ``allow_swapped``, a float model that holds quantization while the quantized one does not."""
     float_proto = load_model(float_model, role="float model")
     simulation = quant_model if isinstance(quant_model, Simulation) else None
     quant_proto = load_model(quant_model if simulation is None else simulation.model, role="quantized model")
+    if not allow_swapped:
+        _check_direction(float_proto, quant_proto)
     if ort_optimized:
         quant_proto = load_model(ort_optimized_model(quant_proto, "quantized model", providers), role="quantized model")
     plan = plan_inputs(declared_inputs(float_proto), declared_inputs(quant_proto), shapes)
@@ -354,6 +362,17 @@ def setup(
             "models compute the same network, from the same inputs?"
         )
     return Setup(float_proto, quant_proto, plan, float_graph, alignment)
+
+
+def _check_direction(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto) -> None:
+    """Refuse models given the wrong way round: the float one quantized, the quantized one not."""
+    held = quantization(float_proto)
+    if held and not quantization(quant_proto):
+        raise LayerbisectError(
+            f"the float model holds quantization ({held}) and the quantized model does not: the two "
+            "look swapped; give the float model first, or, to compare them this way on purpose, pass "
+            "allow_swapped=True (CLI: --allow-swapped)"
+        )
 
 
 def _layer(pair: Pair, index: int, totals: Totals, position: int) -> LayerComparison:

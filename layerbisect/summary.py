@@ -18,6 +18,7 @@ from collections.abc import Iterable
 import onnx
 
 from layerbisect.report import GraphNode, ModelSummary
+from layerbisect.vocabulary import QUANTIZATION_OPS
 
 # Operators that only carry a value along: crossing them does not count as a hop.
 CARRIERS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Identity", "Cast"}
@@ -27,6 +28,26 @@ def summarize(model: onnx.ModelProto, path: str) -> ModelSummary:
     """Node count and op-type counts (most frequent first) of ``model``'s main graph."""
     counts = Counter(node.op_type for node in model.graph.node)
     return ModelSummary(path=path, nodes=len(model.graph.node), op_types=tuple(counts.most_common()))
+
+
+def quantization(model: onnx.ModelProto) -> str:
+    """What of quantization ``model`` holds, in words ("" if nothing): its quantization
+    operators, or half or more of its float weights in 16 bits.
+
+    >>> from onnx import helper
+    >>> node = helper.make_node("DequantizeLinear", ["q", "s"], ["x"])
+    >>> quantization(helper.make_model(helper.make_graph([node], "g", [], [])))
+    '1 DequantizeLinear'
+    """
+    counts = Counter(node.op_type for node in model.graph.node if node.op_type in QUANTIZATION_OPS)
+    if counts:
+        return ", ".join(f"{count} {op}" for op, count in counts.most_common(3)) + (", ..." if len(counts) > 3 else "")
+    floats = [t.data_type for t in model.graph.initializer if t.data_type in FLOAT_TYPES and len(t.dims) > 1]
+    halves = sum(kind != onnx.TensorProto.FLOAT for kind in floats)
+    return f"{halves} of its {len(floats)} weights in 16 bits" if floats and 2 * halves >= len(floats) else ""
+
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
 
 def neighbourhood(

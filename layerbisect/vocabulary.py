@@ -50,3 +50,13 @@ INTERMEDIATES = {
     "SkipLayerNormalization": (3, "Add"),  # input + skip (+ bias), before the normalization
     "SkipSimplifiedLayerNormalization": (3, "Add"),
 }
+
+# Operators that only a quantized model holds: the float side holding some and the quantized
+# side none means the two models were given the wrong way round.
+QUANTIZATION_OPS = {
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "ConvInteger",
+    "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits",
+    "QGemm", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool", "QLinearAveragePool",
+    "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "QLinearConcat", "QLinearReduceMean",
+    "QLinearWhere", "QAttention", "QEmbedLayerNormalization", "GatherBlockQuantized",
+}

@@ -19,6 +19,7 @@ from layerbisect.cli import main
 from layerbisect.files import write
 from models import corrupt_weights, make_cnn, make_transformer, quant_node_for, quantize, random_inputs
 from test_networks import mlp_like_cnn
+from test_unusual_models import to_float16
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -243,3 +244,20 @@ def test_api_options_refused_in_one_place():
         find_first_bad_layer(model, model, strategy="fast")
     with pytest.raises(LayerbisectError, match=r"threshold must be in \(0, 1\]"):
         find_first_bad_layer(model, model, threshold=math.nan)
+
+
+@pytest.mark.parametrize("kind", ["qdq", "qoperator", "dynamic"])
+def test_models_given_the_wrong_way_round_are_refused_unless_allowed(user, capsys, kind):
+    float_model = make_cnn()
+    quant = quantize(float_model, kind)
+    with pytest.raises(LayerbisectError, match=r"the float model holds quantization \(\d+ \w+.*the two look swapped"):
+        find_first_bad_layer(quant, float_model)
+    assert find_first_bad_layer(quant, float_model, allow_swapped=True).layers
+    assert find_first_bad_layer(quant, quant).first_bad is None  # both quantized: not swapped
+    with pytest.raises(LayerbisectError, match=r"holds quantization \(4 of its 4 weights in 16 bits\)"):
+        find_first_bad_layer(to_float16(float_model), float_model)
+    before = digest(user)
+    assert main([str(user / "int8.onnx"), str(user / "fp32.onnx")]) == 2
+    assert "look swapped" in capsys.readouterr().err
+    assert main([str(user / "int8.onnx"), str(user / "fp32.onnx"), "--allow-swapped", "--quiet"]) in (0, 1)
+    assert digest(user) == before
