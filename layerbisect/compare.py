@@ -68,6 +68,11 @@ class Metrics:
     where ``actual`` holds NaN/Inf and ``reference`` does not; when it is non-zero, ``cosine``
     and ``sqnr_db`` are NaN, which never passes a threshold. ``reference_nonfinite`` counts
     elements where the reference itself holds NaN/Inf: they are left out of every metric.
+    ``degenerate`` is set when the two differ while the reference is all zeros: no direction
+    to compare with. ``faint`` when they differ while the reference's root mean square is below
+    half the ``resolution`` ``compare`` was given (the quantized tensor's step): most values
+    round to the zero point. That is a finding when the quantized range is far too wide, and
+    noise when the sample is quiet; the metrics stand either way.
     """
 
     cosine: float
@@ -76,10 +81,13 @@ class Metrics:
     max_abs: float
     nonfinite: int = 0
     reference_nonfinite: int = 0
+    degenerate: bool = False
+    faint: bool = False
 
 
-def compare(reference: Values, actual: Values) -> Metrics:
-    """Compare two arrays (or ``Quantized`` integers) of the same shape."""
+def compare(reference: Values, actual: Values, resolution: float = 0.0) -> Metrics:
+    """Compare two arrays (or ``Quantized`` integers) of the same shape; ``resolution`` is the
+    step of the quantized tensor, where it has one (see ``Metrics.degenerate``)."""
     ref, act = _flat(reference), _flat(actual)
     if ref.size != act.size:
         raise ValueError(f"cannot compare arrays of {ref.size} and {act.size} elements")
@@ -99,6 +107,8 @@ def compare(reference: Values, actual: Values) -> Metrics:
         mse=noise / ref.size if ref.size else 0.0,
         max_abs=max_abs,
         reference_nonfinite=reference_nonfinite,
+        degenerate=noise > 0 and signal == 0,
+        faint=noise > 0 and signal < ref.size * (resolution / 2) ** 2,
     )
 
 
@@ -191,7 +201,8 @@ def _max_abs(error: np.ndarray) -> float:
 
 class Aggregate:
     """Running summary of one layer's metrics over samples, holding no tensors (only each
-    sample's cosine, a float, for the percentile).
+    sample's cosine, a float, for the percentile). ``samples`` counts the samples folded in,
+    ``degenerate`` those only counted, ``faint`` those folded in but faint (see ``Metrics``).
 
     >>> agg = Aggregate()
     >>> agg.add(Metrics(0.99, 30.0, 0.1, 0.5)); agg.add(Metrics(0.95, 20.0, 0.3, 0.9))
@@ -207,11 +218,15 @@ class Aggregate:
         self.cosine_worst = math.inf
         self.worst_sample = 0
         self.max_abs = 0.0
-        self.nonfinite = self.reference_nonfinite = 0
+        self.nonfinite = self.reference_nonfinite = self.degenerate = self.faint = 0
         self._cosines: list[float] = []
 
     def add(self, metrics: Metrics) -> None:
-        """Fold in the metrics of the next sample."""
+        """Fold in the metrics of the next sample; a degenerate one is only counted."""
+        if metrics.degenerate:
+            self.degenerate += 1
+            return
+        self.faint += metrics.faint
         if not metrics.cosine >= self.cosine_worst:  # NaN counts as worst
             if not (math.isnan(self.cosine_worst) and math.isnan(metrics.cosine)):
                 self.cosine_worst, self.worst_sample = metrics.cosine, self.samples

@@ -24,7 +24,7 @@ from layerbisect.load import ModelLike, declared_inputs, load_model, subgraph_no
 from layerbisect.measure import Saved, Totals, available_memory, measure, prepare
 from layerbisect.options import check_strategy, check_threshold, memory_size
 from layerbisect.progress import progress
-from layerbisect.report import LayerComparison, Report, nonfinite_notes
+from layerbisect.report import LayerComparison, Report, faint_notes, nonfinite_notes
 from layerbisect.run import DEFAULT_PROVIDERS
 from layerbisect.run import ort_optimized as ort_optimized_model
 from layerbisect.search import bisect_first_failing, first_failing
@@ -171,7 +171,8 @@ def find_first_bad_layer(
     bad = first_failing(layer.passes(threshold) for layer in layers)
     first_bad = None if bad is None else layers[bad]
     culprit = _culprit(layers, first_bad, threshold)
-    notes = [*plan.notes, *nonfinite_notes(layers), *subgraph_notes(float_proto, "float model"),
+    notes = [*plan.notes, *nonfinite_notes(layers), *faint_notes(layers, inputs is None),
+             *subgraph_notes(float_proto, "float model"),
              *subgraph_notes(quant_proto, "quantized model")]
     notes += [
         f"left out: {why}" for totals in passes.totals for why in totals.problems.values()
@@ -394,6 +395,8 @@ def _layer(pair: Pair, index: int, totals: Totals, position: int) -> LayerCompar
         worst_sample=cumulative.worst_sample,
         nonfinite=cumulative.nonfinite,
         float_nonfinite=cumulative.reference_nonfinite,
+        float_zero=cumulative.degenerate,
+        faint=cumulative.faint,
         evidence=pair.evidence,
         isolated_cosine=isolated.cosine if isolated.samples else math.nan,
         isolated_sqnr_db=isolated.sqnr_db if isolated.samples else math.nan,
@@ -402,7 +405,8 @@ def _layer(pair: Pair, index: int, totals: Totals, position: int) -> LayerCompar
 
 def _comparable(entry: tuple[Totals, int]) -> bool:
     totals, position = entry
-    return position not in totals.problems and totals.cumulative[position].samples > 0
+    aggregate = totals.cumulative[position]
+    return position not in totals.problems and aggregate.samples + aggregate.degenerate > 0
 
 
 def _cause(first_bad: LayerComparison | None, threshold: float) -> str | None:
@@ -418,7 +422,7 @@ def _culprit(layers, first_bad, threshold) -> LayerComparison | None:
         return None
     before = [
         layer for layer in layers
-        if layer.index <= first_bad.index and not math.isnan(layer.isolated_cosine) and not layer.float_nonfinite
+        if layer.index <= first_bad.index and not math.isnan(layer.isolated_cosine) and layer.judged
     ]
     introducing = [layer for layer in before if not layer.isolated_cosine >= threshold]
     if introducing:

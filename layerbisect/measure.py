@@ -300,8 +300,13 @@ def _compare_all(pairs, float_values, quant_values, problems: dict) -> tuple[Met
             problems[index] = "not a float tensor"
         elif reference.shape != actual.shape:
             problems[index] = f"shapes differ: {reference.shape} vs {actual.shape}"
-        outcomes.append(None if index in problems else compare(reference, actual))
+        outcomes.append(None if index in problems else compare(reference, actual, _resolution(pair.quant_readout)))
     return tuple(outcomes)
+
+
+def _resolution(readout: Readout) -> float:
+    """The step of a quantized value (the median of per-channel steps), 0 for a float one."""
+    return 0.0 if readout.scale is None else float(np.median(readout.scale))
 
 
 def _float_values(readout: Readout, array: np.ndarray) -> np.ndarray | Quantized:

@@ -26,6 +26,9 @@ class LayerComparison:
     ``cosine``, ``sqnr_db`` and ``mse`` are means over samples, ``max_abs`` the largest over
     samples; ``cosine_worst`` is the lowest cosine, seen on sample ``worst_sample``, and
     ``cosine_p10`` its 10th percentile over samples;
+    ``float_zero`` counts the samples left out of the metrics because the float value was all
+    zeros while the quantized one was not; ``faint`` the samples whose float value was, root
+    mean square, below half the quantized tensor's step (a range far too wide, or a quiet sample).
     ``nonfinite`` counts, over all samples, NaN/Inf values of the quantized model where the
     float model's are finite; ``float_nonfinite`` the NaN/Inf values of the float model itself,
     left out of the metrics (the reference is broken there, so the layer is not judged).
@@ -53,11 +56,21 @@ class LayerComparison:
     isolated_sqnr_db: float = math.nan
     cosine_p10: float = math.nan
     float_nonfinite: int = 0
+    float_zero: int = 0
+    faint: int = 0
+
+    @property
+    def judged(self) -> bool:
+        """Whether the layer is held against a threshold: not when its float value holds
+        NaN/Inf (the float model breaks there itself), nor when it was all zeros on every
+        sample (no direction to compare with)."""
+        unmeasured = self.float_zero > 0 and math.isnan(self.cosine) and not self.nonfinite
+        return not self.float_nonfinite and not unmeasured
 
     def passes(self, threshold: float) -> bool:
-        """Whether the (mean) cosine reaches ``threshold``; NaN never does. A layer whose float
-        value holds NaN/Inf is not judged (it passes): the float model breaks there itself."""
-        return self.float_nonfinite > 0 or self.cosine >= threshold
+        """Whether the (mean) cosine reaches ``threshold``; NaN never does. A layer not
+        ``judged`` passes."""
+        return not self.judged or self.cosine >= threshold
 
     def describe(self) -> str:
         """One line: index, op, where, and how close."""
@@ -290,6 +303,32 @@ def nonfinite_notes(layers: tuple[LayerComparison, ...]) -> list[str]:
         "there (an overflow, a division by zero, a log of zero?), so those layers are compared where "
         "both models are finite and not judged against the threshold"
     ]
+
+
+def faint_notes(layers: tuple[LayerComparison, ...], generated: bool) -> list[str]:
+    """Notes for layers whose float value was all zeros on some samples (left out there), and,
+    with generated inputs, for those whose float value fell below the quantized tensor's step."""
+    notes = []
+    zero = [layer for layer in layers if layer.float_zero]
+    if zero:
+        notes.append(
+            f"{_layers(zero)} left out on samples where the float value is all zeros and the quantized "
+            "one is not: there is no direction to compare with"
+        )
+    faint = [layer for layer in layers if layer.faint]
+    if faint and generated:
+        notes.append(
+            f"{_layers(faint)} below the quantized tensor's step on the generated inputs (most values "
+            "round to the zero point): random inputs often leave a model's values near zero, so give "
+            "real inputs before trusting these layers' metrics"
+        )
+    return notes
+
+
+def _layers(layers: list[LayerComparison]) -> str:
+    first = layers[0]
+    return (f"{len(layers)} layer{'s' if len(layers) != 1 else ''} (first #{first.index} {first.op_type} "
+            f"{'+'.join(first.float_nodes)!r})")
 
 
 def _json_safe(value):

@@ -275,7 +275,8 @@ def _measure(match: Match, reference, produced, totals, problems) -> None:
 def _report(proto, graph, values, source, matches, totals, problems, shapes, float_label,
             threshold, samples, peak, providers, seed) -> Report:
     by_tensor = {v.tensor: v for v in values}
-    kept = [m for m in matches if m.float_tensor not in problems and totals[m.float_tensor].samples]
+    kept = [m for m in matches if m.float_tensor not in problems
+            and totals[m.float_tensor].samples + totals[m.float_tensor].degenerate]
     paired = {by_tensor[m.float_tensor].node for m in kept}
     layers = []
     for match in kept:
@@ -288,7 +289,8 @@ def _report(proto, graph, values, source, matches, totals, problems, shapes, flo
             mse=aggregate.mse, max_abs=aggregate.max_abs, cosine_worst=aggregate.cosine_worst,
             cosine_p10=aggregate.cosine_p10,
             worst_sample=aggregate.worst_sample, nonfinite=aggregate.nonfinite,
-            float_nonfinite=aggregate.reference_nonfinite, evidence=match.evidence,
+            float_nonfinite=aggregate.reference_nonfinite, float_zero=aggregate.degenerate, faint=aggregate.faint,
+            evidence=match.evidence,
         ))
     if not layers:
         raise LayerbisectError(
