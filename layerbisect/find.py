@@ -171,6 +171,7 @@ def find_first_bad_layer(
     bad = first_failing(layer.passes(threshold) for layer in layers)
     first_bad = None if bad is None else layers[bad]
     culprit = _culprit(layers, first_bad, threshold)
+    cause = _cause(first_bad, culprit, threshold)
     notes = [*plan.notes, *nonfinite_notes(layers), *faint_notes(layers, inputs is None),
              *subgraph_notes(float_proto, "float model"),
              *subgraph_notes(quant_proto, "quantized model")]
@@ -204,7 +205,8 @@ def find_first_bad_layer(
         executions=sum(t.executions for t in passes.totals),
         peak_bytes=max(t.peak_bytes for t in passes.totals),
         culprit=culprit,
-        first_bad_cause=_cause(first_bad, threshold),
+        first_bad_cause=cause,
+        contributors=_contributors(layers, first_bad, culprit) if cause == "accumulated" else (),
         aligned=len(pairs),
         float_summary=summarize(float_proto, _label(float_model)),
         quant_summary=summarize(quant_proto, _label(quant_model)),
@@ -409,25 +411,41 @@ def _comparable(entry: tuple[Totals, int]) -> bool:
     return position not in totals.problems and aggregate.samples + aggregate.degenerate > 0
 
 
-def _cause(first_bad: LayerComparison | None, threshold: float) -> str | None:
+def _cause(first_bad: LayerComparison | None, culprit: LayerComparison | None, threshold: float) -> str | None:
+    """How the first bad layer came to fail (see docs/concepts.md): "introduced" there, when its
+    own (isolated) cosine is below the threshold; "inherited" from the culprit, an earlier layer
+    whose own cosine is; "accumulated" when no layer up to it is below the threshold on its own.
+    None when isolated error was not measured."""
     if first_bad is None or math.isnan(first_bad.isolated_cosine):
         return None
-    return "inherited" if first_bad.isolated_cosine >= threshold else "introduced"
+    if not first_bad.isolated_cosine >= threshold:
+        return "introduced"
+    return "inherited" if culprit is not None else "accumulated"
 
 
 def _culprit(layers, first_bad, threshold) -> LayerComparison | None:
-    """Up to the first bad layer, the earliest layer whose own error is below the threshold;
-    else the one adding the most error. None when no layer is bad."""
+    """Up to the first bad layer, the earliest judged layer whose isolated cosine is below the
+    threshold: where the error starts. None when no layer is bad, or none is on its own."""
     if first_bad is None:
         return None
-    before = [
-        layer for layer in layers
-        if layer.index <= first_bad.index and not math.isnan(layer.isolated_cosine) and layer.judged
-    ]
-    introducing = [layer for layer in before if not layer.isolated_cosine >= threshold]
-    if introducing:
-        return introducing[0]
-    return min(before, key=lambda layer: layer.isolated_cosine, default=None)
+    return next((layer for layer in _up_to(layers, first_bad) if not layer.isolated_cosine >= threshold), None)
+
+
+def _contributors(layers, first_bad, culprit, count: int = 3) -> tuple[LayerComparison, ...]:
+    """When the error accumulates (a first bad layer, no culprit), the ``count`` layers up to
+    the first bad one that add the most error on their own, the most first; only those adding
+    at least a tenth of the most (the others are rounding: isolated cosines of 1.0000)."""
+    if first_bad is None or culprit is not None:
+        return ()
+    ranked = sorted(_up_to(layers, first_bad), key=lambda layer: layer.isolated_cosine)[:count]
+    most = 1.0 - ranked[0].isolated_cosine if ranked else 0.0
+    return tuple(layer for layer in ranked if 1.0 - layer.isolated_cosine >= most / 10 and most > 0)
+
+
+def _up_to(layers, first_bad) -> list[LayerComparison]:
+    """The judged layers up to and including the first bad one whose isolated error is known."""
+    return [layer for layer in layers
+            if layer.index <= first_bad.index and not math.isnan(layer.isolated_cosine) and layer.judged]
 
 
 def _feeders(model: onnx.ModelProto, pairs: Sequence[Pair]) -> list[tuple[int, ...]]:

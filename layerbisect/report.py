@@ -112,10 +112,11 @@ class Report:
     in the quantized model; ``coverage`` is the share of float operations that found one.
     ``outputs`` pairs each output the float model declares with the tensor behind it (they
     differ when an Identity carries it). ``notes`` says how inputs were fed and what was left out.
-    ``first_bad_cause`` is "introduced" when the first bad layer's isolated error is itself
-    below the threshold, "inherited" when its inputs were already damaged; ``culprit`` is the
-    earliest layer whose isolated error is below the threshold (or, if none is, the one with
-    the lowest isolated cosine up to the first bad layer). ``strategy`` ("scan" or "bisect"),
+    ``first_bad_cause`` is "introduced" when the first bad layer's isolated cosine is itself
+    below the threshold, "inherited" when an earlier layer's is (that layer is ``culprit``:
+    the earliest whose isolated cosine is below the threshold), and "accumulated" when no
+    layer up to it is below the threshold on its own: then there is no culprit, and
+    ``contributors`` are the layers adding the most error on their own, the most first. ``strategy`` ("scan" or "bisect"),
     ``executions`` (model runs) and ``peak_bytes`` (activations held at once) say what it cost;
     ``aligned`` counts all aligned layers, of which bisection measures only those it probes.
     ``float_summary``/``quant_summary`` describe the two models; ``providers``, ``seed`` and
@@ -145,6 +146,7 @@ class Report:
     peak_bytes: int = 0
     culprit: LayerComparison | None = None
     first_bad_cause: str | None = None
+    contributors: tuple[LayerComparison, ...] = ()
     aligned: int = 0
     float_summary: ModelSummary | None = None
     quant_summary: ModelSummary | None = None
@@ -183,6 +185,11 @@ class Report:
                 head += ", error introduced there"
             elif self.first_bad_cause == "inherited":
                 head += ", error inherited"
+            elif self.first_bad_cause == "accumulated":
+                grows = ", ".join(f"#{layer.index} {layer.op_type} {'+'.join(layer.float_nodes)!r} (isolated cosine "
+                                  f"{_num(layer.isolated_cosine, 4)})" for layer in self.contributors)
+                head += (f", error accumulated: no layer up to it is below {self.threshold} on its own"
+                         + (f"; the largest own errors: {grows}" if grows else ""))
             if self.culprit is not None and self.culprit.index != self.first_bad.index:
                 head += (f"; culprit #{self.culprit.index} {self.culprit.op_type} "
                          f"{'+'.join(self.culprit.float_nodes)!r} (isolated cosine "

@@ -145,16 +145,3 @@ def test_negative_shape_for_random_inputs():
     dynamic.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "n"
     with pytest.raises(LayerbisectError, match=r"shape \[-2, 3\] given for input 'x' does not fit"):
         find_first_bad_layer(dynamic, dynamic, shapes={"x": (-2, 3)})
-
-
-def test_culprit_is_never_after_the_first_bad_layer():
-    from layerbisect.find import _culprit
-    from layerbisect.report import LayerComparison
-
-    def layer(index, isolated):
-        return LayerComparison(index, "Relu", (f"n{index}",), f"t{index}", (f"n{index}",), f"t{index}", (1,),
-                               0.5, 0.0, 0.0, 0.0, 0.5, 0, 0, "structure", isolated_cosine=isolated)
-
-    layers = (layer(0, 0.995), layer(1, 0.99), layer(2, 0.5))
-    assert _culprit(layers, layers[1], 0.98).index == 1  # inherited: the largest contributor up to it
-    assert _culprit(layers, None, 0.98) is None

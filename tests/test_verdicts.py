@@ -4,9 +4,12 @@ import math
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from layerbisect import find_first_bad_layer
+from layerbisect.find import _cause, _contributors, _culprit
+from layerbisect.report import LayerComparison
 from models import quantize
 
 
@@ -52,3 +55,23 @@ def test_a_quiet_generated_sample_below_the_quantized_step_is_said_with_advice()
     assert any("give real inputs" in note for note in report.notes)
     real = find_first_bad_layer(float_model, quant, {"x": np.full((1, 64), 12.0, np.float32)})
     assert not real.layers[-1].faint and not any("give real inputs" in note for note in real.notes)
+
+
+def layer(index: int, cosine: float, isolated: float) -> LayerComparison:
+    return LayerComparison(index, "Relu", (f"n{index}",), f"t{index}", (f"n{index}",), f"t{index}", (1,),
+                           cosine, 0.0, 0.0, 0.0, cosine, 0, 0, "structure", isolated_cosine=isolated)
+
+
+@pytest.mark.parametrize("isolated,first_bad,cause,culprit,contributors", [
+    ((0.995, 0.5, 0.99), 1, "introduced", 1, ()),  # bad on its own
+    ((0.5, 0.99, 0.99), 1, "inherited", 0, ()),  # an earlier layer bad on its own
+    ((0.995, 0.99, 0.985), 2, "accumulated", None, (2, 1, 0)),  # none bad on its own: no culprit
+    ((0.995, 0.99, 0.5), 1, "accumulated", None, (1, 0)),  # a bad layer after it is not its culprit
+])
+def test_cause_culprit_and_contributors_follow_their_definitions(isolated, first_bad, cause, culprit, contributors):
+    layers = tuple(layer(i, 0.5 if i >= first_bad else 0.999, iso) for i, iso in enumerate(isolated))
+    found = _culprit(layers, layers[first_bad], 0.98)
+    assert (None if found is None else found.index) == culprit
+    assert _cause(layers[first_bad], found, 0.98) == cause
+    assert tuple(c.index for c in _contributors(layers, layers[first_bad], found)) == contributors
+    assert _culprit(layers, None, 0.98) is None and _cause(None, None, 0.98) is None
