@@ -204,11 +204,17 @@ def hardswish_cnns(float_form: str, rewritten_form: str, seed: int = 0):
 HARDSWISH_PAIRS = [("clip", "fused"), ("hardsigmoid", "fused"), ("fused", "clip"), ("fused", "hardsigmoid")]
 
 
-@pytest.mark.parametrize("rewrite", ["folded", "qdq"])
+@pytest.mark.parametrize("rewrite", ["folded", "qdq", "folded reference"])
 @pytest.mark.parametrize("float_form,rewritten_form", HARDSWISH_PAIRS)
 def test_folded_batchnorm_before_a_hardswish_pairs_with_the_batchnorm_not_the_bare_conv(
         float_form, rewritten_form, rewrite):
+    """The rewritten model against the original, quantized or not; "folded reference": the
+    original against the rewritten model, the folded Conv the reference for Conv+BN."""
     float_model, rewritten, truth = hardswish_cnns(float_form, rewritten_form)
+    faulty, culprit = "Conv.1", ("conv2", "bn2")
+    if rewrite == "folded reference":
+        float_model, rewritten, truth = rewritten, float_model, [(quant, span) for span, quant in truth]
+        faulty, culprit = "conv2", ("Conv.1",)
     if rewrite == "qdq":  # onnxruntime drops the Clip whose QuantizeLinear clamps the same
         rewritten = quantize(rewritten, "qdq")
         kept = {node.name for node in rewritten.graph.node}
@@ -217,8 +223,30 @@ def test_folded_batchnorm_before_a_hardswish_pairs_with_the_batchnorm_not_the_ba
     report = find_first_bad_layer(float_model, rewritten, inputs)
     assert [(layer.float_nodes, layer.quant_nodes) for layer in report.layers] == truth
     assert report.coverage >= 0.95 and report.weighted_paired == report.weighted == 4
-    assert {layer.evidence for layer in report.layers if "bn1" in layer.float_nodes} == {"fused"}
+    assert {layer.evidence for layer in report.layers if len(layer.float_nodes) > 1} <= {"fused", "region"}
     assert report.first_bad is None  # folding is exact; int8 activations keep every cosine above 0.98
-    broken = find_first_bad_layer(float_model, shuffled_weight(rewritten, "Conv.1"), inputs)  # conv2's
+    broken = find_first_bad_layer(float_model, shuffled_weight(rewritten, faulty), inputs)  # conv2's
     assert [(layer.float_nodes, layer.quant_nodes) for layer in broken.layers] == truth
-    assert broken.culprit.float_nodes == ("conv2", "bn2") and broken.culprit.isolated_cosine < 0.5
+    assert broken.culprit.float_nodes == culprit and broken.culprit.isolated_cosine < 0.5
+
+
+# Fuzz graphs (tests/fuzz_graphs.py) with a Conv -> BatchNormalization, one with two
+# BatchNormalizations after a Conv, where the folded model as the reference paired its
+# folded Conv with the original's bare Conv.
+FOLDED_REFERENCE_CASES = [
+    (94290008, ("conv", "bn", "concat")),
+    (1568500638, ("conv", "conv", "bn")),
+    (2131917201, ("bn", "bn", "conv", "bn", "matmul", "maxpool", "bn", "add")),
+    (1669637414, ("maxpool", "transpose", "add", "conv", "bn", "bn", "mul", "gap", "softmax")),
+]
+
+
+@pytest.mark.parametrize("seed,ops", FOLDED_REFERENCE_CASES)
+def test_a_folded_model_as_the_reference_pairs_its_conv_with_the_batchnorm_output(seed, ops):
+    from fuzz_graphs import random_model, rewrite
+
+    original = random_model(seed, ops)
+    folded = rewrite(original, "fold")
+    report = find_first_bad_layer(folded, original, random_inputs(folded), isolated=False)
+    assert report.coverage == 1.0 and report.weighted_paired == report.weighted
+    assert min(layer.cosine for layer in report.layers) > 0.9999  # folding is exact: each true pair agrees
