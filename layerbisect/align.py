@@ -11,7 +11,8 @@ with no counterpart waits until an operation that reads it pairs, and is then se
 
 - *fused*: the quantized graph folded it into the operation before it (a BatchNormalization
   folded into a Conv, a Relu that onnxruntime drops after a Conv, giving the Conv's output the
-  Relu's name); it joins that operation's span;
+  Relu's name); it joins that operation's span; so does a BatchNormalization between a Conv
+  and a region, which the region does not take (the quantized Conv computes its output);
 - *region*: several operations on one side compute what one or several operations compute on
   the other (a decomposed Gelu or LayerNorm against a fused one, in either direction, x *
   HardSigmoid(x) against HardSwish). A region is closed on both sides: the operations
@@ -23,7 +24,8 @@ What nothing reads (graph ends) is settled last, by where both graphs end; the w
 two foldable operations in a row apart (of two BatchNormalizations, the one folded away).
 
 A quantized operation that absorbed a bias (Gemm for MatMul + Add) or an activation (FusedConv)
-takes the float operation that follows at once.
+takes the float operation that follows at once. A float weighted operation whose
+BatchNormalization was folded, where the quantized graph keeps it, pairs with its output.
 
 Layouts: Transposes are seen through on both sides. A quantized operation reading a value
 through Transposes, or computing channels-last, pairs when the layouts work out; the pair's
@@ -164,12 +166,15 @@ class Alignment:
 class _Settlement:
     """How a waiting float value finds its counterpart: ``float_ops`` (ending with the one that
     produces ``value``) map to ``target``; ``quant_ops`` is the quantized region computing it
-    (empty when the float operations were folded into the target's operation)."""
+    (empty when the float operations were folded into the target's operation). ``folded``:
+    float operations before a region that join the span of the operation they read instead
+    (a BatchNormalization folded into its Conv)."""
 
     value: ValueRef
     target: Mapped
     float_ops: tuple[str, ...]
     quant_ops: tuple[str, ...]
+    folded: tuple[str, ...] = ()
 
 
 def align(float_graph: nx.DiGraph, quant_graph: nx.DiGraph) -> Alignment:
@@ -349,6 +354,8 @@ class _Aligner:
             self._map((node, index), (match, index), perm)
         if attrs["bias"] and not self.qa[match]["bias"]:
             self._take_bias((match, 0))
+        if attrs["role"] in ANCHORS:
+            self._take_batchnorms(node, (match, 0))
 
     def _absorbed(self, node: str, sources: list[ValueRef]) -> bool:
         """Whether the quantized operation behind the node's one input already computes the
@@ -464,6 +471,15 @@ class _Aligner:
         if tail and self.qa[tail[0]]["role"] == "Add":
             self._extend(value, tail[:1])
 
+    def _take_batchnorms(self, node: str, value: ValueRef) -> None:
+        """Where the quantized operation is followed by more BatchNormalizations in a row (each
+        its input's only reader) than the float one, the float graph folded the first of them
+        into its weights: the float operation's value is the last of those."""
+        quant = list(takewhile(lambda op: self.qa[op]["role"] == "BatchNormalization", self._tail(value)))
+        extra = len(quant) - _batchnorms_after(self.fa, self.float_consumers, (node, 0))
+        if extra > 0:
+            self._extend(value, quant[:extra])
+
     def _choose(self, node: str, candidates: list[tuple[str, Perm]]) -> tuple[tuple[str, Perm], str]:
         """Pick among several candidates: by weights, matching all of the node's unpaired
         siblings (float ops of the same role on the same inputs) at once, most similar first,
@@ -561,6 +577,8 @@ class _Aligner:
         region, frontier = found
         if not _sealed(self.fa, self.float_consumers, value[0], region):
             return []
+        folded = self._folded_batchnorms(value[0], region)
+        region = tuple(node for node in region if node not in folded)
         shape = self.fa[value[0]]["shapes"][value[1]]
         settlements = []
         for end, (members, uses, perm) in self._quant_closure(frontier).items():
@@ -572,8 +590,24 @@ class _Aligner:
                     or not _sealed(self.qa, self.quant_consumers, end, members)):
                 continue
             order = tuple(sorted(members, key=lambda n: self.qa[n]["order"]))
-            settlements.append(_Settlement(value, ((end, 0), perm), region, order))
+            settlements.append(_Settlement(value, ((end, 0), perm), region, order, folded))
         return settlements
+
+    def _folded_batchnorms(self, end: str, region: tuple[str, ...]) -> tuple[str, ...]:
+        """The BatchNormalizations at the head of a float region (not its end) that read a
+        paired weighted operation's output, as its only reader. A BatchNormalization with
+        nothing of its role on the other side was folded into that operation's weights: the
+        quantized operation computes its output, not the bare Conv's (taking it into the region
+        would pair the float Conv with a value it does not compute, a false alarm at a sound
+        layer), whatever the weights are, so that a corrupted Conv still pairs the same way."""
+        folded = []
+        for node in region:
+            if node == end or self.fa[node]["role"] != "BatchNormalization":
+                continue
+            source = self.fa[node]["sources"][0]
+            if source in self.vmap and self.fa[source[0]]["role"] in ANCHORS and len(self.float_consumers[source]) == 1:
+                folded.append(node)
+        return tuple(folded)
 
     def _region_weighted_fits(self, region: tuple[str, ...]) -> bool:
         """Whether a float region holds few enough weighted operations to be one layer: at most
@@ -651,6 +685,8 @@ class _Aligner:
     def _settle(self, settlement: _Settlement) -> None:
         value, float_ops, quant_ops = settlement.value, settlement.float_ops, settlement.quant_ops
         self.pending.difference_update(float_ops)
+        for node in settlement.folded:
+            self._settle(_Settlement((node, 0), self._mapped(self.fa[node]["sources"][0]), (node,), ()))
         if quant_ops:
             (end, _), _ = settlement.target
             self.claimed.update(quant_ops)
@@ -801,6 +837,16 @@ def _sealed(attrs: dict, consumers: dict, end: str, members) -> bool:
     )
 
 
+def _batchnorms_after(attrs: dict, consumers: dict, value: ValueRef) -> int:
+    """How many BatchNormalizations read ``value`` in a row, each the previous one's output."""
+    count = 0
+    while True:
+        readers = [r for r in consumers.get(value, ()) if attrs[r]["role"] == "BatchNormalization"]
+        if not readers:
+            return count
+        count, value = count + 1, (readers[0], 0)
+
+
 def _anchors(attrs: dict, nodes) -> int:
     return sum(attrs[n]["role"] in ANCHORS for n in nodes)
 
@@ -811,7 +857,8 @@ def _moves_only(attrs: dict, nodes) -> bool:
 
 def _disjoint(settlements: tuple[_Settlement, ...]) -> bool:
     """Whether no two settlements share a float or a quantized operation."""
-    ops = [("f", n) for s in settlements for n in s.float_ops] + [("q", n) for s in settlements for n in s.quant_ops]
+    ops = [("f", n) for s in settlements for n in s.float_ops + s.folded]
+    ops += [("q", n) for s in settlements for n in s.quant_ops]
     return len(ops) == len(set(ops))
 
 

@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from layerbisect import find_first_bad_layer
 from models import corrupt_weights, make_bert, make_cnn, make_transformer, quant_node_for, quantize, random_inputs
@@ -66,12 +66,13 @@ def int4(model: onnx.ModelProto, quant_format: str) -> onnx.ModelProto:
 
 
 def shuffled_weight(model: onnx.ModelProto, node_prefix: str) -> onnx.ModelProto:
-    """A copy with the integer weight read by the node named ``node_prefix...`` shuffled (the
-    packed bytes of a MatMulNBits, or the int4 initializer behind a DequantizeLinear)."""
+    """A copy with the weight read by the MatMul, MatMulNBits or Conv named ``node_prefix...``
+    shuffled (the packed bytes of a MatMulNBits, the integer initializer behind a
+    DequantizeLinear, or a float initializer)."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     nodes = {out: node for node in copy.graph.node for out in node.output}
-    node = next(n for n in copy.graph.node if n.name.startswith(node_prefix) and n.op_type in ("MatMulNBits", "MatMul"))
+    node = next(n for n in copy.graph.node if n.name.startswith(node_prefix) and n.op_type in ("MatMulNBits", "MatMul", "Conv"))
     name = node.input[1]
     if name in nodes:  # through its DequantizeLinear
         name = nodes[name].input[0]
@@ -176,3 +177,158 @@ def test_transformers_optimizer_fusions_pair_with_their_spans_and_a_fault_is_nam
     if name == "bert":  # Q, K and V in one packed weight: the fault is the attention's
         faulty = find_first_bad_layer(float_model, scaled_weight(optimized, "Attention_0", 0.2), inputs)
         assert faulty.culprit.quant_nodes == ("Attention_0",) and faulty.first_bad_cause == "introduced"
+
+
+HARDSWISH_FORMS = ("fused", "clip", "hardsigmoid")
+
+
+class _Side:
+    """Nodes and initializers of one side of ``hardswish_cnns``, each node named by ``namer``."""
+
+    def __init__(self, namer) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.namer = namer
+
+    def const(self, name: str, value) -> str:
+        """Add a float32 initializer; its name is ``name`` numbered, so that it is unique."""
+        name = f"{name}.{len(self.inits)}"
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=np.float32), name))
+        return name
+
+    def node(self, op: str, base: str, inputs: list[str], **attrs) -> str:
+        """Add a node; returns its name, which is also its output's."""
+        name = self.namer(op, base)
+        self.nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
+        return name
+
+    def hardswish(self, form: str, base: str, x: str) -> tuple[str, tuple[str, ...]]:
+        """x * relu6(x + 3) / 6 in ``form``: one HardSwish (opset 14), Add/Clip/Mul/Div as the
+        PyTorch and Paddle exporters write it, or HardSigmoid and Mul; its output and nodes."""
+        if form == "fused":
+            out = self.node("HardSwish", base, [x])
+            return out, (out,)
+        if form == "clip":
+            shifted = self.node("Add", f"{base}_add", [x, self.const(f"{base}.three", 3.0)])
+            clipped = self.node("Clip", f"{base}_clip", [shifted, self.const(f"{base}.zero", 0.0),
+                                                         self.const(f"{base}.six", 6.0)])
+            scaled = self.node("Mul", f"{base}_mul", [x, clipped])
+            out = self.node("Div", f"{base}_div", [scaled, self.const(f"{base}.div", 6.0)])
+            return out, (shifted, clipped, scaled, out)
+        gate = self.node("HardSigmoid", f"{base}_sigmoid", [x], alpha=1.0 / 6.0, beta=0.5)
+        out = self.node("Mul", f"{base}_mul", [x, gate])
+        return out, (gate, out)
+
+    def model(self, inp: str, out: str) -> onnx.ModelProto:
+        graph = helper.make_graph(
+            self.nodes, "hardswish_cnn", [helper.make_tensor_value_info(inp, TensorProto.FLOAT, [1, 3, 16, 16])],
+            [helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, 10])], self.inits,
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        onnx.checker.check_model(model)
+        return model
+
+
+def hardswish_cnns(float_form: str, rewritten_form: str, seed: int = 0):
+    """A CNN of Conv -> BatchNormalization -> HardSwish blocks (a residual Add, then
+    GlobalAveragePool, Flatten, Gemm), and the same network as an optimizer rewrites it: each
+    BatchNormalization folded into its Conv's weights and bias (exactly, in float64), the
+    HardSwish written in ``rewritten_form``, every node and tensor renamed. Returns both
+    models and the true pairs, ``(float_nodes, quant_nodes)`` in the float model's order."""
+    rng = np.random.default_rng(seed)
+    plain = _Side(lambda op, base: base)
+    counts: dict[str, int] = {}
+
+    def renamed(op: str, base: str) -> str:  # as tools name nodes: by type, counted
+        counts[op] = counts.get(op, -1) + 1
+        return f"{op}.{counts[op]}"
+
+    rewritten = _Side(renamed)
+    truth = []
+
+    def block(index: int, x: str, rx: str, cin: int, cout: int, stride: int) -> tuple[str, str]:
+        w = rng.standard_normal((cout, cin, 3, 3)) * np.sqrt(2.0 / (cin * 9))
+        b = 0.1 * rng.standard_normal(cout)
+        gamma = rng.uniform(0.5, 2.0, cout) * rng.choice([-1.0, 1.0], cout)
+        beta, mean, var = rng.uniform(-0.5, 0.5, cout), rng.uniform(-0.5, 0.5, cout), rng.uniform(0.5, 2.0, cout)
+        conv = dict(kernel_shape=[3, 3], pads=[1] * 4, strides=[stride] * 2)
+        name = f"conv{index}"
+        y = plain.node("Conv", name, [x, plain.const(f"{name}.w", w), plain.const(f"{name}.b", b)], **conv)
+        bn_params = [plain.const(f"bn{index}.{p}", v) for p, v in zip("sbmv", (gamma, beta, mean, var))]
+        y = plain.node("BatchNormalization", f"bn{index}", [y, *bn_params], epsilon=1e-5)
+        y, hs = plain.hardswish(float_form, f"hs{index}", y)
+        factor = gamma / np.sqrt(var + 1e-5)
+        folded = [rewritten.const(f"w{index}", w * factor[:, None, None, None]),
+                  rewritten.const(f"b{index}", (b - mean) * factor + beta)]
+        rconv = rewritten.node("Conv", "", [rx, *folded], **conv)
+        ry, rhs = rewritten.hardswish(rewritten_form, "", rconv)
+        truth.extend([((name, f"bn{index}"), (rconv,)), (hs, rhs)])
+        return y, ry
+
+    h1, r1 = block(1, "x", "input", 3, 8, 1)
+    h2, r2 = block(2, h1, r1, 8, 8, 1)
+    h, r = plain.node("Add", "add", [h1, h2]), rewritten.node("Add", "", [r1, r2])
+    truth.append((("add",), (r,)))
+    h, r = block(3, h, r, 8, 16, 2)
+    for op, base in (("GlobalAveragePool", "gap"), ("Flatten", "flatten")):
+        h, r = plain.node(op, base, [h]), rewritten.node(op, "", [r])
+        truth.append(((base,), (r,)))
+    fc_w, fc_b = rng.standard_normal((10, 16)) * np.sqrt(2.0 / 16), 0.1 * rng.standard_normal(10)
+    plain.nodes.append(helper.make_node("Gemm", [h, plain.const("fc.w", fc_w), plain.const("fc.b", fc_b)], ["y"],
+                                        name="fc", transB=1))
+    rewritten.nodes.append(helper.make_node("Gemm", [r, rewritten.const("fc_w", fc_w), rewritten.const("fc_b", fc_b)],
+                                            ["output"], name="Gemm.0", transB=1))
+    truth.append((("fc",), ("Gemm.0",)))
+    return plain.model("x", "y"), rewritten.model("input", "output"), truth
+
+
+HARDSWISH_PAIRS = [("clip", "fused"), ("hardsigmoid", "fused"), ("fused", "clip"), ("fused", "hardsigmoid")]
+
+
+@pytest.mark.parametrize("rewrite", ["folded", "qdq", "folded reference"])
+@pytest.mark.parametrize("float_form,rewritten_form", HARDSWISH_PAIRS)
+def test_folded_batchnorm_before_a_hardswish_pairs_with_the_batchnorm_not_the_bare_conv(
+        float_form, rewritten_form, rewrite):
+    """The rewritten model against the original, quantized or not; "folded reference": the
+    original against the rewritten model, the folded Conv the reference for Conv+BN."""
+    float_model, rewritten, truth = hardswish_cnns(float_form, rewritten_form)
+    faulty, culprit = "Conv.1", ("conv2", "bn2")
+    if rewrite == "folded reference":
+        float_model, rewritten, truth = rewritten, float_model, [(quant, span) for span, quant in truth]
+        faulty, culprit = "conv2", ("Conv.1",)
+    if rewrite == "qdq":  # onnxruntime drops the Clip whose QuantizeLinear clamps the same
+        rewritten = quantize(rewritten, "qdq")
+        kept = {node.name for node in rewritten.graph.node}
+        truth = [(span, tuple(n for n in quant if n in kept)) for span, quant in truth]
+    inputs = random_inputs(float_model)
+    report = find_first_bad_layer(float_model, rewritten, inputs)
+    assert [(layer.float_nodes, layer.quant_nodes) for layer in report.layers] == truth
+    assert report.coverage >= 0.95 and report.weighted_paired == report.weighted == 4
+    assert {layer.evidence for layer in report.layers if len(layer.float_nodes) > 1} <= {"fused", "region"}
+    assert report.first_bad is None  # folding is exact; int8 activations keep every cosine above 0.98
+    broken = find_first_bad_layer(float_model, shuffled_weight(rewritten, faulty), inputs)  # conv2's
+    assert [(layer.float_nodes, layer.quant_nodes) for layer in broken.layers] == truth
+    assert broken.culprit.float_nodes == culprit and broken.culprit.isolated_cosine < 0.5
+
+
+# Fuzz graphs (tests/fuzz_graphs.py) with a Conv -> BatchNormalization, one with two
+# BatchNormalizations after a Conv, where the folded model as the reference paired its
+# folded Conv with the original's bare Conv.
+FOLDED_REFERENCE_CASES = [
+    (94290008, ("conv", "bn", "concat")),
+    (1568500638, ("conv", "conv", "bn")),
+    (2131917201, ("bn", "bn", "conv", "bn", "matmul", "maxpool", "bn", "add")),
+    (1669637414, ("maxpool", "transpose", "add", "conv", "bn", "bn", "mul", "gap", "softmax")),
+]
+
+
+@pytest.mark.parametrize("seed,ops", FOLDED_REFERENCE_CASES)
+def test_a_folded_model_as_the_reference_pairs_its_conv_with_the_batchnorm_output(seed, ops):
+    from fuzz_graphs import random_model, rewrite
+
+    original = random_model(seed, ops)
+    folded = rewrite(original, "fold")
+    report = find_first_bad_layer(folded, original, random_inputs(folded), isolated=False)
+    assert report.coverage == 1.0 and report.weighted_paired == report.weighted
+    assert min(layer.cosine for layer in report.layers) > 0.9999  # folding is exact: each true pair agrees
