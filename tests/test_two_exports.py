@@ -81,7 +81,8 @@ def export_second(w: dict[str, np.ndarray], mask: str = "where", qkv: str = "mat
     """``make_transformer``'s function from the weights ``w`` in a second exporter's style.
 
     Returns the model and, for each tensor of ``make_transformer``'s model that has a
-    counterpart here, that counterpart. ``qkv``: Q, K and V as MatMul + Add(bias, x)
+    counterpart here, that counterpart (keys ending in " 2-D": the same values, a Gemm's
+    output before it is reshaped back). ``qkv``: Q, K and V as MatMul + Add(bias, x)
     ("matmul"), as Gemms with transB on one 2-D flattening of their input, each Reshaped to
     heads ("gemm"), or as one MatMul + Add on the concatenated weights, then a Split
     ("fused"). ``mask``: scores kept by a Where with an all-true constant ("where"), an
@@ -100,6 +101,7 @@ def export_second(w: dict[str, np.ndarray], mask: str = "where", qkv: str = "mat
         flat = e.reshape(h, to_2d)
         projected = {p: e.op("Gemm", [flat, e.const(np.ascontiguousarray(w[f"{p}.weight"].T)), e.const(w[f"{p}.bias"])],
                              transB=1) for p in "qkv"}
+        t.update({f"{p}_bias": projected[p] for p in "qkv"})  # [8, 32] for [1, 8, 32]: the same values
     elif qkv == "fused":
         fused = e.op("MatMul", [h, e.const(np.concatenate([w[f"{p}.weight"] for p in "qkv"], axis=1))])
         fused = e.op("Add", [fused, e.const(np.concatenate([w[f"{p}.bias"] for p in "qkv"]))])
@@ -130,7 +132,8 @@ def export_second(w: dict[str, np.ndarray], mask: str = "where", qkv: str = "mat
     t["attn_v"] = e.op("MatMul", [t["softmax"], t["v_transpose"]])
     t["attn_transpose"] = e.op("Transpose", [t["attn_v"]], perm=[0, 2, 1, 3])
     flat = e.reshape(t["attn_transpose"], to_2d)
-    out = e.op("Gemm", [flat, e.const(np.ascontiguousarray(w["o.weight"].T)), e.const(w["o.bias"])], transB=1)
+    t["o_bias 2-D"] = out = e.op("Gemm", [flat, e.const(np.ascontiguousarray(w["o.weight"].T)), e.const(w["o.bias"])],
+                                 transB=1)
     t["o_bias"] = e.reshape(out, [*e.dims(x, [0, 1]), e.const(np.array([HIDDEN], np.int64))])
     t["residual1"] = r1 = e.op("Add", [t["o_bias"], x])
     t["ln2"] = e.layer_norm(r1, w["ln2.scale"], w["ln2.bias"])
@@ -141,7 +144,8 @@ def export_second(w: dict[str, np.ndarray], mask: str = "where", qkv: str = "mat
     t["gelu_add"] = g = e.op("Add", [e.const(np.array(1.0, np.float32)), g])
     t["gelu_half"] = g = e.op("Mul", [e.op("Mul", [f, e.const(np.array(0.5, np.float32))]), g])
     flat = e.reshape(g, [e.const(np.array([-1], np.int64)), e.const(np.array([4 * HIDDEN], np.int64))])
-    out = e.op("Gemm", [flat, e.const(np.ascontiguousarray(w["ffn2.weight"].T)), e.const(w["ffn2.bias"])], transB=1)
+    t["ffn2_bias 2-D"] = out = e.op("Gemm", [flat, e.const(np.ascontiguousarray(w["ffn2.weight"].T)),
+                                             e.const(w["ffn2.bias"])], transB=1)
     t["ffn2_bias"] = e.reshape(out, [*e.dims(r1, [0, 1]), e.const(np.array([HIDDEN], np.int64))])
     t["y"] = e.op("Add", [t["ffn2_bias"], r1])
     graph = helper.make_graph(
@@ -166,12 +170,25 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
 
 
-def paired_share(alignment: Alignment, truth: dict[str, str]) -> float:
+def correspondence(names: dict[str, str], reverse: bool = False) -> dict[str, tuple[str, set[str]]]:
+    """``export_second``'s map as {float tensor: (its layer, the other model's tensors holding
+    its values)}, the first model the float one unless ``reverse`` (``make_transformer``
+    names each tensor after its node, which is the layer here)."""
+    first: dict[str, set[str]] = {}
+    for layer, tensor in names.items():
+        first.setdefault(layer.removesuffix(" 2-D"), set()).add(tensor)
+    if reverse:
+        return {tensor: (layer, {layer}) for layer, tensors in first.items() for tensor in tensors}
+    return {layer: (layer, tensors) for layer, tensors in first.items()}
+
+
+def paired_share(alignment: Alignment, truth: dict[str, tuple[str, set[str]]]) -> float:
     """Assert that no pair is wrong (each float tensor paired is one of ``truth`` and paired
-    with its counterpart); return the share of ``truth`` that is paired."""
+    with one of its counterparts); return the share of ``truth``'s layers that are paired."""
     for pair in alignment.pairs:
-        assert truth.get(pair.float_tensor) == pair.quant_tensor, pair
-    return len({pair.float_tensor for pair in alignment.pairs} & set(truth)) / len(truth)
+        assert pair.quant_tensor in truth.get(pair.float_tensor, ("", set()))[1], pair
+    paired = {truth[pair.float_tensor][0] for pair in alignment.pairs}
+    return len(paired) / len({layer for layer, _ in truth.values()})
 
 
 X = np.random.default_rng(0).standard_normal((1, SEQ, HIDDEN)).astype(np.float32)
@@ -183,26 +200,48 @@ def test_the_second_export_computes_the_same_function():
     np.testing.assert_allclose(run(second, {"hidden_states": X}), run(first, {"x": X}), atol=1e-5)
 
 
-@pytest.mark.parametrize("mask", [True, False], ids=["where-mask", "no-mask"])
+MASKS, PROJECTIONS = ["where", "input", "none"], ["matmul", "gemm"]
+
+
+def feeds(mask: str) -> dict[str, np.ndarray]:
+    """The inputs of both models: ``X``, and an attention mask of ones where it is one."""
+    return {"x": X, "attention_mask": np.ones((1, SEQ), np.int64)} if mask == "input" else {"x": X}
+
+
+@pytest.mark.parametrize("qkv", PROJECTIONS)
+@pytest.mark.parametrize("mask", MASKS)
+def test_the_second_export_computes_the_same_function(mask, qkv):
+    first = make_transformer()
+    second, _ = export_second(transformer_weights(first), mask, qkv)
+    inputs = {"hidden_states" if name == "x" else name: value for name, value in feeds(mask).items()}
+    np.testing.assert_allclose(run(second, inputs), run(first, {"x": X}), atol=1e-5)
+
+
+@pytest.mark.parametrize("qkv", PROJECTIONS)
+@pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("direction", ["first->second", "second->first"])
-def test_two_exports_of_one_transformer_align_value_for_value(direction, mask):
+def test_two_exports_of_one_transformer_align_value_for_value(direction, mask, qkv):
     first = make_transformer()
-    second, names = export_second(transformer_weights(first), mask)
-    truth = {("y" if layer == "y" else layer): tensor for layer, tensor in names.items()}
-    a, b = first, second
-    if direction == "second->first":
-        a, b, truth = second, first, {tensor: layer for layer, tensor in truth.items()}
-    assert paired_share(align(build_graph(a), build_graph(b)), truth) >= PAIRED
+    second, names = export_second(transformer_weights(first), mask, qkv)
+    reverse = direction == "second->first"
+    a, b = (second, first) if reverse else (first, second)
+    share = paired_share(align(build_graph(a), build_graph(b)), correspondence(names, reverse))
+    # Gemms on a 2-D view: 24 of 26 layers. The first LayerNorm is read by nothing that
+    # pairs by structure (its readers pair by their weights), and the Gelu's last product
+    # joins the region of the Gemm after it
+    assert share >= (PAIRED if qkv == "matmul" else 24 / 26)
 
 
+@pytest.mark.parametrize("qkv", PROJECTIONS)
+@pytest.mark.parametrize("mask", ["where", "input"])
 @pytest.mark.parametrize("faulty", ["ffn1", "q", "o"])
-def test_a_weight_shuffled_in_the_second_export_is_named(faulty):
+def test_a_weight_shuffled_in_the_second_export_is_named(faulty, mask, qkv):
     first = make_transformer()
-    w = transformer_weights(first)
-    second, names = export_second(shuffled(w, f"{faulty}.weight"))
-    report = find_first_bad_layer(first, second, {"x": X}, quiet=True)
-    expected = names[f"{faulty}_proj" if f"{faulty}_proj" in names else f"{faulty}_bias"]
-    assert report.culprit.quant_tensor == expected and report.culprit.isolated_cosine < 0.9
+    second, names = export_second(shuffled(transformer_weights(first), f"{faulty}.weight"), mask, qkv)
+    report = find_first_bad_layer(first, second, feeds(mask), quiet=True)
+    truth = correspondence(names)
+    expected = truth.get(f"{faulty}_proj", ("", set()))[1] | truth[f"{faulty}_bias"][1]
+    assert report.culprit.quant_tensor in expected and report.culprit.isolated_cosine < 0.9
     assert report.first_bad.index == report.culprit.index
     assert all(layer.cosine > 0.9999 for layer in report.layers[: report.first_bad.index])
 
