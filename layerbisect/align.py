@@ -56,8 +56,9 @@ from itertools import islice, product, takewhile
 import networkx as nx
 import numpy as np
 
+from layerbisect.anchors import anchor_pairs
 from layerbisect.graph import FLOAT_DTYPES, Perm, Readout, ValueRef
-from layerbisect.weights import channel_agreement
+from layerbisect.weights import UNRELATED_WEIGHTS, channel_agreement
 
 ACTIVATIONS = {
     "Relu", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish", "Sigmoid", "Tanh", "Elu", "Selu",
@@ -205,6 +206,9 @@ class _Aligner:
         self.baked: set[str] = set()
         self.float_only_inputs: set[str] = set()
         self.weighted_total = sum(is_weighted(attrs) for attrs in self.fa.values())
+        self.anchors = anchor_pairs(float_graph, quant_graph)
+        # anchors whose weights agree: no other operation may take them
+        self.trusted = {q: f for f, (q, agreement) in self.anchors.items() if agreement >= UNRELATED_WEIGHTS}
 
     def run(self) -> Alignment:
         self._align_inputs()
@@ -217,9 +221,8 @@ class _Aligner:
         for node in float_ops:
             if not self._align_op(node):
                 self.pending.add(node)
-        for node in float_ops:  # once more: what paired later may settle what waited
-            if node in self.pending and self._align_op(node):
-                self.pending.discard(node)
+        self._align_pending(float_ops)  # once more: what paired later may settle what waited
+        self._seed_anchors(float_ops)
         self._settle_graph_ends(float_ops)
         unaligned = tuple(node for node in float_ops if node in self.pending)
         spans = self._pairs()
@@ -234,13 +237,34 @@ class _Aligner:
             first_unpaired=next((self.fa[n]["name"] for n in weighted if n not in matches), None),
         )
 
+    def _align_pending(self, float_ops: list[str]) -> None:
+        for node in float_ops:
+            if node in self.pending and self._align_op(node):
+                self.pending.discard(node)
+
+    def _seed_anchors(self, float_ops: list[str]) -> None:
+        """Pair each waiting weighted float operation with its anchor, unclaimed, where their
+        outputs have one shape (or one with the leading dimensions merged: a Gemm on a 2-D
+        view), and pair on from there: an operation that did not pair (a shape computed in
+        another way, an unknown operation) costs its neighbourhood, not the rest of the graph."""
+        for node in float_ops:
+            match, _ = self.anchors.get(node, (None, None))
+            if node not in self.pending or match is None or match in self.claimed:
+                continue
+            shapes = self.fa[node]["shapes"][0], self.qa[match]["shapes"][0]
+            if _shapes_agree(*shapes, None) or _rows_merged(*shapes):
+                self.pending.discard(node)
+                self._pair(node, match, None, "weights")
+                self._align_pending(float_ops)
+
     # Inputs and layouts
 
     def _align_inputs(self) -> None:
         """Pair graph inputs by name, then by position, noting an NCHW/NHWC difference.
 
         An input that only one model declares is a constant baked into the other (a sample
-        rate, a flag): it is left out of the structure that pairs operations.
+        rate, a flag, an attention mask): it and what is computed from it alone are left out
+        of the structure that pairs operations.
         """
         quant_inputs = {self.qa[n]["name"]: n for n in _ordered(self.qg, "input")}
         leftover = _ordered(self.fg, "input")
@@ -254,6 +278,10 @@ class _Aligner:
             quant_inputs.pop(self.qa[match]["name"])
         self.float_only_inputs = {node for node in leftover if (node, 0) not in self.vmap}
         self.baked = set(quant_inputs.values())
+        for node in _ordered(self.qg, "op"):  # and what is computed from such inputs alone (an
+            # attention mask's (1 - mask) * -10000, which the other model does not compute)
+            if all(src[0] in self.baked for src in self.qa[node]["sources"]):
+                self.baked.add(node)
 
     def _input_layout(self, node: str, match: str) -> Perm:
         return _input_layout(self.fa[node]["shapes"][0], self.qa[match]["shapes"][0])
@@ -408,9 +436,18 @@ class _Aligner:
                 if match in self.claimed:
                     continue
                 fits, perm = self._layout_fits(attrs, self.qa[match], roots, self.quant_inputs[match], read_as_mapped)
-                if fits and _shapes_agree(attrs["shapes"][0], self.qa[match]["shapes"][0], perm):
+                if fits and _shapes_agree(attrs["shapes"][0], self.qa[match]["shapes"][0], perm) and self._keeps_anchors(node, match):
                     found.append((match, perm))
         return found
+
+    def _keeps_anchors(self, node: str, match: str) -> bool:
+        """Whether pairing ``node`` with ``match`` leaves the anchors whose weights agree
+        alone: such an anchor pairs with its own float operation only, and that one with it."""
+        owner = self.trusted.get(match)
+        if owner is not None:
+            return owner == node
+        partner, agreement = self.anchors.get(node, (None, 0.0))
+        return partner is None or agreement < UNRELATED_WEIGHTS or partner == match
 
     def _layout_fits(
         self, attrs: dict, quant: dict, roots: list, inputs: list, read_as_mapped: bool
@@ -484,12 +521,15 @@ class _Aligner:
         """Pick among several candidates: by weights, matching all of the node's unpaired
         siblings (float ops of the same role on the same inputs) at once, most similar first,
         so that a corrupted weight cannot steal a sibling's partner; then by name, then order."""
-        if len(candidates) == 1:
-            return candidates[0], "structure"
-        perms = dict(candidates)
-        names = list(perms)
         attrs = self.fa[node]
         siblings = [s for s in self.float_siblings[_float_key(attrs)] if s not in self.evidence]
+        if len(candidates) == 1:  # where siblings read the same inputs, the only one their
+            # anchors' or its own weights left
+            by_weights = len(siblings) > 1 and any(
+                self.anchors.get(s, (None, 0.0))[1] >= UNRELATED_WEIGHTS for s in siblings)
+            return candidates[0], "weights" if by_weights else "structure"
+        perms = dict(candidates)
+        names = list(perms)
         scores = sorted(
             ((_similarity(self.fa[s]["fingerprint"], self.qa[q]["fingerprint"]), i, s, q)
              for i, s in enumerate(siblings) for q in names),
@@ -923,6 +963,18 @@ def _input_layout(float_shape: tuple | None, quant_shape: tuple | None) -> Perm:
         if _shapes_agree(float_shape, quant_shape, perm):
             return perm
     return None
+
+
+def _rows_merged(float_shape: tuple | None, quant_shape: tuple | None) -> bool:
+    """Whether one shape can be the other with its leading dimensions merged into one ([1, 8,
+    32] and [8, 32]: a MatMul over a batch and a Gemm over its 2-D view): ranks of 2 or more
+    that differ, and last and merged dimensions that agree where known."""
+    if float_shape is None or quant_shape is None or len(float_shape) == len(quant_shape):
+        return False
+    if min(len(float_shape), len(quant_shape)) < 2 or not _shapes_agree(float_shape[-1:], quant_shape[-1:], None):
+        return False
+    leading = float_shape[:-1] + quant_shape[:-1]
+    return None in leading or math.prod(float_shape[:-1]) == math.prod(quant_shape[:-1])
 
 
 def _shapes_agree(float_shape: tuple | None, quant_shape: tuple | None, perm: Perm) -> bool:

@@ -89,6 +89,10 @@ FINGERPRINT_SIZE = 4096
 CONST, SCALE = "const", "scale"
 LARGE_INITIALIZER = 1024  # bytes; smaller ones (shapes, axes) may be read by shape inference
 NOT_A_TENSOR = -1  # the dtype of a sequence, map or optional value: never compared
+# Arithmetic on constants that a weight's value is computed through, folded here with Cast:
+# the dequantization of weight-only int8 in the graph, (Cast(q) - zero point) * scale.
+FOLDED = {"Mul": np.multiply, "Sub": np.subtract}
+FOLD_DEPTH = 4  # Cast, Sub, Mul: three steps from the stored integers, one to spare
 
 
 @dataclass(frozen=True)
@@ -309,9 +313,10 @@ class _Builder:
         """Whether ``node`` only carries a value along (quantization plumbing, identities)."""
         if node.op_type in SHELL_OPS:
             return True
-        if node.op_type == "Cast":  # to the type it has, or integer accumulator to float
+        if node.op_type == "Cast":  # between float types (fp16 conversion's glue, a same-type
+            # cast), or integer accumulator to float: the value, rounded at most, carried on
             dtype = self._dtype(node.input[0])
-            return (dtype is not None and _attr(node, "to") == dtype) or self._accumulator_cast(node)
+            return (dtype in FLOAT_DTYPES and _attr(node, "to") in FLOAT_DTYPES) or self._accumulator_cast(node)
         if node.op_type == "Mul" and len(inputs) == 2:  # rescaling after that Cast
             for value, other in ((0, 1), (1, 0)):
                 cast = self.producer.get(node.input[value])
@@ -369,8 +374,11 @@ class _Builder:
             return None
         return self._value(node.input[index])
 
-    def _value(self, name: str) -> np.ndarray | None:
-        """The value of a constant tensor: an initializer, a Constant, or a dequantized one."""
+    def _value(self, name: str, depth: int = 0) -> np.ndarray | None:
+        """The value of a constant tensor: an initializer, a Constant, a dequantized one, or
+        one dequantized in the graph by Cast and Mul (weight-only int8: Cast(to float) of the
+        integers, then Mul by a per-tensor or per-channel scale; a Sub of the zero point) or
+        cast between float types (fp16 weights of an operation kept in float32)."""
         if name in self.initializers:
             return tensor_array(self.initializers[name])
         if name in self.constant_nodes:
@@ -386,7 +394,14 @@ class _Builder:
                 return _blocked(raw, self._const(node, 1), self._const(node, 2), _axis(node), _attr(node, "block_size"))
             readout = Readout(name, self._const(node, 1), self._const(node, 2), _axis(node))
             return readout.dequantize(raw) if readout.scale is not None else raw
-        return None
+        if node is None or depth >= FOLD_DEPTH or node.op_type not in {"Cast", *FOLDED}:
+            return None
+        operands = [self._value(operand, depth + 1) for operand in node.input]
+        if any(operand is None for operand in operands):
+            return None
+        if node.op_type == "Cast":
+            return operands[0].astype(helper.tensor_dtype_to_np_dtype(_attr(node, "to")))
+        return FOLDED[node.op_type](*operands)
 
     def _weight(self, name: str) -> tuple[np.ndarray, Readout] | None:
         """A constant as it is stored, with the readout that dequantizes it when it is read

@@ -9,6 +9,7 @@ reads integers), and each layer downstream of a cut shows only the error it adds
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
@@ -35,11 +36,16 @@ class Cut:
     float_readout: Readout
     dtype: np.dtype
     readout: Readout
+    shape: tuple[int, ...] | None = None
+    """The tensor's shape where all of it is known: a value of as many elements in another
+    shape (a float MatMul's [1, 8, 32] for a Gemm's [8, 32]) is fed reshaped to it."""
 
     def feed(self, value: np.ndarray) -> np.ndarray:
         """The array to feed for ``value``, the float model's tensor ``float_readout.tensor``
         (integers where the float side is itself a quantized model: dequantized first)."""
         value = self.readout.to_tensor_layout(self.float_readout.dequantize(value))
+        if self.shape is not None and value.shape != self.shape and value.size == math.prod(self.shape):
+            value = value.reshape(self.shape)
         if self.dtype.kind not in "iu" or self.readout.scale is None:
             return value.astype(self.dtype, copy=False)
         scale, zero_point = self.readout.scale, self.readout.zero_point
@@ -106,7 +112,7 @@ def cut(
                     # other values than in the model compared with itself (cosine 0.99999)
                     before_shell = tensor == root != readout.tensor
                     source = Readout(pair.float_output) if before_shell else pair.float_readout
-                    cuts[name] = Cut(name, tensor, source, dtype, params)
+                    cuts[name] = Cut(name, tensor, source, dtype, params, _known_shape(known))
                 node.input[:] = [name if x == tensor else x for x in node.input]
     for item in cuts.values():
         declared = graph.input.add(name=item.name)
@@ -134,6 +140,14 @@ def _qparams(tensor, producer, consumers, constants) -> Readout:
             axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
             return Readout(tensor, scale, zero_point, axis)
     return Readout(tensor)
+
+
+def _known_shape(typ: onnx.TypeProto | None) -> tuple[int, ...] | None:
+    """The shape shape inference tells, if it tells every dimension."""
+    if typ is None or not typ.HasField("tensor_type") or not typ.tensor_type.HasField("shape"):
+        return None
+    dims = typ.tensor_type.shape.dim
+    return tuple(d.dim_value for d in dims) if all(d.HasField("dim_value") and d.dim_value > 0 for d in dims) else None
 
 
 def _zero_point_dtype(readout: Readout) -> np.dtype:

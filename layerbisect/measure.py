@@ -298,7 +298,7 @@ def _compare_all(pairs, float_values, quant_values, problems: dict) -> tuple[Met
         actual = _float_values(pair.quant_readout, quant_values[pair.quant_tensor])
         if reference.dtype.kind != "f":
             problems[index] = "not a float tensor"
-        elif reference.shape != actual.shape:
+        elif reference.shape != actual.shape and not _rows_merged(reference.shape, actual.shape):
             problems[index] = f"shapes differ: {reference.shape} vs {actual.shape}"
         outcomes.append(None if index in problems else compare(reference, actual, _resolution(pair.quant_readout)))
     return tuple(outcomes)
@@ -307,6 +307,12 @@ def _compare_all(pairs, float_values, quant_values, problems: dict) -> tuple[Met
 def _resolution(readout: Readout) -> float:
     """The step of a quantized value (the median of per-channel steps), 0 for a float one."""
     return 0.0 if readout.scale is None else float(np.median(readout.scale))
+
+
+def _rows_merged(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """Whether two shapes hold the same elements in the same rows, the leading dimensions of
+    one merged in the other (a MatMul's [1, 8, 32] and a Gemm's [8, 32])."""
+    return math.prod(a) == math.prod(b) and a[-1:] == b[-1:]
 
 
 def _float_values(readout: Readout, array: np.ndarray) -> np.ndarray | Quantized:

@@ -8,10 +8,18 @@ import logging
 import numpy as np
 import onnx
 import pytest
+from models import (
+    corrupt_weights,
+    make_bert,
+    make_cnn,
+    make_transformer,
+    quant_node_for,
+    quantize,
+    random_inputs,
+)
 from onnx import TensorProto, helper, numpy_helper
 
 from layerbisect import find_first_bad_layer
-from models import corrupt_weights, make_bert, make_cnn, make_transformer, quant_node_for, quantize, random_inputs
 
 
 def paddle_dims(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -55,7 +63,10 @@ def int4(model: onnx.ModelProto, quant_format: str) -> onnx.ModelProto:
     of int4 initializers ("QDQ")."""
     pytest.importorskip("onnx_ir", reason="onnxruntime's MatMulNBitsQuantizer needs onnx_ir")
     from onnxruntime.quantization import QuantFormat
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
 
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
