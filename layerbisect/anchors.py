@@ -25,9 +25,15 @@ and shape pair a weight that was changed (a fault) and the weights decide among 
 from __future__ import annotations
 
 import networkx as nx
+import numpy as np
 
-from layerbisect.weights import channel_agreement
+from layerbisect.weights import agreement, standardized
 
+# How far from the diagonal of the two sequences a weighted operation's counterpart may sit,
+# beyond the difference of their lengths: an export that fuses or splits a few weighted ops
+# (Q, K and V in one) shifts the rest by that few. Outside the band the assignment cost
+# grew with the square of the model (16 s to align 5,400 nodes; 0.2 s without anchors).
+BAND = 32
 # Roles whose weights may stand for one another: a Gemm computes a MatMul.
 KINDS = {"Conv": "Conv", "ConvTranspose": "ConvTranspose", "MatMul": "MatMul", "Gemm": "MatMul"}
 
@@ -44,28 +50,49 @@ def anchor_pairs(float_graph: nx.DiGraph, quant_graph: nx.DiGraph) -> dict[str, 
 
     Among assignments that keep the order of both sequences and pair only operations of one
     kind and one weight shape, the one of the largest total of one plus agreement per pair:
-    the most pairs, then the most agreeing ones. Quadratic in the number of weighted
-    operations (a dynamic programme over the two sequences).
+    the most pairs, then the most agreeing ones. A dynamic programme over the two sequences,
+    within ``BAND`` positions of their diagonal: linear in the number of weighted operations.
     """
     fs, qs = weighted_sequence(float_graph), weighted_sequence(quant_graph)
     fa, qa = float_graph.nodes, quant_graph.nodes
-    score = [[_score(fa[f], qa[q]) for q in qs] for f in fs]
-    # best[i][j]: the best total over fs[i:] and qs[j:]
-    best = [[0.0] * (len(qs) + 1) for _ in range(len(fs) + 1)]
+    if len(fs) == len(qs) and all(_kind(fa[f]) == _kind(qa[q]) and fa[f]["weight_shape"] == qa[q]["weight_shape"]
+                                  for f, q in zip(fs, qs)):
+        # one for one, in order (what quantizers and optimizers leave): the only assignment
+        # that keeps both orders and pairs every operation
+        return {f: (q, _score(fa[f], qa[q], standardized(fa[f]), standardized(qa[q]))) for f, q in zip(fs, qs)}
+    band = BAND + abs(len(fs) - len(qs))
+    columns = [_columns(i, len(fs), len(qs), band) for i in range(len(fs) + 1)]
+    weights = {node: standardized(fa[node]) for node in fs} | {node: standardized(qa[node]) for node in qs}
+    score = {(i, j): _score(fa[fs[i]], qa[qs[j]], weights[fs[i]], weights[qs[j]])
+             for i in range(len(fs)) for j in columns[i]}
+    best: dict[tuple[int, int], float] = {}  # the best total over fs[i:] and qs[j:]
+
+    def total(i: int, j: int) -> float:
+        return best.get((i, j), 0.0) if i < len(fs) and j < len(qs) else 0.0
+
     for i in reversed(range(len(fs))):
-        for j in reversed(range(len(qs))):
-            take = 1.0 + score[i][j] + best[i + 1][j + 1] if score[i][j] is not None else -1.0
-            best[i][j] = max(take, best[i + 1][j], best[i][j + 1])
-    pairs, i, j = {}, 0, 0
-    while i < len(fs) and j < len(qs):
-        if score[i][j] is not None and best[i][j] == 1.0 + score[i][j] + best[i + 1][j + 1]:
-            pairs[fs[i]] = (qs[j], score[i][j])
+        for j in reversed(columns[i]):
+            gain = score[i, j]
+            take = 1.0 + gain + total(i + 1, j + 1) if gain is not None else -1.0
+            best[i, j] = max(take, total(i + 1, j), total(i, j + 1))
+    pairs, i, j = {}, 0, columns[0][0] if columns[0] else 0
+    while i < len(fs) and j < len(qs) and (i, j) in best:
+        gain = score[i, j]
+        if gain is not None and best[i, j] == 1.0 + gain + total(i + 1, j + 1):
+            pairs[fs[i]] = (qs[j], gain)
             i, j = i + 1, j + 1
-        elif best[i][j] == best[i + 1][j]:
+        elif best[i, j] == total(i + 1, j) and (i + 1, j) in best or i + 1 == len(fs):
             i += 1
         else:
             j += 1
     return pairs
+
+
+def _columns(i: int, rows: int, columns: int, band: int) -> range:
+    """The positions of the second sequence within ``band`` of row ``i``'s place on the
+    diagonal from (0, 0) to (rows, columns)."""
+    centre = round(i * columns / rows) if rows else 0
+    return range(max(0, centre - band), min(columns, centre + band + 1))
 
 
 def _kind(attrs: dict) -> str | None:
@@ -75,10 +102,11 @@ def _kind(attrs: dict) -> str | None:
     return KINDS.get(attrs["role"])
 
 
-def _score(a: dict, b: dict) -> float | None:
-    """How well two weighted operations pair: their agreement, 0.0 where it cannot be told;
-    None when they cannot be one operation (another kind, another weight shape)."""
+def _score(a: dict, b: dict, x: np.ndarray | None, y: np.ndarray | None) -> float | None:
+    """How well two weighted operations pair, given their ``standardized`` weights: their
+    agreement, 0.0 where it cannot be told; None when they cannot be one operation (another
+    kind, another weight shape)."""
     if _kind(a) != _kind(b) or a["weight_shape"] != b["weight_shape"]:
         return None
-    agreement = channel_agreement(a, b)
-    return 0.0 if agreement is None else agreement
+    found = agreement(x, y)
+    return 0.0 if found is None else found

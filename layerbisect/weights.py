@@ -61,15 +61,25 @@ def channel_agreement(a: dict, b: dict) -> float | None:
     test models' sizes. None when the weights cannot be compared (shapes differ, too few
     values per channel). Channels constant in both (pruned) are left out; one constant in only
     one agrees 0."""
-    x, y = output_channels(a), output_channels(b)
+    return agreement(standardized(a), standardized(b))
+
+
+def standardized(attrs: dict) -> np.ndarray | None:
+    """``output_channels`` with each channel centred and scaled to norm 1 (a constant channel
+    left at zeros): what ``agreement`` compares, computed once for a node compared often."""
+    channels = output_channels(attrs)
+    if channels is None:
+        return None
+    centred = channels - channels.mean(axis=1, keepdims=True)
+    norms = np.linalg.norm(centred, axis=1, keepdims=True)
+    return np.divide(centred, norms, out=np.zeros_like(centred), where=norms > 0)
+
+
+def agreement(x: np.ndarray | None, y: np.ndarray | None) -> float | None:
+    """``channel_agreement`` of two ``standardized`` weights."""
     if x is None or y is None or x.shape != y.shape:
         return None
-    x = x - x.mean(axis=1, keepdims=True)
-    y = y - y.mean(axis=1, keepdims=True)
-    norms = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
-    either = (np.linalg.norm(x, axis=1) > 0) | (np.linalg.norm(y, axis=1) > 0)
+    either = x.any(axis=1) | y.any(axis=1)
     if not either.any():
         return None
-    dots = np.abs(np.einsum("ij,ij->i", x, y))
-    correlations = np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)
-    return float(correlations[either].mean())
+    return float(np.abs(np.einsum("ij,ij->i", x, y))[either].mean())
