@@ -22,7 +22,7 @@ from layerbisect.errors import LayerbisectError, first_line
 from layerbisect.fallback import keep_in_float
 from layerbisect.files import check_outputs, write_text
 from layerbisect.find import find_first_bad_layer
-from layerbisect.options import check_workers, memory_size
+from layerbisect.options import STRATEGIES, check_workers, memory_size
 from layerbisect.render import echo
 from layerbisect.run import DEFAULT_PROVIDERS
 from layerbisect.simulate import simulated
@@ -134,9 +134,10 @@ def _parser() -> argparse.ArgumentParser:
         help="compare even when the float model holds quantization and the quantized one does not",
     )
     parser.add_argument(
-        "--strategy", choices=["auto", "scan", "bisect"], default="auto",
-        help="scan every layer, bisect to the first bad one with few runs, or choose by the "
-        "memory budget (default auto)",
+        "--strategy", choices=list(STRATEGIES), default="auto",
+        help="scan every layer; prefix: the layers up to the first bad one, in order; bisect to "
+        "it with few runs (assumes error does not heal); auto: scan when it fits the memory "
+        "budget, else prefix (default)",
     )
     parser.add_argument(
         "--memory-budget", metavar="SIZE", type=_size, default=None,

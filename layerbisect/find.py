@@ -46,6 +46,12 @@ SCAN_PIECE = 1 << 27
 # Bisection probes one layer per pass, each pass a short segment resumed from the values saved
 # after the last layer known to pass; once this few layers remain, one pass measures them all.
 LAST_PASS_LAYERS = 8
+# what bisection says when no layer it measured is bad on its own: an earlier one may be
+UNKNOWN_CAUSE = (
+    "bisection measured the isolated error of the last layers up to the first bad one only, none "
+    "of them bad on its own: whether an earlier layer is (a culprit) or the error accumulates is "
+    "not known; strategy='prefix' (CLI --strategy prefix) measures every layer up to it"
+)
 # ops that move or re-encode values without computing: a model of only these has no layers
 PLUMBING = {"Identity", "Transpose", "Reshape", "QuantizeLinear", "DequantizeLinear", "Cast"}
 # Below this share of the float model's weighted layers paired one for one, the two models are
@@ -91,13 +97,16 @@ def find_first_bad_layer(
     unless ``allow_swapped=True``.
 
     ``strategy="scan"`` measures every aligned layer, in pieces that fit ``memory_budget``
-    (activations held at once, in bytes or as "2G", "500M"; default: half the memory available now, at most
-    1 GiB; a piece holds one layer and the values feeding it at least, and for one sample
-    at most 128 MiB of values, the fastest size measured);
-    ``"bisect"`` finds the first bad layer with a probe per pass, each pass resuming from
-    values the last one saved (so each model runs about once over the search), measuring only
-    the layers it probes; ``"auto"`` scans when every aligned value fits the budget, else
-    bisects.
+    (activations held at once, in bytes or as "2G", "500M"; default: half the memory available
+    now, at most 1 GiB; a piece holds one layer and the values feeding it at least, and for one
+    sample at most 128 MiB of values, the fastest size measured), each resuming from values
+    the last one saved; ``"prefix"`` measures the same pieces in order and stops after the first
+    piece holding a bad layer: the scan's first bad layer and culprit, for the layers up to it;
+    ``"bisect"`` finds the first bad layer with a probe per pass (so each model runs about once
+    over the search), measuring only the layers it probes: the fastest, and the scan's answer
+    when error, once below the threshold, does not heal later (a layer below it followed by one
+    above can go unseen); ``"auto"`` scans when every aligned value fits the budget, else takes
+    ``"prefix"``.
     ``isolated=True`` also measures each layer fed the float model's own inputs, to tell
     where error is introduced from where it is inherited. ``executor`` (any
     ``concurrent.futures.Executor``) spreads samples over its workers. A progress bar over
@@ -144,8 +153,8 @@ def find_first_bad_layer(
     # for the next (saved values past that are dropped: the next pass then starts from the inputs)
     held = footprint.of(everything)
     if strategy == "auto":
-        strategy = "scan" if held <= budget else "bisect"
-    if strategy == "scan":
+        strategy = "scan" if held <= budget else "prefix"
+    if strategy in ("scan", "prefix"):
         piece = SCAN_PIECE if single else math.inf
         groups = [everything] if held <= min(budget, piece) else footprint.groups(min(budget / 2, piece))
     else:
@@ -156,8 +165,8 @@ def find_first_bad_layer(
         pairs, (Segments(float_proto), Segments(quant_proto)), feeders, plan, samples,
         seed=seed, providers=providers, executor=executor, quiet=quiet, save_limit=budget / 4,
     )
-    if strategy == "scan":
-        _scan(passes, groups, isolated)
+    if strategy in ("scan", "prefix"):
+        _scan(passes, groups, isolated, threshold if strategy == "prefix" else None)
     else:
         largest = max(footprint.of([i]) for i in everything)
         last_pass = max(1, min(LAST_PASS_LAYERS, int(budget / 2 // largest)))
@@ -172,7 +181,10 @@ def find_first_bad_layer(
     first_bad = None if bad is None else layers[bad]
     culprit = _culprit(layers, first_bad, threshold)
     cause = _cause(first_bad, culprit, threshold)
+    unknown = cause == "accumulated" and strategy == "bisect"  # it measured its last layers only
+    cause = None if unknown else cause
     notes = [*plan.notes, *nonfinite_notes(layers), *faint_notes(layers, inputs is None),
+             *([UNKNOWN_CAUSE] if unknown else []),
              *subgraph_notes(float_proto, "float model"),
              *subgraph_notes(quant_proto, "quantized model")]
     notes += [
@@ -249,10 +261,15 @@ class _Passes:
                 quant_segments.boundary([p.quant_tensor for p in done], [p.quant_tensor for p in later]),
             )
         boundaries = sorted({b for i in indices for b in self.feeders[i]})
+        # a cut feeds the readers of its float value only: a measured layer that reads the same
+        # quantized tensor for another float value (a Relu the quantizer dropped though its
+        # input had another reader) keeps reading the quantized model's own
+        others = {pairs[b].float_tensor: frozenset(name for i in indices if b not in self.feeders[i]
+                                                   for name in pairs[i].quant_nodes) for b in boundaries}
         measurement = prepare(
             *self.segments, [pairs[i] for i in indices],
             [pairs[b] for b in boundaries] if isolated else None,
-            self.plan, seed=self.seed, providers=self.providers, start=start, saves=saves,
+            self.plan, seed=self.seed, providers=self.providers, start=start, saves=saves, unfed=others,
         )
         totals, saved = measure(
             measurement, progress(self.samples, self.quiet), self.executor, start, save_limit=self.save_limit
@@ -271,12 +288,16 @@ class _Passes:
         return not _comparable(self.measured[index]) or self.layer(index).passes(threshold)
 
 
-def _scan(passes: _Passes, groups: Sequence[Sequence[int]], isolated: bool) -> None:
-    """Measure every group in order, each pass resuming where the previous one stopped."""
+def _scan(passes: _Passes, groups: Sequence[Sequence[int]], isolated: bool, threshold: float | None = None) -> None:
+    """Measure every group in order, each pass resuming where the previous one stopped; with a
+    ``threshold``, stop after the first group holding a pair below it (every pair up to the
+    first bad one is measured: the scan's first bad layer and culprit)."""
     start = None
     for number, group in enumerate(groups):
         last = number == len(groups) - 1
         start = passes.run(group, isolated, start, None if last else group[-1])
+        if threshold is not None and not all(passes.passes(i, threshold) for i in group):
+            return
 
 
 def _bisect(passes: _Passes, threshold: float, last_pass: int, isolated: bool, fits) -> None:

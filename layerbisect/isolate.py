@@ -61,14 +61,17 @@ class Cut:
 
 
 def cut(
-    model: onnx.ModelProto, boundaries: Iterable[Pair], types: Mapping[str, onnx.TypeProto] | None = None
+    model: onnx.ModelProto, boundaries: Iterable[Pair], types: Mapping[str, onnx.TypeProto] | None = None,
+    unfed: Mapping[str, frozenset[str]] | None = None,
 ) -> tuple[onnx.ModelProto, tuple[Cut, ...]]:
     """Return a copy of the quantized ``model`` cut at the quantized values of ``boundaries``,
     and the cuts to feed with the float values of the same pairs. ``types`` are the values'
     types where known (default: inferred from ``model``).
 
     A value is cut wherever it is read: after its QuantizeLinear/DequantizeLinear shell and
-    before it, so that every consumer reads the fed value. The producers still compute the
+    before it, so that every consumer reads the fed value, but the nodes ``unfed`` names for
+    the pair's float tensor: they stand for float operations that read another float value
+    held by the same quantized tensor, and keep reading it. The producers still compute the
     original tensors, which stay available as outputs. ``model`` is not modified.
     """
     out = onnx.ModelProto()
@@ -83,6 +86,7 @@ def cut(
             consumers.setdefault(name, []).append(node)
     cuts: dict[str, Cut] = {}
     for pair in boundaries:
+        keep = (unfed or {}).get(pair.float_tensor, frozenset())
         readout = pair.quant_readout
         root = readout.tensor
         while root in producer and producer[root].op_type in SHELL and producer[root].input[0] not in constants:
@@ -100,6 +104,8 @@ def cut(
                 requantizes = past_readout and node.op_type == "QuantizeLinear"
                 if node.op_type in SHELL and node.input[0] == tensor and not requantizes:
                     stack.append((node.output[0], past_readout or node.output[0] == readout.tensor))
+                    continue
+                if node.name in keep:
                     continue
                 name = tensor + CUT_SUFFIX
                 if name not in cuts:

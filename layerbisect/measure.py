@@ -14,7 +14,7 @@ import itertools
 import math
 import os
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 
@@ -109,11 +109,13 @@ def prepare(
     providers: Sequence[str],
     start: Saved | None = None,
     saves: tuple[Sequence[str], Sequence[str]] = ((), ()),
+    unfed: Mapping[str, frozenset[str]] | None = None,
 ) -> Measurement:
     """Build the models of a pass measuring ``pairs``, resumed from the values of ``start``
     and saving the values named in ``saves`` (float, quantized) for a later pass. Isolated
     error is measured unless ``boundaries`` (the pairs whose values feed them, cut and fed
-    float values) is None."""
+    float values) is None; ``unfed`` names, by boundary float tensor, the quantized nodes
+    that its cut must not feed (see ``isolate.cut``)."""
     float_starts = start.dtypes(0) if start else {}
     quant_starts = start.dtypes(1) if start else {}
     quant_names = tuple(dict.fromkeys(p.quant_tensor for p in pairs))
@@ -121,7 +123,7 @@ def prepare(
     isolated_model, cuts = None, ()
     isolated_run = [n for n in quant_names if n not in quant_starts]
     if boundaries is not None and isolated_run:
-        cut_model, cuts = cut(quant_model.extract(isolated_run, quant_starts), boundaries, quant_model.types)
+        cut_model, cuts = cut(quant_model.extract(isolated_run, quant_starts), boundaries, quant_model.types, unfed)
         fed = {**quant_starts, **{c.name: c.dtype for c in cuts}}
         isolated_model = Segments(cut_model).extract(isolated_run, fed)
     float_names = tuple(dict.fromkeys([*(p.float_tensor for p in [*pairs, *(boundaries or ())]),

@@ -20,7 +20,7 @@ import numbers
 from layerbisect.errors import LayerbisectError
 
 UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-STRATEGIES = ("auto", "scan", "bisect")
+STRATEGIES = ("auto", "scan", "prefix", "bisect")
 
 
 def memory_size(value: object, name: str = "memory_budget") -> int:

@@ -202,13 +202,13 @@ def test_api_writers_refuse_the_files_a_result_was_made_from(user, tmp_path):
 
 
 @pytest.mark.parametrize("budget,expected", [
-    ("2G", "scan"), ("500M", "scan"), (1 << 30, "scan"), ("64KiB", "bisect"), (" 64 kb ", "bisect"),
+    ("2G", "scan"), ("500M", "scan"), (1 << 30, "scan"), ("64KiB", "prefix"), (" 64 kb ", "prefix"),
     (float("nan"), "positive, finite size"), ("lots", "must be a size such as 2G"), (True, "number of bytes"),
     (0, "positive, finite size"), (-5, "positive, finite size"),
 ])
 def test_api_memory_budget_takes_what_the_cli_takes(budget, expected):
     float_model = make_cnn()
-    if expected not in ("scan", "bisect"):
+    if expected not in ("scan", "prefix"):
         with pytest.raises(LayerbisectError, match=expected):
             find_first_bad_layer(float_model, float_model, memory_budget=budget)
         return
@@ -240,7 +240,7 @@ def test_nan_the_float_model_makes_itself_is_a_finding_not_the_first_bad_layer()
 
 def test_api_options_refused_in_one_place():
     model = make_cnn()
-    with pytest.raises(LayerbisectError, match="strategy must be one of auto, scan, bisect"):
+    with pytest.raises(LayerbisectError, match="strategy must be one of auto, scan, prefix, bisect"):
         find_first_bad_layer(model, model, strategy="fast")
     with pytest.raises(LayerbisectError, match=r"threshold must be in \(0, 1\]"):
         find_first_bad_layer(model, model, threshold=math.nan)

@@ -46,14 +46,18 @@ def test_bisect_and_scan_agree_and_the_fault_is_introduced_there(name, fmt):
     assert all(layer.isolated_cosine > 0.999 for layer in healthy)
 
 
-def test_memory_budget_is_respected_by_both_strategies():
+def test_memory_budget_is_respected_by_every_strategy():
     float_model, quant = faulted("cnn", "qdq")
     feeds = random_inputs(float_model)
     everything = find_first_bad_layer(float_model, quant, feeds, strategy="scan")
     budget = everything.peak_bytes // 2  # still above one layer with its inputs, the least a pass holds
     auto = find_first_bad_layer(float_model, quant, feeds, memory_budget=budget)
-    assert auto.strategy == "bisect" and auto.peak_bytes <= budget
-    assert auto.first_bad.float_nodes == ("conv2",)
+    assert auto.strategy == "prefix" and auto.peak_bytes <= budget
+    assert auto.first_bad.float_nodes == ("conv2",) and auto.culprit.index == everything.culprit.index
+    assert len(auto.layers) < len(everything.layers)  # the layers up to the first bad one's piece
+    assert [l.cosine for l in auto.layers] == pytest.approx([l.cosine for l in everything.layers[: len(auto.layers)]])
+    bisected = find_first_bad_layer(float_model, quant, feeds, strategy="bisect", memory_budget=budget)
+    assert bisected.peak_bytes <= budget and bisected.first_bad.float_nodes == ("conv2",)
     chunked = find_first_bad_layer(float_model, quant, feeds, strategy="scan", memory_budget=budget)
     assert chunked.peak_bytes <= budget and chunked.executions > everything.executions
     assert [l.cosine for l in chunked.layers] == pytest.approx([l.cosine for l in everything.layers])
@@ -123,7 +127,7 @@ def test_isolated_error_can_be_switched_off():
 
 def test_bad_strategy_and_budget():
     float_model, quant = faulted("cnn", "qdq")
-    with pytest.raises(LayerbisectError, match="strategy must be one of auto, scan, bisect"):
+    with pytest.raises(LayerbisectError, match="strategy must be one of auto, scan, prefix, bisect"):
         find_first_bad_layer(float_model, quant, strategy="fast")
     with pytest.raises(LayerbisectError, match="memory_budget must be a positive, finite size"):
         find_first_bad_layer(float_model, quant, memory_budget=0)
