@@ -9,6 +9,7 @@ then measures, each in a fresh Python process:
 - floor:            one plain onnxruntime run of each model, normal outputs only, sessions included
                     (bench_scan.py's floor);
 - bisect, budget B: ``find_first_bad_layer(..., strategy="bisect", memory_budget=B)`` for a few B;
+- prefix, budget B: ``strategy="prefix"``: every layer up to the first bad one, in pieces of B;
 - auto (default):   ``find_first_bad_layer(...)`` as a user calls it (default budget: half the
                     memory available at the time);
 - scan:             ``strategy="scan"`` with a budget that holds everything (one pass), when the
@@ -387,6 +388,9 @@ def run_big(args) -> dict:
         for budget in budgets:
             rows.append(("layerbisect", f"bisect, budget {fmt_mb(budget)}",
                          {"strategy": "bisect", "budget": budget}))
+        for budget in budgets:
+            rows.append(("layerbisect", f"prefix, budget {fmt_mb(budget)}",
+                         {"strategy": "prefix", "budget": budget}))
         rows.append(("layerbisect", "auto, default budget", {"strategy": "auto"}))
         available = mem_available()
         # a scan used to hold every float, quantized and isolated value and cut feed at once;
