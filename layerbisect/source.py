@@ -6,7 +6,12 @@ computed. A plain Python function qualifies; so does ``layerbisect.dumps.DumpFol
 tensors are paired with the float model's values:
 
 1. by name: a tensor named like a float value (exactly, or once '/' and ':' are replaced by
-   '_' on both sides, when that is unambiguous);
+   '_' on both sides, when that is unambiguous), settled by data: a backend that fused a Conv
+   with its BatchNorm or Relu names the result after the Conv, and onnxruntime's QDQ
+   quantizer gives a dropped Relu's name to its input, so a named tensor that agrees much
+   better with a value next to its namesake (along a chain of foldable operations) is paired
+   with that one, and one that agrees with none (a broken layer) follows how the tensors of
+   chains like its own were named;
 2. by shape and order: the others, in their order, with the float values left, in the float
    model's order, of the same shape (or the same shape in NHWC), the closest values winning
    among candidates. A source with no names at all is paired this way.
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from os import PathLike
@@ -32,6 +38,7 @@ import networkx as nx
 import numpy as np
 import onnx
 
+from layerbisect.align import FUSABLE
 from layerbisect.compare import Aggregate, compare
 from layerbisect.dumps import DumpFolder
 from layerbisect.errors import NO_SAMPLES, LayerbisectError, first_line
@@ -47,6 +54,13 @@ from layerbisect.summary import neighbourhood, summarize
 
 PROBE_SIZE = 4096  # values per tensor compared when pairing by order
 CLOSEST = 6.0  # digits of agreement that count as equal
+# A named tensor moves to a value its namesake's operation is fused with when it agrees closely
+# with that value, ten times more closely than with its namesake: an int8 tensor agrees with its
+# own float value 0.999 and more, a Relu with its input about 0.7 (half the values cut), a Conv
+# with the BatchNormalization after it 0.98 in the test CNN. It stays when it agrees above
+# MOVED_BELOW with its namesake; below, unsure, it follows how the others were named.
+MOVED_BELOW, MOVED_ABOVE, CLOSER = 0.95, 0.99, 10.0
+FUSED_CHAIN = 3  # Conv -> BatchNormalization -> activation, and one more
 
 
 @runtime_checkable
@@ -131,7 +145,7 @@ def compare_source(
         produced = {k: v for k, v in _call(source, feeds).items() if k not in inputs}
         peak = max(peak, _nbytes(reference) + _nbytes(produced))
         if matches is None:
-            matches = pair_tensors([(v.tensor, reference[v.tensor]) for v in values], produced)
+            matches = pair_tensors([(v.tensor, reference[v.tensor]) for v in values], produced, _fused_with(graph))
             totals = {m.float_tensor: Aggregate() for m in matches}
         count += 1
         for match in matches:
@@ -144,13 +158,25 @@ def compare_source(
     return replace(report, sources=sources(float_model, proto, getattr(source, "path", None)))
 
 
-def pair_tensors(reference: Sequence[tuple[str, np.ndarray]], produced: Mapping[str, np.ndarray]) -> list[Match]:
+def pair_tensors(
+    reference: Sequence[tuple[str, np.ndarray]], produced: Mapping[str, np.ndarray],
+    fused_with: Mapping[str, tuple[str, Mapping[int, tuple[str, str]]]] | None = None,
+) -> list[Match]:
     """Pair source tensors with float values (``reference``: name and value, in the float
     model's order): by name, then by sanitised name, then by shape and order.
+
+    A name can lie: a backend that fuses a Conv with its BatchNorm or Relu dumps the fused
+    result under the Conv's name. ``fused_with`` gives, for a float value, the values a
+    backend may dump under its name; a named tensor that agrees poorly with its namesake but
+    closely with one of those is paired with that one (evidence "data").
 
     >>> a, b = np.ones((1, 2)), np.arange(3.0)
     >>> [(m.float_tensor, m.key, m.evidence) for m in pair_tensors([("x/a:0", a), ("b", b)], {"x_a_0": a, "t7": b})]
     [('x/a:0', 'x_a_0', 'name'), ('b', 't7', 'order')]
+    >>> conv, relu = np.array([1.0, -2.0, 3.0]), np.array([1.0, 0.0, 3.0])
+    >>> [(m.float_tensor, m.evidence) for m in pair_tensors([("conv", conv), ("relu", relu)], {"conv": relu},
+    ...                                                     {"conv": ("Conv", {1: ("relu", "Relu")})})]
+    [('relu', 'data')]
     """
     names = [name for name, _ in reference]
     values = dict(reference)
@@ -159,7 +185,10 @@ def pair_tensors(reference: Sequence[tuple[str, np.ndarray]], produced: Mapping[
     for key in produced:
         if key not in by_name and sanitise(key) in by_sanitised:
             by_name[key] = by_sanitised.pop(sanitise(key))
-    matches = {key: Match(tensor, key, "name", _fit(np.shape(produced[key]), values[tensor].shape)[1])
+    named = set(by_name.values())
+    by_name.update(_settled(by_name, produced, values, fused_with or {}))
+    matches = {key: Match(tensor, key, "name" if tensor in named else "data",
+                          _fit(np.shape(produced[key]), values[tensor].shape)[1])
                for key, tensor in by_name.items()}
     taken = {m.float_tensor for m in matches.values()}
     left = [(n, v) for n, v in reference if n not in taken]
@@ -168,6 +197,105 @@ def pair_tensors(reference: Sequence[tuple[str, np.ndarray]], produced: Mapping[
     found = [matches.get(key) or ordered.get(key) for key in produced]
     position = {name: i for i, name in enumerate(names)}
     return sorted((m for m in found if m is not None), key=lambda m: position[m.float_tensor])
+
+
+def _settled(by_name: Mapping[str, str], produced: Mapping[str, np.ndarray], values: Mapping[str, np.ndarray],
+             fused_with: Mapping[str, tuple[str, Mapping[int, tuple[str, str]]]]) -> dict[str, str]:
+    """The named tensors that stand for another float value than their namesake's, by key.
+
+    One that agrees closely with a value near its namesake, and much more closely than with the
+    namesake, moves there; one that agrees with its namesake stays (see ``_choice``). Each
+    such choice says how this source names tensors: for the namesake's op type, the option
+    taken (stay; or the offset and op type moved to, a Relu's name on the value before it) is
+    voted for, and the options left are voted against. A tensor that agrees with nothing
+    closely (a broken layer, or any after it) takes its best-voted option, staying on ties.
+    Agreement is unsigned (a sign flip keeps its name)."""
+    named = set(by_name.values())
+    choices = {key: _choice(np.asarray(produced[key]), tensor, fused_with.get(tensor, ("", {}))[1], values)
+               for key, tensor in by_name.items()}
+    votes: Counter = Counter()
+    for key, offset in choices.items():
+        kind, near = fused_with.get(by_name[key], ("", {}))
+        if offset is not None:
+            for option in (0, *near):
+                votes[_option(kind, option, near)] += 1 if option == offset else -1
+    moved, claimed = {}, set()
+    for key, tensor in by_name.items():
+        kind, near = fused_with.get(tensor, ("", {}))
+        offset = choices[key]
+        if offset is None:
+            offset = max((0, *near), key=lambda option: (votes[_option(kind, option, near)], option == 0))
+        target = near.get(offset, (None,))[0]
+        if target is not None and target not in named and target not in claimed:
+            moved[key] = target
+            claimed.add(target)
+    return moved
+
+
+def _option(kind: str, offset: int, near: Mapping[int, tuple[str, str]]) -> tuple:
+    """What moving a tensor named after an op of ``kind`` by ``offset`` means: the op type it
+    then stands for (its own for 0)."""
+    return kind, offset, near[offset][1] if offset else kind
+
+
+def _choice(dumped: np.ndarray, named: str, near: Mapping[int, tuple[str, str]],
+            values: Mapping[str, np.ndarray]) -> int | None:
+    """Where a named tensor sits among the values near its namesake (``near``: tensor and op
+    type by offset along the chain, -1 the one before): the offset of one it agrees with
+    closely (above ``MOVED_ABOVE``) and ``CLOSER`` times more closely than with its namesake
+    (a BatchNormalization near the identity leaves a Conv's value at cosine 0.98 of its own);
+    else 0 when it agrees with its namesake, the offset of the one it
+    agrees with closely, None when it agrees with none closely."""
+    def agreement(tensor: str) -> float:
+        fits, perm = _fit(dumped.shape, values[tensor].shape)
+        return abs(_cosine(_probe(values[tensor], None), _probe(dumped, perm))) if fits else 0.0
+
+    own = agreement(named)
+    offset = max(near, key=lambda o: agreement(near[o][0]), default=None)
+    best = 0.0 if offset is None else agreement(near[offset][0])
+    if best >= MOVED_ABOVE and (1.0 - best) * CLOSER <= 1.0 - own:
+        return offset
+    return 0 if own >= MOVED_BELOW else None
+
+
+def _fused_with(graph: nx.DiGraph) -> dict[str, tuple[str, dict[int, tuple[str, str]]]]:
+    """For each float value, its operation's type and the values a backend may dump under its
+    name, with their op types, by offset (-1 the value before it, 1 the one after): along the
+    chain of foldable operations around it (a BatchNormalization, an activation), each the
+    only reader of the value before it, up to ``FUSED_CHAIN`` steps either way.
+    Backends name a fused result after its first operation (conv1 holding the Relu's value);
+    onnxruntime's QDQ quantizer, dropping a Relu, gives the Relu's name to its input."""
+    readers: dict[tuple, list[str]] = {}
+    for node, attrs in graph.nodes(data=True):
+        for source in dict.fromkeys(attrs["sources"]):
+            readers.setdefault(source, []).append(node)
+
+    def foldable(node: str) -> bool:
+        attrs = graph.nodes[node]
+        return attrs["kind"] == "op" and attrs["role"] in FUSABLE and len(set(attrs["sources"])) == 1
+
+    def alone(value: tuple) -> bool:  # the value's one reader is foldable
+        return len(readers.get(value, ())) == 1 and foldable(readers[value][0])
+
+    kinds = {out: attrs["op_type"] for _, attrs in graph.nodes(data=True) if attrs["kind"] == "op"
+             for out in attrs["outputs"]}
+    around: dict[str, tuple[str, dict[int, tuple[str, str]]]] = {}
+    for node, attrs in graph.nodes(data=True):
+        if attrs["kind"] != "op" or not attrs["outputs"]:
+            continue
+        after, value = [], (node, 0)
+        while len(after) < FUSED_CHAIN and alone(value):
+            value = (readers[value][0], 0)
+            after.append(graph.nodes[value[0]]["outputs"][0])
+        before, current = [], node
+        while len(before) < FUSED_CHAIN and foldable(current) and alone(graph.nodes[current]["sources"][0]):
+            current = graph.nodes[current]["sources"][0][0]
+            if graph.nodes[current]["kind"] != "op":
+                break
+            before.append(graph.nodes[current]["outputs"][0])
+        near = {-step: t for step, t in enumerate(before, 1)} | {step: t for step, t in enumerate(after, 1)}
+        around[attrs["outputs"][0]] = (attrs["op_type"], {o: (t, kinds[t]) for o, t in near.items()})
+    return around
 
 
 def sanitise(name: str) -> str:

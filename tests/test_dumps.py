@@ -193,3 +193,59 @@ def test_an_empty_folder_and_several_samples_are_refused(tmp_path):
 def test_search_options_that_cannot_apply_to_a_tensor_source_are_refused(tmp_path, option):
     with pytest.raises(LayerbisectError, match=f"{next(iter(option))} cannot apply to a tensor source"):
         find_first_bad_layer(make_cnn(), lambda feeds: {}, random_inputs(make_cnn()), **option)
+
+
+def dumped(model: onnx.ModelProto, folder, feeds) -> None:
+    """Every float tensor ``model`` computes, one .npy per tensor named after it (sanitised),
+    as a user dumps a backend's intermediate values."""
+    types = {info.name: info.type.tensor_type.elem_type
+             for info in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    names = [out for node in model.graph.node for out in node.output
+             if types.get(out) == onnx.TensorProto.FLOAT or out in {o.name for o in model.graph.output}]
+    for name, value in Session(expose(model, names), "dumped model").run(feeds, names).items():
+        np.save(folder / f"{sanitise(name)}.npy", value)
+
+
+def pairs_of(report) -> dict[str, str]:
+    return {layer.float_tensor: layer.quant_tensor for layer in report.layers}
+
+
+def test_a_dump_of_onnxruntimes_qdq_model_is_paired_by_what_its_tensors_hold(tmp_path):
+    """onnxruntime's QDQ quantizer drops each Relu after a BatchNormalization or an Add and
+    gives its name to their output: the dump's 'relu1' holds bn1's value, its
+    'relu1_DequantizeLinear_Output' the clamped one. Paired by name alone, every pair after a
+    Relu was wrong (an early Add was named in one such dump)."""
+    from models import corrupt_weights, quant_node_for, quantize
+
+    quant = quantize(make_cnn(), "qdq")
+    dumped(corrupt_weights(quant, quant_node_for(quant, FAULT)), tmp_path, random_inputs(make_cnn()))
+    report = find_first_bad_layer(make_cnn(), tmp_path, random_inputs(make_cnn()))
+    assert report.first_bad.float_nodes == (FAULT,)
+    clamped = {f"relu{i}": f"relu{i}_DequantizeLinear_Output" for i in (1, 2, 3, 4)}
+    assert pairs_of(report) == {
+        "conv1": "conv1", "bn1": "relu1", "conv2": "conv2", "bn2": "relu2", "add1": "relu3", "pool1": "pool1",
+        "conv3": "relu4", "gap": "gap", "flatten": "flatten", "y": "y", **clamped,
+    }
+    moved = {layer.float_tensor for layer in report.layers if layer.evidence == "data"}
+    assert moved == {"bn1", "bn2", "add1", "conv3"}  # bn2 and after: how the healthy ones were named
+
+
+def test_a_dump_of_a_batchnorm_folding_optimizer_pairs_the_conv_name_with_the_batchnorm(tmp_path):
+    """The folded Conv keeps its name and holds its BatchNormalization's value."""
+    from test_rewrites import fold_batchnorm
+
+    folded = fold_batchnorm(make_cnn())
+    for node in folded.graph.node:  # the folded Conv's output renamed after the Conv
+        renamed = {"bn1": "conv1", "bn2": "conv2"}
+        node.input[:] = [renamed.get(x, x) for x in node.input]
+        node.output[:] = [renamed.get(x, x) for x in node.output]
+    weight = next(i for i in folded.graph.initializer if i.name == next(
+        n for n in folded.graph.node if n.output[0] == FAULT).input[1])
+    value = onnx.numpy_helper.to_array(weight)
+    weight.CopyFrom(onnx.numpy_helper.from_array(np.random.default_rng(0).permutation(value.ravel()).reshape(value.shape),
+                                                 weight.name))
+    dumped(folded, tmp_path, random_inputs(make_cnn()))
+    report = find_first_bad_layer(make_cnn(), tmp_path, random_inputs(make_cnn()))
+    assert report.first_bad.float_nodes == ("conv2", "bn2")
+    assert {"bn1": "conv1", "bn2": "conv2", "conv3": "conv3", "relu2": "relu2"}.items() <= pairs_of(report).items()
+    assert "conv1" not in pairs_of(report) and "conv2" not in pairs_of(report)
