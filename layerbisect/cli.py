@@ -53,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 providers=args.providers,
                 ort_optimized=args.ort_optimized,
                 allow_swapped=args.allow_swapped,
+                quant_graph=args.quant_graph,
                 quiet=args.quiet,
                 strategy=args.strategy,
                 memory_budget=args.memory_budget,
@@ -130,6 +131,11 @@ def _parser() -> argparse.ArgumentParser:
         help="compare the quantized graph as onnxruntime optimizes it (its fused nodes)",
     )
     parser.add_argument(
+        "--quant-graph", metavar="GRAPH.onnx",
+        help="with a dump folder: the graph its tensors come from (names as the dump uses them), "
+        "to pair them by structure",
+    )
+    parser.add_argument(
         "--allow-swapped", action="store_true",
         help="compare even when the float model holds quantization and the quantized one does not",
     )
@@ -166,7 +172,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
     """Before any work: every output can be written, and none is a file the run reads."""
     outputs = {"--json": args.json, "--html": args.html, "--keep-float": args.keep_float,
                "--repaired-model": args.repaired_model}
-    reads = [args.float_model, args.quant_model, args.inputs, *(path for _, path in args.input)]
+    reads = [args.float_model, args.quant_model, args.quant_graph, args.inputs, *(path for _, path in args.input)]
     check_outputs(outputs, reads)
 
 

@@ -75,6 +75,7 @@ def find_first_bad_layer(
     providers: Sequence[str] = DEFAULT_PROVIDERS,
     ort_optimized: bool = False,
     allow_swapped: bool = False,
+    quant_graph: ModelLike | None = None,
     strategy: str = "auto",
     memory_budget: int | str | None = None,
     isolated: bool = True,
@@ -94,7 +95,9 @@ def find_first_bad_layer(
     samples. ``ort_optimized=True`` compares the graph onnxruntime actually runs for the
     quantized model (after its fusions), to find errors that appear only after fusion. A float
     model that holds quantization while the quantized one does not is refused as swapped,
-    unless ``allow_swapped=True``.
+    unless ``allow_swapped=True``. With a tensor source, ``quant_graph`` is the graph its
+    tensors come from (the vendor's compiled or optimized ONNX, whose tensor names a dump
+    uses): its tensors then pair by structure, as a quantized model's values do.
 
     ``strategy="scan"`` measures every aligned layer, in pieces that fit ``memory_budget``
     (activations held at once, in bytes or as "2G", "500M"; default: half the memory available
@@ -132,7 +135,12 @@ def find_first_bad_layer(
                 "computed here, and are compared as they come (cumulative error only); leave it out"
             )
         return compare_source(float_model, source, samples, threshold, shapes=shapes, seed=seed,
-                              providers=providers, quiet=quiet)
+                              providers=providers, quiet=quiet, quant_graph=quant_graph)
+    if quant_graph is not None:
+        raise LayerbisectError(
+            "quant_graph names the graph a tensor source's tensors come from; with a quantized "
+            "model, leave it out (the model is its own graph)"
+        )
     if isinstance(quant_model, Simulated):
         samples = list(samples)
         quant_model = quant_model.build(float_model, samples, shapes=shapes, seed=seed, providers=providers)

@@ -38,13 +38,13 @@ import networkx as nx
 import numpy as np
 import onnx
 
-from layerbisect.align import FUSABLE
+from layerbisect.align import FUSABLE, align
 from layerbisect.compare import Aggregate, compare
 from layerbisect.dumps import DumpFolder
 from layerbisect.errors import NO_SAMPLES, LayerbisectError, first_line
 from layerbisect.expose import expose
 from layerbisect.files import sources
-from layerbisect.graph import FLOAT_DTYPES, build_graph
+from layerbisect.graph import FLOAT_DTYPES, Readout, build_graph
 from layerbisect.inputs import Sample, plan_inputs
 from layerbisect.load import ModelLike, declared_inputs, load_model
 from layerbisect.progress import progress
@@ -83,12 +83,15 @@ class TensorSource(Protocol):
 @dataclass(frozen=True)
 class Match:
     """A float value and the source tensor (``key``) that stands for it; ``perm`` brings the
-    source tensor to the float layout (None: same layout); ``evidence`` is "name" or "order"."""
+    source tensor to the float layout (None: same layout); ``evidence`` is "name", "data",
+    "order" or "structure" (aligned through the quantized graph the source came from)."""
 
     float_tensor: str
     key: str
     evidence: str
     perm: tuple[int, ...] | None = None
+    readout: Readout | None = None
+    """How to turn the source's integers into float values (from a quantized graph)."""
 
 
 @dataclass(frozen=True)
@@ -120,14 +123,20 @@ def compare_source(
     seed: int = 0,
     providers: Sequence[str] = DEFAULT_PROVIDERS,
     quiet: bool = False,
+    quant_graph: ModelLike | None = None,
 ) -> Report:
     """Compare the float model's values with the tensors ``source`` returns for each sample
     (None: seeded random inputs), pairing them at the first sample; see the module docstring.
+    With ``quant_graph``, the graph the source's tensors come from (the vendor's compiled or
+    optimized ONNX, whose tensor names the dump uses), tensors pair by structure: the float
+    model is aligned with that graph, and each pair reads the tensor named after its quantized
+    value (integers dequantized with the graph's scale and zero point).
 
     >>> report = compare_source("float.onnx", DumpFolder("dump/"), [sample])  # doctest: +SKIP
     """
     proto = load_model(float_model, role="float model")
     graph = build_graph(proto)
+    structural = None if quant_graph is None else _structural_keys(graph, quant_graph)
     values = _float_values(graph)
     specs = declared_inputs(proto)
     plan = plan_inputs(specs, specs, shapes)
@@ -145,7 +154,8 @@ def compare_source(
         produced = {k: v for k, v in _call(source, feeds).items() if k not in inputs}
         peak = max(peak, _nbytes(reference) + _nbytes(produced))
         if matches is None:
-            matches = pair_tensors([(v.tensor, reference[v.tensor]) for v in values], produced, _fused_with(graph))
+            matches = (pair_tensors([(v.tensor, reference[v.tensor]) for v in values], produced, _fused_with(graph))
+                       if structural is None else _by_structure(structural, produced))
             totals = {m.float_tensor: Aggregate() for m in matches}
         count += 1
         for match in matches:
@@ -156,6 +166,36 @@ def compare_source(
     report = _report(proto, graph, values, source, matches, totals, problems, shapes_seen,
                      _label(float_model, proto), threshold, count, peak, providers, seed)
     return replace(report, sources=sources(float_model, proto, getattr(source, "path", None)))
+
+
+def _structural_keys(graph: nx.DiGraph, quant_graph: ModelLike) -> list[tuple[str, tuple[str, ...], Readout]]:
+    """For each value of the float model aligned with ``quant_graph``: its tensor, the names a
+    dump may give the quantized value (the tensor read, then the DequantizeLinear output that
+    carries it as float), and the readout that dequantizes the first."""
+    proto = load_model(quant_graph, role="quantized graph")
+    dequantized: dict[str, list[str]] = {}
+    for node in proto.graph.node:
+        if node.op_type == "DequantizeLinear":
+            dequantized.setdefault(node.input[0], []).append(node.output[0])
+    keys = []
+    for pair in align(graph, build_graph(proto)).pairs:
+        readout = pair.quant_readout
+        names = (readout.tensor, *dequantized.get(readout.tensor, ()), pair.quant_tensor)
+        keys.append((pair.float_tensor, tuple(dict.fromkeys(names)), readout))
+    return keys
+
+
+def _by_structure(keys: list[tuple[str, tuple[str, ...], Readout]], produced: Mapping[str, np.ndarray]) -> list[Match]:
+    """The structural pairs whose quantized value the source holds, by exact or sanitised name."""
+    available = {**{sanitise(key): key for key in produced}, **{key: key for key in produced}}
+    matches = []
+    for float_tensor, names, readout in keys:
+        found = next(((name, available[candidate]) for name in names
+                      for candidate in (name, sanitise(name)) if candidate in available), None)
+        if found is not None:
+            name, key = found
+            matches.append(Match(float_tensor, key, "structure", None, readout if name == readout.tensor else None))
+    return matches
 
 
 def pair_tensors(
@@ -390,6 +430,9 @@ def _measure(match: Match, reference, produced, totals, problems) -> None:
     actual = np.asarray(produced.get(match.key)) if match.key in produced else None
     if actual is None:
         problems[match.float_tensor] = f"the source returned no {match.key!r} for a later sample"
+    elif actual.dtype.kind in "iu" and match.readout is not None and match.readout.scale is not None:
+        _measure(replace(match, readout=None), reference, {match.key: match.readout.dequantize(actual)}, totals,
+                 problems)
     elif actual.dtype.kind != "f" or expected.dtype.kind != "f":
         problems[match.float_tensor] = f"{match.key!r} holds {actual.dtype} values: dequantize them first"
     else:

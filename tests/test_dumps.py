@@ -249,3 +249,36 @@ def test_a_dump_of_a_batchnorm_folding_optimizer_pairs_the_conv_name_with_the_ba
     assert report.first_bad.float_nodes == ("conv2", "bn2")
     assert {"bn1": "conv1", "bn2": "conv2", "conv3": "conv3", "relu2": "relu2"}.items() <= pairs_of(report).items()
     assert "conv1" not in pairs_of(report) and "conv2" not in pairs_of(report)
+
+
+def test_a_dump_with_its_quantized_graph_pairs_by_structure_numbered_files_and_integers(tmp_path, capsys):
+    """A vendor dump of numbered raw files with a JSON map, the tensors int8 as the backend
+    holds them: given the graph it came from, each pairs with the float value its graph's value
+    stands for, dequantized with that graph's scale, and the planted fault is named."""
+    from models import corrupt_weights, quant_node_for, quantize
+
+    quant = quantize(make_cnn(), "qdq")
+    faulty = corrupt_weights(quant, quant_node_for(quant, FAULT))
+    onnx.save(faulty, tmp_path / "compiled.onnx")
+    names = [node.output[0] for node in faulty.graph.node if node.op_type == "QuantizeLinear"]
+    values = Session(expose(faulty, names), "dumped model").run(random_inputs(make_cnn()), names)
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    listing = {}
+    for index, name in enumerate(names):
+        values[name].tofile(dump / f"{index:04d}.bin")
+        listing[f"{index:04d}.bin"] = {"name": name, "dtype": str(values[name].dtype), "shape": list(values[name].shape)}
+    (dump / "layers.json").write_text(json.dumps(listing))
+    np.savez(tmp_path / "x.npz", **random_inputs(make_cnn()))
+    report = find_first_bad_layer(make_cnn(), DumpFolder(dump), random_inputs(make_cnn()),
+                                  quant_graph=tmp_path / "compiled.onnx")
+    assert report.first_bad.float_nodes == (FAULT,) and {layer.evidence for layer in report.layers} == {"structure"}
+    by_float = {layer.float_tensor: layer.quant_tensor for layer in report.layers}
+    assert by_float["relu1"] == "relu1_QuantizeLinear_Output" and by_float["relu3"] == "relu3_QuantizeLinear_Output"
+    assert all(layer.cosine > 0.99 for layer in report.layers if layer.index < report.first_bad.index)
+    onnx.save(make_cnn(), tmp_path / "fp32.onnx")
+    assert main([str(tmp_path / "fp32.onnx"), str(dump), "--inputs", str(tmp_path / "x.npz"), "--quant-graph",
+                 str(tmp_path / "compiled.onnx"), "--quiet"]) == 1
+    assert capsys.readouterr().out.startswith(f"FAIL: first layer below cosine 0.98 is #{report.first_bad.index} Conv 'conv2'")
+    with pytest.raises(LayerbisectError, match="quant_graph names the graph a tensor source's tensors come from"):
+        find_first_bad_layer(make_cnn(), faulty, quant_graph=tmp_path / "compiled.onnx")
