@@ -55,6 +55,20 @@ class _Graph:
             moved[rows, cols] = np.where(moved[rows, cols] < 0, -127, 127)
         return self.const(name, (k * step).astype(np.float32))
 
+    def layer_norm(self, name: str, x: str, hidden: int) -> str:
+        """LayerNormalization ``name`` over the last axis, scale near 1 and a small bias."""
+        s = self.weight(f"{name}.scale", self.rng.uniform(0.8, 1.2, hidden))
+        b = self.const(f"{name}.bias", self.rng.uniform(-0.1, 0.1, hidden).astype(np.float32))
+        return self.node("LayerNormalization", name, [x, s, b], axis=-1, epsilon=1e-5)
+
+    def linear(self, name: str, x: str, fin: int, fout: int, gain: float = 1.0, bias_first: bool = False) -> str:
+        """MatMul ``{name}_proj`` followed by bias Add ``{name}_bias`` (reading the bias first
+        when ``bias_first``, as the pattern onnxruntime's transformers optimizer fuses)."""
+        w = self.weight(f"{name}.weight", self.rng.standard_normal((fin, fout)) * gain / math.sqrt(fin), (0, 1))
+        h = self.node("MatMul", f"{name}_proj", [x, w])
+        bias = self.randn(f"{name}.bias", (fout,), 0.05)
+        return self.node("Add", f"{name}_bias", [bias, h] if bias_first else [h, bias])
+
     def node(self, op: str, name: str, inputs: list[str], **attrs) -> str:
         """Add a single-output node whose output tensor is named after the node."""
         self.nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
@@ -144,16 +158,9 @@ def make_transformer(seed: int = 0, seq: int = 8, hidden: int = 32, heads: int =
     d = hidden // heads
 
     def ln(name: str, x: str) -> str:
-        s = g.weight(f"{name}.scale", g.rng.uniform(0.8, 1.2, hidden))
-        b = g.const(f"{name}.bias", g.rng.uniform(-0.1, 0.1, hidden).astype(np.float32))
-        return g.node("LayerNormalization", name, [x, s, b], axis=-1, epsilon=1e-5)
+        return g.layer_norm(name, x, hidden)
 
-    def linear(name: str, x: str, fin: int, fout: int, gain: float = 1.0) -> str:
-        """MatMul ``{name}_proj`` followed by bias Add ``{name}_bias``."""
-        w = g.weight(f"{name}.weight", g.rng.standard_normal((fin, fout)) * gain / math.sqrt(fin), (0, 1))
-        h = g.node("MatMul", f"{name}_proj", [x, w])
-        return g.node("Add", f"{name}_bias", [h, g.randn(f"{name}.bias", (fout,), 0.05)])
-
+    linear = g.linear
     heads_shape = g.const("heads_shape", np.array([1, seq, heads, d], dtype=np.int64))
     flat_shape = g.const("flat_shape", np.array([1, seq, hidden], dtype=np.int64))
     h = ln("ln1", "x")
@@ -190,13 +197,11 @@ def make_bert(seed: int = 0, seq: int = 8, hidden: int = 64, heads: int = 2) -> 
     d = hidden // heads
 
     def ln(name: str, x: str) -> str:
-        s = g.weight(f"{name}.scale", g.rng.uniform(0.8, 1.2, hidden))
-        b = g.const(f"{name}.bias", g.rng.uniform(-0.1, 0.1, hidden).astype(np.float32))
-        return g.node("LayerNormalization", name, [x, s, b], axis=-1, epsilon=1e-5)
+        return g.layer_norm(name, x, hidden)
+
     def linear(name: str, x: str, fin: int, fout: int, gain: float = 1.0) -> str:
-        w = g.weight(f"{name}.weight", g.rng.standard_normal((fin, fout)) * gain / math.sqrt(fin), (0, 1))
-        h = g.node("MatMul", f"{name}_proj", [x, w])
-        return g.node("Add", f"{name}_bias", [g.randn(f"{name}.bias", (fout,), 0.05), h])
+        return g.linear(name, x, fin, fout, gain, bias_first=True)
+
     heads_shape = g.const("heads_shape", np.array([0, 0, heads, d], dtype=np.int64))
     flat_shape = g.const("flat_shape", np.array([0, 0, hidden], dtype=np.int64))
     split = {}
