@@ -23,7 +23,9 @@ with no counterpart waits until an operation that reads it pairs, and is then se
 A weighted float operation that structure cannot pair pairs with its anchor (the weighted
 quantized operation of ``layerbisect.anchors``), the value it reads settled first by what the
 anchor reads: what lies between two pairs of anchors is settled on its own, not as part of
-the next weighted operation.
+the next weighted operation. Projections of one value fused into one weighted operation
+and then split (Q, K and V in one MatMul) pair output by output with separate ones, by
+the weights of each block of the fused weight's columns.
 
 What nothing reads (graph ends) is settled last, by where both graphs end; the weights tell
 two foldable operations in a row apart (of two BatchNormalizations, the one folded away).
@@ -186,6 +188,18 @@ class _Settlement:
     folded: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class _Block:
+    """One output of a Split after fused projections, and its counterpart: the float values
+    that map to ``quant_value``; ``float_ops``, where the float graph fuses, the float span
+    (weighted operation, bias, Split); ``quant_ops`` the quantized operations computing it."""
+
+    float_values: tuple[ValueRef, ...]
+    quant_value: ValueRef
+    float_ops: tuple[str, ...]
+    quant_ops: tuple[str, ...]
+
+
 def align(float_graph: nx.DiGraph, quant_graph: nx.DiGraph) -> Alignment:
     """Align the values of two graphs built by ``layerbisect.graph.build_graph``."""
     return _Aligner(float_graph, quant_graph).run()
@@ -227,7 +241,8 @@ class _Aligner:
             self.index.setdefault((attrs["role"], tuple(sorted(root for _, root, _ in inputs))), []).append(node)
         float_ops = _ordered(self.fg, "op")
         for node in float_ops:
-            if not self._align_op(node):
+            if node not in self.evidence and not self._align_op(node):  # (a fused projection
+                # pairs its siblings at once)
                 self.pending.add(node)
         self._align_pending(float_ops)  # once more: what paired later may settle what waited
         self._settle_graph_ends(float_ops)
@@ -366,6 +381,10 @@ class _Aligner:
                 self._extend(*extension)
             self._pair(node, match, perm, evidence)
             return True
+        plan = self._split_plan(node, mapped)
+        if plan:
+            self._apply_split(plan)
+            return True
         folded = self._folding((node, 0))
         if folded and self._absorbed(node, sources):
             self._settle(folded[0])
@@ -389,6 +408,52 @@ class _Aligner:
         quant_shape, shape = self.qa[quant_value[0]]["shapes"][quant_value[1]], self.fa[node]["shapes"][0]
         return (perm is None and shape is not None and _shapes_agree(shape, quant_shape, None)
                 and _rows_merged(quant_shape, self.fa[source[0]]["shapes"][source[1]]))
+
+    # Projections fused into one weighted operation, then split
+
+    def _split_plan(self, node: str, mapped: list[Mapped]) -> list[_Block]:
+        """Where one graph computes, in one weighted operation (and a bias) followed by a
+        Split of its last axis, what the other computes in several reading the same value (Q,
+        K and V fused into one MatMul), and ``node`` is one of those operations on either
+        side: each Split output that pairs with one of them (an empty list if none does)."""
+        attrs = self.fa[node]
+        matmul = attrs["role"] in ROLE_ALIASES["MatMul"]  # a Split of the last axis splits its columns
+        if not matmul or not is_weighted(attrs) or len(mapped) != 1 or mapped[0][1] is not None:
+            return []
+        root, perm = self._root(mapped[0][0])
+        if perm is not None:
+            return []
+        quant_readers = [q for role in ROLE_ALIASES[attrs["role"]] for q in self.index.get((role, (root,)), ())
+                         if q not in self.claimed and is_weighted(self.qa[q])]
+        split = _split_after(self.fa, self.float_consumers, node)
+        if split is not None:  # the float graph fuses: its Split's outputs pair with the quantized ends
+            singles = [q for q in quant_readers if q not in self.trusted]
+            return [_Block(((split[-1], index),), (end[-1], 0), split, end)
+                    for index, end in _assign_blocks(self.fa, split, self.qa, self.quant_consumers, singles)]
+        siblings = [f for f in self.float_siblings[_float_key(attrs)] if f not in self.evidence and is_weighted(self.fa[f])]
+        for fused in quant_readers:
+            split = _split_after(self.qa, self.quant_consumers, fused)
+            if split is None:
+                continue
+            blocks = _assign_blocks(self.qa, split, self.fa, self.float_consumers, siblings)
+            if any(end[0] == node for _, end in blocks):
+                return [_Block(tuple((f, 0) for f in end), (split[-1], index), (), split) for index, end in blocks]
+        return []
+
+    def _apply_split(self, plan: list[_Block]) -> None:
+        """Pair the values of ``plan`` (``_split_plan``), by the weights."""
+        for block in plan:
+            self.claimed.update(block.quant_ops)
+            self.quant_span[block.quant_value[0]] = block.quant_ops
+            for value in block.float_values:
+                self._map(value, block.quant_value, None)
+                self.evidence[value[0]] = "weights"
+            for member in block.float_ops:
+                self.evidence[member] = "weights"
+            if block.float_ops:
+                self.regions[block.float_values[-1][0]] = block.float_ops
+            self.pending.difference_update(value[0] for value in block.float_values)
+            self.pending.difference_update(block.float_ops)
 
     def _belongs_to_next(self, node: str, match: str) -> bool:
         """Whether ``match`` is rather the counterpart of the node's reader of the same role, a
@@ -634,7 +699,7 @@ class _Aligner:
                 continue
             chosen = {settlement.value: settlement.target for settlement in combination}
             mapped = [chosen[src] if src in chosen else self._mapped(src) for src in sources]
-            if self._search(node, mapped) is not None:
+            if self._search(node, mapped) is not None or self._split_plan(node, mapped):
                 for settlement in combination:
                     self._settle(settlement)
                 return mapped
@@ -968,6 +1033,77 @@ def _disjoint(settlements: tuple[_Settlement, ...]) -> bool:
     ops = [("f", n) for s in settlements for n in s.float_ops + s.folded]
     ops += [("q", n) for s in settlements for n in s.quant_ops]
     return len(ops) == len(set(ops))
+
+
+def _with_bias(attrs: dict, consumers: dict, op: str) -> tuple[str, ...]:
+    """``op`` and the bias Add after it, if one alone reads it (an Add of a constant)."""
+    readers = consumers.get((op, 0), ())
+    if len(readers) == 1 and attrs[readers[0]]["role"] == "Add" and len(attrs[readers[0]]["sources"]) == 1:
+        return op, readers[0]
+    return (op,)
+
+
+def _has_bias(attrs: dict, ops: tuple[str, ...]) -> bool:
+    return len(ops) > 1 or attrs[ops[0]]["bias"]
+
+
+def _split_after(attrs: dict, consumers: dict, op: str) -> tuple[str, ...] | None:
+    """The weighted ``op``, its bias Add if any, and the Split of its last axis that alone
+    reads them (into as many parts as it has outputs, each of a known size); None if not so."""
+    ops = _with_bias(attrs, consumers, op)
+    readers = consumers.get((ops[-1], 0), ())
+    if len(readers) != 1 or attrs[readers[0]]["role"] != "Split" or len(attrs[readers[0]]["sources"]) != 1:
+        return None
+    shape, parts = attrs[op]["shapes"][0], attrs[readers[0]]["shapes"]
+    if shape is None or any(part is None or part[-1] is None or not _shapes_agree(shape[:-1], part[:-1], None)
+                            for part in parts):
+        return None
+    return (*ops, readers[0]) if sum(part[-1] for part in parts) == attrs[op]["weight_shape"][-1] else None
+
+
+def _assign_blocks(fused_attrs: dict, chain: tuple[str, ...], attrs: dict, consumers: dict,
+                   singles: list[str]) -> list[tuple[int, tuple[str, ...]]]:
+    """Which of the weighted operations ``singles`` (of the other graph) computes each output
+    of the Split ending ``chain`` (``_split_after``): ``(output index, the single and its bias
+    Add)``. Each output takes the single whose weights agree the most with the output's block
+    of the fused weight's columns, at least ``UNRELATED_WEIGHTS``, most agreeing first; then
+    the one output left takes the one single of its size left (a corrupted weight). Both add
+    a bias, or neither."""
+    fused, split = chain[0], chain[-1]
+    sizes = [part[-1] for part in fused_attrs[split]["shapes"]]
+    starts = np.cumsum([0, *sizes[:-1]])
+    ends = {single: _with_bias(attrs, consumers, single) for single in singles}
+    fitting = [single for single in singles if _has_bias(attrs, ends[single]) == _has_bias(fused_attrs, chain[:-1])
+               and attrs[single]["weight_shape"][:-1] == fused_attrs[fused]["weight_shape"][:-1]]
+    scores = sorted(
+        ((agreement, index, single) for index, (start, size) in enumerate(zip(starts, sizes))
+         for single in fitting if attrs[single]["weight_shape"][-1] == size
+         if (agreement := _block_agreement(fused_attrs[fused], int(start), size, attrs[single])) is not None),
+        key=lambda item: -item[0],
+    )
+    taken: dict[int, str] = {}
+    for agreement, index, single in scores:
+        if agreement >= UNRELATED_WEIGHTS and index not in taken and single not in taken.values():
+            taken[index] = single
+    left = [index for index in range(len(sizes)) if index not in taken]
+    if taken and len(left) == 1:
+        rest = [single for single in fitting if single not in taken.values()
+                and attrs[single]["weight_shape"][-1] == sizes[left[0]]]
+        if len(rest) == 1:
+            taken[left[0]] = rest[0]
+    return sorted((index, ends[single]) for index, single in taken.items())
+
+
+def _block_agreement(fused: dict, start: int, size: int, single: dict) -> float | None:
+    """``weights.channel_agreement`` of ``single`` with the columns ``start`` to ``start +
+    size`` of the weight of ``fused`` (both in MatMul orientation), over the rows both
+    fingerprints hold."""
+    columns = fused["weight_shape"][-1]
+    rows = min(fused["fingerprint"].size // columns, single["fingerprint"].size // size)
+    block = fused["fingerprint"][: rows * columns].reshape(rows, columns)[:, start:start + size]
+    part = single["fingerprint"][: rows * size]
+    return channel_agreement({"fingerprint": block.ravel(), "weight_shape": (rows, size), "role": "MatMul"},
+                             {"fingerprint": part, "weight_shape": (rows, size), "role": "MatMul"})
 
 
 def _is_view(attrs: dict) -> bool:

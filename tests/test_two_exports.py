@@ -4,7 +4,8 @@ correspondence of values known by construction.
 - Two exports of one transformer: tests/models.py's ``make_transformer`` and a second
   exporter's style of the same weights and the same function (shapes computed at run time,
   LayerNorm decomposed, an attention mask applied by a ``Where``, swapped ``Add`` operands,
-  ``Gemm`` with transB between Reshapes, another order of the Gelu's products, other names).
+  ``Gemm`` with transB between Reshapes, another order of the Gelu's products, other names);
+  Q, K and V as MatMuls, as Gemms on a 2-D view, or fused into one MatMul then a Split.
 - Weight-only int8 as ``Cast`` + ``Mul`` of initializers, dequantized in the graph.
 - fp16 conversion by onnxconverter-common, with ``Cast`` glue at the inputs, the outputs and
   around the operations kept in float32.
@@ -200,7 +201,7 @@ def test_the_second_export_computes_the_same_function():
     np.testing.assert_allclose(run(second, {"hidden_states": X}), run(first, {"x": X}), atol=1e-5)
 
 
-MASKS, PROJECTIONS = ["where", "input", "none"], ["matmul", "gemm"]
+MASKS, PROJECTIONS = ["where", "input", "none"], ["matmul", "gemm", "fused"]
 
 
 def feeds(mask: str) -> dict[str, np.ndarray]:
