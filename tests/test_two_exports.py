@@ -26,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 from layerbisect import find_first_bad_layer
 from layerbisect.align import Alignment, align, is_weighted
 from layerbisect.graph import build_graph
-from models import OPSET, make_cnn, make_transformer, random_inputs
+from models import OPSET, float16, make_cnn, make_transformer, random_inputs, weight_only_int8
 
 SEQ, HIDDEN, HEADS = 8, 32, 2  # make_transformer's defaults
 EPS = 1e-5  # make_transformer's LayerNorm epsilon
@@ -244,38 +244,6 @@ def test_a_weight_shuffled_in_the_second_export_is_named(faulty, mask, qkv):
     assert all(layer.cosine > 0.9999 for layer in report.layers[: report.first_bad.index])
 
 
-def weight_only_int8(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy whose Conv, MatMul and Gemm weights are int8 initializers dequantized in the
-    graph by Cast(to float) then Mul by a scale initializer: per output channel for every
-    other weight, per tensor for the rest, the scale first in every third Mul. The test
-    models' weights lie on an int8 grid: the values are the same."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    graph, inits = copy.graph, {init.name: init for init in copy.graph.initializer}
-    weighted = [node for node in graph.node if node.op_type in ("Conv", "MatMul", "Gemm") and node.input[1] in inits]
-    for position, node in enumerate(weighted):
-        name = node.input[1]
-        weight = numpy_helper.to_array(inits[name])
-        channel_axis = 0 if node.op_type == "Conv" or (node.op_type == "Gemm" and _attr(node, "transB")) else -1
-        kept = tuple(a for a in range(weight.ndim) if a != channel_axis % weight.ndim)
-        absmax = np.abs(weight).max(axis=kept, keepdims=True) if position % 2 == 0 else np.abs(weight).max()
-        scale = (absmax / 127).astype(np.float32)
-        graph.initializer.remove(inits[name])
-        graph.initializer.extend([numpy_helper.from_array(np.round(weight / scale).astype(np.int8), f"{name}.int8"),
-                                  numpy_helper.from_array(scale, f"{name}.scale")])
-        cast = helper.make_node("Cast", [f"{name}.int8"], [f"{name}.cast"], name=f"{name}.Cast", to=TensorProto.FLOAT)
-        factors = [f"{name}.cast", f"{name}.scale"][:: -1 if position % 3 == 2 else 1]
-        mul = helper.make_node("Mul", factors, [name], name=f"{name}.Mul")
-        graph.node.insert(list(graph.node).index(node), cast)
-        graph.node.insert(list(graph.node).index(node), mul)
-    onnx.checker.check_model(copy)
-    return copy
-
-
-def _attr(node: onnx.NodeProto, name: str) -> int:
-    return next((a.i for a in node.attribute if a.name == name), 0)
-
-
 def shuffled_initializer(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
     """A copy with the initializer ``name`` shuffled."""
     copy = onnx.ModelProto()
@@ -319,14 +287,9 @@ def test_weight_only_int8_in_the_graph_pairs_by_its_dequantized_weights(name):
 
 
 def fp16(model: onnx.ModelProto, kept_in_float32: list[str]) -> onnx.ModelProto:
-    """onnxconverter-common's fp16 conversion, inputs and outputs kept in float32, the
-    operations of the types ``kept_in_float32`` too (Cast glue around each)."""
-    float16 = pytest.importorskip("onnxconverter_common.float16")
-    import warnings
-
-    with warnings.catch_warnings():  # values below fp16's range are clamped, and said so
-        warnings.simplefilter("ignore")
-        return float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=kept_in_float32)
+    """``models.float16``, skipped where onnxconverter-common is not installed."""
+    pytest.importorskip("onnxconverter_common.float16")
+    return float16(model, kept_in_float32)
 
 
 FP32_KEPT = {"none": [], "some": ["Softmax", "LayerNormalization", "GlobalAveragePool", "Add"]}
