@@ -20,6 +20,13 @@ with no counterpart waits until an operation that reads it pairs, and is then se
   something (not Transposes and Reshapes alone) and holds no more weighted operations than
   the other side, and at most three of the float model's (never most of them).
 
+A weighted float operation that structure cannot pair pairs with its anchor (the weighted
+quantized operation of ``layerbisect.anchors``), the value it reads settled first by what the
+anchor reads: what lies between two pairs of anchors is settled on its own, not as part of
+the next weighted operation. Projections of one value fused into one weighted operation
+and then split (Q, K and V in one MatMul) pair output by output with separate ones, by
+the weights of each block of the fused weight's columns.
+
 What nothing reads (graph ends) is settled last, by where both graphs end; the weights tell
 two foldable operations in a row apart (of two BatchNormalizations, the one folded away).
 
@@ -87,6 +94,9 @@ ANCHORS = {"Conv", "ConvTranspose", "MatMul", "Gemm"}
 MAX_REGION_WEIGHTED = 3
 # Operations that only move values: a region side made of them alone computes nothing.
 MOVES = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand", "Cast", "Identity"}
+# Operations that may only change how a value's dimensions are grouped: a Gemm computes on a
+# 2-D view of a MatMul's input, a Reshape brings the leading dimensions back.
+VIEWS = {"Reshape", "Flatten"}
 SAME_WEIGHTS = 0.999  # weight fingerprints this similar are the same weights
 MAX_REGION = 32  # operations on one side of a region
 MAX_VISIT = 4 * MAX_REGION  # quantized operations one region search looks at
@@ -178,6 +188,18 @@ class _Settlement:
     folded: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class _Block:
+    """One output of a Split after fused projections, and its counterpart: the float values
+    that map to ``quant_value``; ``float_ops``, where the float graph fuses, the float span
+    (weighted operation, bias, Split); ``quant_ops`` the quantized operations computing it."""
+
+    float_values: tuple[ValueRef, ...]
+    quant_value: ValueRef
+    float_ops: tuple[str, ...]
+    quant_ops: tuple[str, ...]
+
+
 def align(float_graph: nx.DiGraph, quant_graph: nx.DiGraph) -> Alignment:
     """Align the values of two graphs built by ``layerbisect.graph.build_graph``."""
     return _Aligner(float_graph, quant_graph).run()
@@ -219,10 +241,10 @@ class _Aligner:
             self.index.setdefault((attrs["role"], tuple(sorted(root for _, root, _ in inputs))), []).append(node)
         float_ops = _ordered(self.fg, "op")
         for node in float_ops:
-            if not self._align_op(node):
+            if node not in self.evidence and not self._align_op(node):  # (a fused projection
+                # pairs its siblings at once)
                 self.pending.add(node)
         self._align_pending(float_ops)  # once more: what paired later may settle what waited
-        self._seed_anchors(float_ops)
         self._settle_graph_ends(float_ops)
         unaligned = tuple(node for node in float_ops if node in self.pending)
         spans = self._pairs()
@@ -242,20 +264,45 @@ class _Aligner:
             if node in self.pending and self._align_op(node):
                 self.pending.discard(node)
 
-    def _seed_anchors(self, float_ops: list[str]) -> None:
-        """Pair each waiting weighted float operation with its anchor, unclaimed, where their
-        outputs have one shape (or one with the leading dimensions merged: a Gemm on a 2-D
-        view), and pair on from there: an operation that did not pair (a shape computed in
-        another way, an unknown operation) costs its neighbourhood, not the rest of the graph."""
-        for node in float_ops:
-            match, _ = self.anchors.get(node, (None, None))
-            if node not in self.pending or match is None or match in self.claimed:
-                continue
-            shapes = self.fa[node]["shapes"][0], self.qa[match]["shapes"][0]
-            if _shapes_agree(*shapes, None) or _rows_merged(*shapes):
-                self.pending.discard(node)
-                self._pair(node, match, None, "weights")
-                self._align_pending(float_ops)
+    def _pair_anchor(self, node: str) -> bool:
+        """Pair a weighted float operation that structure leaves waiting with its anchor,
+        unclaimed, where their outputs have one shape (or one with the leading dimensions
+        merged: a Gemm on a 2-D view), settling first the value it reads by what the anchor
+        reads; the walk goes on from there: an operation that did not pair (a shape computed
+        in another way, an unknown operation) costs its neighbourhood, not the rest of the
+        graph. Whether it paired."""
+        match, _ = self.anchors.get(node, (None, None))
+        if match is None or match in self.claimed:
+            return False
+        shapes = self.fa[node]["shapes"][0], self.qa[match]["shapes"][0]
+        if not (_shapes_agree(*shapes, None) or _rows_merged(*shapes)):
+            return False
+        self._fill_input(node, match)
+        self._pair(node, match, None, "weights")
+        return True
+
+    def _fill_input(self, node: str, match: str) -> None:
+        """Settle the waiting value a weighted float operation reads, about to pair with the
+        quantized ``match`` by their weights: by a fold or a region ending in the value that
+        ``match`` reads. Both are read through the Reshapes or Flattens of a 2-D view, on either
+        side. The anchor pins the region's end, so that a region between two pairs of anchors
+        is one layer of its own, not a part of the next weighted one's."""
+        sources, quant_sources = self.fa[node]["sources"], self.qa[match]["sources"]
+        if len(sources) != 1 or len(quant_sources) != 1:
+            return
+        quant_values = [quant_sources[0]]
+        while (op := quant_values[-1][0]) not in self.claimed and _is_view(self.qa[op]):
+            quant_values.append(self.qa[op]["sources"][0])
+        value = sources[0]
+        while value not in self.vmap and value[0] in self.pending:
+            fits = [s for s in self._folding(value) + self._region_settlements(value)
+                    if s.target[0] in quant_values and s.target[1] is None]
+            if fits:
+                self._settle(fits[0])
+                return
+            if not _is_view(self.fa[value[0]]):
+                return
+            value = self.fa[value[0]]["sources"][0]
 
     # Inputs and layouts
 
@@ -314,12 +361,16 @@ class _Aligner:
 
     # One float operation
 
+    def _sources(self, node: str) -> list[ValueRef]:
+        """The values a float operation reads but those of inputs only the float model declares."""
+        return [src for src in self.fa[node]["sources"] if src[0] not in self.float_only_inputs]
+
     def _align_op(self, node: str) -> bool:
         attrs = self.fa[node]
-        sources = [src for src in attrs["sources"] if src[0] not in self.float_only_inputs]
+        sources = self._sources(node)
         mapped = self._resolve(node, sources)
         if mapped is None:
-            return False
+            return self._pair_anchor(node)
         found = self._search(node, mapped)
         if found is not None:
             candidates, extension = found
@@ -330,6 +381,10 @@ class _Aligner:
                 self._extend(*extension)
             self._pair(node, match, perm, evidence)
             return True
+        plan = self._split_plan(node, mapped)
+        if plan:
+            self._apply_split(plan)
+            return True
         folded = self._folding((node, 0))
         if folded and self._absorbed(node, sources):
             self._settle(folded[0])
@@ -339,7 +394,66 @@ class _Aligner:
             self._map((node, 0), value, _compose(perm, attrs["perm"]))
             self.evidence[node] = "layout"
             return True
-        return False
+        if _is_view(attrs) and len(mapped) == 1 and self._restores_rows(node, mapped[0]):
+            self._map((node, 0), *mapped[0])
+            self.evidence[node] = "fused"
+            return True
+        return self._pair_anchor(node)
+
+    def _restores_rows(self, node: str, target: Mapped) -> bool:
+        """Whether the float view ``node`` (a Reshape or Flatten) brings back the shape of its
+        input's counterpart ``target``, of which its input is a 2-D view (leading dimensions
+        merged): the other graph computes without it."""
+        (quant_value, perm), (source,) = target, self.fa[node]["sources"]
+        quant_shape, shape = self.qa[quant_value[0]]["shapes"][quant_value[1]], self.fa[node]["shapes"][0]
+        return (perm is None and shape is not None and _shapes_agree(shape, quant_shape, None)
+                and _rows_merged(quant_shape, self.fa[source[0]]["shapes"][source[1]]))
+
+    # Projections fused into one weighted operation, then split
+
+    def _split_plan(self, node: str, mapped: list[Mapped]) -> list[_Block]:
+        """Where one graph computes, in one weighted operation (and a bias) followed by a
+        Split of its last axis, what the other computes in several reading the same value (Q,
+        K and V fused into one MatMul), and ``node`` is one of those operations on either
+        side: each Split output that pairs with one of them (an empty list if none does)."""
+        attrs = self.fa[node]
+        matmul = attrs["role"] in ROLE_ALIASES["MatMul"]  # a Split of the last axis splits its columns
+        if not matmul or not is_weighted(attrs) or len(mapped) != 1 or mapped[0][1] is not None:
+            return []
+        root, perm = self._root(mapped[0][0])
+        if perm is not None:
+            return []
+        quant_readers = [q for role in ROLE_ALIASES[attrs["role"]] for q in self.index.get((role, (root,)), ())
+                         if q not in self.claimed and is_weighted(self.qa[q])]
+        split = _split_after(self.fa, self.float_consumers, node)
+        if split is not None:  # the float graph fuses: its Split's outputs pair with the quantized ends
+            singles = [q for q in quant_readers if q not in self.trusted]
+            return [_Block(((split[-1], index),), (end[-1], 0), split, end)
+                    for index, end in _assign_blocks(self.fa, split, self.qa, self.quant_consumers, singles)]
+        siblings = [f for f in self.float_siblings[_float_key(attrs)] if f not in self.evidence and is_weighted(self.fa[f])]
+        for fused in quant_readers:
+            split = _split_after(self.qa, self.quant_consumers, fused)
+            if split is None:
+                continue
+            blocks = _assign_blocks(self.qa, split, self.fa, self.float_consumers, siblings)
+            if any(end[0] == node for _, end in blocks):
+                return [_Block(tuple((f, 0) for f in end), (split[-1], index), (), split) for index, end in blocks]
+        return []
+
+    def _apply_split(self, plan: list[_Block]) -> None:
+        """Pair the values of ``plan`` (``_split_plan``), by the weights."""
+        for block in plan:
+            self.claimed.update(block.quant_ops)
+            self.quant_span[block.quant_value[0]] = block.quant_ops
+            for value in block.float_values:
+                self._map(value, block.quant_value, None)
+                self.evidence[value[0]] = "weights"
+            for member in block.float_ops:
+                self.evidence[member] = "weights"
+            if block.float_ops:
+                self.regions[block.float_values[-1][0]] = block.float_ops
+            self.pending.difference_update(value[0] for value in block.float_values)
+            self.pending.difference_update(block.float_ops)
 
     def _belongs_to_next(self, node: str, match: str) -> bool:
         """Whether ``match`` is rather the counterpart of the node's reader of the same role, a
@@ -411,14 +525,28 @@ class _Aligner:
         # an operation of the role of the node's own reader is rather that reader's counterpart
         # (a Relu the quantized graph clamped away, then a Mul on both sides): not absorbed
         readers = {self.fa[reader]["role"] for reader in self.float_consumers.get((node, 0), ())}
-        for position, (value, perm) in enumerate(mapped):
-            tail = list(takewhile(lambda op: self.qa[op]["role"] not in readers, self._tail(value)))
+        for position, (source, (value, perm)) in enumerate(zip(self._sources(node), mapped)):
+            view = self._view_back(source, value) if perm is None else None
+            tail = [view] if view is not None else list(
+                takewhile(lambda op: self.qa[op]["role"] not in readers, self._tail(value)))
             for step, extended in enumerate(tail):
                 trial = mapped[:position] + [((extended, 0), perm)] + mapped[position + 1:]
                 candidates = self._candidates(node, trial)
                 if candidates:
                     return candidates, (value, tail[: step + 1])
         return None
+
+    def _view_back(self, value: ValueRef, quant_value: ValueRef) -> str | None:
+        """The unclaimed Reshape or Flatten that alone reads ``quant_value``, a 2-D view (leading
+        dimensions merged) of the float ``value``, and brings back ``value``'s shape; None if
+        there is none."""
+        readers = self.quant_consumers.get(quant_value, ())
+        if len(readers) != 1 or readers[0] in self.claimed or not _is_view(self.qa[readers[0]]):
+            return None
+        shape = self.fa[value[0]]["shapes"][value[1]]
+        view = self.qa[readers[0]]["shapes"][0]
+        fits = shape is not None and view is not None and _shapes_agree(shape, view, None)
+        return readers[0] if fits and _rows_merged(shape, self.qa[quant_value[0]]["shapes"][quant_value[1]]) else None
 
     def _candidates(self, node: str, mapped: list[Mapped]) -> list[tuple[str, Perm]]:
         """Unclaimed quantized operations that compute ``node`` from ``mapped`` (through
@@ -430,15 +558,20 @@ class _Aligner:
             roots.append((root, _compose(root_perm, perm)))
             read_as_mapped = read_as_mapped and root_perm is None
         key = tuple(sorted(root for root, _ in roots))
-        found = []
+        found, views = [], []
         for role in ROLE_ALIASES.get(attrs["role"], (attrs["role"],)):
             for match in self.index.get((role, key), ()):
                 if match in self.claimed:
                     continue
                 fits, perm = self._layout_fits(attrs, self.qa[match], roots, self.quant_inputs[match], read_as_mapped)
-                if fits and _shapes_agree(attrs["shapes"][0], self.qa[match]["shapes"][0], perm) and self._keeps_anchors(node, match):
+                if not fits or not self._keeps_anchors(node, match):
+                    continue
+                shapes = attrs["shapes"][0], self.qa[match]["shapes"][0]
+                if _shapes_agree(*shapes, perm):
                     found.append((match, perm))
-        return found
+                elif perm is None and attrs["role"] in VIEWS and _rows_merged(*shapes):
+                    views.append((match, perm))  # one reshapes to the other's 2-D view
+        return found or views
 
     def _keeps_anchors(self, node: str, match: str) -> bool:
         """Whether pairing ``node`` with ``match`` leaves the anchors whose weights agree
@@ -566,7 +699,7 @@ class _Aligner:
                 continue
             chosen = {settlement.value: settlement.target for settlement in combination}
             mapped = [chosen[src] if src in chosen else self._mapped(src) for src in sources]
-            if self._search(node, mapped) is not None:
+            if self._search(node, mapped) is not None or self._split_plan(node, mapped):
                 for settlement in combination:
                     self._settle(settlement)
                 return mapped
@@ -900,6 +1033,83 @@ def _disjoint(settlements: tuple[_Settlement, ...]) -> bool:
     ops = [("f", n) for s in settlements for n in s.float_ops + s.folded]
     ops += [("q", n) for s in settlements for n in s.quant_ops]
     return len(ops) == len(set(ops))
+
+
+def _with_bias(attrs: dict, consumers: dict, op: str) -> tuple[str, ...]:
+    """``op`` and the bias Add after it, if one alone reads it (an Add of a constant)."""
+    readers = consumers.get((op, 0), ())
+    if len(readers) == 1 and attrs[readers[0]]["role"] == "Add" and len(attrs[readers[0]]["sources"]) == 1:
+        return op, readers[0]
+    return (op,)
+
+
+def _has_bias(attrs: dict, ops: tuple[str, ...]) -> bool:
+    return len(ops) > 1 or attrs[ops[0]]["bias"]
+
+
+def _split_after(attrs: dict, consumers: dict, op: str) -> tuple[str, ...] | None:
+    """The weighted ``op``, its bias Add if any, and the Split of its last axis that alone
+    reads them (into as many parts as it has outputs, each of a known size); None if not so."""
+    ops = _with_bias(attrs, consumers, op)
+    readers = consumers.get((ops[-1], 0), ())
+    if len(readers) != 1 or attrs[readers[0]]["role"] != "Split" or len(attrs[readers[0]]["sources"]) != 1:
+        return None
+    shape, parts = attrs[op]["shapes"][0], attrs[readers[0]]["shapes"]
+    if shape is None or any(part is None or part[-1] is None or not _shapes_agree(shape[:-1], part[:-1], None)
+                            for part in parts):
+        return None
+    return (*ops, readers[0]) if sum(part[-1] for part in parts) == attrs[op]["weight_shape"][-1] else None
+
+
+def _assign_blocks(fused_attrs: dict, chain: tuple[str, ...], attrs: dict, consumers: dict,
+                   singles: list[str]) -> list[tuple[int, tuple[str, ...]]]:
+    """Which of the weighted operations ``singles`` (of the other graph) computes each output
+    of the Split ending ``chain`` (``_split_after``): ``(output index, the single and its bias
+    Add)``. Each output takes the single whose weights agree the most with the output's block
+    of the fused weight's columns, at least ``UNRELATED_WEIGHTS``, most agreeing first; then
+    the one output left takes the one single of its size left (a corrupted weight). Both add
+    a bias, or neither."""
+    fused, split = chain[0], chain[-1]
+    sizes = [part[-1] for part in fused_attrs[split]["shapes"]]
+    starts = np.cumsum([0, *sizes[:-1]])
+    ends = {single: _with_bias(attrs, consumers, single) for single in singles}
+    fitting = [single for single in singles if _has_bias(attrs, ends[single]) == _has_bias(fused_attrs, chain[:-1])
+               and attrs[single]["weight_shape"][:-1] == fused_attrs[fused]["weight_shape"][:-1]]
+    scores = sorted(
+        ((agreement, index, single) for index, (start, size) in enumerate(zip(starts, sizes))
+         for single in fitting if attrs[single]["weight_shape"][-1] == size
+         if (agreement := _block_agreement(fused_attrs[fused], int(start), size, attrs[single])) is not None),
+        key=lambda item: -item[0],
+    )
+    taken: dict[int, str] = {}
+    for agreement, index, single in scores:
+        if agreement >= UNRELATED_WEIGHTS and index not in taken and single not in taken.values():
+            taken[index] = single
+    left = [index for index in range(len(sizes)) if index not in taken]
+    if taken and len(left) == 1:
+        rest = [single for single in fitting if single not in taken.values()
+                and attrs[single]["weight_shape"][-1] == sizes[left[0]]]
+        if len(rest) == 1:
+            taken[left[0]] = rest[0]
+    return sorted((index, ends[single]) for index, single in taken.items())
+
+
+def _block_agreement(fused: dict, start: int, size: int, single: dict) -> float | None:
+    """``weights.channel_agreement`` of ``single`` with the columns ``start`` to ``start +
+    size`` of the weight of ``fused`` (both in MatMul orientation), over the rows both
+    fingerprints hold."""
+    columns = fused["weight_shape"][-1]
+    rows = min(fused["fingerprint"].size // columns, single["fingerprint"].size // size)
+    block = fused["fingerprint"][: rows * columns].reshape(rows, columns)[:, start:start + size]
+    part = single["fingerprint"][: rows * size]
+    return channel_agreement({"fingerprint": block.ravel(), "weight_shape": (rows, size), "role": "MatMul"},
+                             {"fingerprint": part, "weight_shape": (rows, size), "role": "MatMul"})
+
+
+def _is_view(attrs: dict) -> bool:
+    """Whether an operation is a Reshape or a Flatten of one value (its target shape, if
+    computed, a constant): it keeps the values in their order."""
+    return attrs["role"] in VIEWS and len(attrs["sources"]) == 1
 
 
 def _is_transpose(attrs: dict) -> bool:

@@ -27,13 +27,17 @@ from __future__ import annotations
 import networkx as nx
 import numpy as np
 
-from layerbisect.weights import agreement, standardized
+from layerbisect.weights import UNRELATED_WEIGHTS, agreement, standardized
 
 # How far from the diagonal of the two sequences a weighted operation's counterpart may sit,
 # beyond the difference of their lengths: an export that fuses or splits a few weighted ops
 # (Q, K and V in one) shifts the rest by that few. Outside the band the assignment cost
 # grew with the square of the model (16 s to align 5,400 nodes; 0.2 s without anchors).
 BAND = 32
+# Weighted operations that read one value (an attention's Q, K and V) may come in any order in
+# either graph (onnxruntime's optimizer writes K before Q): pairs this close in the sequence
+# swap counterparts where the weights say so.
+SIBLINGS = 3
 # Roles whose weights may stand for one another: a Gemm computes a MatMul.
 KINDS = {"Conv": "Conv", "ConvTranspose": "ConvTranspose", "MatMul": "MatMul", "Gemm": "MatMul"}
 
@@ -52,14 +56,16 @@ def anchor_pairs(float_graph: nx.DiGraph, quant_graph: nx.DiGraph) -> dict[str, 
     kind and one weight shape, the one of the largest total of one plus agreement per pair:
     the most pairs, then the most agreeing ones. A dynamic programme over the two sequences,
     within ``BAND`` positions of their diagonal: linear in the number of weighted operations.
+    Then pairs a few positions apart swap counterparts where the weights say that siblings
+    (Q, K and V) come in another order.
     """
     fs, qs = weighted_sequence(float_graph), weighted_sequence(quant_graph)
     fa, qa = float_graph.nodes, quant_graph.nodes
     if len(fs) == len(qs) and all(_kind(fa[f]) == _kind(qa[q]) and fa[f]["weight_shape"] == qa[q]["weight_shape"]
                                   for f, q in zip(fs, qs)):
         # one for one, in order (what quantizers and optimizers leave): the only assignment
-        # that keeps both orders and pairs every operation
-        return {f: (q, _score(fa[f], qa[q], standardized(fa[f]), standardized(qa[q]))) for f, q in zip(fs, qs)}
+        # that keeps both orders and pairs every operation, siblings aside
+        return _untangled(list(zip(fs, qs)), fa, qa, {})
     band = BAND + abs(len(fs) - len(qs))
     columns = [_columns(i, len(fs), len(qs), band) for i in range(len(fs) + 1)]
     weights = {node: standardized(fa[node]) for node in fs} | {node: standardized(qa[node]) for node in qs}
@@ -75,17 +81,39 @@ def anchor_pairs(float_graph: nx.DiGraph, quant_graph: nx.DiGraph) -> dict[str, 
             gain = score[i, j]
             take = 1.0 + gain + total(i + 1, j + 1) if gain is not None else -1.0
             best[i, j] = max(take, total(i + 1, j), total(i, j + 1))
-    pairs, i, j = {}, 0, columns[0][0] if columns[0] else 0
+    pairs, i, j = [], 0, columns[0][0] if columns[0] else 0
     while i < len(fs) and j < len(qs) and (i, j) in best:
         gain = score[i, j]
         if gain is not None and best[i, j] == 1.0 + gain + total(i + 1, j + 1):
-            pairs[fs[i]] = (qs[j], gain)
+            pairs.append((fs[i], qs[j]))
             i, j = i + 1, j + 1
         elif best[i, j] == total(i + 1, j) and (i + 1, j) in best or i + 1 == len(fs):
             i += 1
         else:
             j += 1
-    return pairs
+    return _untangled(pairs, fa, qa, weights)
+
+
+def _untangled(pairs: list[tuple[str, str]], fa, qa, weights: dict) -> dict[str, tuple[str, float]]:
+    """``pairs`` (in order) as ``anchor_pairs`` returns them, after swapping the counterparts
+    of two pairs less than ``SIBLINGS`` apart wherever that makes at least one unrelated pair
+    agree (a gain above ``UNRELATED_WEIGHTS``): siblings listed in another order. ``weights``
+    holds the ``standardized`` weights computed so far, and takes those computed here."""
+
+    def score(f: str, q: str) -> float | None:
+        for node, attrs in ((f, fa), (q, qa)):
+            if node not in weights:
+                weights[node] = standardized(attrs[node])
+        return _score(fa[f], qa[q], weights[f], weights[q])
+
+    pairs = [(f, q, score(f, q)) for f, q in pairs]
+    for i in range(len(pairs)):
+        for j in range(i + 1, min(i + SIBLINGS, len(pairs))):
+            (f, q, a), (g, r, b) = pairs[i], pairs[j]
+            c, d = score(f, r), score(g, q)
+            if c is not None and d is not None and c + d > a + b + UNRELATED_WEIGHTS:
+                pairs[i], pairs[j] = (f, r, c), (g, q, d)
+    return {f: (q, agreement) for f, q, agreement in pairs}
 
 
 def _columns(i: int, rows: int, columns: int, band: int) -> range:

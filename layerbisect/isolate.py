@@ -36,16 +36,17 @@ class Cut:
     float_readout: Readout
     dtype: np.dtype
     readout: Readout
-    shape: tuple[int, ...] | None = None
-    """The tensor's shape where all of it is known: a value of as many elements in another
-    shape (a float MatMul's [1, 8, 32] for a Gemm's [8, 32]) is fed reshaped to it."""
+    shape: tuple[int | None, ...] | None = None
+    """The tensor's shape as shape inference tells it (None for an unknown dimension; None
+    where even its rank is unknown): a value in another shape (a float MatMul's [1, 8, 32]
+    for a Gemm's [8, 32]) is fed reshaped to it (see ``_fitted``)."""
 
     def feed(self, value: np.ndarray) -> np.ndarray:
         """The array to feed for ``value``, the float model's tensor ``float_readout.tensor``
         (integers where the float side is itself a quantized model: dequantized first)."""
         value = self.readout.to_tensor_layout(self.float_readout.dequantize(value))
-        if self.shape is not None and value.shape != self.shape and value.size == math.prod(self.shape):
-            value = value.reshape(self.shape)
+        if self.shape is not None and value.shape != self.shape:
+            value = value.reshape(_fitted(value.shape, self.shape))
         if self.dtype.kind not in "iu" or self.readout.scale is None:
             return value.astype(self.dtype, copy=False)
         scale, zero_point = self.readout.scale, self.readout.zero_point
@@ -148,12 +149,23 @@ def _qparams(tensor, producer, consumers, constants) -> Readout:
     return Readout(tensor)
 
 
-def _known_shape(typ: onnx.TypeProto | None) -> tuple[int, ...] | None:
-    """The shape shape inference tells, if it tells every dimension."""
+def _known_shape(typ: onnx.TypeProto | None) -> tuple[int | None, ...] | None:
+    """The shape shape inference tells, None for each dimension it does not; None if it does
+    not tell the rank."""
     if typ is None or not typ.HasField("tensor_type") or not typ.tensor_type.HasField("shape"):
         return None
-    dims = typ.tensor_type.shape.dim
-    return tuple(d.dim_value for d in dims) if all(d.HasField("dim_value") and d.dim_value > 0 for d in dims) else None
+    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in typ.tensor_type.shape.dim)
+
+
+def _fitted(shape: tuple[int, ...], target: tuple[int | None, ...]) -> tuple[int, ...]:
+    """The shape to feed a value of ``shape`` as a tensor of ``target``: ``target`` where all
+    of it is known and holds as many elements; the value's leading dimensions merged into one
+    where ``target`` has fewer dimensions (the 2-D view a Gemm reads); else ``shape``."""
+    if None not in target and math.prod(target) == math.prod(shape):
+        return target
+    if 2 <= len(target) < len(shape):
+        return (-1, *shape[len(shape) - len(target) + 1:])
+    return shape
 
 
 def _zero_point_dtype(readout: Readout) -> np.dtype:

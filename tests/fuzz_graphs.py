@@ -17,13 +17,19 @@ from onnx import TensorProto, helper, numpy_helper
 
 from layerbisect import LayerbisectError, Report, find_first_bad_layer
 from layerbisect.run import ort_optimized
-from models import quantize
+from models import float16, quantize, weight_only_int8
 
 OPS = ("conv", "bn", "relu", "sigmoid", "add", "mul", "matmul", "concat", "transpose", "reshape",
        "maxpool", "gap", "softmax")
-REWRITES = ("rename", "fold", "qdq", "qoperator", "dynamic", "optimized", "paddle", "int4")
-# "optimized": QDQ as onnxruntime runs it; "int4": MatMul weights in int4 blocks (MatMulNBits)
-QUANTIZED = ("qdq", "qoperator", "dynamic", "optimized", "int4")
+REWRITES = ("rename", "fold", "qdq", "qoperator", "dynamic", "optimized", "paddle", "int4", "fp16", "fp16mixed",
+            "int8w", "foldqdq")
+# "optimized": QDQ as onnxruntime runs it; "int4": MatMul weights in int4 blocks (MatMulNBits);
+# "fp16": onnxconverter-common's fp16 conversion, Cast glue at the inputs and outputs;
+# "fp16mixed": the same with the ops of FP32_KEPT kept in float32 (Cast glue around each);
+# "int8w": weight-only int8, Conv and MatMul weights dequantized in the graph (Cast + Mul);
+# "foldqdq": BatchNorms folded into the Convs, then QDQ
+QUANTIZED = ("qdq", "qoperator", "dynamic", "optimized", "int4", "int8w", "foldqdq")
+FP32_KEPT = ("BatchNormalization", "Add", "Softmax", "GlobalAveragePool")
 THRESHOLD = 0.98
 IDENTICAL = 0.99999  # the cosine of a value with itself, within float tolerance
 CLEAR_MARGIN = 0.9  # a fault is planted to be found when its reference cosine is below this
@@ -213,16 +219,24 @@ def int4_weights(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def rewrite(model: onnx.ModelProto, how: str) -> onnx.ModelProto:
     """``model`` renamed, folded (and renamed), with dimensions written as -1 (and renamed),
-    with int4 MatMul weights, or quantized to int8 (QDQ, QOperator, dynamic)."""
+    in fp16 (all of it or some ops kept in float32), with int8 weights dequantized in the
+    graph, with int4 MatMul weights, or quantized to int8 (QDQ, QOperator, dynamic; QDQ after
+    BatchNorm folding)."""
     if how == "rename":
         return rename(model)
     if how == "fold":
         return rename(fold_batchnorms(model))
     if how == "paddle":
         return rename(unknown_dims(model))
+    if how in ("fp16", "fp16mixed"):
+        return float16(model, FP32_KEPT if how == "fp16mixed" else ())
+    if how == "int8w":
+        return weight_only_int8(model)
     try:
         if how == "int4":
             return int4_weights(model)
+        if how == "foldqdq":
+            return quantize(fold_batchnorms(model), "qdq", num_samples=16)
         return quantize(model, "qdq" if how == "optimized" else how, num_samples=16)
     except Exception as exc:
         raise Unquantizable(str(exc)) from exc

@@ -23,7 +23,7 @@ OPSET = 17
 IR_VERSION = 8
 
 __all__ = ["make_cnn", "make_transformer", "make_bert", "quantize", "corrupt_weights", "quant_node_for",
-           "weight_initializer_of", "random_inputs"]
+           "weight_initializer_of", "random_inputs", "weight_only_int8", "float16"]
 
 
 class _Graph:
@@ -394,3 +394,48 @@ def corrupt_weights(quant_model: onnx.ModelProto, node_name: str, seed: int = 0)
     bad = rng.integers(lo, hi + 1, size=arr.shape).astype(arr.dtype)
     init.CopyFrom(numpy_helper.from_array(bad, wname))
     return model
+
+
+def weight_only_int8(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose Conv, MatMul and Gemm weights are int8 initializers dequantized in the
+    graph by Cast(to float) then Mul by a scale initializer: per output channel for every
+    other weight, per tensor for the rest, the scale first in every third Mul. The weights
+    of ``make_cnn`` and ``make_transformer`` lie on an int8 grid: their values stay the same;
+    others are rounded to it."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph, inits = copy.graph, {init.name: init for init in copy.graph.initializer}
+    weighted = [node for node in graph.node if node.op_type in ("Conv", "MatMul", "Gemm") and node.input[1] in inits]
+    for position, node in enumerate(weighted):
+        name = node.input[1]
+        weight = numpy_helper.to_array(inits[name])
+        channel_axis = 0 if node.op_type == "Conv" or (node.op_type == "Gemm" and _int_attr(node, "transB")) else -1
+        kept = tuple(a for a in range(weight.ndim) if a != channel_axis % weight.ndim)
+        absmax = np.abs(weight).max(axis=kept, keepdims=True) if position % 2 == 0 else np.abs(weight).max()
+        scale = (absmax / 127).astype(np.float32)
+        graph.initializer.remove(inits[name])
+        graph.initializer.extend([numpy_helper.from_array(np.round(weight / scale).astype(np.int8), f"{name}.int8"),
+                                  numpy_helper.from_array(scale, f"{name}.scale")])
+        cast = helper.make_node("Cast", [f"{name}.int8"], [f"{name}.cast"], name=f"{name}.Cast", to=TensorProto.FLOAT)
+        factors = [f"{name}.cast", f"{name}.scale"][:: -1 if position % 3 == 2 else 1]
+        mul = helper.make_node("Mul", factors, [name], name=f"{name}.Mul")
+        graph.node.insert(list(graph.node).index(node), cast)
+        graph.node.insert(list(graph.node).index(node), mul)
+    onnx.checker.check_model(copy)
+    return copy
+
+
+def _int_attr(node: onnx.NodeProto, name: str) -> int:
+    return next((a.i for a in node.attribute if a.name == name), 0)
+
+
+def float16(model: onnx.ModelProto, kept_in_float32: list[str] | tuple[str, ...] = ()) -> onnx.ModelProto:
+    """onnxconverter-common's fp16 conversion, inputs and outputs kept in float32, the
+    operations of the types ``kept_in_float32`` too (Cast glue around each)."""
+    import warnings
+
+    from onnxconverter_common.float16 import convert_float_to_float16
+
+    with warnings.catch_warnings():  # values below fp16's range are clamped, and said so
+        warnings.simplefilter("ignore")
+        return convert_float_to_float16(model, keep_io_types=True, op_block_list=list(kept_in_float32))
