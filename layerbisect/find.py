@@ -6,6 +6,7 @@ import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Executor
+from dataclasses import replace
 from os import PathLike
 from pathlib import Path
 from typing import NamedTuple
@@ -25,8 +26,9 @@ from layerbisect.measure import Saved, Totals, available_memory, measure, prepar
 from layerbisect.options import check_strategy, check_threshold, memory_size
 from layerbisect.progress import progress
 from layerbisect.report import LayerComparison, Report, faint_notes, nonfinite_notes
-from layerbisect.run import DEFAULT_PROVIDERS
+from layerbisect.options import DEFAULT_PROVIDERS
 from layerbisect.run import ort_optimized as ort_optimized_model
+from layerbisect.run import skipped_providers_note, usable_providers
 from layerbisect.search import bisect_first_failing, first_failing
 from layerbisect.segment import Segments
 from layerbisect.simulate import Simulated, Simulation
@@ -72,7 +74,7 @@ def find_first_bad_layer(
     *,
     shapes: Mapping[str, Sequence[int]] | None = None,
     seed: int = 0,
-    providers: Sequence[str] = DEFAULT_PROVIDERS,
+    providers: str | Sequence[str] = DEFAULT_PROVIDERS,
     ort_optimized: bool = False,
     allow_swapped: bool = False,
     strategy: str = "auto",
@@ -94,7 +96,9 @@ def find_first_bad_layer(
     samples. ``ort_optimized=True`` compares the graph onnxruntime actually runs for the
     quantized model (after its fusions), to find errors that appear only after fusion. A float
     model that holds quantization while the quantized one does not is refused as swapped,
-    unless ``allow_swapped=True``.
+    unless ``allow_swapped=True``. ``providers`` are onnxruntime's execution providers in order
+    of preference (a plain string is one): those this onnxruntime lacks are skipped, with a
+    note in the report; none left is an error.
 
     ``strategy="scan"`` measures every aligned layer, in pieces that fit ``memory_budget``
     (activations held at once, in bytes or as "2G", "500M"; default: half the memory available
@@ -119,6 +123,8 @@ def find_first_bad_layer(
     check_threshold(threshold)
     strategy = check_strategy(strategy)
     memory_budget = None if memory_budget is None else memory_size(memory_budget)
+    providers, missing = usable_providers(providers)
+    provider_notes = [skipped_providers_note(providers, missing)] if missing else []
     samples = samples_of(inputs)
     source = tensor_source(quant_model)
     if ort_optimized and (source is not None or isinstance(quant_model, Simulated)):
@@ -131,8 +137,9 @@ def find_first_bad_layer(
                 f"{', '.join(ignored)} cannot apply to a tensor source: its tensors are dumped, not "
                 "computed here, and are compared as they come (cumulative error only); leave it out"
             )
-        return compare_source(float_model, source, samples, threshold, shapes=shapes, seed=seed,
-                              providers=providers, quiet=quiet)
+        report = compare_source(float_model, source, samples, threshold, shapes=shapes, seed=seed,
+                                providers=providers, quiet=quiet)
+        return replace(report, notes=(*provider_notes, *report.notes))
     if isinstance(quant_model, Simulated):
         samples = list(samples)
         quant_model = quant_model.build(float_model, samples, shapes=shapes, seed=seed, providers=providers)
@@ -183,7 +190,7 @@ def find_first_bad_layer(
     cause = _cause(first_bad, culprit, threshold)
     unknown = cause == "accumulated" and strategy == "bisect"  # it measured its last layers only
     cause = None if unknown else cause
-    notes = [*plan.notes, *nonfinite_notes(layers), *faint_notes(layers, inputs is None),
+    notes = [*provider_notes, *plan.notes, *nonfinite_notes(layers), *faint_notes(layers, inputs is None),
              *([UNKNOWN_CAUSE] if unknown else []),
              *subgraph_notes(float_proto, "float model"),
              *subgraph_notes(quant_proto, "quantized model")]
