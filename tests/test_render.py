@@ -204,3 +204,12 @@ def test_cli_html_and_quiet(tmp_path, capsys):
     assert str(paths[0]) in page and '<svg class="lb-chart"' in page
     assert main([str(paths[0]), str(paths[1]), "--html", str(tmp_path / "no" / "dir.html")]) == 2
     assert "cannot write" in capsys.readouterr().err
+
+
+def test_repr_is_one_line_and_the_table_is_left_to_print(report):
+    assert repr(report) == (f"<Report FAIL, first bad {report.first_bad.describe()}; {len(report.layers)} layers, "
+                            "threshold 0.98, 2 samples; print() it for the table>")
+    assert repr(report.first_bad) == "<LayerComparison " + report.first_bad.describe() + ">"
+    assert repr(bare_report((layer(0, 0.99, 30.0),))) == "<Report PASS; 1 layer, threshold 0.98, 1 sample; print() it for the table>"
+    assert replace(report, notes=("other",)) != report and replace(report) == report  # equality kept
+    assert "float node(s)" in str(report)
