@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Sized
 from concurrent.futures import Executor
 from dataclasses import replace
 from os import PathLike
@@ -149,6 +149,7 @@ def find_first_bad_layer(
     )
     pairs = alignment.pairs
     budget = memory_budget if memory_budget is not None else min(available_memory() // 2, DEFAULT_BUDGET_CAP)
+    count = len(samples) if isinstance(samples, Sized) else None
     first, single, samples = _peek(samples)
     sizes, quant_sizes = _value_bytes(float_proto, pairs, {n: a.shape for n, a in plan.feeds(first, seed)[0].items()})
     feeders = _feeders(float_proto, pairs) if isolated else [() for _ in pairs]
@@ -169,7 +170,7 @@ def find_first_bad_layer(
     if strategy == "bisect" or len(groups) > 1:
         samples = list(samples)  # several passes over the samples
     passes = _Passes(
-        pairs, (Segments(float_proto), Segments(quant_proto)), feeders, plan, samples,
+        pairs, (Segments(float_proto), Segments(quant_proto)), feeders, plan, samples, 1 if single else count,
         seed=seed, providers=providers, executor=executor, quiet=quiet, save_limit=budget / 4,
     )
     if strategy in ("scan", "prefix"):
@@ -245,8 +246,10 @@ class _Passes:
     """Runs the passes of one search over the samples and keeps what each measured: for each
     pair measured, the totals of its pass and its position there."""
 
-    def __init__(self, pairs, segments, feeders, plan, samples, *, seed, providers, executor, quiet, save_limit):
+    def __init__(self, pairs, segments, feeders, plan, samples, count, *, seed, providers, executor, quiet, save_limit):
+        """``count`` is the number of samples, None when not known before they are read."""
         self.pairs, self.segments, self.feeders, self.plan, self.samples = pairs, segments, feeders, plan, samples
+        self.count = count
         self.seed, self.providers, self.executor, self.quiet = seed, providers, executor, quiet
         self.save_limit = save_limit
         self.measured: dict[int, tuple[Totals, int]] = {}
@@ -279,7 +282,7 @@ class _Passes:
             self.plan, seed=self.seed, providers=self.providers, start=start, saves=saves, unfed=others,
         )
         totals, saved = measure(
-            measurement, progress(self.samples, self.quiet), self.executor, start, save_limit=self.save_limit
+            measurement, progress(self.samples, self.quiet, self.count), self.executor, start, save_limit=self.save_limit
         )
         self.totals.append(totals)
         for position, index in enumerate(indices):

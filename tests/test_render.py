@@ -7,6 +7,8 @@ import re
 import shutil
 import subprocess
 import sys
+import types
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -176,17 +178,49 @@ def test_clear_error_without_the_optional_package(report, monkeypatch, module, c
         getattr(report, call)()
 
 
-def test_progress_bar_with_tqdm_several_samples_and_not_quiet():
+def test_progress_bar_on_a_terminal_with_a_total_and_time_left(monkeypatch):
     tqdm = pytest.importorskip("tqdm")
-    samples = [{}, {}, {}]
-    assert isinstance(progress(samples), tqdm.tqdm) and list(progress(samples)) == samples
+    samples, terminal = [{}, {}, {}], Terminal()
+    bar = progress(samples, stream=terminal)
+    assert isinstance(bar, tqdm.tqdm) and bar.total == 3 and list(bar) == samples
+    streamed = progress(iter(samples), total=3, stream=terminal)  # a generator: the count comes apart
+    assert streamed.total == 3 and list(streamed) == samples
+    monkeypatch.setattr("layerbisect.progress.DELAY_S", 0)  # show at once, as a long run does after 2 s
+    shown = progress(iter(samples), total=3, stream=terminal)
+    shown.mininterval = 0
+    list(shown)
+    assert "3/3 [00:00<00:00" in terminal.getvalue()  # done of total, time taken and time left
 
 
-def test_no_progress_bar_when_quiet_for_one_sample_or_without_tqdm(monkeypatch):
-    samples = [{}, {}, {}]
-    assert progress(samples, quiet=True) is samples and progress(samples[:1]) == samples[:1]
+def test_no_progress_bar_when_quiet_for_one_sample_off_a_terminal_or_without_tqdm(monkeypatch):
+    samples, terminal = [{}, {}, {}], Terminal()
+    assert progress(samples, quiet=True, stream=terminal) is samples
+    assert progress(samples[:1], stream=terminal) == samples[:1]
+    one = iter(samples[:1])
+    assert progress(one, total=1, stream=terminal) is one
+    assert progress(samples, stream=io.StringIO()) is samples  # redirected: not a terminal
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # not installed
-    assert progress(samples) is samples
+    assert progress(samples, stream=terminal) is samples
+
+
+def test_notebook_without_ipywidgets_gets_the_text_bar_and_no_warning(monkeypatch):
+    tqdm = pytest.importorskip("tqdm")
+
+    class ZMQInteractiveShell:  # the class name tqdm looks for
+        pass
+
+    ipython = types.ModuleType("IPython")
+    ipython.get_ipython = ZMQInteractiveShell
+    for name, module in {"ipykernel": types.ModuleType("ipykernel"), "IPython": ipython,
+                         "ipykernel.zmqshell": types.ModuleType("ipykernel.zmqshell"), "ipywidgets": None}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    for name in ("tqdm.auto", "tqdm.autonotebook", "tqdm.notebook"):  # imported afresh, in the notebook
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bar = progress([{}, {}], stream=io.StringIO())  # a notebook's stderr is no terminal
+        assert isinstance(bar, tqdm.std.tqdm) and bar.total == 2 and list(bar) == [{}, {}]
+    assert [str(w.message) for w in caught] == []
 
 
 def test_cli_html_and_quiet(tmp_path, capsys):
