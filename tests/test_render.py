@@ -1,7 +1,9 @@
 """Reports people look at: terminal, notebook HTML, the saved HTML page (opened in chromium),
 DataFrame, matplotlib figure and progress bar, with and without the optional packages."""
 
+import html
 import io
+import json
 import math
 import re
 import shutil
@@ -91,22 +93,24 @@ def test_culprit_is_marked_when_it_is_another_layer():
     assert "culprit: #0 c0" in chart_svg(culprit_report)
 
 
+def headless_chromium(target, *action) -> subprocess.CompletedProcess:
+    """Open the file ``target`` in headless chromium, doing ``action`` (a screenshot, a DOM dump)."""
+    return subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run",
+         f"--user-data-dir={target.parent / 'profile'}", "--enable-logging=stderr", "--v=0",
+         "--window-size=1200,1600", *action, target.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 def test_saved_page_draws_in_headless_chromium(report, tmp_path):
     page = tmp_path / "report.html"
     report.save_html(page)
     control = tmp_path / "control.html"  # blank, with a script error: proves both checks can fail
     control.write_text("<!DOCTYPE html><html><body><script>no_such_function()</script></body></html>")
-
-    def chromium(target, *action) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run",
-             f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
-             "--window-size=1200,1600", *action, target.as_uri()],
-            capture_output=True, text=True, timeout=120,
-        )
-
+    chromium = headless_chromium
     shot, blank = tmp_path / "report.png", tmp_path / "control.png"
     run = chromium(page, f"--screenshot={shot}")
     control_run = chromium(control, f"--screenshot={blank}")
@@ -118,6 +122,57 @@ def test_saved_page_draws_in_headless_chromium(report, tmp_path):
     dom = chromium(page, "--dump-dom").stdout
     assert '<svg class="lb-chart"' in dom and dom.count("<circle") >= 2 * len(report.layers)
     assert dom.count('<svg class="lb-graph"') == 2 and "<polyline" in dom
+
+
+# Jupyter's own rules for tables in cell outputs (JupyterLab's .jp-RenderedHTMLCommon, the
+# classic notebook's .rendered_html), as they ship
+JUPYTER_TABLE_CSS = """
+.jp-RenderedHTMLCommon table{border-collapse:collapse;border-spacing:0;border:none;font-size:12px;
+  table-layout:fixed;margin-left:auto;margin-right:auto}
+.jp-RenderedHTMLCommon td,.jp-RenderedHTMLCommon th,.jp-RenderedHTMLCommon tr{text-align:right;
+  vertical-align:middle;padding:0.5em;line-height:normal;white-space:normal;max-width:none;border:none}
+.jp-RenderedHTMLCommon tbody tr:nth-child(odd){background:#f5f5f5}
+.jp-RenderedHTMLCommon tbody tr:nth-child(even){background:#ffffff}
+.jp-RenderedHTMLCommon tbody tr:hover{background:rgba(66,165,245,0.2)}
+.rendered_html tbody tr:nth-child(odd){background:#f5f5f5}
+.rendered_html tr,.rendered_html th,.rendered_html td{text-align:right;vertical-align:middle;padding:0.5em}
+"""
+# what the page reports of the layer table: a failing row's cells and row, a passing row's, a
+# number cell, a name cell and the table
+STYLE_PROBE = """<script>
+const table = document.querySelector(".lb-report table");
+const bad = table.querySelector("tr.bad"), good = table.rows[2];  // layer #1, an odd row: striped by Jupyter
+const css = (element, property) => getComputedStyle(element)[property];
+document.getElementById("styles").textContent = JSON.stringify({
+  bad_cell: css(bad.cells[4], "backgroundColor"), bad_row: css(bad, "backgroundColor"),
+  good_cell: css(good.cells[4], "backgroundColor"), good_row: css(good, "backgroundColor"),
+  number_align: css(good.cells[4], "textAlign"), name_align: css(good.cells[2], "textAlign"),
+  table_margin: css(table, "marginLeft")});
+</script>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_notebook_html_keeps_its_highlight_and_alignment_under_jupyters_table_css(report, tmp_path):
+    fragment = report._repr_html_()
+    assert 'class="bad' not in fragment.split("</tr>")[2]  # the probe's passing row
+    unstyled = re.sub(r"<style>.*?</style>", "", fragment, flags=re.S)  # control: Jupyter's CSS alone
+
+    def styles(block: str) -> dict:
+        page = tmp_path / "notebook.html"
+        page.write_text(f"<!DOCTYPE html><html><head><style>{JUPYTER_TABLE_CSS}</style></head><body>"
+                        f'<div class="jp-RenderedHTMLCommon rendered_html">{block}</div><pre id="styles"></pre>'
+                        f"{STYLE_PROBE}</body></html>", encoding="utf-8")
+        dom = headless_chromium(page, "--dump-dom").stdout
+        return json.loads(html.unescape(re.search(r'<pre id="styles">(.*?)</pre>', dom, re.S).group(1)))
+
+    assert styles(fragment) == {
+        "bad_cell": "rgb(253, 232, 232)", "bad_row": "rgba(0, 0, 0, 0)",
+        "good_cell": "rgba(0, 0, 0, 0)", "good_row": "rgba(0, 0, 0, 0)",
+        "number_align": "right", "name_align": "left", "table_margin": "0px",
+    }
+    control = styles(unstyled)  # the same probe sees Jupyter's stripes and alignment without the block's CSS
+    assert control["bad_cell"] == "rgba(0, 0, 0, 0)" and control["name_align"] == "right"
+    assert control["good_row"] == "rgb(245, 245, 245)"
 
 
 def test_rich_table_when_rich_is_installed(report):
