@@ -1,4 +1,8 @@
-"""The ``layerbisect`` command.
+"""The ``layerbisect`` command's arguments.
+
+This module imports only the standard library and layerbisect's option checks, so that
+``--help``, ``--version`` and usage errors answer at once; ``layerbisect.command`` (onnx,
+onnxruntime, numpy) is imported once the arguments are good.
 
 Exit status: 0 when no aligned layer is below the threshold, 1 when one is, 2 on bad usage or
 bad input (one line on stderr, no traceback).
@@ -7,28 +11,22 @@ bad input (one line on stderr, no traceback).
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import sys
-import zipfile
 from collections.abc import Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor
-from contextlib import nullcontext
-from pathlib import Path
-from typing import ContextManager
+from typing import NoReturn
 
-import numpy as np
+from layerbisect import __version__
+from layerbisect.errors import LayerbisectError
+from layerbisect.options import DEFAULT_PROVIDERS, STRATEGIES, memory_size
 
-from layerbisect.errors import LayerbisectError, first_line
-from layerbisect.fallback import keep_in_float
-from layerbisect.files import check_outputs, write_text
-from layerbisect.find import find_first_bad_layer
-from layerbisect.options import STRATEGIES, check_workers, memory_size
-from layerbisect.render import echo
-from layerbisect.run import DEFAULT_PROVIDERS
-from layerbisect.simulate import simulated
+EPILOG = """exit status:
+  0  every aligned layer reaches the threshold (PASS)
+  1  a layer is below it (FAIL; the report names the first)
+  2  bad usage or bad input (one line on stderr, no report)
 
-USAGE_EXAMPLE = """example:
+example:
   layerbisect model_fp32.onnx model_int8.onnx --inputs feeds.npz --threshold 0.98 --json report.json
+  layerbisect model_fp32.onnx model_int8.onnx --json - | jq .first_bad.float_nodes
 """
 
 
@@ -38,67 +36,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.quant_model is None) == (args.simulate is None):
         parser.error("give either a quantized model or --simulate FORMAT")
-    try:
-        _check_outputs(args)
-        inputs = _read_inputs(args.inputs, args.input)
-        quant_model = _quantized_side(args)
-        with _executor(args.workers) as executor:
-            report = find_first_bad_layer(
-                args.float_model,
-                quant_model,
-                inputs=inputs,
-                threshold=args.threshold,
-                shapes=dict(args.shape),
-                seed=args.seed,
-                providers=args.providers,
-                ort_optimized=args.ort_optimized,
-                allow_swapped=args.allow_swapped,
-                quant_graph=args.quant_graph,
-                quiet=args.quiet,
-                strategy=args.strategy,
-                memory_budget=args.memory_budget,
-                isolated=not args.no_isolated,
-                executor=executor,
-            )
-        if args.json:
-            write_text(args.json, report.to_json() + "\n", reads=report.sources)
-        if args.html:
-            report.save_html(args.html)
-    except LayerbisectError as exc:
-        print(f"layerbisect: error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        echo(report, quiet=args.quiet)
-    except BrokenPipeError:  # piped into head: the reader has what it wanted
-        sys.stderr.close()
-        return 0 if report else 1
-    if report.coverage < 0.8:
-        names = ", ".join(report.unaligned[:5]) + (", ..." if len(report.unaligned) > 5 else "")
-        print(
-            f"layerbisect: warning: only {report.coverage:.0%} of the float model's operations "
-            f"were aligned; {len(report.unaligned)} have no counterpart: {names}", file=sys.stderr,
-        )
-    if report.weighted_paired < report.weighted:
-        print(
-            f"layerbisect: warning: only {report.weighted_paired} of the float model's {report.weighted} "
-            "weighted layers paired one for one; the others are inside fused regions or unpaired",
-            file=sys.stderr,
-        )
-    if args.keep_float or args.repaired_model:
-        try:
-            _keep_float(args, inputs)
-        except LayerbisectError as exc:
-            print(f"layerbisect: error: {exc}", file=sys.stderr)
-            return 2
-    return 0 if report else 1
+    if args.json == "-" and args.html == "-":
+        parser.error("only one of --json and --html can go to stdout (-)")
+    from layerbisect.command import run
+
+    return run(args)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, pointing to ``--help``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="layerbisect",
         description="Find the first layer where a quantized ONNX model stops agreeing with its "
         "float original.",
-        epilog=USAGE_EXAMPLE,
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("float_model", help="the float (reference) .onnx model")
@@ -124,7 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of random inputs (default 0)")
     parser.add_argument(
         "--providers", type=lambda text: [p for p in text.split(",") if p],
-        default=list(DEFAULT_PROVIDERS), help="onnxruntime execution providers, comma-separated",
+        default=list(DEFAULT_PROVIDERS),
+        help="onnxruntime execution providers, comma-separated, in order of preference: those "
+        "this onnxruntime lacks are skipped with a warning (default CPUExecutionProvider)",
     )
     parser.add_argument(
         "--ort-optimized", action="store_true",
@@ -157,30 +116,21 @@ def _parser() -> argparse.ArgumentParser:
         "onnxruntime's nodes_to_exclude) as JSON",
     )
     parser.add_argument("--repaired-model", metavar="PATH.onnx", help="write the model with those layers in float")
-    parser.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    parser.add_argument(
+        "--json", metavar="PATH",
+        help="also write the report as JSON; - writes it to stdout (the report text then goes to stderr)",
+    )
     parser.add_argument(
         "--html", metavar="PATH",
-        help="also write the report as one self-contained HTML page (chart, table, models, settings)",
+        help="also write the report as one self-contained HTML page (chart, table, models, settings); "
+        "- writes it to stdout (the report text then goes to stderr)",
     )
     parser.add_argument(
-        "--quiet", action="store_true", help="no progress bar; print only the verdict line",
+        "--quiet", action="store_true",
+        help="no progress bar and no 'wrote PATH' lines; print only the verdict line",
     )
+    parser.add_argument("--version", action="version", version=f"layerbisect {__version__}")
     return parser
-
-
-def _check_outputs(args: argparse.Namespace) -> None:
-    """Before any work: every output can be written, and none is a file the run reads."""
-    outputs = {"--json": args.json, "--html": args.html, "--keep-float": args.keep_float,
-               "--repaired-model": args.repaired_model}
-    reads = [args.float_model, args.quant_model, args.quant_graph, args.inputs, *(path for _, path in args.input)]
-    check_outputs(outputs, reads)
-
-
-def _quantized_side(args: argparse.Namespace):
-    """The quantized model given, or the format to simulate."""
-    if (args.simulate is not None or Path(args.quant_model).is_dir()) and (args.keep_float or args.repaired_model):
-        raise LayerbisectError("--keep-float and --repaired-model need a quantized .onnx model")
-    return args.quant_model if args.simulate is None else simulated(args.simulate)
 
 
 def _size(text: str) -> int:
@@ -188,25 +138,6 @@ def _size(text: str) -> int:
         return memory_size(text, "--memory-budget")
     except LayerbisectError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _executor(workers: int) -> ContextManager[Executor | None]:
-    if check_workers(workers, "--workers") == 0:
-        return nullcontext()
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-
-
-def _keep_float(args: argparse.Namespace, inputs: dict | None) -> None:
-    """Find the layers to keep in float, say so on stderr, and write what was asked."""
-    fallback = keep_in_float(
-        args.float_model, args.quant_model, inputs=inputs, threshold=args.threshold,
-        shapes=dict(args.shape), seed=args.seed, providers=args.providers, allow_swapped=args.allow_swapped,
-    )
-    print(fallback, file=sys.stderr)
-    if args.keep_float:
-        write_text(args.keep_float, fallback.to_json() + "\n", reads=fallback.sources)
-    if args.repaired_model:
-        fallback.save_model(args.repaired_model)
 
 
 def _name_value(text: str) -> tuple[str, str]:
@@ -225,49 +156,6 @@ def _shape(text: str) -> tuple[str, tuple[int, ...]]:
     if not name or not dims:
         raise argparse.ArgumentTypeError(f"expected NAME=D0,D1,... with integers, got {text!r}")
     return name, dims
-
-
-def _read_inputs(npz: str | None, singles: list[tuple[str, str]]) -> dict | None:
-    if npz is None and not singles:
-        return None
-    feeds: dict[str, np.ndarray] = {}
-    if npz is not None:
-        archive = _load(npz, "--inputs", "an .npz archive")
-        if isinstance(archive, np.ndarray):
-            raise LayerbisectError(
-                f"--inputs {npz} holds a single array, not an .npz archive; use --input NAME={npz}"
-            )
-        feeds.update(archive)
-    for name, path in singles:
-        array = _load(path, f"--input {name}", "an .npy array")
-        if not isinstance(array, np.ndarray):
-            raise LayerbisectError(f"--input {name}={path} is an .npz archive, not one .npy array")
-        feeds[name] = array
-    return feeds
-
-
-def _load(path: str, flag: str, kind: str) -> np.ndarray | dict[str, np.ndarray]:
-    """The array, or the arrays of an archive, in a feeds file; or an error naming the flag
-    and what is wrong."""
-    if Path(path).is_dir():
-        raise LayerbisectError(f"{flag}: {path} is a folder, not {kind}")
-    if not Path(path).is_file():
-        raise LayerbisectError(f"{flag}: file not found: {path}")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        if isinstance(loaded, np.ndarray):
-            return loaded
-        with loaded:  # an archive's arrays are read when asked for: read them here
-            return {key: loaded[key] for key in loaded.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        # numpy takes any file it does not know for a pickle and advises allowing pickles
-        text = str(exc)
-        reason = ("it holds Python objects" if "Object arrays" in text else
-                  "it is neither an .npy nor an .npz file" if "pickle" in text else first_line(exc))
-        raise LayerbisectError(
-            f"{flag}: {path} is not {kind} (numpy could not read it: {reason}); save it with "
-            f"{'numpy.savez' if kind.endswith('archive') else 'numpy.save'}"
-        ) from None
 
 
 if __name__ == "__main__":

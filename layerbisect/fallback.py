@@ -27,8 +27,8 @@ from layerbisect.files import sources, write
 from layerbisect.find import setup
 from layerbisect.inputs import Sample, samples_of
 from layerbisect.load import ModelLike, tensor_array, with_data
-from layerbisect.options import check_threshold
-from layerbisect.run import DEFAULT_PROVIDERS, Session
+from layerbisect.options import DEFAULT_PROVIDERS, check_threshold
+from layerbisect.run import Session, usable_providers
 from layerbisect.search import bisect_first_failing
 
 FOLDED_INTO_WEIGHTS = {"BatchNormalization"}
@@ -91,17 +91,19 @@ def keep_in_float(
     *,
     shapes: Mapping[str, Sequence[int]] | None = None,
     seed: int = 0,
-    providers: Sequence[str] = DEFAULT_PROVIDERS,
+    providers: str | Sequence[str] = DEFAULT_PROVIDERS,
     allow_swapped: bool = False,
 ) -> FloatFallback:
     """Find a small set of layers of a QDQ model to keep in float so that every output of the
     repaired model reaches ``threshold`` (cosine with the float model, mean over samples).
+    ``providers`` is an order of preference, as for ``find_first_bad_layer``.
 
     >>> fix = keep_in_float("model_fp32.onnx", "model_int8_qdq.onnx", inputs)  # doctest: +SKIP
     >>> fix.nodes_to_exclude  # doctest: +SKIP
     ('conv2',)
     """
     check_threshold(threshold)
+    providers, _ = usable_providers(providers)
     float_proto, quant_proto, plan, _, alignment = setup(
         float_model, quant_model, shapes=shapes, providers=providers, allow_swapped=allow_swapped
     )

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Sized
 from concurrent.futures import Executor
+from dataclasses import replace
 from os import PathLike
 from pathlib import Path
 from typing import NamedTuple
@@ -25,8 +26,9 @@ from layerbisect.measure import Saved, Totals, available_memory, measure, prepar
 from layerbisect.options import check_strategy, check_threshold, memory_size
 from layerbisect.progress import progress
 from layerbisect.report import LayerComparison, Report, faint_notes, nonfinite_notes
-from layerbisect.run import DEFAULT_PROVIDERS
+from layerbisect.options import DEFAULT_PROVIDERS
 from layerbisect.run import ort_optimized as ort_optimized_model
+from layerbisect.run import skipped_providers_note, usable_providers
 from layerbisect.search import bisect_first_failing, first_failing
 from layerbisect.segment import Segments
 from layerbisect.simulate import Simulated, Simulation
@@ -72,7 +74,7 @@ def find_first_bad_layer(
     *,
     shapes: Mapping[str, Sequence[int]] | None = None,
     seed: int = 0,
-    providers: Sequence[str] = DEFAULT_PROVIDERS,
+    providers: str | Sequence[str] = DEFAULT_PROVIDERS,
     ort_optimized: bool = False,
     allow_swapped: bool = False,
     quant_graph: ModelLike | None = None,
@@ -98,6 +100,9 @@ def find_first_bad_layer(
     unless ``allow_swapped=True``. With a tensor source, ``quant_graph`` is the graph its
     tensors come from (the vendor's compiled or optimized ONNX, whose tensor names a dump
     uses): its tensors then pair by structure, as a quantized model's values do.
+    ``providers`` are onnxruntime's execution providers in order of preference (a plain
+    string is one): those this onnxruntime lacks are skipped, with a note in the report; none
+    left is an error.
 
     ``strategy="scan"`` measures every aligned layer, in pieces that fit ``memory_budget``
     (activations held at once, in bytes or as "2G", "500M"; default: half the memory available
@@ -122,6 +127,8 @@ def find_first_bad_layer(
     check_threshold(threshold)
     strategy = check_strategy(strategy)
     memory_budget = None if memory_budget is None else memory_size(memory_budget)
+    providers, missing = usable_providers(providers)
+    provider_notes = [skipped_providers_note(providers, missing)] if missing else []
     samples = samples_of(inputs)
     source = tensor_source(quant_model)
     if ort_optimized and (source is not None or isinstance(quant_model, Simulated)):
@@ -134,8 +141,9 @@ def find_first_bad_layer(
                 f"{', '.join(ignored)} cannot apply to a tensor source: its tensors are dumped, not "
                 "computed here, and are compared as they come (cumulative error only); leave it out"
             )
-        return compare_source(float_model, source, samples, threshold, shapes=shapes, seed=seed,
-                              providers=providers, quiet=quiet, quant_graph=quant_graph)
+        report = compare_source(float_model, source, samples, threshold, shapes=shapes, seed=seed,
+                                providers=providers, quiet=quiet, quant_graph=quant_graph)
+        return replace(report, notes=(*provider_notes, *report.notes))
     if quant_graph is not None:
         raise LayerbisectError(
             "quant_graph names the graph a tensor source's tensors come from; with a quantized "
@@ -150,6 +158,7 @@ def find_first_bad_layer(
     )
     pairs = alignment.pairs
     budget = memory_budget if memory_budget is not None else min(available_memory() // 2, DEFAULT_BUDGET_CAP)
+    count = len(samples) if isinstance(samples, Sized) else None
     first, single, samples = _peek(samples)
     sizes, quant_sizes = _value_bytes(float_proto, pairs, {n: a.shape for n, a in plan.feeds(first, seed)[0].items()})
     feeders = _feeders(float_proto, pairs) if isolated else [() for _ in pairs]
@@ -170,7 +179,7 @@ def find_first_bad_layer(
     if strategy == "bisect" or len(groups) > 1:
         samples = list(samples)  # several passes over the samples
     passes = _Passes(
-        pairs, (Segments(float_proto), Segments(quant_proto)), feeders, plan, samples,
+        pairs, (Segments(float_proto), Segments(quant_proto)), feeders, plan, samples, 1 if single else count,
         seed=seed, providers=providers, executor=executor, quiet=quiet, save_limit=budget / 4,
     )
     if strategy in ("scan", "prefix"):
@@ -191,7 +200,7 @@ def find_first_bad_layer(
     cause = _cause(first_bad, culprit, threshold)
     unknown = cause == "accumulated" and strategy == "bisect"  # it measured its last layers only
     cause = None if unknown else cause
-    notes = [*plan.notes, *nonfinite_notes(layers), *faint_notes(layers, inputs is None),
+    notes = [*provider_notes, *plan.notes, *nonfinite_notes(layers), *faint_notes(layers, inputs is None),
              *([UNKNOWN_CAUSE] if unknown else []),
              *subgraph_notes(float_proto, "float model"),
              *subgraph_notes(quant_proto, "quantized model")]
@@ -246,8 +255,10 @@ class _Passes:
     """Runs the passes of one search over the samples and keeps what each measured: for each
     pair measured, the totals of its pass and its position there."""
 
-    def __init__(self, pairs, segments, feeders, plan, samples, *, seed, providers, executor, quiet, save_limit):
+    def __init__(self, pairs, segments, feeders, plan, samples, count, *, seed, providers, executor, quiet, save_limit):
+        """``count`` is the number of samples, None when not known before they are read."""
         self.pairs, self.segments, self.feeders, self.plan, self.samples = pairs, segments, feeders, plan, samples
+        self.count = count
         self.seed, self.providers, self.executor, self.quiet = seed, providers, executor, quiet
         self.save_limit = save_limit
         self.measured: dict[int, tuple[Totals, int]] = {}
@@ -280,7 +291,7 @@ class _Passes:
             self.plan, seed=self.seed, providers=self.providers, start=start, saves=saves, unfed=others,
         )
         totals, saved = measure(
-            measurement, progress(self.samples, self.quiet), self.executor, start, save_limit=self.save_limit
+            measurement, progress(self.samples, self.quiet, self.count), self.executor, start, save_limit=self.save_limit
         )
         self.totals.append(totals)
         for position, index in enumerate(indices):

@@ -22,6 +22,7 @@ reads them from the ONNX graph). The rules, for models that may declare differen
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -83,7 +84,7 @@ class InputPlan:
         if unknown:
             raise LayerbisectError(
                 f"input {unknown[0]!r} is not an input of either model; "
-                f"the models take {sorted(known)}"
+                f"the models take {sorted(known)}{_did_you_mean(unknown[0], known)}"
             )
         arrays = {name: np.asarray(value) for name, value in sample.items()}
         if arrays and all(array.size == 0 for array in arrays.values()):
@@ -117,7 +118,7 @@ class InputPlan:
                 if adapted is None:
                     raise LayerbisectError(
                         f"input {spec.name!r} of the {role} expects {spec.describe()}, "
-                        f"got {array.dtype}[{','.join(map(str, array.shape))}]"
+                        f"got {array.dtype}[{','.join(map(str, array.shape))}]{_fix(array, spec)}"
                     )
                 array = adapted
             feeds[spec.name] = array
@@ -167,6 +168,7 @@ def plan_inputs(
         raise LayerbisectError(
             f"a shape is given for {unknown[0]!r}, which is not an input of either model; "
             f"the models take {sorted(float_names | quant_names)}"
+            f"{_did_you_mean(unknown[0], float_names | quant_names)}"
         )
     float_only = [s for s in float_specs if s.name not in quant_names]
     quant_only = [s for s in quant_specs if s.name not in float_names]
@@ -249,15 +251,8 @@ def _adapt(array: np.ndarray, spec: InputSpec, other: InputSpec | None) -> np.nd
 
 def _random_array(spec: InputSpec, shape: Sequence[int] | None, rng: np.random.Generator):
     if shape is None:
-        dynamic = [str(d) for d in spec.shape if not isinstance(d, int)]
-        if dynamic:
-            example = ",".join(str(d) if isinstance(d, int) else "N" for d in spec.shape)
-            raise LayerbisectError(
-                f"input {spec.name!r} ({spec.describe()}) has a dynamic dimension "
-                f"({', '.join(dynamic)}): give its full shape with shapes={{{spec.name!r}: "
-                f"({example.replace(',', ', ')})}} or --shape {spec.name}={example}, "
-                "or pass real inputs"
-            )
+        if any(not isinstance(d, int) for d in spec.shape):
+            raise LayerbisectError(_dynamic_message(spec))
         shape = spec.shape
     shape = tuple(int(d) for d in shape)
     if any(d < 0 for d in shape) or not _compatible(spec.shape, shape):
@@ -273,6 +268,55 @@ def _random_array(spec: InputSpec, shape: Sequence[int] | None, rng: np.random.G
     raise LayerbisectError(
         f"cannot make random values for input {spec.name!r} of type {spec.dtype}; pass real inputs"
     )
+
+
+def _dynamic_message(spec: InputSpec) -> str:
+    """Why random values for ``spec`` need a shape, and the ``shapes=`` and ``--shape`` to give:
+    1 for a dynamic first axis (the batch), the fixed dimensions as declared, the other dynamic
+    ones by the model's own names (``D2`` for an unnamed third axis), to be replaced by sizes."""
+    dynamic, example, placeholders = [], [], []
+    for axis, dim in enumerate(spec.shape):
+        if isinstance(dim, int):
+            example.append(str(dim))
+            continue
+        dynamic.append(f"axis {axis}" if dim is None else str(dim))
+        placeholder = "1" if axis == 0 else f"D{axis}" if dim is None else str(dim)
+        example.append(placeholder)
+        placeholders += [] if axis == 0 else [placeholder]
+    several = len(dynamic) > 1
+    replaced = (f" with {', '.join(placeholders)} replaced by {'sizes' if len(placeholders) > 1 else 'a size'}"
+               if placeholders else "")
+    return (
+        f"input {spec.name!r} ({spec.describe()}) has {'' if several else 'a '}dynamic "
+        f"dimension{'s' if several else ''} ({', '.join(dynamic)}): random inputs need its full shape, "
+        f"e.g. shapes={{{spec.name!r}: ({', '.join(example)}{',' if len(example) == 1 else ''})}} or "
+        f"--shape {spec.name}={','.join(example)}{replaced}; or pass real inputs"
+    )
+
+
+def _fix(array: np.ndarray, spec: InputSpec) -> str:
+    """The numpy expression that turns ``array`` into what ``spec`` accepts, when a batch axis,
+    an NCHW/NHWC transpose or a cast does; else nothing."""
+    expression = spec.name if spec.name.isidentifier() else "array"
+    shape = tuple(array.shape)
+    if len(shape) + 1 == len(spec.shape) and _compatible((1, *shape), spec.shape):
+        expression, shape = expression + "[None]", (1, *shape)
+    elif not _compatible(shape, spec.shape):
+        perm = _permutes(shape, spec.shape)
+        if perm is None:
+            return ""
+        expression, shape = f"{expression}.transpose{perm}", tuple(shape[i] for i in perm)
+    if array.dtype != spec.dtype:
+        module = "ml_dtypes" if spec.dtype.name == "bfloat16" else "np"
+        expression += f".astype({module}.{spec.dtype.name})"
+    return f": pass {expression}"
+
+
+def _did_you_mean(name: str, known: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the known name closest to ``name``, if one is close."""
+    by_lower = {k.lower(): k for k in known}
+    close = difflib.get_close_matches(name.lower(), by_lower, n=1, cutoff=0.6)
+    return f"; did you mean {by_lower[close[0]]!r}?" if close else ""
 
 
 def samples_of(inputs: Sample | Iterable[Sample] | None) -> Iterable[Sample | None]:

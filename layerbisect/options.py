@@ -21,6 +21,7 @@ from layerbisect.errors import LayerbisectError
 
 UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 STRATEGIES = ("auto", "scan", "prefix", "bisect")
+DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
 
 def memory_size(value: object, name: str = "memory_budget") -> int:

@@ -22,17 +22,24 @@ from layerbisect.report import GraphNode, LayerComparison, _num, _short
 if TYPE_CHECKING:
     from layerbisect.report import Report
 
+# Every rule starts with the block's two classes, so that a host page's table rules lose to it
+# (Jupyter's, one class and two elements at most: right-aligned cells, striped and hovered
+# rows, centred fixed-layout tables); failing rows are painted on their cells, over any row
+# background.
 STYLE = """<style>
-.lb{font-family:system-ui,sans-serif;font-size:14px;color:#222;max-width:1200px}
-.lb h2{font-size:17px;margin:8px 0}.lb h3{font-size:15px;margin:20px 0 6px}
-.lb .pass{color:#1a7f37}.lb .fail{color:#b42318}
-.lb table{border-collapse:collapse;font-size:13px}
-.lb th,.lb td{padding:2px 8px;border-bottom:1px solid #e3e3e3;text-align:left;vertical-align:top}
-.lb td.n{text-align:right;font-variant-numeric:tabular-nums}
-.lb td.t{overflow-wrap:anywhere;min-width:8em}.lb .cols table{width:100%}
-.lb tr.bad{background:#fde8e8}.lb tr.first td,.lb tr.centre td{font-weight:bold}
-.lb .cols{display:flex;gap:24px;flex-wrap:wrap}.lb .cols>div{flex:1;min-width:340px}
-.lb svg{max-width:100%;height:auto}.lb svg text{font-family:system-ui,sans-serif}
+.lb.lb-report{font-family:system-ui,sans-serif;font-size:14px;color:#222;max-width:1200px;text-align:left}
+.lb.lb-report h2{font-size:17px;margin:8px 0}.lb.lb-report h3{font-size:15px;margin:20px 0 6px}
+.lb.lb-report .pass{color:#1a7f37}.lb.lb-report .fail{color:#b42318}
+.lb.lb-report table{border-collapse:collapse;border:none;font-size:13px;margin:0;table-layout:auto;color:inherit}
+.lb.lb-report tbody tr:nth-child(n){background:transparent}
+.lb.lb-report th,.lb.lb-report td{padding:2px 8px;border:none;border-bottom:1px solid #e3e3e3;text-align:left;
+vertical-align:top;line-height:normal;white-space:normal;max-width:none}
+.lb.lb-report td.n{text-align:right;font-variant-numeric:tabular-nums}
+.lb.lb-report td.t{overflow-wrap:anywhere;min-width:8em}.lb.lb-report .cols table{width:100%}
+.lb.lb-report tr.bad>td{background:#fde8e8}
+.lb.lb-report tr.first>td,.lb.lb-report tr.centre>td{font-weight:bold}
+.lb.lb-report .cols{display:flex;gap:24px;flex-wrap:wrap}.lb.lb-report .cols>div{flex:1;min-width:340px}
+.lb.lb-report svg{max-width:100%;height:auto}.lb.lb-report svg text{font-family:system-ui,sans-serif}
 </style>"""
 
 BLUE, RED, ORANGE, GREY = "#1f6feb", "#d1242f", "#e36209", "#8c959f"
@@ -48,10 +55,11 @@ def html_document(report: Report) -> str:
 
 
 def html_fragment(report: Report) -> str:
-    """The report as an HTML block (styles scoped to ``.lb``), for notebooks and pages."""
+    """The report as an HTML block (styles scoped to its ``lb lb-report`` block, ahead of a
+    host page's own table styles), for notebooks and pages."""
     verdict_class = "pass" if report.first_bad is None else "fail"
     parts = [
-        f'<div class="lb">{STYLE}<h2 class="{verdict_class}">{escape(report.verdict)}</h2>',
+        f'<div class="lb lb-report">{STYLE}<h2 class="{verdict_class}">{escape(report.verdict)}</h2>',
         f"<p>{escape(report.summary_line())}</p>",
         chart_svg(report),
         "<h3>Layers</h3>",

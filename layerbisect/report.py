@@ -17,7 +17,7 @@ from typing import Any
 from layerbisect.weights import UNRELATED_WEIGHTS
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class LayerComparison:
     """One aligned layer: a float value, the quantized value that stands for it, and metrics.
 
@@ -34,7 +34,7 @@ class LayerComparison:
     left out of the metrics (the reference is broken there, so the layer is not judged).
     ``isolated_cosine``/``isolated_sqnr_db`` measure the layer fed the float model's own values
     at its inputs: the error it adds by itself (NaN where not measured). ``index`` is the
-    layer's position among all aligned layers.
+    layer's position among all aligned layers. Its ``repr`` is one line (``describe()``).
     """
 
     index: int
@@ -79,6 +79,9 @@ class LayerComparison:
             f"(cosine {_num(self.cosine, 4)}, SQNR {_num(self.sqnr_db, 1)} dB)"
         )
 
+    def __repr__(self) -> str:
+        return f"<LayerComparison {self.describe()}>"
+
 
 @dataclass(frozen=True)
 class ModelSummary:
@@ -102,7 +105,7 @@ class GraphNode:
     distance: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Report:
     """The result of ``find_first_bad_layer``.
 
@@ -129,6 +132,9 @@ class Report:
     nothing could be compared). Below 0.5 the verdict says the weights share nothing.
     ``sources`` are the files the report was made from (model files and their external data),
     which ``save_html`` refuses to write over.
+
+    ``repr(report)`` is one line (the verdict's head, the layers, the first bad one);
+    ``print(report)`` gives the table, and a notebook the HTML report.
     """
 
     layers: tuple[LayerComparison, ...]
@@ -202,6 +208,11 @@ class Report:
             head += (f"; only {self.weighted_paired} of {self.weighted} weighted layers paired one for one "
                      "(a fault in the others is placed only to the region holding them)")
         return head
+
+    def __repr__(self) -> str:
+        head = "PASS" if self.first_bad is None else f"FAIL, first bad {self.first_bad.describe()}"
+        return (f"<Report {head}; {_count(len(self.layers), 'layer')}, threshold {self.threshold}, "
+                f"{_count(self.samples, 'sample')}; print() it for the table>")
 
     def __str__(self) -> str:
         lines = [self.verdict, self.summary_line(), ""]
@@ -336,6 +347,10 @@ def _layers(layers: list[LayerComparison]) -> str:
     first = layers[0]
     return (f"{len(layers)} layer{'s' if len(layers) != 1 else ''} (first #{first.index} {first.op_type} "
             f"{'+'.join(first.float_nodes)!r})")
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'s' if number != 1 else ''}"
 
 
 def _json_safe(value):

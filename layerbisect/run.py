@@ -16,8 +16,8 @@ from onnx.external_data_helper import load_external_data_for_tensor, uses_extern
 from layerbisect.errors import LayerbisectError, first_line
 from layerbisect.inputs import Feeds
 from layerbisect.load import BASEPATH, external_folder
+from layerbisect.options import DEFAULT_PROVIDERS
 
-DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 # A serialized protobuf must stay under 2 GiB: past this size, initializers go to onnxruntime
 # as separate buffers instead of inside the model, all but the small ones (shapes, scales),
 # which onnxruntime's shape inference reads from the model.
@@ -26,6 +26,36 @@ DETACHABLE = 1 << 10
 AS_FLOAT = "__layerbisect_as_float"
 # Where onnxruntime finds the external data of a model given as bytes.
 EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"
+
+
+def usable_providers(providers: str | Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The providers asked for that this onnxruntime has, in the order given, and those it lacks.
+
+    ``providers`` is an order of preference (a plain string is one provider): the missing ones
+    are skipped, and only when none is left is it an error.
+
+    >>> usable_providers("CPUExecutionProvider")
+    (('CPUExecutionProvider',), ())
+    >>> usable_providers(["NoSuchExecutionProvider", "CPUExecutionProvider"])
+    (('CPUExecutionProvider',), ('NoSuchExecutionProvider',))
+    """
+    asked = (providers,) if isinstance(providers, str) else tuple(providers)
+    available = ort.get_available_providers()
+    kept = tuple(p for p in asked if p in available)
+    if not kept:
+        which = (f"execution provider {asked[0]!r} is not" if len(asked) == 1 else
+                 f"none of the execution providers {', '.join(map(repr, asked)) or '(none given)'} is")
+        raise LayerbisectError(
+            f"{which} available in this onnxruntime; available: {', '.join(available)} (another "
+            "onnxruntime build brings others, e.g. onnxruntime-gpu: see the README)"
+        )
+    return kept, tuple(p for p in asked if p not in available)
+
+
+def skipped_providers_note(kept: Sequence[str], missing: Sequence[str]) -> str:
+    """What a report says of the providers it skipped."""
+    return (f"execution provider{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} not "
+            f"available in this onnxruntime, skipped; ran with {', '.join(kept)}")
 
 
 class Session:

@@ -8,6 +8,8 @@ import numpy as np
 import onnx
 import pytest
 
+import layerbisect
+
 from layerbisect.cli import main
 from models import corrupt_weights, make_cnn, quantize, random_inputs
 
@@ -51,10 +53,80 @@ def test_random_inputs_when_no_feeds_are_given(models, capsys):
     assert main([str(models["float"]), str(models["broken"]), "--seed", "3"]) == 1
 
 
-def test_bad_usage_exits_2(capsys):
+def test_bad_usage_exits_2_with_one_line_pointing_to_help(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["only_one.onnx"])
     assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        "layerbisect: error: give either a quantized model or --simulate FORMAT (see layerbisect --help)\n"
+    )
+    with pytest.raises(SystemExit):
+        main(["a.onnx", "b.onnx", "--bogus"])
+    assert capsys.readouterr().err == "layerbisect: error: unrecognized arguments: --bogus (see layerbisect --help)\n"
+
+
+def test_help_lists_exit_statuses_and_an_example_and_version_answers(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert "exit status:\n  0  every aligned layer reaches the threshold (PASS)\n  1  a layer is below it" in out
+    assert "2  bad usage or bad input" in out and "example:\n  layerbisect model_fp32.onnx model_int8.onnx" in out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out == f"layerbisect {layerbisect.__version__}\n"
+
+
+def test_help_and_usage_errors_import_neither_onnx_nor_numpy():
+    code = """if True:
+        import sys
+        from layerbisect.cli import main
+        for argv in (["--help"], ["--version"], ["one.onnx"]):
+            try:
+                main(argv)
+            except SystemExit:
+                pass
+        print(sorted({"onnx", "onnxruntime", "numpy", "networkx"} & set(sys.modules)))
+    """
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.splitlines()[-1] == "[]"
+
+
+def test_files_written_are_named_on_stderr_unless_quiet(models, tmp_path, capsys):
+    out, page = tmp_path / "report.json", tmp_path / "report.html"
+    assert main([str(models["float"]), str(models["int8"]), "--json", str(out), "--html", str(page)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == f"layerbisect: wrote {out}\nlayerbisect: wrote {page}\n"
+    assert captured.out.startswith("PASS")
+    assert main([str(models["float"]), str(models["int8"]), "--json", str(out), "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_json_dash_is_stdout_and_the_report_text_goes_to_stderr(models, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main([str(models["float"]), str(models["broken"]), "--json", "-"]) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["first_bad"]["float_nodes"] == ["conv2"]
+    assert captured.err.startswith("FAIL: first layer below cosine 0.98 is #2 Conv 'conv2'")
+    assert "wrote" not in captured.err and not (tmp_path / "-").exists()
+    assert main([str(models["float"]), str(models["broken"]), "--html", "-", "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.startswith("<!DOCTYPE html>") and captured.err.startswith("FAIL") and captured.err.count("\n") == 1
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(models["float"]), str(models["broken"]), "--html", "-", "--json", "-"])
+    assert exit_info.value.code == 2 and "only one of --json and --html" in capsys.readouterr().err
+
+
+def test_providers_are_an_order_of_preference(models, capsys):
+    providers = "NoSuchExecutionProvider,CPUExecutionProvider"
+    assert main([str(models["float"]), str(models["broken"]), "--providers", providers]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == ("layerbisect: warning: execution provider 'NoSuchExecutionProvider' is not available "
+                            "in this onnxruntime; running with CPUExecutionProvider\n")
+    assert ("note: execution provider 'NoSuchExecutionProvider' not available in this onnxruntime, skipped; "
+            "ran with CPUExecutionProvider") in captured.out
+    assert main([str(models["float"]), str(models["broken"]), "--providers", "NoSuchExecutionProvider,Other"]) == 2
+    assert "none of the execution providers 'NoSuchExecutionProvider', 'Other' is available" in capsys.readouterr().err
 
 
 def test_console_script_runs(models):

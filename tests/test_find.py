@@ -158,3 +158,16 @@ def test_model_files_are_never_written(tmp_path):
     assert report.first_bad.float_nodes == ("conv2",)
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (float_path, quant_path)} == before
     assert sorted(tmp_path.iterdir()) == [float_path, quant_path]
+
+
+def test_providers_are_an_order_of_preference_and_a_plain_string_is_one():
+    model = float_model("cnn")
+    plain = find_first_bad_layer(model, quant_model("cnn", "qdq"), providers="CPUExecutionProvider")
+    assert plain.providers == ("CPUExecutionProvider",) and plain.notes == ()
+    preferred = find_first_bad_layer(model, quant_model("cnn", "qdq"),
+                                     providers=["NoSuchExecutionProvider", "CPUExecutionProvider"])
+    assert preferred.providers == ("CPUExecutionProvider",) and preferred.layers == plain.layers
+    assert preferred.notes == ("execution provider 'NoSuchExecutionProvider' not available in this onnxruntime, "
+                               "skipped; ran with CPUExecutionProvider",)
+    with pytest.raises(ValueError, match="execution provider 'NoSuchExecutionProvider' is not available"):
+        find_first_bad_layer(model, quant_model("cnn", "qdq"), providers="NoSuchExecutionProvider")

@@ -37,6 +37,29 @@ def test_missing_input_names_model_dtype_shape_and_flag():
     assert "--input x=FILE.npy" in message
 
 
+@pytest.mark.parametrize("array,fix", [
+    (np.ones((1, 3, 4, 5)), "x.astype(np.float32)"),
+    (np.ones((3, 4, 5), np.float32), "x[None]"),
+    (np.ones((3, 4, 5), np.float16), "x[None].astype(np.float32)"),
+    (np.ones((1, 4, 5, 3), np.float32), "x.transpose(0, 3, 1, 2)"),
+])
+def test_wrong_dtype_or_shape_says_the_fix(array, fix):
+    got = f"{array.dtype}[{','.join(map(str, array.shape))}]"
+    with pytest.raises(LayerbisectError) as info:
+        plan_inputs([X], [X]).feeds({"x": array}, 0)
+    assert str(info.value) == f"input 'x' of the float model expects float32[1,3,4,5], got {got}: pass {fix}"
+
+
+def test_a_misspelt_input_or_shape_name_gets_the_closest_one():
+    ids = InputSpec("input_ids", np.dtype("int64"), ("batch", 7))
+    with pytest.raises(LayerbisectError, match=r"the models take \['input_ids'\]; did you mean 'input_ids'\?$"):
+        plan_inputs([ids], [ids]).feeds({"input_id": np.ones((1, 7), np.int64)}, 0)
+    with pytest.raises(LayerbisectError, match=r"a shape is given for 'Input_ids'.*; did you mean 'input_ids'\?$"):
+        plan_inputs([ids], [ids], shapes={"Input_ids": (1, 7)})
+    with pytest.raises(LayerbisectError, match=r"the models take \['input_ids'\]$"):  # nothing close
+        plan_inputs([ids], [ids]).feeds({"pixels": np.ones(1)}, 0)
+
+
 def test_wrong_dtype_and_shape_say_expected_and_got():
     plan = plan_inputs([X], [X])
     with pytest.raises(LayerbisectError, match=r"expects float32\[1,3,4,5\], got float64\[1,3,4,5\]"):
@@ -55,10 +78,26 @@ def test_random_inputs_cover_the_union_with_equal_values_for_shared_names():
     np.testing.assert_array_equal(again["x"], float_feeds["x"])
 
 
-def test_dynamic_dimension_needs_a_shape_and_says_how():
+def test_dynamic_dimension_needs_a_shape_and_says_which_to_give_in_the_models_own_names():
     dynamic = InputSpec("x", F32, ("batch", 3, 4, 5))
-    with pytest.raises(LayerbisectError, match=r"dynamic dimension \(batch\).*shapes=.*--shape x=N,3,4,5"):
+    with pytest.raises(LayerbisectError) as info:
         plan_inputs([dynamic], [dynamic]).feeds(None, 0)
+    assert str(info.value) == (
+        "input 'x' (float32[batch,3,4,5]) has a dynamic dimension (batch): random inputs need its full "
+        "shape, e.g. shapes={'x': (1, 3, 4, 5)} or --shape x=1,3,4,5; or pass real inputs"
+    )
+    unnamed = InputSpec("x", F32, (None, 3, None, None))
+    with pytest.raises(LayerbisectError) as info:
+        plan_inputs([unnamed], [unnamed]).feeds(None, 0)
+    assert str(info.value) == (
+        "input 'x' (float32[?,3,?,?]) has dynamic dimensions (axis 0, axis 2, axis 3): random inputs need "
+        "its full shape, e.g. shapes={'x': (1, 3, D2, D3)} or --shape x=1,3,D2,D3 with D2, D3 replaced by "
+        "sizes; or pass real inputs"
+    )
+    text = InputSpec("ids", np.dtype("int64"), ("batch", "sequence"))
+    with pytest.raises(LayerbisectError, match=r"shapes=\{'ids': \(1, sequence\)\} or --shape ids=1,sequence "
+                       "with sequence replaced by a size"):
+        plan_inputs([text], [text]).feeds(None, 0)
     feeds, _ = plan_inputs([dynamic], [dynamic], shapes={"x": (2, 3, 4, 5)}).feeds(None, 0)
     assert feeds["x"].shape == (2, 3, 4, 5)
 

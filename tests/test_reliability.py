@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import layerbisect.cli
+import layerbisect.command
 from layerbisect import LayerbisectError, find_first_bad_layer, keep_in_float
 from layerbisect.cli import main
 from layerbisect.files import write
@@ -134,7 +134,7 @@ CASES = {
 def test_cli_refuses_in_one_line_and_changes_no_file(user, capsys, monkeypatch, case):
     args, message = CASES[case]
     if {"--json", "--html", "--repaired-model", "--keep-float"} & set(args):  # refused before any work
-        monkeypatch.setattr(layerbisect.cli, "find_first_bad_layer", lambda *a, **k: pytest.fail("the run started"))
+        monkeypatch.setattr(layerbisect.command, "find_first_bad_layer", lambda *a, **k: pytest.fail("the run started"))
     before = digest(user)
     assert main([a.replace("@", f"{user}/") for a in args]) == 2
     err = capsys.readouterr().err

@@ -1,12 +1,16 @@
 """Reports people look at: terminal, notebook HTML, the saved HTML page (opened in chromium),
 DataFrame, matplotlib figure and progress bar, with and without the optional packages."""
 
+import html
 import io
+import json
 import math
 import re
 import shutil
 import subprocess
 import sys
+import types
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -89,22 +93,24 @@ def test_culprit_is_marked_when_it_is_another_layer():
     assert "culprit: #0 c0" in chart_svg(culprit_report)
 
 
+def headless_chromium(target, *action) -> subprocess.CompletedProcess:
+    """Open the file ``target`` in headless chromium, doing ``action`` (a screenshot, a DOM dump)."""
+    return subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run",
+         f"--user-data-dir={target.parent / 'profile'}", "--enable-logging=stderr", "--v=0",
+         "--window-size=1200,1600", *action, target.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 def test_saved_page_draws_in_headless_chromium(report, tmp_path):
     page = tmp_path / "report.html"
     report.save_html(page)
     control = tmp_path / "control.html"  # blank, with a script error: proves both checks can fail
     control.write_text("<!DOCTYPE html><html><body><script>no_such_function()</script></body></html>")
-
-    def chromium(target, *action) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run",
-             f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
-             "--window-size=1200,1600", *action, target.as_uri()],
-            capture_output=True, text=True, timeout=120,
-        )
-
+    chromium = headless_chromium
     shot, blank = tmp_path / "report.png", tmp_path / "control.png"
     run = chromium(page, f"--screenshot={shot}")
     control_run = chromium(control, f"--screenshot={blank}")
@@ -116,6 +122,57 @@ def test_saved_page_draws_in_headless_chromium(report, tmp_path):
     dom = chromium(page, "--dump-dom").stdout
     assert '<svg class="lb-chart"' in dom and dom.count("<circle") >= 2 * len(report.layers)
     assert dom.count('<svg class="lb-graph"') == 2 and "<polyline" in dom
+
+
+# Jupyter's own rules for tables in cell outputs (JupyterLab's .jp-RenderedHTMLCommon, the
+# classic notebook's .rendered_html), as they ship
+JUPYTER_TABLE_CSS = """
+.jp-RenderedHTMLCommon table{border-collapse:collapse;border-spacing:0;border:none;font-size:12px;
+  table-layout:fixed;margin-left:auto;margin-right:auto}
+.jp-RenderedHTMLCommon td,.jp-RenderedHTMLCommon th,.jp-RenderedHTMLCommon tr{text-align:right;
+  vertical-align:middle;padding:0.5em;line-height:normal;white-space:normal;max-width:none;border:none}
+.jp-RenderedHTMLCommon tbody tr:nth-child(odd){background:#f5f5f5}
+.jp-RenderedHTMLCommon tbody tr:nth-child(even){background:#ffffff}
+.jp-RenderedHTMLCommon tbody tr:hover{background:rgba(66,165,245,0.2)}
+.rendered_html tbody tr:nth-child(odd){background:#f5f5f5}
+.rendered_html tr,.rendered_html th,.rendered_html td{text-align:right;vertical-align:middle;padding:0.5em}
+"""
+# what the page reports of the layer table: a failing row's cells and row, a passing row's, a
+# number cell, a name cell and the table
+STYLE_PROBE = """<script>
+const table = document.querySelector(".lb-report table");
+const bad = table.querySelector("tr.bad"), good = table.rows[2];  // layer #1, an odd row: striped by Jupyter
+const css = (element, property) => getComputedStyle(element)[property];
+document.getElementById("styles").textContent = JSON.stringify({
+  bad_cell: css(bad.cells[4], "backgroundColor"), bad_row: css(bad, "backgroundColor"),
+  good_cell: css(good.cells[4], "backgroundColor"), good_row: css(good, "backgroundColor"),
+  number_align: css(good.cells[4], "textAlign"), name_align: css(good.cells[2], "textAlign"),
+  table_margin: css(table, "marginLeft")});
+</script>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_notebook_html_keeps_its_highlight_and_alignment_under_jupyters_table_css(report, tmp_path):
+    fragment = report._repr_html_()
+    assert 'class="bad' not in fragment.split("</tr>")[2]  # the probe's passing row
+    unstyled = re.sub(r"<style>.*?</style>", "", fragment, flags=re.S)  # control: Jupyter's CSS alone
+
+    def styles(block: str) -> dict:
+        page = tmp_path / "notebook.html"
+        page.write_text(f"<!DOCTYPE html><html><head><style>{JUPYTER_TABLE_CSS}</style></head><body>"
+                        f'<div class="jp-RenderedHTMLCommon rendered_html">{block}</div><pre id="styles"></pre>'
+                        f"{STYLE_PROBE}</body></html>", encoding="utf-8")
+        dom = headless_chromium(page, "--dump-dom").stdout
+        return json.loads(html.unescape(re.search(r'<pre id="styles">(.*?)</pre>', dom, re.S).group(1)))
+
+    assert styles(fragment) == {
+        "bad_cell": "rgb(253, 232, 232)", "bad_row": "rgba(0, 0, 0, 0)",
+        "good_cell": "rgba(0, 0, 0, 0)", "good_row": "rgba(0, 0, 0, 0)",
+        "number_align": "right", "name_align": "left", "table_margin": "0px",
+    }
+    control = styles(unstyled)  # the same probe sees Jupyter's stripes and alignment without the block's CSS
+    assert control["bad_cell"] == "rgba(0, 0, 0, 0)" and control["name_align"] == "right"
+    assert control["good_row"] == "rgb(245, 245, 245)"
 
 
 def test_rich_table_when_rich_is_installed(report):
@@ -176,17 +233,49 @@ def test_clear_error_without_the_optional_package(report, monkeypatch, module, c
         getattr(report, call)()
 
 
-def test_progress_bar_with_tqdm_several_samples_and_not_quiet():
+def test_progress_bar_on_a_terminal_with_a_total_and_time_left(monkeypatch):
     tqdm = pytest.importorskip("tqdm")
-    samples = [{}, {}, {}]
-    assert isinstance(progress(samples), tqdm.tqdm) and list(progress(samples)) == samples
+    samples, terminal = [{}, {}, {}], Terminal()
+    bar = progress(samples, stream=terminal)
+    assert isinstance(bar, tqdm.tqdm) and bar.total == 3 and list(bar) == samples
+    streamed = progress(iter(samples), total=3, stream=terminal)  # a generator: the count comes apart
+    assert streamed.total == 3 and list(streamed) == samples
+    monkeypatch.setattr("layerbisect.progress.DELAY_S", 0)  # show at once, as a long run does after 2 s
+    shown = progress(iter(samples), total=3, stream=terminal)
+    shown.mininterval = 0
+    list(shown)
+    assert "3/3 [00:00<00:00" in terminal.getvalue()  # done of total, time taken and time left
 
 
-def test_no_progress_bar_when_quiet_for_one_sample_or_without_tqdm(monkeypatch):
-    samples = [{}, {}, {}]
-    assert progress(samples, quiet=True) is samples and progress(samples[:1]) == samples[:1]
+def test_no_progress_bar_when_quiet_for_one_sample_off_a_terminal_or_without_tqdm(monkeypatch):
+    samples, terminal = [{}, {}, {}], Terminal()
+    assert progress(samples, quiet=True, stream=terminal) is samples
+    assert progress(samples[:1], stream=terminal) == samples[:1]
+    one = iter(samples[:1])
+    assert progress(one, total=1, stream=terminal) is one
+    assert progress(samples, stream=io.StringIO()) is samples  # redirected: not a terminal
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # not installed
-    assert progress(samples) is samples
+    assert progress(samples, stream=terminal) is samples
+
+
+def test_notebook_without_ipywidgets_gets_the_text_bar_and_no_warning(monkeypatch):
+    tqdm = pytest.importorskip("tqdm")
+
+    class ZMQInteractiveShell:  # the class name tqdm looks for
+        pass
+
+    ipython = types.ModuleType("IPython")
+    ipython.get_ipython = ZMQInteractiveShell
+    for name, module in {"ipykernel": types.ModuleType("ipykernel"), "IPython": ipython,
+                         "ipykernel.zmqshell": types.ModuleType("ipykernel.zmqshell"), "ipywidgets": None}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    for name in ("tqdm.auto", "tqdm.autonotebook", "tqdm.notebook"):  # imported afresh, in the notebook
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bar = progress([{}, {}], stream=io.StringIO())  # a notebook's stderr is no terminal
+        assert isinstance(bar, tqdm.std.tqdm) and bar.total == 2 and list(bar) == [{}, {}]
+    assert [str(w.message) for w in caught] == []
 
 
 def test_cli_html_and_quiet(tmp_path, capsys):
@@ -204,3 +293,12 @@ def test_cli_html_and_quiet(tmp_path, capsys):
     assert str(paths[0]) in page and '<svg class="lb-chart"' in page
     assert main([str(paths[0]), str(paths[1]), "--html", str(tmp_path / "no" / "dir.html")]) == 2
     assert "cannot write" in capsys.readouterr().err
+
+
+def test_repr_is_one_line_and_the_table_is_left_to_print(report):
+    assert repr(report) == (f"<Report FAIL, first bad {report.first_bad.describe()}; {len(report.layers)} layers, "
+                            "threshold 0.98, 2 samples; print() it for the table>")
+    assert repr(report.first_bad) == "<LayerComparison " + report.first_bad.describe() + ">"
+    assert repr(bare_report((layer(0, 0.99, 30.0),))) == "<Report PASS; 1 layer, threshold 0.98, 1 sample; print() it for the table>"
+    assert replace(report, notes=("other",)) != report and replace(report) == report  # equality kept
+    assert "float node(s)" in str(report)

@@ -1,0 +1,193 @@
+"""Running the ``layerbisect`` command, once ``layerbisect.cli`` has parsed its arguments.
+
+The report goes to stdout, or to stderr when ``--json -`` or ``--html -`` puts that file on
+stdout; errors, warnings, the keep-in-float summary and a ``wrote PATH`` line per file written
+go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import sys
+import zipfile
+from concurrent.futures import Executor, ProcessPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
+from typing import ContextManager
+
+import numpy as np
+
+from layerbisect.errors import LayerbisectError, first_line
+from layerbisect.fallback import keep_in_float
+from layerbisect.files import check_outputs, write_text
+from layerbisect.find import find_first_bad_layer
+from layerbisect.options import check_workers
+from layerbisect.render import echo
+from layerbisect.report import Report
+from layerbisect.run import usable_providers
+from layerbisect.simulate import simulated
+
+STDOUT = "-"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Compare the models ``args`` name, print and write the report; return the exit status."""
+    try:
+        _check_outputs(args)
+        kept, missing = usable_providers(args.providers)
+        for provider in missing:
+            _warn(f"execution provider {provider!r} is not available in this onnxruntime; running with "
+                  f"{', '.join(kept)}")
+        inputs = _read_inputs(args.inputs, args.input)
+        quant_model = _quantized_side(args)
+        with _executor(args.workers) as executor:
+            report = find_first_bad_layer(
+                args.float_model,
+                quant_model,
+                inputs=inputs,
+                threshold=args.threshold,
+                shapes=dict(args.shape),
+                seed=args.seed,
+                providers=args.providers,
+                ort_optimized=args.ort_optimized,
+                allow_swapped=args.allow_swapped,
+                quant_graph=args.quant_graph,
+                quiet=args.quiet,
+                strategy=args.strategy,
+                memory_budget=args.memory_budget,
+                isolated=not args.no_isolated,
+                executor=executor,
+            )
+        if args.json not in (None, STDOUT):
+            write_text(args.json, report.to_json() + "\n", reads=report.sources)
+            _wrote(args, args.json)
+        if args.html not in (None, STDOUT):
+            report.save_html(args.html)
+            _wrote(args, args.html)
+    except LayerbisectError as exc:
+        return _error(exc)
+    status = 0 if report else 1
+    try:
+        _print(report, args)
+    except BrokenPipeError:  # piped into head: the reader has what it wanted
+        sys.stderr.close()
+        return status
+    if report.coverage < 0.8:
+        names = ", ".join(report.unaligned[:5]) + (", ..." if len(report.unaligned) > 5 else "")
+        _warn(f"only {report.coverage:.0%} of the float model's operations were aligned; "
+              f"{len(report.unaligned)} have no counterpart: {names}")
+    if report.weighted_paired < report.weighted:
+        _warn(f"only {report.weighted_paired} of the float model's {report.weighted} weighted layers paired "
+              "one for one; the others are inside fused regions or unpaired")
+    if args.keep_float or args.repaired_model:
+        try:
+            _keep_float(args, inputs)
+        except LayerbisectError as exc:
+            return _error(exc)
+    return status
+
+
+def _print(report: Report, args: argparse.Namespace) -> None:
+    """The JSON or HTML asked for on stdout, if any, and the report: on stdout, or on stderr
+    when stdout carries that file."""
+    if args.json == STDOUT:
+        sys.stdout.write(report.to_json() + "\n")
+    if args.html == STDOUT:
+        sys.stdout.write(report.to_html())
+    sys.stdout.flush()
+    echo(report, sys.stderr if STDOUT in (args.json, args.html) else sys.stdout, quiet=args.quiet)
+
+
+def _error(exc: LayerbisectError) -> int:
+    print(f"layerbisect: error: {exc}", file=sys.stderr)
+    return 2
+
+
+def _warn(message: str) -> None:
+    print(f"layerbisect: warning: {message}", file=sys.stderr)
+
+
+def _wrote(args: argparse.Namespace, path: str) -> None:
+    """Say where a file went, unless ``--quiet``."""
+    if not args.quiet:
+        print(f"layerbisect: wrote {path}", file=sys.stderr)
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Before any work: every output file can be written, and none is a file the run reads."""
+    outputs = {"--json": args.json, "--html": args.html, "--keep-float": args.keep_float,
+               "--repaired-model": args.repaired_model}
+    reads = [args.float_model, args.quant_model, args.quant_graph, args.inputs, *(path for _, path in args.input)]
+    check_outputs({flag: path for flag, path in outputs.items() if path != STDOUT}, reads)
+
+
+def _quantized_side(args: argparse.Namespace):
+    """The quantized model given, or the format to simulate."""
+    if (args.simulate is not None or Path(args.quant_model).is_dir()) and (args.keep_float or args.repaired_model):
+        raise LayerbisectError("--keep-float and --repaired-model need a quantized .onnx model")
+    return args.quant_model if args.simulate is None else simulated(args.simulate)
+
+
+def _executor(workers: int) -> ContextManager[Executor | None]:
+    if check_workers(workers, "--workers") == 0:
+        return nullcontext()
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _keep_float(args: argparse.Namespace, inputs: dict | None) -> None:
+    """Find the layers to keep in float, say so on stderr, and write what was asked."""
+    fallback = keep_in_float(
+        args.float_model, args.quant_model, inputs=inputs, threshold=args.threshold,
+        shapes=dict(args.shape), seed=args.seed, providers=args.providers, allow_swapped=args.allow_swapped,
+    )
+    print(fallback, file=sys.stderr)
+    if args.keep_float:
+        write_text(args.keep_float, fallback.to_json() + "\n", reads=fallback.sources)
+        _wrote(args, args.keep_float)
+    if args.repaired_model:
+        fallback.save_model(args.repaired_model)
+        _wrote(args, args.repaired_model)
+
+
+def _read_inputs(npz: str | None, singles: list[tuple[str, str]]) -> dict | None:
+    if npz is None and not singles:
+        return None
+    feeds: dict[str, np.ndarray] = {}
+    if npz is not None:
+        archive = _load(npz, "--inputs", "an .npz archive")
+        if isinstance(archive, np.ndarray):
+            raise LayerbisectError(
+                f"--inputs {npz} holds a single array, not an .npz archive; use --input NAME={npz}"
+            )
+        feeds.update(archive)
+    for name, path in singles:
+        array = _load(path, f"--input {name}", "an .npy array")
+        if not isinstance(array, np.ndarray):
+            raise LayerbisectError(f"--input {name}={path} is an .npz archive, not one .npy array")
+        feeds[name] = array
+    return feeds
+
+
+def _load(path: str, flag: str, kind: str) -> np.ndarray | dict[str, np.ndarray]:
+    """The array, or the arrays of an archive, in a feeds file; or an error naming the flag
+    and what is wrong."""
+    if Path(path).is_dir():
+        raise LayerbisectError(f"{flag}: {path} is a folder, not {kind}")
+    if not Path(path).is_file():
+        raise LayerbisectError(f"{flag}: file not found: {path}")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            return loaded
+        with loaded:  # an archive's arrays are read when asked for: read them here
+            return {key: loaded[key] for key in loaded.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        # numpy takes any file it does not know for a pickle and advises allowing pickles
+        text = str(exc)
+        reason = ("it holds Python objects" if "Object arrays" in text else
+                  "it is neither an .npy nor an .npz file" if "pickle" in text else first_line(exc))
+        raise LayerbisectError(
+            f"{flag}: {path} is not {kind} (numpy could not read it: {reason}); save it with "
+            f"{'numpy.savez' if kind.endswith('archive') else 'numpy.save'}"
+        ) from None
