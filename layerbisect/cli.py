@@ -149,7 +149,7 @@ def _parser() -> argparse.ArgumentParser:
         help="find the layers of a QDQ model to keep in float and write them (with "
         "onnxruntime's nodes_to_exclude) as JSON",
     )
-    parser.add_argument("--repaired-model", metavar="PATH.onnx", help="write the model with those layers in float")
+    parser.add_argument("--repaired-model", metavar="PATH.onnx", help="write the model with those layers in float (when they repair it)")
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     parser.add_argument(
         "--html", metavar="PATH",
@@ -190,7 +190,8 @@ def _executor(workers: int) -> ContextManager[Executor | None]:
 
 
 def _keep_float(args: argparse.Namespace, inputs: dict | None) -> None:
-    """Find the layers to keep in float, say so on stderr, and write what was asked."""
+    """Find the layers to keep in float, say so on stderr, and write what was asked; the
+    repaired model only when it repairs (a model that does not is no suggestion)."""
     fallback = keep_in_float(
         args.float_model, args.quant_model, inputs=inputs, threshold=args.threshold,
         shapes=dict(args.shape), seed=args.seed, providers=args.providers, allow_swapped=args.allow_swapped,
@@ -198,8 +199,11 @@ def _keep_float(args: argparse.Namespace, inputs: dict | None) -> None:
     print(fallback, file=sys.stderr)
     if args.keep_float:
         write_text(args.keep_float, fallback.to_json() + "\n", reads=fallback.sources)
-    if args.repaired_model:
+    if args.repaired_model and fallback:
         fallback.save_model(args.repaired_model)
+    elif args.repaired_model:
+        print(f"layerbisect: {args.repaired_model} not written: no set of layers kept in float repairs the model",
+              file=sys.stderr)
 
 
 def _name_value(text: str) -> tuple[str, str]:
