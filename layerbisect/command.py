@@ -136,7 +136,8 @@ def _executor(workers: int) -> ContextManager[Executor | None]:
 
 
 def _keep_float(args: argparse.Namespace, inputs: dict | None) -> None:
-    """Find the layers to keep in float, say so on stderr, and write what was asked."""
+    """Find the layers to keep in float, say so on stderr, and write what was asked; the
+    repaired model only when it repairs (a model that does not is no suggestion)."""
     fallback = keep_in_float(
         args.float_model, args.quant_model, inputs=inputs, threshold=args.threshold,
         shapes=dict(args.shape), seed=args.seed, providers=args.providers, allow_swapped=args.allow_swapped,
@@ -145,9 +146,12 @@ def _keep_float(args: argparse.Namespace, inputs: dict | None) -> None:
     if args.keep_float:
         write_text(args.keep_float, fallback.to_json() + "\n", reads=fallback.sources)
         _wrote(args, args.keep_float)
-    if args.repaired_model:
+    if args.repaired_model and fallback:
         fallback.save_model(args.repaired_model)
         _wrote(args, args.repaired_model)
+    elif args.repaired_model:
+        print(f"layerbisect: {args.repaired_model} not written: no set of layers kept in float repairs the model",
+              file=sys.stderr)
 
 
 def _read_inputs(npz: str | None, singles: list[tuple[str, str]]) -> dict | None:

@@ -1,49 +1,70 @@
-"""Which layers to keep in float: a small set whose quantization, removed, repairs the outputs.
+"""Which layers to keep in float: a small set whose quantization, removed, lets the model pass.
 
-For a QDQ model, keeping a layer in float means its operations use the float model's weights
-and hand on their outputs unquantized (with any activation the quantizer had folded into the
-output's quantization put back); their inputs stay as the layers before produce them, as
-with onnxruntime's ``nodes_to_exclude``. The search bisects over the layers in topological order for the shortest prefix
-whose removal brings every model output back to the threshold, then drops each member that is
-not needed (the latest start that still repairs, by bisection again, then one member at a
-time), and verifies the result by running the repaired model.
+Keeping a layer of a QDQ model in float (``bypass``) means: its operations read the float
+model's weights and constants instead of dequantized ones, and hand on their outputs
+unquantized, with any activation the quantizer had folded into the output's quantization put
+back (a Relu as a uint8 range, a Clip). Graph inputs they read are read unquantized: no layer
+produces them, and onnxruntime's ``nodes_to_exclude`` leaves in float an input that only
+excluded nodes read. Their other inputs stay as the layers before produce them. Keeping every
+layer in float therefore computes what the float model computes.
+
+A set of layers *repairs* the model when the repaired model passes as ``find_first_bad_layer``
+judges a model: every aligned layer, measured at the same points in the same way (cumulative
+error, mean cosine over the samples, NaN failing, a layer whose float value is not finite not
+judged), reaches the threshold. The verdict and the repair share this one meaning: the report
+says FAIL exactly when keeping nothing in float does not repair the model, and a repaired model
+passes the report. The model outputs alone would not do: a model can fail at an inner layer
+while its outputs, after a softmax or a sigmoid, still point the right way.
+
+The search bisects over the layers in topological order for the shortest prefix that repairs,
+then drops each member that is not needed (the latest start that still repairs, by bisection
+again, then one member at a time). Each set is judged by running the repaired model. When even
+every layer in float does not repair the model, nothing is suggested, and the result says what
+the best attempt reached.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from os import PathLike
 
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from layerbisect.align import ACTIVATIONS, Pair
-from layerbisect.compare import Aggregate, compare
 from layerbisect.errors import NO_SAMPLES, LayerbisectError
-from layerbisect.expose import expose
 from layerbisect.files import sources, write
-from layerbisect.find import setup
+from layerbisect.find import _comparable, _layer, setup
+from layerbisect.graph import outer_scope_reads
 from layerbisect.inputs import Sample, samples_of
 from layerbisect.load import ModelLike, tensor_array, with_data
+from layerbisect.measure import Saved, Totals, measure, prepare
 from layerbisect.options import DEFAULT_PROVIDERS, check_threshold
-from layerbisect.run import Session, usable_providers
+from layerbisect.report import LayerComparison
+from layerbisect.run import usable_providers
 from layerbisect.search import bisect_first_failing
+from layerbisect.segment import Segments
 
 FOLDED_INTO_WEIGHTS = {"BatchNormalization"}
 
 
 @dataclass(frozen=True)
 class FloatFallback:
-    """Layers to keep in float, and what keeping them does to the model outputs.
+    """Layers to keep in float, and what keeping them does to the model.
 
     ``float_nodes`` names the float model's operations (for per-layer precision settings of
     vendor tools); ``nodes_to_exclude`` is the list for onnxruntime.quantization's
-    ``nodes_to_exclude``. ``cosine_before``/``cosine_after`` are the lowest output cosine
-    (mean over samples) of the quantized and of the repaired model; ``repaired`` is the
-    repaired model, written only by ``save_model``; ``sources`` the files it was made from,
-    which ``save_model`` refuses to write over.
+    ``nodes_to_exclude``. Both are empty when the model needs nothing, and when no set repairs
+    it: a suggestion is made only when it repairs. ``cosine_before``/``cosine_after`` are the
+    lowest cosine of any judged layer (mean over samples, as the report judges them) of the
+    quantized and of the repaired model; ``worst_before``/``worst_after`` describe those
+    layers. ``repaired`` is the model with the layers ``attempted`` kept in float (the
+    suggestion, or, when nothing repairs, the best attempt), written only by ``save_model``;
+    ``freed`` the tensors it computes in float with no QuantizeLinear/DequantizeLinear on
+    them; ``sources`` the files it was made from, which ``save_model`` refuses to write over.
     """
 
     float_nodes: tuple[str, ...]
@@ -54,25 +75,46 @@ class FloatFallback:
     executions: int
     repaired: onnx.ModelProto = field(repr=False, compare=False)
     sources: tuple[str, ...] = field(default=(), repr=False, compare=False)
+    worst_before: str = ""
+    worst_after: str = ""
+    attempted: tuple[str, ...] = ()
+    freed: tuple[str, ...] = field(default=(), repr=False)
 
     def __bool__(self) -> bool:
+        """Whether the repaired model passes: every judged layer reaches the threshold."""
         return self.cosine_after >= self.threshold
 
     def __str__(self) -> str:
-        verdict = "repairs" if self else "does not repair"
+        if not self:
+            return (
+                f"no set of layers kept in float repairs the model: lowest layer cosine "
+                f"{self.cosine_before:.4f} at {self.worst_before}; the best attempt (keeping "
+                f"{len(self.attempted)} float operation(s) in float) reaches {self.cosine_after:.4f} "
+                f"at {self.worst_after} (threshold {self.threshold}); nothing to exclude"
+            )
+        if not self.float_nodes:
+            return (
+                f"nothing to keep in float: every layer already reaches cosine {self.threshold} "
+                f"(lowest {self.cosine_before:.4f} at {self.worst_before})"
+            )
         return (
-            f"keeping {len(self.float_nodes)} layer(s) in float {verdict} the outputs: lowest "
-            f"output cosine {self.cosine_before:.4f} -> {self.cosine_after:.4f} "
-            f"(threshold {self.threshold})\nnodes_to_exclude = {list(self.nodes_to_exclude)}"
+            f"keeping {len(self.nodes_to_exclude)} node(s) in float repairs the model: lowest layer "
+            f"cosine {self.cosine_before:.4f} -> {self.cosine_after:.4f} (threshold "
+            f"{self.threshold})\nnodes_to_exclude = {list(self.nodes_to_exclude)}"
         )
 
     def to_json(self) -> str:
-        """The settings to paste: float-model node names and onnxruntime's exclusion list."""
+        """The settings to paste: float-model node names and onnxruntime's exclusion list, with
+        whether they repair the model and how close it comes."""
         return json.dumps({
             "keep_in_float": list(self.float_nodes),
             "nodes_to_exclude": list(self.nodes_to_exclude),
+            "repairs": bool(self),
             "cosine_before": self.cosine_before,
             "cosine_after": self.cosine_after,
+            "worst_before": self.worst_before,
+            "worst_after": self.worst_after,
+            "attempted": list(self.attempted),
             "threshold": self.threshold,
         }, indent=2)
 
@@ -94,8 +136,9 @@ def keep_in_float(
     providers: str | Sequence[str] = DEFAULT_PROVIDERS,
     allow_swapped: bool = False,
 ) -> FloatFallback:
-    """Find a small set of layers of a QDQ model to keep in float so that every output of the
-    repaired model reaches ``threshold`` (cosine with the float model, mean over samples).
+    """Find a small set of layers of a QDQ model to keep in float so that the repaired model
+    passes: every aligned layer reaches ``threshold`` (cosine with the float model, mean over
+    samples), judged as ``find_first_bad_layer`` judges it on the same inputs.
     ``providers`` is an order of preference, as for ``find_first_bad_layer``.
 
     >>> fix = keep_in_float("model_fp32.onnx", "model_int8_qdq.onnx", inputs)  # doctest: +SKIP
@@ -112,41 +155,44 @@ def keep_in_float(
     samples = list(samples_of(inputs))
     if not samples:
         raise LayerbisectError(NO_SAMPLES)
-    outputs = _output_pairs(float_proto, alignment.pairs)
-    read = [_carried(quant_proto, p.quant_tensor) for p in outputs]
-    float_session = Session(expose(float_proto, [p.float_tensor for p in outputs]), "float model", providers)
-    feeds = [plan.feeds(sample, seed) for sample in samples]
-    references = [float_session.run(f, [p.float_tensor for p in outputs]) for f, _ in feeds]
+    pairs = alignment.pairs
     bypassable = _bypassable(quant_proto)
-    candidates = [p for p in alignment.pairs if bypassable(p)]
-    executions = len(samples)
-    cache: dict[frozenset, float] = {}
+    candidates = [p for p in pairs if bypassable(p)]
+    float_segments = Segments(float_proto)
+    executions = 0
+    cache: dict[frozenset, LayerComparison | None] = {}
+    float_values: Saved | None = None  # the float model's values, measured once
 
-    def score(chosen: Sequence[Pair]) -> float:
-        nonlocal executions
+    def lowest(chosen: Sequence[Pair]) -> LayerComparison | None:
+        """The lowest judged layer of the model with ``chosen`` kept in float."""
+        nonlocal executions, float_values
         key = frozenset(p.float_tensor for p in chosen)
         if key not in cache:
             model = bypass(float_proto, quant_proto, chosen)
-            session = Session(expose(model, read), "repaired model", providers)
-            aggregates = [Aggregate() for _ in outputs]
-            for (_, quant_feeds), reference in zip(feeds, references):
-                values = session.run(quant_feeds, read)
-                for agg, pair, name in zip(aggregates, outputs, read):
-                    agg.add(compare(pair.float_readout.dequantize(reference[pair.float_tensor]),
-                                    pair.quant_readout.dequantize(values[name])))
-            executions += len(samples)
-            cache[key] = min(agg.cosine for agg in aggregates)
+            read = _read_in(quant_proto, model, pairs)
+            measurement = prepare(
+                float_segments, Segments(model), read, None, plan, seed=seed, providers=providers, start=float_values,
+                saves=([p.float_tensor for p in pairs], ()) if float_values is None else ((), ()),
+            )
+            totals, saved = measure(measurement, samples, start=float_values)
+            if float_values is None:
+                float_values = Saved(tuple((values, {}) for values, _ in saved.values)) if saved else None
+            cache[key] = _lowest_layer(read, totals)
+            executions += totals.executions
         return cache[key]
 
-    before = score([])
+    def repairs(chosen: Sequence[Pair]) -> bool:
+        return _cosine(lowest(chosen)) >= threshold
+
     chosen: list[Pair] = []
-    if before < threshold and score(candidates) >= threshold:
+    attempted: list[Pair] = []
+    if not repairs([]) and repairs(candidates):
         found, _ = bisect_first_failing(
-            lambda ks, final: {k: score(candidates[: k + 1]) < threshold for k in ks}, len(candidates)
+            lambda ks, final: {k: not repairs(candidates[: k + 1]) for k in ks}, len(candidates)
         )
         end = found + 1
         latest, _ = bisect_first_failing(  # then the latest start that still repairs
-            lambda ks, final: {k: score(candidates[k:end]) >= threshold for k in ks}, end
+            lambda ks, final: {k: repairs(candidates[k:end]) for k in ks}, end
         )
         chosen = candidates[(end - 1 if latest is None else latest - 1): end]
         changed = True
@@ -154,25 +200,69 @@ def keep_in_float(
             changed = False
             for member in reversed(chosen):
                 rest = [p for p in chosen if p is not member]
-                if score(rest) >= threshold:
+                if repairs(rest):
                     chosen, changed = rest, True
-    elif before < threshold:
-        chosen = candidates
-    repaired = bypass(float_proto, quant_proto, chosen)
+        attempted = chosen
+    elif not repairs([]) and _cosine(lowest(candidates)) > _cosine(lowest([])):
+        attempted = candidates  # no repair: the best attempt, never one that makes things worse
+    repaired = bypass(float_proto, quant_proto, attempted)
+    nodes = {node.name: node for node in quant_proto.graph.node}
+    before, after = lowest([]), lowest(attempted)
     return FloatFallback(
         float_nodes=tuple(name for p in chosen for name in p.float_nodes),
         nodes_to_exclude=tuple(name for p in chosen for name in p.quant_nodes),
-        cosine_before=before,
-        cosine_after=score(chosen),
+        cosine_before=_cosine(before),
+        cosine_after=_cosine(after),
         threshold=float(threshold),
         executions=executions,
         repaired=repaired,
         sources=sources(float_model, quant_model, float_proto, quant_proto),
+        worst_before=_described(before),
+        worst_after=_described(after),
+        attempted=tuple(name for p in attempted for name in p.float_nodes),
+        freed=tuple(out for p in attempted for name in p.quant_nodes for out in nodes[name].output if out),
     )
 
 
+def _lowest_layer(pairs: Sequence[Pair], totals: Totals) -> LayerComparison | None:
+    """The judged layer with the lowest cosine (NaN lowest) among ``pairs`` as ``totals``
+    measured them, judged as ``find_first_bad_layer`` judges them; None when none is judged."""
+    layers = [_layer(pair, i, totals, i) for i, pair in enumerate(pairs) if _comparable((totals, i))]
+    judged = [layer for layer in layers if layer.judged]
+    return min(judged, key=lambda layer: -math.inf if math.isnan(layer.cosine) else layer.cosine, default=None)
+
+
+def _cosine(layer: LayerComparison | None) -> float:
+    """The cosine a set is judged by: its lowest judged layer's (1.0 when none is judged)."""
+    return 1.0 if layer is None else layer.cosine
+
+
+def _described(layer: LayerComparison | None) -> str:
+    return "no judged layer" if layer is None else layer.describe()
+
+
+def _read_in(quant_model: onnx.ModelProto, model: onnx.ModelProto, pairs: Sequence[Pair]) -> list[Pair]:
+    """``pairs`` as read in ``model``, a bypass of ``quant_model``: a value kept in float has
+    lost its QuantizeLinear, and is read where the DequantizeLinear that read it was (now an
+    Identity)."""
+    produced = {out for node in model.graph.node for out in node.output} | {i.name for i in model.graph.input}
+    read = []
+    for pair in pairs:
+        if pair.quant_tensor not in produced:
+            tensor = _carried(quant_model, pair.quant_tensor)
+            pair = replace(pair, quant_tensor=tensor, quant_readout=replace(pair.quant_readout, tensor=tensor))
+        read.append(pair)
+    return read
+
+
 def bypass(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, pairs: Iterable[Pair]) -> onnx.ModelProto:
-    """A copy of the QDQ ``quant_model`` with the operations of ``pairs`` kept in float."""
+    """A copy of the QDQ ``quant_model`` with the operations of ``pairs`` kept in float (see
+    the module's docstring). Each input they read through a DequantizeLinear becomes the float
+    value behind it where there is one: what a QuantizeLinear quantized, when that is a
+    constant or a graph input; else the float model's constant at the same input of the same
+    operation (not for weights folded from a BatchNorm, which have no float twin). Each output
+    loses its QuantizeLinear, and the DequantizeLinear that read it becomes an Identity of the
+    float value. Nodes and initializers nothing reads any more are dropped."""
     model = onnx.ModelProto()
     model.CopyFrom(quant_model)
     graph = model.graph
@@ -181,9 +271,12 @@ def bypass(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, pairs: It
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    initializers = {init.name: init for init in graph.initializer}
+    initializers = {init.name for init in graph.initializer}
+    unquantized = initializers | {i.name for i in graph.input} | {
+        out for node in graph.node if node.op_type == "Constant" for out in node.output
+    }
     float_nodes = {node.name: node for node in float_model.graph.node}
-    float_inits = {init.name: init for init in float_model.graph.initializer}
+    float_constants = _constants(float_model)
     nodes = {node.name: node for node in graph.node}
     for pair in pairs:
         span_ops = {float_nodes[n].op_type for n in pair.float_nodes if n in float_nodes}
@@ -191,29 +284,74 @@ def bypass(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, pairs: It
             node = nodes[name]
             twin = next((float_nodes[n] for n in pair.float_nodes
                          if n in float_nodes and float_nodes[n].op_type == node.op_type), None)
-            # weights folded from another float op (a BatchNorm) have no float twin to take
             folded = bool(span_ops & FOLDED_INTO_WEIGHTS) and node.op_type not in FOLDED_INTO_WEIGHTS
             for position, tensor in enumerate(node.input):
                 dq = producer.get(tensor)
                 if dq is None or dq.op_type != "DequantizeLinear":
                     continue
-                source = dq.input[0]
-                if source in initializers and not folded:
-                    weight = _float_weight(twin, position, float_inits, initializers[source])
+                q = producer.get(dq.input[0])
+                if q is not None and q.op_type == "QuantizeLinear" and q.input[0] in unquantized:
+                    node.input[position] = q.input[0]
+                elif dq.input[0] in initializers and not folded:
+                    weight = _float_constant(twin, position, float_constants, graph)
                     if weight is not None:
-                        graph.initializer.append(weight)
-                        node.input[position] = weight.name
+                        node.input[position] = weight
             dropped = _dropped_activations(pair, nodes, float_nodes) if name == pair.quant_nodes[-1] else []
             for output in node.output:  # the value goes on unquantized
                 quantizers = [c for c in consumers.get(output, []) if c.op_type == "QuantizeLinear"]
                 if not quantizers:
                     continue
-                value = _activate(graph, output, dropped, float_inits)
+                value = _activate(graph, output, dropped, float_constants)
                 for q in quantizers:
                     for dq in [c for c in consumers.get(q.output[0], []) if c.op_type == "DequantizeLinear"]:
-                        dq.CopyFrom(onnx.helper.make_node("Identity", [value], [dq.output[0]], name=dq.name))
+                        dq.CopyFrom(helper.make_node("Identity", [value], [dq.output[0]], name=dq.name))
                     graph.node.remove(q)
+    _drop_unread(graph)
     return model
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """The constant values of ``model``'s graph by name: its initializers and the tensors of
+    its Constant nodes (paddle2onnx exports hold their weights there)."""
+    found = {init.name: init for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            found[node.output[0]] = node.attribute[0].t
+    return found
+
+
+def _float_constant(twin, position: int, float_constants: Mapping, graph: onnx.GraphProto) -> str | None:
+    """The float model's constant at input ``position`` of ``twin`` as an initializer of
+    ``graph`` (see ``_float_copy``), if there is one; its name."""
+    if twin is None or position >= len(twin.input) or twin.input[position] not in float_constants:
+        return None
+    return _float_copy(graph, float_constants, twin.input[position])
+
+
+def _float_copy(graph: onnx.GraphProto, float_constants: Mapping, name: str) -> str:
+    """Add the float model's constant ``name`` to ``graph`` as an initializer, once, under a
+    name of its own (the quantized graph may use ``name`` for something else); return it."""
+    copy = f"{name}__layerbisect_float"
+    if not any(init.name == copy for init in graph.initializer):
+        graph.initializer.append(numpy_helper.from_array(tensor_array(float_constants[name]), copy))
+    return copy
+
+
+def _drop_unread(graph: onnx.GraphProto) -> None:
+    """Remove the nodes whose outputs nothing reads (the Q/DQ of values now read in float),
+    then the initializers nothing reads."""
+    while True:
+        read = {o.name for o in graph.output} | {
+            name for node in graph.node for name in [*node.input, *outer_scope_reads(node)]
+        }
+        unread = [node for node in graph.node if not any(out in read for out in node.output)]
+        if not unread:
+            break
+        for node in unread:
+            graph.node.remove(node)
+    unused = [init for init in graph.initializer if init.name not in read]
+    for init in unused:
+        graph.initializer.remove(init)
 
 
 def _dropped_activations(pair: Pair, nodes: Mapping, float_nodes: Mapping) -> list[onnx.NodeProto]:
@@ -226,38 +364,22 @@ def _dropped_activations(pair: Pair, nodes: Mapping, float_nodes: Mapping) -> li
     ]
 
 
-def _activate(graph, output: str, activations, float_inits) -> str:
+def _activate(graph, output: str, activations, float_constants: Mapping) -> str:
     """Apply to ``output`` the activations the quantization stood for; return the result.
-    The new nodes follow the producer of ``output``, keeping the graph topologically sorted."""
+    Their constants (a Clip's bounds) are the float model's. The new nodes follow the producer
+    of ``output``, keeping the graph topologically sorted."""
     current = output
     position = next(i for i, node in enumerate(graph.node) if output in node.output) + 1
     for activation in activations:
-        constants = []
-        for name in activation.input[1:]:
-            if name in float_inits:
-                copy = onnx.TensorProto()
-                copy.CopyFrom(float_inits[name])
-                copy.name = f"{name}__kept_float"
-                graph.initializer.append(copy)
-                name = copy.name
-            constants.append(name)
+        constants = [_float_copy(graph, float_constants, name) if name in float_constants else name
+                     for name in activation.input[1:]]
         result = f"{activation.output[0]}__kept_float"
-        node = onnx.helper.make_node(activation.op_type, [current, *constants], [result], name=f"{activation.name}__kept_float")
+        node = helper.make_node(activation.op_type, [current, *constants], [result], name=f"{activation.name}__kept_float")
         node.attribute.extend(activation.attribute)
         graph.node.insert(position, node)
         position += 1
         current = result
     return current
-
-
-def _float_weight(twin, position, float_inits, quantized) -> onnx.TensorProto | None:
-    """The float model's constant at the same input of the same operation, if it fits."""
-    if twin is None or position >= len(twin.input) or twin.input[position] not in float_inits:
-        return None
-    value = tensor_array(float_inits[twin.input[position]])
-    if tuple(value.shape) != tuple(quantized.dims):
-        return None
-    return numpy_helper.from_array(value, twin.input[position] + "__layerbisect_float")
 
 
 def _bypassable(model: onnx.ModelProto) -> Callable[[Pair], bool]:
@@ -277,10 +399,3 @@ def _carried(quant_model: onnx.ModelProto, tensor: str) -> str:
         tensor,
     )
 
-
-def _output_pairs(float_model: onnx.ModelProto, pairs: Sequence[Pair]) -> list[Pair]:
-    outputs = {o.name for o in float_model.graph.output}
-    found = [p for p in pairs if p.float_tensor in outputs]
-    if not found:
-        found = [pairs[-1]]
-    return found

@@ -439,3 +439,46 @@ def float16(model: onnx.ModelProto, kept_in_float32: list[str] | tuple[str, ...]
     with warnings.catch_warnings():  # values below fp16's range are clamped, and said so
         warnings.simplefilter("ignore")
         return convert_float_to_float16(model, keep_io_types=True, op_block_list=list(kept_in_float32))
+
+
+def quantization_left(model: onnx.ModelProto, freed) -> list[str]:
+    """What still quantizes the tensors ``freed`` (a repaired model's ``FloatFallback.freed``):
+    a QuantizeLinear reading one, or a DequantizeLinear of a constant or of a graph input read
+    by a node computing one. Empty when they are all computed and handed on in float."""
+    freed = set(freed)
+    producer = {out: node for node in model.graph.node for out in node.output}
+    unquantized = {i.name for i in model.graph.initializer} | {i.name for i in model.graph.input} | {
+        out for node in model.graph.node if node.op_type == "Constant" for out in node.output
+    }
+    left = [f"{node.name} quantizes {node.input[0]}" for node in model.graph.node
+            if node.op_type == "QuantizeLinear" and node.input[0] in freed]
+    for node in model.graph.node:
+        if not freed & set(node.output):
+            continue
+        for name in node.input:
+            dq = producer.get(name)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if dq is not None and dq.op_type == "DequantizeLinear" and (
+                dq.input[0] in unquantized or (q is not None and q.input[0] in unquantized)
+            ):
+                left.append(f"{node.name} reads {name} dequantized")
+    return left
+
+
+def output_cosines(float_model: onnx.ModelProto, model: onnx.ModelProto, feeds) -> dict[str, float]:
+    """Cosine of each declared output of ``model`` with the float model's, both run by
+    onnxruntime on ``feeds`` (flattened, in float64)."""
+    import onnxruntime as ort
+
+    def run(m):
+        session = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, feeds)))
+
+    reference, actual = run(float_model), run(model)
+    cosines = {}
+    for name, ref in reference.items():
+        a, b = ref.astype(np.float64).ravel(), actual[name].astype(np.float64).ravel()
+        norm = np.linalg.norm(a) * np.linalg.norm(b)
+        cosines[name] = 1.0 if norm == 0 and not a.any() and not b.any() else float(a @ b / norm)
+    return cosines

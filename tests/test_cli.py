@@ -151,7 +151,7 @@ def test_keep_float_and_repaired_model(models, tmp_path, capsys):
     assert status == 1
     assert json.loads(keep.read_text())["nodes_to_exclude"] == ["conv2"]
     assert main([str(models["float"]), str(repaired)]) == 0
-    assert "keeping 1 layer(s) in float repairs the outputs" in capsys.readouterr().err
+    assert "keeping 1 node(s) in float repairs the model" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag,value,message", [

@@ -17,8 +17,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from layerbisect import find_first_bad_layer
-from models import corrupt_weights, quant_node_for, quantize
+from layerbisect import find_first_bad_layer, keep_in_float
+from layerbisect.fallback import bypass
+from layerbisect.find import setup
+from models import corrupt_weights, output_cosines, quant_node_for, quantization_left, quantize
 from real_models import (
     ModelUnavailable, audio_sample, constants_to_initializers, drop_value_info, flip_weight_sign,
     fold_sample_rate, inline_taken_branch, minilm_node, minilm_path, ocr_path, op_counts, page_sample,
@@ -429,6 +431,50 @@ def test_ocr_classifier_with_a_minus_one_batch_dimension_is_compared_and_its_fau
     show("PP-OCR mobile v2.0 cls, sign-flipped Conv@5", report)
     assert report.coverage == 1.0
     assert report.first_bad.float_nodes == ("Conv@5",) and report.first_bad_cause == "introduced"
+
+
+@lru_cache(maxsize=None)
+def _ocr_as_exported_quant(model: str) -> onnx.ModelProto:
+    height, width = PAGES[0]["x"].shape[2:] if model == "det" else LINES[0]["x"].shape[2:]
+    calibration = [page_sample(100 + seed, height, width) for seed in range(4)]
+    return quantize(_cached_load(ocr_path(model)), "qdq", calibration_inputs=calibration)
+
+
+def ocr_as_exported(model: str) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """The float model as the wheel ships it (weights in Constant nodes) and its static QDQ
+    int8, as a new user would quantize it: onnxruntime quantizes those weights, and the
+    constants of the hard-swish Add/Div, as activations (QuantizeLinear of a float constant)."""
+    return _load(ocr_path, model), _ocr_as_exported_quant(model)
+
+
+def test_ocr_detector_with_every_layer_in_float_computes_the_float_model(tmp_path):
+    """Issue 20: the repaired detector kept 198 Q/DQ pairs (the weights held in Constant nodes)
+    and did not compute the float model. Every layer in float now leaves no QuantizeLinear or
+    DequantizeLinear, and onnxruntime computes the float outputs from the written file."""
+    float_model, quant = ocr_as_exported("det")
+    onnx.save(bypass(float_model, quant, setup(float_model, quant).alignment.pairs), tmp_path / "all.onnx")
+    model = onnx.load(tmp_path / "all.onnx")
+    assert op_counts(quant)["DequantizeLinear"] > 400
+    assert not {"QuantizeLinear", "DequantizeLinear"} & set(op_counts(model))
+    assert min(output_cosines(float_model, model, PAGES[0]).values()) > 0.99999
+
+
+def test_ocr_classifier_keep_in_float_follows_the_verdict_and_the_written_model_passes(tmp_path):
+    """Issue 20: the report said FAIL (an inner layer below 0.98) while keep-in-float said
+    "keeping 0 layer(s) in float repairs the outputs" (its output, after a softmax, at 0.9992).
+    Both now judge every aligned layer: the lowest layer cosine is the report's, something is
+    kept in float, and the written model runs those layers in float and passes the report.
+    (About 15 s on a 2-core machine.)"""
+    float_model, quant = ocr_as_exported("cls")
+    report = find_first_bad_layer(float_model, quant, LINES, quiet=True, isolated=False)
+    fix = keep_in_float(float_model, quant, LINES)
+    print(f"\n[PP-OCR cls, static QDQ int8, keep in float] {fix}")
+    assert report.first_bad is not None and fix.cosine_before == min(layer.cosine for layer in report.layers)
+    assert fix and fix.nodes_to_exclude
+    fix.save_model(tmp_path / "repaired.onnx")
+    repaired = onnx.load(tmp_path / "repaired.onnx")
+    assert quantization_left(repaired, fix.freed) == []
+    assert find_first_bad_layer(float_model, repaired, LINES, quiet=True).first_bad is None
 
 
 # --------------------------------------------------------------------------- minimal repro
