@@ -285,7 +285,11 @@ def quantize(
     contrib ops needed).
     """
     from onnxruntime.quantization import (
-        CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static,
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
     )
 
     if fmt not in ("qdq", "qoperator", "dynamic"):

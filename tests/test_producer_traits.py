@@ -8,6 +8,10 @@ import logging
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from layerbisect import find_first_bad_layer
+
 from models import (
     corrupt_weights,
     make_bert,
@@ -17,9 +21,6 @@ from models import (
     quantize,
     random_inputs,
 )
-from onnx import TensorProto, helper, numpy_helper
-
-from layerbisect import find_first_bad_layer
 
 
 def paddle_dims(model: onnx.ModelProto) -> onnx.ModelProto:
