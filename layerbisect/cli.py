@@ -126,6 +126,11 @@ def _parser() -> argparse.ArgumentParser:
         "- writes it to stdout (the report text then goes to stderr)",
     )
     parser.add_argument(
+        "--model-explorer", metavar="FOLDER",
+        help="also write Model Explorer overlays of both graphs (cosine, isolated cosine, SQNR, the "
+        "first bad layer and the culprit) and the float-to-quantized node mapping into FOLDER",
+    )
+    parser.add_argument(
         "--quiet", action="store_true",
         help="no progress bar and no 'wrote PATH' lines; print only the verdict line",
     )

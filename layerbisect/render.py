@@ -405,13 +405,14 @@ def _finite_or_nan(value: float) -> float:
     return value if math.isfinite(value) else math.nan
 
 
-def optional(module: str, feature: str, package: str | None = None) -> Any:
-    """Import an optional dependency, or raise ImportError saying how to install it."""
+def optional(module: str, feature: str, package: str | None = None, extra: str = "report") -> Any:
+    """Import an optional dependency, or raise ImportError saying how to install it (alone, or
+    with layerbisect's optional ``extra``)."""
     package = package or module
     try:
         return importlib.import_module(module)
     except ImportError:
         raise ImportError(
             f"{feature} needs {package}, which is not installed: "
-            f"pip install {package}  (or pip install 'layerbisect[report]')"
+            f"pip install {package}  (or pip install 'layerbisect[{extra}]')"
         ) from None
