@@ -5,7 +5,8 @@ This module imports only the standard library and layerbisect's option checks, s
 onnxruntime, numpy) is imported once the arguments are good.
 
 Exit status: 0 when no aligned layer is below the threshold, 1 when one is, 2 on bad usage or
-bad input (one line on stderr, no traceback).
+bad input (one line on stderr, no traceback), 130 when interrupted (Ctrl-C: one line, no
+traceback; files are written whole or not at all).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ EPILOG = """exit status:
   0  every aligned layer reaches the threshold (PASS)
   1  a layer is below it (FAIL; the report names the first)
   2  bad usage or bad input (one line on stderr, no report)
+  130  interrupted (Ctrl-C)
 
 example:
   layerbisect model_fp32.onnx model_int8.onnx --inputs feeds.npz --threshold 0.98 --json report.json
@@ -38,9 +40,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give either a quantized model or --simulate FORMAT")
     if args.json == "-" and args.html == "-":
         parser.error("only one of --json and --html can go to stdout (-)")
-    from layerbisect.command import run
+    try:
+        from layerbisect.command import run
 
-    return run(args)
+        return run(args)
+    except KeyboardInterrupt:
+        print("layerbisect: interrupted", file=sys.stderr)
+        return 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -124,6 +130,11 @@ def _parser() -> argparse.ArgumentParser:
         "--html", metavar="PATH",
         help="also write the report as one self-contained HTML page (chart, table, models, settings); "
         "- writes it to stdout (the report text then goes to stderr)",
+    )
+    parser.add_argument(
+        "--model-explorer", metavar="FOLDER",
+        help="also write Model Explorer overlays of both graphs (cosine, isolated cosine, SQNR, the "
+        "first bad layer and the culprit) and the float-to-quantized node mapping into FOLDER",
     )
     parser.add_argument(
         "--quiet", action="store_true",

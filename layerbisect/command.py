@@ -19,6 +19,7 @@ from typing import ContextManager
 import numpy as np
 
 from layerbisect.errors import LayerbisectError, first_line
+from layerbisect.explorer import FILES as EXPLORER_FILES
 from layerbisect.fallback import keep_in_float
 from layerbisect.files import check_outputs, write_text
 from layerbisect.find import find_first_bad_layer
@@ -65,6 +66,9 @@ def run(args: argparse.Namespace) -> int:
         if args.html not in (None, STDOUT):
             report.save_html(args.html)
             _wrote(args, args.html)
+        if args.model_explorer is not None:
+            for path in report.to_model_explorer(args.model_explorer):
+                _wrote(args, str(path))
     except LayerbisectError as exc:
         return _error(exc)
     status = 0 if report else 1
@@ -118,6 +122,10 @@ def _check_outputs(args: argparse.Namespace) -> None:
     """Before any work: every output file can be written, and none is a file the run reads."""
     outputs = {"--json": args.json, "--html": args.html, "--keep-float": args.keep_float,
                "--repaired-model": args.repaired_model}
+    if args.model_explorer is not None:
+        if not Path(args.model_explorer).is_dir():
+            raise LayerbisectError(f"--model-explorer {args.model_explorer} is not a folder; create it first")
+        outputs.update((f"--model-explorer {name}", Path(args.model_explorer) / name) for name in EXPLORER_FILES)
     reads = [args.float_model, args.quant_model, args.quant_graph, args.inputs, *(path for _, path in args.input)]
     check_outputs({flag: path for flag, path in outputs.items() if path != STDOUT}, reads)
 

@@ -28,7 +28,7 @@ from layerbisect.progress import progress
 from layerbisect.report import LayerComparison, Report, faint_notes, nonfinite_notes
 from layerbisect.options import DEFAULT_PROVIDERS
 from layerbisect.run import ort_optimized as ort_optimized_model
-from layerbisect.run import skipped_providers_note, usable_providers
+from layerbisect.run import lower_ir_version, skipped_providers_note, usable_providers
 from layerbisect.search import bisect_first_failing, first_failing
 from layerbisect.segment import Segments
 from layerbisect.simulate import Simulated, Simulation
@@ -152,7 +152,7 @@ def find_first_bad_layer(
     if isinstance(quant_model, Simulated):
         samples = list(samples)
         quant_model = quant_model.build(float_model, samples, shapes=shapes, seed=seed, providers=providers)
-    float_proto, quant_proto, plan, float_graph, alignment = setup(
+    float_proto, quant_proto, plan, float_graph, alignment, load_notes = setup(
         float_model, quant_model, shapes=shapes, providers=providers, ort_optimized=ort_optimized,
         allow_swapped=allow_swapped,
     )
@@ -200,7 +200,7 @@ def find_first_bad_layer(
     cause = _cause(first_bad, culprit, threshold)
     unknown = cause == "accumulated" and strategy == "bisect"  # it measured its last layers only
     cause = None if unknown else cause
-    notes = [*provider_notes, *plan.notes, *nonfinite_notes(layers), *faint_notes(layers, inputs is None),
+    notes = [*provider_notes, *load_notes, *plan.notes, *nonfinite_notes(layers), *faint_notes(layers, inputs is None),
              *([UNKNOWN_CAUSE] if unknown else []),
              *subgraph_notes(float_proto, "float model"),
              *subgraph_notes(quant_proto, "quantized model")]
@@ -357,6 +357,7 @@ class Setup(NamedTuple):
     inputs: InputPlan
     float_graph: nx.DiGraph
     alignment: Alignment
+    notes: tuple[str, ...]
 
 
 def setup(
@@ -378,6 +379,7 @@ def setup(
     quant_proto = load_model(quant_model if simulation is None else simulation.model, role="quantized model")
     if not allow_swapped:
         _check_direction(float_proto, quant_proto)
+    notes = (*lower_ir_version(float_proto, "float model"), *lower_ir_version(quant_proto, "quantized model"))
     if ort_optimized:
         quant_proto = load_model(ort_optimized_model(quant_proto, "quantized model", providers), role="quantized model")
     plan = plan_inputs(declared_inputs(float_proto), declared_inputs(quant_proto), shapes)
@@ -404,7 +406,7 @@ def setup(
             "no layer of the float model could be paired with the quantized model: do the two "
             "models compute the same network, from the same inputs?"
         )
-    return Setup(float_proto, quant_proto, plan, float_graph, alignment)
+    return Setup(float_proto, quant_proto, plan, float_graph, alignment, notes)
 
 
 def _check_direction(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto) -> None:

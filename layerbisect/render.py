@@ -1,8 +1,9 @@
 """Reports people look at: an HTML page with inline SVG charts, a rich table, a matplotlib figure
 and a pandas DataFrame.
 
-The HTML is self-contained (no scripts, fonts, styles or images fetched from anywhere), so a
-saved report opens offline. rich, pandas and matplotlib are optional and imported where used.
+The HTML is self-contained (no scripts, fonts, styles or images fetched from anywhere; one
+small inline script filters and sorts the layer table and links paired nodes), so a saved
+report opens offline. rich, pandas and matplotlib are optional and imported where used.
 
 >>> _ticks(0.2, 1.0)
 [0.2, 0.4, 0.6, 0.8, 1.0]
@@ -40,9 +41,48 @@ vertical-align:top;line-height:normal;white-space:normal;max-width:none}
 .lb.lb-report tr.first>td,.lb.lb-report tr.centre>td{font-weight:bold}
 .lb.lb-report .cols{display:flex;gap:24px;flex-wrap:wrap}.lb.lb-report .cols>div{flex:1;min-width:340px}
 .lb.lb-report svg{max-width:100%;height:auto}.lb.lb-report svg text{font-family:system-ui,sans-serif}
+.lb.lb-report summary{cursor:pointer;font-weight:bold;margin:20px 0 6px}.lb.lb-report th{cursor:default}
+.lb.lb-report table.lb-table th{cursor:pointer}.lb.lb-report .lb-filters{margin:6px 0;display:flex;gap:12px}
+.lb.lb-report g.lb-hl rect{stroke:#1f6feb;stroke-width:3}.lb.lb-report tr.lb-flash>td{outline:2px solid #d1242f}
 </style>"""
+# Filters and sorts the layer table, jumps to the first bad layer, and highlights a pair of
+# nodes across the two neighbourhood drawings on hover; scoped to its own report block.
+SCRIPT = """<script>(function () {
+const root = document.currentScript.closest(".lb-report");
+const table = root.querySelector("table.lb-table"), body = table.tBodies[0], rows = [...body.rows];
+const badOnly = root.querySelector(".lb-bad-only"), op = root.querySelector(".lb-op"), name = root.querySelector(".lb-name");
+function filter() {
+  const text = name.value.toLowerCase();
+  for (const row of rows) {
+    row.hidden = (badOnly.checked && !row.classList.contains("bad")) || (op.value !== "" && row.dataset.op !== op.value)
+      || !row.dataset.names.includes(text);
+  }
+}
+for (const control of [badOnly, op, name]) control.addEventListener("input", filter);
+const number = text => ({"inf": Infinity, "-inf": -Infinity}[text] ?? (isNaN(parseFloat(text)) ? -Infinity : parseFloat(text)));
+table.tHead.querySelectorAll("th").forEach((head, column) => head.addEventListener("click", () => {
+  const up = head.dataset.order !== "up";
+  head.dataset.order = up ? "up" : "down";
+  const key = row => row.cells[column].classList.contains("n") ? number(row.cells[column].textContent) : row.cells[column].textContent;
+  rows.sort((a, b) => (key(a) < key(b) ? -1 : key(a) > key(b) ? 1 : 0) * (up ? 1 : -1));
+  body.append(...rows);
+}));
+const jump = root.querySelector(".lb-jump"), first = body.querySelector("tr.first");
+if (jump && first) jump.addEventListener("click", () => {
+  root.querySelector("details.lb-layers").open = true;
+  first.hidden = false;
+  first.classList.add("lb-flash");
+  first.scrollIntoView({block: "center"});
+});
+root.querySelectorAll("g[data-layer]").forEach(box => {
+  const pair = () => root.querySelectorAll(`g[data-layer="${box.dataset.layer}"]`);
+  box.addEventListener("mouseenter", () => pair().forEach(other => other.classList.add("lb-hl")));
+  box.addEventListener("mouseleave", () => pair().forEach(other => other.classList.remove("lb-hl")));
+});
+})();</script>"""
 
 BLUE, RED, ORANGE, GREY = "#1f6feb", "#d1242f", "#e36209", "#8c959f"
+PALE_RED, PALE_GREEN = "#fde8e8", "#e6f4ea"
 
 
 def html_document(report: Report) -> str:
@@ -62,33 +102,49 @@ def html_fragment(report: Report) -> str:
         f'<div class="lb lb-report">{STYLE}<h2 class="{verdict_class}">{escape(report.verdict)}</h2>',
         f"<p>{escape(report.summary_line())}</p>",
         chart_svg(report),
-        "<h3>Layers</h3>",
+        _neighbourhood_section(report),
         _layer_table(report),
         _models_section(report),
         _settings_section(report),
-        _neighbourhood_section(report),
+        SCRIPT,
         "</div>",
     ]
     return "".join(parts)
 
 
 def _layer_table(report: Report) -> str:
+    """The layer table, folded away, with its filters (below the threshold only, an op type, a
+    node name) and a button that opens it at the first bad layer; headers sort."""
     isolated = _has_isolated(report)
     heads = ["#", "op", "float node(s)", "quant node(s)", "cosine", "worst", "SQNR dB", "max abs"]
     heads += ["isolated"] if isolated else []
-    rows = ["<table><tr>" + "".join(f"<th>{h}</th>" for h in heads + ["evidence"]) + "</tr>"]
+    failing = sum(not layer.passes(report.threshold) for layer in report.layers)
+    ops = sorted({layer.op_type for layer in report.layers})
+    jump = (f'<p><button class="lb-jump">Show the first bad layer, #{report.first_bad.index}, in the table</button></p>'
+            if report.first_bad is not None else "")
+    rows = [
+        f'{jump}<details class="lb-layers"><summary>Layers ({len(report.layers)}, {failing} below the '
+        f'threshold)</summary><div class="lb-filters"><label><input type="checkbox" class="lb-bad-only"> below '
+        'the threshold only</label><select class="lb-op"><option value="">every op</option>'
+        + "".join(f'<option value="{escape(op)}">{escape(op)}</option>' for op in ops)
+        + '</select><input type="search" class="lb-name" placeholder="node name"></div>'
+        '<table class="lb-table"><thead><tr>' + "".join(f"<th>{h}</th>" for h in heads + ["evidence"])
+        + "</tr></thead><tbody>"
+    ]
     for layer in report.layers:
         classes = [] if layer.passes(report.threshold) else ["bad"]
         classes += ["first"] if _same(layer, report.first_bad) else []
         numbers = [_num(layer.cosine, 4), _num(layer.cosine_worst, 4), _num(layer.sqnr_db, 1), _num(layer.max_abs, 4)]
         numbers += [_num(layer.isolated_cosine, 4)] if isolated else []
+        names = " ".join(layer.float_nodes + layer.quant_nodes).lower()
         rows.append(
-            f'<tr class="{" ".join(classes)}"><td class="n">{layer.index}</td><td>{escape(layer.op_type)}</td>'
+            f'<tr class="{" ".join(classes)}" data-op="{escape(layer.op_type)}" data-names="{escape(names)}">'
+            f'<td class="n">{layer.index}</td><td>{escape(layer.op_type)}</td>'
             f"<td>{escape('+'.join(layer.float_nodes))}</td><td>{escape('+'.join(layer.quant_nodes))}</td>"
             + "".join(f'<td class="n">{n}</td>' for n in numbers)
             + f"<td>{escape(layer.evidence)}</td></tr>"
         )
-    return "".join(rows) + "</table>"
+    return "".join(rows) + "</tbody></table></details>"
 
 
 def _models_section(report: Report) -> str:
@@ -123,18 +179,31 @@ def _neighbourhood_section(report: Report) -> str:
     bad = report.first_bad
     if bad is None or not (report.float_neighbourhood or report.quant_neighbourhood):
         return ""
-    sides = (("float", report.float_neighbourhood, bad.float_nodes),
-             ("quantized", report.quant_neighbourhood, bad.quant_nodes))
+    sides = (("float", report.float_neighbourhood, bad.float_nodes, _layers_of(report, "float_nodes")),
+             ("quantized", report.quant_neighbourhood, bad.quant_nodes, _layers_of(report, "quant_nodes")))
     return (
         f"<h3>Around the first bad layer, #{bad.index} {escape('+'.join(bad.float_nodes))}</h3>"
-        "<p>Nodes within two operations of it (quantize/dequantize nodes do not count); "
-        "its own nodes in bold.</p><div class=\"cols\">"
+        "<p>Nodes within two operations of it (quantize/dequantize nodes do not count), its own "
+        "outlined in red; each measured node shows its layer and cosine, red below the threshold, "
+        "green at it or above. A layer's nodes carry the same number on both sides: hover one to "
+        "highlight its counterparts.</p><div class=\"cols\">"
         + "".join(
-            f"<div><b>{side} model</b><br>{neighbourhood_svg(nodes, set(centre))}{_node_table(nodes, set(centre))}</div>"
-            for side, nodes, centre in sides if nodes  # a dump or a simulator has no graph to show
+            f"<div><b>{side} model</b><br>{neighbourhood_svg(nodes, set(centre), layers, report.threshold)}"
+            f"{_node_table(nodes, set(centre))}</div>"
+            for side, nodes, centre, layers in sides if nodes  # a dump or a simulator has no graph to show
         )
         + "</div>"
     )
+
+
+def _layers_of(report: Report, field: str) -> dict[str, LayerComparison]:
+    """The layer each node is part of (its first, when several), by node name; ``field`` is
+    ``float_nodes`` or ``quant_nodes``."""
+    layers: dict[str, LayerComparison] = {}
+    for layer in report.layers:
+        for name in getattr(layer, field):
+            layers.setdefault(name, layer)
+    return layers
 
 
 def _node_table(nodes: tuple[GraphNode, ...], centre: set[str]) -> str:
@@ -148,10 +217,14 @@ def _node_table(nodes: tuple[GraphNode, ...], centre: set[str]) -> str:
     return "".join(rows) + "</table>"
 
 
-def neighbourhood_svg(nodes: tuple[GraphNode, ...], centre: set[str]) -> str:
+def neighbourhood_svg(nodes: tuple[GraphNode, ...], centre: set[str],
+                      layers: dict[str, LayerComparison] | None = None, threshold: float = 0.98) -> str:
     """A small layered drawing of ``nodes`` (in topological order): one box per node, one arrow
-    per tensor between them, the ``centre`` nodes outlined in red."""
-    box_w, box_h, gap_x, gap_y = 150, 36, 14, 22
+    per tensor between them, the ``centre`` nodes outlined in red. A node of ``layers`` (by
+    name) shows that layer's number and cosine, filled red below ``threshold`` and green at it
+    or above, and carries the layer's number (``data-layer``) for the page's hover highlight."""
+    layers = layers or {}
+    box_w, box_h, gap_x, gap_y = 150, 50, 14, 22
     level: dict[str, int] = {}
     producer: dict[str, str] = {}
     edges: list[tuple[str, str, str]] = []
@@ -184,15 +257,22 @@ def neighbourhood_svg(nodes: tuple[GraphNode, ...], centre: set[str]) -> str:
     for node in nodes:
         x, y = where[node.name]
         stroke, weight = (RED, 2.5) if node.name in centre else (GREY, 1)
+        layer = layers.get(node.name)
+        fill, tag, measured = "#fff", "", ""
+        if layer is not None:
+            fill = PALE_GREEN if layer.passes(threshold) else PALE_RED
+            tag = f' data-layer="{layer.index}"'
+            measured = (f'<text x="{x + box_w / 2:.1f}" y="{y + 43:.1f}" text-anchor="middle" font-size="11">'
+                        f"#{layer.index} cos {_num(layer.cosine, 4)}</text>")
         out.append(
-            f'<g><title>{escape(node.name)}: {escape(", ".join(node.inputs))} -&gt; '
+            f'<g{tag}><title>{escape(node.name)}: {escape(", ".join(node.inputs))} -&gt; '
             f'{escape(", ".join(node.outputs))}</title>'
-            f'<rect x="{x:.1f}" y="{y:.1f}" width="{box_w}" height="{box_h}" rx="4" fill="#fff" '
+            f'<rect x="{x:.1f}" y="{y:.1f}" width="{box_w}" height="{box_h}" rx="4" fill="{fill}" '
             f'stroke="{stroke}" stroke-width="{weight}"/>'
             f'<text x="{x + box_w / 2:.1f}" y="{y + 15:.1f}" text-anchor="middle" font-size="12" '
             f'font-weight="bold">{escape(_short(node.op_type, 22))}</text>'
             f'<text x="{x + box_w / 2:.1f}" y="{y + 29:.1f}" text-anchor="middle" font-size="11" '
-            f'fill="#555">{escape(_short(node.name, 24))}</text></g>'
+            f'fill="#555">{escape(_short(node.name, 24))}</text>{measured}</g>'
         )
     return "".join(out) + "</svg>"
 
@@ -405,13 +485,14 @@ def _finite_or_nan(value: float) -> float:
     return value if math.isfinite(value) else math.nan
 
 
-def optional(module: str, feature: str, package: str | None = None) -> Any:
-    """Import an optional dependency, or raise ImportError saying how to install it."""
+def optional(module: str, feature: str, package: str | None = None, extra: str = "report") -> Any:
+    """Import an optional dependency, or raise ImportError saying how to install it (alone, or
+    with layerbisect's optional ``extra``)."""
     package = package or module
     try:
         return importlib.import_module(module)
     except ImportError:
         raise ImportError(
             f"{feature} needs {package}, which is not installed: "
-            f"pip install {package}  (or pip install 'layerbisect[report]')"
+            f"pip install {package}  (or pip install 'layerbisect[{extra}]')"
         ) from None

@@ -277,6 +277,29 @@ class Report:
 
         write_text(path, self.to_html(), reads=self.sources)
 
+    def to_model_explorer(self, folder: str | PathLike, float_model: Any = None, quant_model: Any = None) -> list:
+        """Write Model Explorer overlays into ``folder`` (which must exist) and return their
+        paths: ``float_cosine.json``, ``float_isolated_cosine.json``, ``float_sqnr_db.json``,
+        ``float_marks.json`` (first bad layer 1, culprit 2), the same ``quant_*`` files, and
+        ``sync_mapping.json`` (float nodes to quantized nodes, for the split view's sync
+        navigation). The models default to the report's, when they are .onnx files; pass the
+        ``onnx.ModelProto`` (or path) of a model the report was made from in memory. Files of
+        ``sources`` are refused. See ``layerbisect.explorer``.
+
+        >>> report.to_model_explorer("overlays/")  # doctest: +SKIP
+        """
+        from layerbisect.explorer import write_overlays
+
+        return write_overlays(self, folder, float_model, quant_model)
+
+    def explore(self, folder: str | PathLike | None = None, port: int = 8080) -> None:
+        """Open both models in Model Explorer, with the overlays (written into ``folder``, else
+        a temporary folder), on its local server at ``port``; in a notebook, in the notebook.
+        Needs ``pip install 'layerbisect[explorer]'`` and the models as .onnx files."""
+        from layerbisect.explorer import explore
+
+        explore(self, folder, port)
+
     def to_dataframe(self) -> Any:
         """One row per layer as a pandas DataFrame indexed by layer index (needs pandas).
 

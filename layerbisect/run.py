@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import tempfile
 from collections.abc import Sequence
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
 from layerbisect.errors import LayerbisectError, first_line
@@ -50,6 +51,36 @@ def usable_providers(providers: str | Sequence[str]) -> tuple[tuple[str, ...], t
             "onnxruntime build brings others, e.g. onnxruntime-gpu: see the README)"
         )
     return kept, tuple(p for p in asked if p not in available)
+
+
+@functools.cache
+def max_ir_version() -> int | None:
+    """The newest model IR version this onnxruntime loads, as it says when refusing a newer one;
+    None when it does not say.
+
+    >>> max_ir_version() >= 9
+    True
+    """
+    probe = helper.make_model(helper.make_graph([], "probe", [], []), ir_version=1 << 20)
+    try:
+        ort.InferenceSession(probe.SerializeToString(), providers=list(DEFAULT_PROVIDERS))
+    except Exception as exc:
+        found = re.search(r"max supported IR version: (\d+)", str(exc))
+        return int(found.group(1)) if found else None
+    return None
+
+
+def lower_ir_version(model: onnx.ModelProto, role: str) -> list[str]:
+    """Lower, in place, the IR version of ``model`` (a private copy) when it is newer than this
+    onnxruntime loads (the model was saved by a newer onnx); return the note saying so, if any.
+    Its operator sets are left as they are: onnxruntime still refuses those it does not know."""
+    supported = max_ir_version()
+    if supported is None or model.ir_version <= supported:
+        return []
+    note = (f"the {role} has IR version {model.ir_version} (saved by a newer onnx), newer than this "
+            f"onnxruntime loads: compared as IR version {supported}")
+    model.ir_version = supported
+    return [note]
 
 
 def skipped_providers_note(kept: Sequence[str], missing: Sequence[str]) -> str:

@@ -47,7 +47,7 @@ from layerbisect.graph import FLOAT_DTYPES, Readout, build_graph
 from layerbisect.inputs import Sample, plan_inputs
 from layerbisect.load import ModelLike, declared_inputs, load_model, with_data
 from layerbisect.report import LayerComparison
-from layerbisect.run import DEFAULT_PROVIDERS, Session
+from layerbisect.run import DEFAULT_PROVIDERS, Session, lower_ir_version
 
 ROUNDING = {"AP_RND": "half up", "AP_RND_CONV": "half to even", "AP_TRN": "floor"}
 OVERFLOW = {"AP_SAT": "saturate", "AP_WRAP": "wrap"}
@@ -289,6 +289,7 @@ class Simulated:
         >>> onnx.save(simulation.model, "float_ap_fixed_16_8.onnx")  # doctest: +SKIP
         """
         proto = load_model(float_model, role="float model")
+        lower_ir_version(proto, "float model")  # the report notes it, when setup loads the float model again
         _check_opset(proto)
         graph = build_graph(proto)
         tensors = _activations(graph)

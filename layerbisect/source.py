@@ -49,7 +49,7 @@ from layerbisect.inputs import Sample, plan_inputs
 from layerbisect.load import ModelLike, declared_inputs, load_model
 from layerbisect.progress import progress
 from layerbisect.report import LayerComparison, Report, nonfinite_notes
-from layerbisect.run import DEFAULT_PROVIDERS, Session
+from layerbisect.run import DEFAULT_PROVIDERS, Session, lower_ir_version
 from layerbisect.summary import neighbourhood, summarize
 
 PROBE_SIZE = 4096  # values per tensor compared when pairing by order
@@ -135,6 +135,7 @@ def compare_source(
     >>> report = compare_source("float.onnx", DumpFolder("dump/"), [sample])  # doctest: +SKIP
     """
     proto = load_model(float_model, role="float model")
+    lowered = lower_ir_version(proto, "float model")
     graph = build_graph(proto)
     structural = None if quant_graph is None else _structural_keys(graph, quant_graph)
     values = _float_values(graph)
@@ -165,7 +166,8 @@ def compare_source(
         raise LayerbisectError(NO_SAMPLES)
     report = _report(proto, graph, values, source, matches, totals, problems, shapes_seen,
                      _label(float_model, proto), threshold, count, peak, providers, seed)
-    return replace(report, sources=sources(float_model, proto, getattr(source, "path", None)))
+    return replace(report, notes=(*lowered, *report.notes),
+                   sources=sources(float_model, proto, getattr(source, "path", None)))
 
 
 def _structural_keys(graph: nx.DiGraph, quant_graph: ModelLike) -> list[tuple[str, tuple[str, ...], Readout]]:

@@ -1,6 +1,7 @@
 """The layerbisect command: exit statuses, feeds from files, JSON report."""
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -176,3 +177,20 @@ def test_infinite_memory_budget_is_bad_usage(models, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([str(models["float"]), str(models["int8"]), "--memory-budget", "inf"])
     assert exit_info.value.code == 2 and "positive, finite size" in capsys.readouterr().err
+
+
+def test_ctrl_c_prints_one_line_exits_130_and_leaves_nothing_behind(models, tmp_path):
+    # the real command in a real process, held in the comparison's first step until it is interrupted
+    slow = ("import sys, time\nimport layerbisect.find\n"
+            "def setup(*args, **kwargs):\n    print('started', flush=True)\n    time.sleep(120)\n"
+            "layerbisect.find.setup = setup\nfrom layerbisect.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    command = [sys.executable, "-c", slow, str(models["float"]), str(models["broken"]),
+               "--json", str(out / "report.json"), "--html", str(out / "report.html")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "started\n"
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert (process.returncode, stdout, stderr) == (130, "", "layerbisect: interrupted\n")
+    assert list(out.iterdir()) == []

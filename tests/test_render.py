@@ -71,7 +71,9 @@ def test_html_is_one_self_contained_page(report, tmp_path):
                    "Float model", "Quantized model", "CPUExecutionProvider", "Around the first bad layer"):
         assert needed in page
     assert page.count('<svg class="lb-graph"') == 2
-    for fetched in ("http:", "https:", "<script", "<link", "<img", "@import", "src="):
+    assert page.index('<svg class="lb-chart"') < page.index('<svg class="lb-graph"') < page.index('<details class="lb-layers">')
+    assert page.count("<script>") == 1  # inline: filters the table, links the drawings
+    for fetched in ("http:", "https:", "<script ", "<link", "<img", "@import", "src=", "fetch(", "import("):
         assert fetched not in page
     assert re.findall(r"url\((.)", page) == ["#"] * page.count("url(")  # only the page's own arrow marker
     assert report._repr_html_() in page
@@ -124,6 +126,51 @@ def test_saved_page_draws_in_headless_chromium(report, tmp_path):
     assert dom.count('<svg class="lb-graph"') == 2 and "<polyline" in dom
 
 
+# what the page's own script does when used: filters, sort, the jump to the first bad layer (the
+# report pushed 3000 px down, so that the jump has to scroll) and the hover over a paired node
+USE_PROBE = """<pre id="used"></pre><script>
+document.body.insertAdjacentHTML("afterbegin", '<div style="height:3000px"></div>');
+const root = document.querySelector(".lb-report"), body = root.querySelector("table.lb-table tbody");
+const shown = () => [...body.rows].filter(row => !row.hidden).map(row => Number(row.cells[0].textContent));
+const set = (selector, value) => { const control = root.querySelector(selector); control.value = value;
+                                   control.dispatchEvent(new Event("input")); };
+const used = {open_before: root.querySelector("details.lb-layers").open};
+root.querySelector(".lb-bad-only").click();
+used.bad_only = shown();
+root.querySelector(".lb-bad-only").click();
+set(".lb-name", "CONV2"); used.named = shown(); set(".lb-name", "");
+set(".lb-op", "Conv"); used.conv = shown(); set(".lb-op", "");
+root.querySelectorAll("table.lb-table th")[4].click();  // cosine, lowest first
+used.by_cosine = [...body.rows].map(row => Number(row.cells[0].textContent));
+used.scroll_before = window.scrollY;
+root.querySelector(".lb-jump").click();
+const first = body.querySelector("tr.first").getBoundingClientRect();
+used.open = root.querySelector("details.lb-layers").open;
+used.scrolled = window.scrollY;
+used.in_view = first.top >= 0 && first.bottom <= window.innerHeight;
+root.querySelector('svg.lb-graph g[data-layer="2"]').dispatchEvent(new Event("mouseenter"));
+used.highlighted = [...root.querySelectorAll("g.lb-hl")].map(box => box.closest(".cols > div").querySelector("b").textContent);
+document.getElementById("used").textContent = JSON.stringify(used);
+</script>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_page_filters_sorts_jumps_to_the_first_bad_layer_and_links_paired_nodes(report, tmp_path):
+    page = tmp_path / "used.html"
+    page.write_text(report.to_html().replace("</body>", USE_PROBE + "</body>"), encoding="utf-8")
+    run = headless_chromium(page, "--dump-dom")
+    assert [line for line in run.stderr.splitlines() if ":CONSOLE" in line or "Uncaught" in line] == []
+    used = json.loads(html.unescape(re.search(r'<pre id="used">(.*?)</pre>', run.stdout, re.S).group(1)))
+    layers = report.layers
+    assert used["bad_only"] == [lay.index for lay in layers if not lay.passes(report.threshold)] != []
+    assert used["named"] == [lay.index for lay in layers if "conv2" in " ".join(lay.float_nodes + lay.quant_nodes)]
+    assert used["conv"] == [lay.index for lay in layers if lay.op_type == "Conv"] != used["bad_only"]
+    assert used["by_cosine"] == [lay.index for lay in sorted(layers, key=lambda lay: float(f"{lay.cosine:.4f}"))]  # as shown
+    assert not used["open_before"] and used["open"] and used["in_view"]
+    assert used["scroll_before"] == 0 and used["scrolled"] > 3000
+    assert sorted(set(used["highlighted"])) == ["float model", "quantized model"]  # both sides of layer #2
+
+
 # Jupyter's own rules for tables in cell outputs (JupyterLab's .jp-RenderedHTMLCommon, the
 # classic notebook's .rendered_html), as they ship
 JUPYTER_TABLE_CSS = """
@@ -140,8 +187,8 @@ JUPYTER_TABLE_CSS = """
 # what the page reports of the layer table: a failing row's cells and row, a passing row's, a
 # number cell, a name cell and the table
 STYLE_PROBE = """<script>
-const table = document.querySelector(".lb-report table");
-const bad = table.querySelector("tr.bad"), good = table.rows[2];  // layer #1, an odd row: striped by Jupyter
+const table = document.querySelector(".lb-report table.lb-table");
+const bad = table.querySelector("tr.bad"), good = table.tBodies[0].rows[0];  // layer #0, an odd row: striped by Jupyter
 const css = (element, property) => getComputedStyle(element)[property];
 document.getElementById("styles").textContent = JSON.stringify({
   bad_cell: css(bad.cells[4], "backgroundColor"), bad_row: css(bad, "backgroundColor"),
@@ -154,7 +201,7 @@ document.getElementById("styles").textContent = JSON.stringify({
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 def test_notebook_html_keeps_its_highlight_and_alignment_under_jupyters_table_css(report, tmp_path):
     fragment = report._repr_html_()
-    assert 'class="bad' not in fragment.split("</tr>")[2]  # the probe's passing row
+    assert 'class="bad' not in fragment.split('class="lb-table"')[1].split("</tr>")[1]  # the probe's passing row
     unstyled = re.sub(r"<style>.*?</style>", "", fragment, flags=re.S)  # control: Jupyter's CSS alone
 
     def styles(block: str) -> dict:

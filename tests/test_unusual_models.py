@@ -8,6 +8,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -374,3 +375,22 @@ def test_models_too_large_for_one_protobuf_give_the_same_report(external, monkey
     assert large.to_dict() == usual.to_dict()
     mixed = find_first_bad_layer(folder / "float.onnx", broken, random_inputs(cnn()), ort_optimized=ort_optimized)
     assert mixed.layers == usual.layers
+
+
+def test_models_saved_by_a_newer_onnx_than_onnxruntime_reads_are_compared_with_a_note(tmp_path):
+    newer = max(onnx.IR_VERSION, layerbisect.run.max_ir_version() + 1)  # onnx's newest, or past onnxruntime's
+    float_model, quant = cnn(), corrupt_weights(quantize(cnn(), "qdq"), "conv2")
+    paths = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    for model, path in zip((float_model, quant), paths):
+        saved = onnx.ModelProto()
+        saved.CopyFrom(model)
+        saved.ir_version = newer
+        onnx.save(saved, path)
+    with pytest.raises(Exception, match="Unsupported model IR version"):  # what onnxruntime does with them
+        onnxruntime.InferenceSession(str(paths[0]), providers=["CPUExecutionProvider"])
+    report = find_first_bad_layer(str(paths[0]), str(paths[1]), random_inputs(float_model), quiet=True)
+    assert report.first_bad.float_nodes == ("conv2",)
+    assert f"the float model has IR version {newer} (saved by a newer onnx)" in report.notes[0]
+    assert "the quantized model has IR version" in report.notes[1]
+    assert keep_in_float(str(paths[0]), str(paths[1]), random_inputs(float_model)).nodes_to_exclude == ("conv2",)
+    assert onnx.load(str(paths[0])).ir_version == newer  # the file is left as it was
