@@ -15,9 +15,9 @@ is called again for each read.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import math
+import types
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -176,19 +176,20 @@ class Loader(Dataset):
 
 
 def _function(script: str, name: str):
-    """The function ``name`` of the Python file ``script``, which is run (imported) here."""
+    """The function ``name`` of the Python file ``script``, which is run here (as a module
+    of its own, with no bytecode cache written beside it)."""
     path = Path(script)
     if not path.is_file():
         raise LayerbisectError(f"--data-loader-script: file not found: {script}")
-    spec = importlib.util.spec_from_file_location(f"layerbisect_data_loader_{path.stem}", path)
-    if spec is None or spec.loader is None:
+    if path.suffix != ".py":
         raise LayerbisectError(f"--data-loader-script {script} is not a Python (.py) file")
-    module = importlib.util.module_from_spec(spec)
+    module = types.ModuleType(f"layerbisect_data_loader_{path.stem}")
+    module.__file__ = str(path)
     try:
-        spec.loader.exec_module(module)
+        exec(compile(path.read_bytes(), str(path), "exec"), module.__dict__)
     except Exception as exc:  # the user's code: whatever it raises
         raise LayerbisectError(
-            f"--data-loader-script {script}: importing it raised {type(exc).__name__}: {first_line(exc)}"
+            f"--data-loader-script {script}: running it raised {type(exc).__name__}: {first_line(exc)}"
         ) from None
     function = getattr(module, name, None)
     if not callable(function):

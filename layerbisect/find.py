@@ -167,10 +167,11 @@ def find_first_bad_layer(
     count = operator.length_hint(samples) or None  # a list's length, a loader's hint, None for a generator
     first, single, samples = _peek(samples)
     try:
-        first_feeds = plan.feeds(first, seed)[0]
+        input_shapes = {name: array.shape for name, array in plan.feeds(first, seed)[0].items()}
     except LayerbisectError as exc:
         raise exc if single else SampleError(0, str(exc)) from None
-    sizes, quant_sizes = _value_bytes(float_proto, pairs, {n: a.shape for n, a in first_feeds.items()})
+    del first  # samples stream: only a pass holds them, a few at a time
+    sizes, quant_sizes = _value_bytes(float_proto, pairs, input_shapes)
     feeders = _feeders(float_proto, pairs) if isolated else [() for _ in pairs]
     footprint = _Footprint(sizes, quant_sizes, feeders, isolated)
     everything = list(range(len(pairs)))
@@ -558,7 +559,7 @@ def _peek(samples: Iterable) -> tuple[object, bool, Iterable]:
     head = list(itertools.islice(iterator, 2))
     if not head:
         raise LayerbisectError(NO_SAMPLES)
-    return head[0], len(head) == 1, itertools.chain(head, iterator)
+    return head[0], len(head) == 1, itertools.chain(iter(head), iterator)  # head is let go once read
 
 
 class _Footprint:
