@@ -9,6 +9,7 @@ import onnx
 import pytest
 
 import layerbisect
+import layerbisect.find
 
 from layerbisect.cli import main
 from models import corrupt_weights, make_cnn, quantize, random_inputs
@@ -268,3 +269,15 @@ def test_verbose_logs_the_milestones_and_quiet_does_not(models, dataset, capsys)
 def test_python_m_layerbisect_answers_help():
     result = subprocess.run([sys.executable, "-m", "layerbisect", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--data-loader-script FILE.py[:FUNC]" in result.stdout
+
+
+@pytest.mark.parametrize("feeds,total", [
+    (["--inputs", "@samples"], 3), (["--inputs", "@batch.npz", "--batched", "--max-samples", "2"], 2),
+    (["--data-loader-script", "@loader.py", "--max-samples", "2"], 2), (["--data-loader-script", "@loader.py"], None),
+])
+def test_the_progress_bar_gets_the_count_where_it_is_known(models, dataset, monkeypatch, feeds, total):
+    folder, _ = dataset
+    totals = []
+    monkeypatch.setattr(layerbisect.find, "progress", lambda samples, quiet, count: totals.append(count) or samples)
+    main([str(models["float"]), str(models["broken"]), *(a.replace("@", f"{folder}/") for a in feeds), "--quiet"])
+    assert totals == [total]
