@@ -172,10 +172,11 @@ def main() -> None:
         return
     bench_scan.compile_layerbisect()
     layers = max(3, round(args.gb * 2**30 / (WIDTH * WIDTH * 4)))
-    import layerbisect
     import numpy
     import onnx
     import onnxruntime
+
+    import layerbisect
 
     with tempfile.TemporaryDirectory(prefix="bench_external_") as folder:
         start = time.perf_counter()

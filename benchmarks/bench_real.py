@@ -74,8 +74,8 @@ def prepare(case: str, workdir: str, tokens: int, side: int) -> dict:
     import numpy as np
     import onnx
 
-    from models import corrupt_weights, quant_node_for, quantize
     import real_models
+    from models import corrupt_weights, quant_node_for, quantize
 
     t = time.perf_counter()
     if case == "minilm":

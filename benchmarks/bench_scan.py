@@ -266,7 +266,9 @@ def ort_debugger_errors(info: dict, feeds: dict, phases: dict[str, float], t0: f
     """onnxruntime's quantization debugger on the pair (augment, collect activations, match,
     SQNR), each step timed into ``phases``; its matched activations and errors by tensor name."""
     from onnxruntime.quantization.qdq_loss_debug import (
-        collect_activations, compute_activation_error, create_activation_matching,
+        collect_activations,
+        compute_activation_error,
+        create_activation_matching,
         modify_model_output_intermediate_tensors,
     )
 

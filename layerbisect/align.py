@@ -430,7 +430,8 @@ class _Aligner:
             singles = [q for q in quant_readers if q not in self.trusted]
             return [_Block(((split[-1], index),), (end[-1], 0), split, end)
                     for index, end in _assign_blocks(self.fa, split, self.qa, self.quant_consumers, singles)]
-        siblings = [f for f in self.float_siblings[_float_key(attrs)] if f not in self.evidence and is_weighted(self.fa[f])]
+        siblings = [f for f in self.float_siblings[_float_key(attrs)]
+                    if f not in self.evidence and is_weighted(self.fa[f])]
         for fused in quant_readers:
             split = _split_after(self.qa, self.quant_consumers, fused)
             if split is None:

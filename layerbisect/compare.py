@@ -3,7 +3,8 @@
 Pure numpy. Metrics are defined for all-zero tensors; NaN and Inf are counted, not propagated
 into a crash. Large float32 tensors are summed a chunk at a time: each chunk's sums of squares
 by a float32 BLAS dot, the chunks in float64, for a relative error near 1e-7 at most, far below
-what a threshold or a dB figure can tell, at a fifth of the cost of float64 throughout. Small tensors, other dtypes, and float32 data whose squares leave float32's range
+what a threshold or a dB figure can tell, at a fifth of the cost of float64 throughout. Small
+tensors, other dtypes, and float32 data whose squares leave float32's range
 are summed in float64 (so the cosine of two positive scalars is exactly 1). Integers read with
 one scale (``Quantized``) are dequantized a chunk at a time, never whole.
 
@@ -18,7 +19,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-
 
 CHUNK = 1 << 16  # elements summed at a time
 FAST_SIZE = 1 << 14  # float32 tensors this large are summed in float32 (smaller ones cost nothing)

@@ -165,7 +165,9 @@ def _entry(folder: Path, file: str, spec: dict) -> DumpedTensor:
         try:
             shape = tuple(int(d) for d in shape)
         except (TypeError, ValueError):
-            raise LayerbisectError(f"dump map entry {file!r}: shape must be a list of integers, got {spec['shape']!r}") from None
+            raise LayerbisectError(
+                f"dump map entry {file!r}: shape must be a list of integers, got {spec['shape']!r}"
+            ) from None
         if any(d < 0 for d in shape):
             raise LayerbisectError(f"dump map entry {file!r}: shape {list(shape)} has a negative dimension")
     name = spec.get("name")

@@ -374,7 +374,8 @@ def _activate(graph, output: str, activations, float_constants: Mapping) -> str:
         constants = [_float_copy(graph, float_constants, name) if name in float_constants else name
                      for name in activation.input[1:]]
         result = f"{activation.output[0]}__kept_float"
-        node = helper.make_node(activation.op_type, [current, *constants], [result], name=f"{activation.name}__kept_float")
+        node = helper.make_node(activation.op_type, [current, *constants], [result],
+                                name=f"{activation.name}__kept_float")
         node.attribute.extend(activation.attribute)
         graph.node.insert(position, node)
         position += 1

@@ -154,7 +154,8 @@ def _known_shape(typ: onnx.TypeProto | None) -> tuple[int | None, ...] | None:
     not tell the rank."""
     if typ is None or not typ.HasField("tensor_type") or not typ.tensor_type.HasField("shape"):
         return None
-    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in typ.tensor_type.shape.dim)
+    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                 for d in typ.tensor_type.shape.dim)
 
 
 def _fitted(shape: tuple[int, ...], target: tuple[int | None, ...]) -> tuple[int, ...]:

@@ -122,13 +122,18 @@ def parse_format(text: str) -> Format:
             raise LayerbisectError(f"{compact}: W (total bits) must be in {1 + signed}..32, got {bits}")
         for mode, known in ((rounding, ROUNDING), (overflow, OVERFLOW)):
             if mode is not None and mode not in known:
-                raise LayerbisectError(f"{compact}: unsupported mode {mode}; supported: {', '.join([*ROUNDING, *OVERFLOW])}")
+                raise LayerbisectError(
+                    f"{compact}: unsupported mode {mode}; supported: {', '.join([*ROUNDING, *OVERFLOW])}"
+                )
         if rounding in OVERFLOW and overflow is None:  # ap_fixed<W,I,AP_SAT> is not HLS syntax
-            raise LayerbisectError(f"{compact}: the quantization mode comes first, e.g. {kind}<{bits},{integer_bits},AP_RND,{rounding}>")
+            raise LayerbisectError(
+                f"{compact}: the quantization mode comes first, e.g. {kind}<{bits},{integer_bits},AP_RND,{rounding}>"
+            )
         return Format(compact, bits, signed, bits - int(integer_bits),
                       ROUNDING[rounding or "AP_RND"], OVERFLOW[overflow or "AP_SAT"])
     if integer and 2 <= int(integer.group(2)) <= 16:
-        return Format(compact.lower(), int(integer.group(2)), integer.group(1) == "int", None, "half to even", "saturate")
+        return Format(compact.lower(), int(integer.group(2)), integer.group(1) == "int", None, "half to even",
+                      "saturate")
     raise LayerbisectError(
         f"unknown format {text!r}: expected ap_fixed<W,I> (W total bits, I integer bits), "
         "ap_ufixed<W,I>, int8, uint8 or int16"
@@ -436,7 +441,8 @@ def _activations(graph: nx.DiGraph) -> list[str]:
     float32 = TensorProto.FLOAT
     tensors = [attrs["name"] for _, attrs in sorted(graph.nodes(data=True), key=lambda item: item[1]["order"])
                if attrs["kind"] == "input" and attrs["dtypes"][0] == float32]
-    for node in sorted((n for n, a in graph.nodes(data=True) if a["kind"] == "op"), key=lambda n: graph.nodes[n]["order"]):
+    ops = (n for n, a in graph.nodes(data=True) if a["kind"] == "op")
+    for node in sorted(ops, key=lambda n: graph.nodes[n]["order"]):
         attrs = graph.nodes[node]
         tensors += [t for t, dtype in zip(attrs["outputs"], attrs["dtypes"]) if t and dtype == float32]
     return list(dict.fromkeys(tensors))

@@ -470,7 +470,8 @@ def _report(proto, graph, values, source, matches, totals, problems, shapes, flo
         )
     first_bad = next((layer for layer in layers if not layer.passes(threshold)), None)
     matched = {node for layer in layers for node in layer.float_nodes}
-    ops = [attrs["name"] for _, attrs in sorted(graph.nodes(data=True), key=lambda i: i[1]["order"]) if attrs["kind"] == "op"]
+    ops = [attrs["name"] for _, attrs in sorted(graph.nodes(data=True), key=lambda i: i[1]["order"])
+           if attrs["kind"] == "op"]
     return Report(
         layers=tuple(layers), first_bad=first_bad, threshold=float(threshold), samples=samples,
         outputs=_outputs(graph, proto), unaligned=tuple(op for op in ops if op not in matched),
@@ -530,7 +531,9 @@ def _checked_samples(source: TensorSource, samples: Iterable[Sample | None]) -> 
             "from (inputs=, or --inputs FILE.npz)"
         )
     if len(samples) != 1:
-        raise LayerbisectError(f"{_source_label(source)} holds the tensors of one run, but {len(samples)} samples were given")
+        raise LayerbisectError(
+            f"{_source_label(source)} holds the tensors of one run, but {len(samples)} samples were given"
+        )
     return samples
 
 

@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from layerbisect import LayerbisectError, Report, find_first_bad_layer
 from layerbisect.run import ort_optimized
+
 from models import float16, quantize, weight_only_int8
 
 OPS = ("conv", "bn", "relu", "sigmoid", "add", "mul", "matmul", "concat", "transpose", "reshape",

@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 OPSET = 17
 IR_VERSION = 8
 
-__all__ = ["make_cnn", "make_transformer", "make_bert", "quantize", "corrupt_weights", "quant_node_for",
+__all__ = ["make_cnn", "make_transformer", "make_bert", "make_decoder", "quantize", "corrupt_weights", "quant_node_for",
            "weight_initializer_of", "random_inputs", "weight_only_int8", "float16"]
 
 
@@ -231,6 +231,58 @@ def make_bert(seed: int = 0, seq: int = 8, hidden: int = 64, heads: int = 2) -> 
     return g.model("bert", inp, out)
 
 
+def make_decoder(seed: int = 0, hidden: int = 64, heads: int = 2) -> onnx.ModelProto:
+    """One LLM decoder block with a KV cache: x [batch, seq, hidden] and past_key/past_value
+    [batch, heads, past, hidden / heads] in; y and present_key/present_value (the past with
+    this step's keys and values appended) out. RMSNorm decomposed (pow, mean, addeps, sqrt,
+    div, rms), q/k/v_proj, attention (qk, qk_s, sm, av), o_proj, res1, a SiLU-gated MLP (gate,
+    up, sig, silu, glu, down), y; each node's output tensor carries its name."""
+    rng = np.random.default_rng(seed)
+    d = hidden // heads
+    inits, nodes = [], []
+
+    def c(name: str, value) -> str:
+        inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def n(op: str, inputs: list[str], out: str, **attrs) -> str:
+        nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def mm(name: str, x: str, fin: int, fout: int) -> str:
+        weight = (rng.standard_normal((fin, fout)) / math.sqrt(fin)).astype(np.float32)
+        return n("MatMul", [x, c(name + ".w", weight)], name)
+
+    # RMSNorm decomposed
+    p = n("Pow", ["x", c("two", np.array(2.0, np.float32))], "pow")
+    m = n("ReduceMean", [p], "mean", axes=[-1])
+    r = n("Sqrt", [n("Add", [m, c("eps", np.array(1e-6, np.float32))], "addeps")], "sqrt")
+    h = n("Mul", [n("Div", ["x", r], "div"), c("g", np.ones(hidden, np.float32))], "rms")
+    shp = c("hs", np.array([0, 0, heads, d], np.int64))
+    q, k, v = (n("Transpose", [n("Reshape", [mm(f"{p}_proj", h, hidden, hidden), shp], f"{p}_r")], f"{p}_t",
+                 perm=[0, 2, 1, 3]) for p in "qkv")
+    kc = n("Concat", ["past_key", k], "present_key", axis=2)
+    vc = n("Concat", ["past_value", v], "present_value", axis=2)
+    scale = c("sc", np.array(1 / math.sqrt(d), np.float32))
+    s = n("Mul", [n("MatMul", [q, n("Transpose", [kc], "k_T", perm=[0, 1, 3, 2])], "qk"), scale], "qk_s")
+    a = n("MatMul", [n("Softmax", [s], "sm", axis=-1), vc], "av")
+    a = n("Reshape", [n("Transpose", [a], "a_t", perm=[0, 2, 1, 3]), c("fs", np.array([0, 0, hidden], np.int64))],
+          "a_r")
+    x1 = n("Add", ["x", mm("o_proj", a, hidden, hidden)], "res1")
+    gate = mm("gate", x1, hidden, 2 * hidden)
+    up = mm("up", x1, hidden, 2 * hidden)
+    act = n("Mul", [n("Mul", [gate, n("Sigmoid", [gate], "sig")], "silu"), up], "glu")
+    n("Add", [x1, mm("down", act, 2 * hidden, hidden)], "y")
+    graph = helper.make_graph(nodes, "decoder",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", hidden]),
+         helper.make_tensor_value_info("past_key", TensorProto.FLOAT, ["batch", heads, "past", d]),
+         helper.make_tensor_value_info("past_value", TensorProto.FLOAT, ["batch", heads, "past", d])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", hidden]),
+         helper.make_tensor_value_info("present_key", TensorProto.FLOAT, ["batch", heads, "total", d]),
+         helper.make_tensor_value_info("present_value", TensorProto.FLOAT, ["batch", heads, "total", d])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
 def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded standard-normal float32 feeds for the model's declared inputs
     (dynamic or unknown dims become 1)."""
@@ -285,7 +337,11 @@ def quantize(
     contrib ops needed).
     """
     from onnxruntime.quantization import (
-        CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static,
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
     )
 
     if fmt not in ("qdq", "qoperator", "dynamic"):

@@ -14,6 +14,7 @@ from layerbisect.dumps import DumpFolder
 from layerbisect.expose import expose
 from layerbisect.run import Session
 from layerbisect.source import TensorSource, sanitise
+
 from models import make_cnn, random_inputs
 
 FAULT = "conv2"

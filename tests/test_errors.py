@@ -8,6 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from layerbisect import LayerbisectError, find_first_bad_layer
+
 from models import make_cnn, make_transformer, random_inputs
 
 

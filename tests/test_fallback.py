@@ -7,17 +7,23 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from layerbisect import LayerbisectError, find_first_bad_layer
 from layerbisect.fallback import bypass, keep_in_float
 from layerbisect.find import setup
-from hypothesis import HealthCheck, event, given, settings
-from hypothesis import strategies as st
 
 from fuzz_graphs import OPS, Unquantizable, corrupt, random_model, rewrite, weighted_nodes
 from models import (
-    corrupt_weights, make_cnn, make_transformer, output_cosines, quant_node_for, quantization_left, quantize,
+    corrupt_weights,
+    make_cnn,
+    make_transformer,
+    output_cosines,
+    quant_node_for,
+    quantization_left,
+    quantize,
     random_inputs,
 )
 

@@ -7,6 +7,7 @@ import onnx
 import pytest
 
 from layerbisect import find_first_bad_layer
+
 from models import corrupt_weights, make_cnn, make_transformer, quant_node_for, quantize, random_inputs
 
 BUILDERS = {"cnn": make_cnn, "transformer": make_transformer}

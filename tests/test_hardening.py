@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 import layerbisect.run
 from layerbisect import LayerbisectError, find_first_bad_layer
 from layerbisect.cli import main
+
 from models import corrupt_weights, make_cnn, make_transformer, quant_node_for, quantize, random_inputs
 
 

@@ -9,9 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fuzz_graphs import IDENTICAL, OPS, REWRITES, Case, check_identity
 from layerbisect import find_first_bad_layer
 from layerbisect.run import ort_optimized
+
+from fuzz_graphs import IDENTICAL, OPS, REWRITES, Case, check_identity
 from models import make_cnn, make_transformer, quantize, random_inputs
 
 MODELS = {"cnn": make_cnn, "transformer": make_transformer}

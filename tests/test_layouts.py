@@ -10,12 +10,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
+from test_exports import X, export_tf, export_torch, weights
 
 from layerbisect import find_first_bad_layer
 from layerbisect.align import align
 from layerbisect.graph import build_graph
+
 from models import corrupt_weights, make_cnn, quant_node_for, quantize, random_inputs
-from test_exports import X, export_tf, export_torch, weights
 from test_rewrites import copy, fold_batchnorm
 
 TO_NHWC, TO_NCHW = (0, 2, 3, 1), (0, 3, 1, 2)

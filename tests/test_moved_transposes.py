@@ -8,6 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from layerbisect import find_first_bad_layer
+
 from models import corrupt_weights, quantize, random_inputs
 
 SWAP = (0, 1, 3, 2)

@@ -13,6 +13,7 @@ from layerbisect import LayerbisectError, find_first_bad_layer
 from layerbisect.cli import main
 from layerbisect.graph import build_graph
 from layerbisect.weights import channel_agreement
+
 from models import corrupt_weights, make_cnn, make_transformer, quant_node_for, quantize, random_inputs
 from test_rewrites import copy, fold_batchnorm
 from test_unusual_models import to_float16

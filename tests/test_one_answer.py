@@ -8,8 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fuzz_graphs import OPS, THRESHOLD, Unquantizable, corrupt, random_model, rewrite, weighted_nodes, _feeds, Case
 from layerbisect import LayerbisectError, find_first_bad_layer
+
+from fuzz_graphs import OPS, THRESHOLD, Case, Unquantizable, _feeds, corrupt, random_model, rewrite, weighted_nodes
 
 
 def answer(report) -> tuple:

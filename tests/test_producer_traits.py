@@ -8,18 +8,20 @@ import logging
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from layerbisect import find_first_bad_layer
+
 from models import (
     corrupt_weights,
     make_bert,
     make_cnn,
+    make_decoder,
     make_transformer,
     quant_node_for,
     quantize,
     random_inputs,
 )
-from onnx import TensorProto, helper, numpy_helper
-
-from layerbisect import find_first_bad_layer
 
 
 def paddle_dims(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -343,3 +345,18 @@ def test_a_folded_model_as_the_reference_pairs_its_conv_with_the_batchnorm_outpu
     report = find_first_bad_layer(folded, original, random_inputs(folded), isolated=False)
     assert report.coverage == 1.0 and report.weighted_paired == report.weighted
     assert min(layer.cosine for layer in report.layers) > 0.9999  # folding is exact: each true pair agrees
+
+
+def test_a_kv_cache_decoder_with_int4_weights_pairs_and_a_shuffled_weight_is_named():
+    """An LLM decoder block as the ONNX LLM builders export it before their fusions: past and
+    present key/value tensors, RMSNorm decomposed, a SiLU-gated MLP, weights in int4 blocks."""
+    float_model = make_decoder()
+    quant = int4(float_model, "QOperator")
+    shapes = {"x": (1, 4, 64), "past_key": (1, 2, 6, 32), "past_value": (1, 2, 6, 32)}
+    clean = find_first_bad_layer(float_model, quant, shapes=shapes)
+    assert clean.coverage == 1.0 and clean.first_bad is None and (clean.weighted, clean.weighted_paired) == (7, 7)
+    assert {name for name, _ in clean.outputs} == {"y", "present_key", "present_value"}
+    assert all(layer.quant_nodes == (f"{layer.float_nodes[0]}_Q4",) for layer in clean.layers if layer.op_type == "MatMul"
+               and layer.float_nodes[0].endswith(("proj", "gate", "up", "down")))
+    faulty = find_first_bad_layer(float_model, shuffled_weight(quant, "gate"), shapes=shapes)
+    assert faulty.culprit.float_nodes == ("gate",) and faulty.first_bad_cause == "introduced"

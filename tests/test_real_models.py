@@ -20,11 +20,23 @@ from onnx import TensorProto, helper, numpy_helper
 from layerbisect import find_first_bad_layer, keep_in_float
 from layerbisect.fallback import bypass
 from layerbisect.find import setup
+
 from models import corrupt_weights, output_cosines, quant_node_for, quantization_left, quantize
 from real_models import (
-    ModelUnavailable, audio_sample, constants_to_initializers, drop_value_info, flip_weight_sign,
-    fold_sample_rate, inline_taken_branch, minilm_node, minilm_path, ocr_path, op_counts, page_sample,
-    silero_path, token_sample,
+    ModelUnavailable,
+    audio_sample,
+    constants_to_initializers,
+    drop_value_info,
+    flip_weight_sign,
+    fold_sample_rate,
+    inline_taken_branch,
+    minilm_node,
+    minilm_path,
+    ocr_path,
+    op_counts,
+    page_sample,
+    silero_path,
+    token_sample,
 )
 
 
@@ -128,7 +140,7 @@ def test_minilm_dynamic_int8_per_channel_aligns_every_layer_and_stays_above_thre
     outputs = dict(report.outputs)
     assert set(outputs) == EMBEDDINGS  # the int64 pass-through outputs are not compared
     for tensor in outputs.values():
-        assert next(l for l in report.layers if l.float_tensor == tensor).cosine > 0.99
+        assert next(layer for layer in report.layers if layer.float_tensor == tensor).cosine > 0.99
 
 
 def test_minilm_dynamic_int8_per_tensor_drifts_below_threshold_with_no_single_culprit():
@@ -154,7 +166,7 @@ def test_minilm_planted_fault_is_named_and_introduced_there():
     assert bad.cosine < 0.5 and bad.isolated_cosine < 0.5
     assert all(layer.cosine > 0.98 for layer in report.layers[: bad.index])
     for tensor in dict(report.outputs).values():  # the embeddings are broken too
-        assert next(l for l in report.layers if l.float_tensor == tensor).cosine < 0.98
+        assert next(layer for layer in report.layers if layer.float_tensor == tensor).cosine < 0.98
 
 
 def test_minilm_planted_fault_is_named_in_the_graph_onnxruntime_runs():
@@ -199,7 +211,7 @@ def test_minilm_static_qdq_int8_drops_below_threshold_at_the_first_post_ffn_laye
     assert bad.float_nodes == (minilm_node("layer.0/output/LayerNorm/LayerNormalization"),)
     assert report.first_bad_cause == "accumulated" and bad.isolated_cosine > 0.999
     assert 0.8 < bad.cosine < 0.95
-    sentence = next(l for l in report.layers if l.float_tensor == dict(report.outputs)["461"])
+    sentence = next(layer for layer in report.layers if layer.float_tensor == dict(report.outputs)["461"])
     assert 0.8 < sentence.cosine < 0.98
 
 
@@ -356,7 +368,7 @@ def test_silero_speech_probability_is_one_number_whose_cosine_cannot_fail():
     values, so that output passes at any threshold; SQNR shows the error."""
     folded, quant = ifless_pair()
     report = find_first_bad_layer(folded, quant, AUDIO, quiet=True)
-    output = next(l for l in report.layers if l.float_tensor == dict(report.outputs)["output"])
+    output = next(layer for layer in report.layers if layer.float_tensor == dict(report.outputs)["output"])
     assert output.shape == (1, 1) and output.cosine == 1.0 and output.passes(0.9999)
     assert output.sqnr_db < 10  # probabilities far apart (e.g. 0.40 vs 0.03)
 

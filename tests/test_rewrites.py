@@ -7,6 +7,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from layerbisect import find_first_bad_layer
+
 from models import corrupt_weights, make_cnn, make_transformer, quant_node_for, quantize, random_inputs
 
 
@@ -154,8 +155,8 @@ def test_matmul_add_fused_into_gemm():
     x = {"x": np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)}
     report = find_first_bad_layer(mlp(fused=False), mlp(fused=True), x)
     assert report.coverage == 1.0 and report.first_bad is None
-    assert [l.float_nodes for l in report.layers] == [("matmul0", "add0"), ("relu0",), ("matmul1", "add1")]
-    assert [l.quant_nodes for l in report.layers] == [("gemm0",), ("relu0",), ("gemm1",)]
+    assert [layer.float_nodes for layer in report.layers] == [("matmul0", "add0"), ("relu0",), ("matmul1", "add1")]
+    assert [layer.quant_nodes for layer in report.layers] == [("gemm0",), ("relu0",), ("gemm1",)]
     broken = find_first_bad_layer(mlp(fused=False), mlp(fused=True, sign=-1.0), x)
     assert broken.first_bad.float_nodes == ("matmul1", "add1")
 

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from layerbisect import LayerbisectError, find_first_bad_layer
 from layerbisect.compare import compare
 from layerbisect.measure import SAMPLES_PER_TASK, TASKS_IN_FLIGHT
+
 from models import corrupt_weights, make_cnn, make_transformer, quant_node_for, quantize, random_inputs
 
 BUILDERS = {"cnn": make_cnn, "transformer": make_transformer}
@@ -58,13 +59,13 @@ def test_memory_budget_is_respected_by_every_strategy():
     assert auto.strategy == "prefix" and auto.peak_bytes <= budget
     assert auto.first_bad.float_nodes == ("conv2",) and auto.culprit.index == everything.culprit.index
     assert len(auto.layers) < len(everything.layers)  # the layers up to the first bad one's piece
-    assert [l.cosine for l in auto.layers] == pytest.approx([l.cosine for l in everything.layers[: len(auto.layers)]])
+    assert [layer.cosine for layer in auto.layers] == pytest.approx([layer.cosine for layer in everything.layers[: len(auto.layers)]])
     bisected = find_first_bad_layer(float_model, quant, feeds, strategy="bisect", memory_budget=budget)
     assert bisected.peak_bytes <= budget and bisected.first_bad.float_nodes == ("conv2",)
     chunked = find_first_bad_layer(float_model, quant, feeds, strategy="scan", memory_budget=budget)
     assert chunked.peak_bytes <= budget and chunked.executions > everything.executions
-    assert [l.cosine for l in chunked.layers] == pytest.approx([l.cosine for l in everything.layers])
-    assert [l.isolated_cosine for l in chunked.layers] == pytest.approx([l.isolated_cosine for l in everything.layers])
+    assert [layer.cosine for layer in chunked.layers] == pytest.approx([layer.cosine for layer in everything.layers])
+    assert [layer.isolated_cosine for layer in chunked.layers] == pytest.approx([layer.isolated_cosine for layer in everything.layers])
 
 
 @pytest.mark.parametrize("name", BUILDERS)
@@ -113,8 +114,8 @@ def test_error_that_accumulates_through_healthy_layers_is_said_to_accumulate_wit
     assert expected_first_bad > 3 and min(isolated) >= 0.98  # no layer bad on its own, by construction
 
     report = find_first_bad_layer(float_model, other, {"x": x})
-    assert [l.cosine for l in report.layers] == pytest.approx(cumulative, abs=1e-5)
-    assert [l.isolated_cosine for l in report.layers] == pytest.approx(isolated, abs=1e-5)
+    assert [layer.cosine for layer in report.layers] == pytest.approx(cumulative, abs=1e-5)
+    assert [layer.isolated_cosine for layer in report.layers] == pytest.approx(isolated, abs=1e-5)
     assert report.first_bad.index == expected_first_bad
     assert report.first_bad_cause == "accumulated" and report.culprit is None
     assert report.contributors[0].float_nodes == ("mm1",)  # the layer adding the most error, upstream

@@ -11,6 +11,7 @@ from layerbisect.compare import compare
 from layerbisect.expose import expose
 from layerbisect.run import Session
 from layerbisect.segment import Segments
+
 from models import corrupt_weights, make_cnn, quant_node_for, quantize, random_inputs
 
 

@@ -13,6 +13,7 @@ from layerbisect.cli import main
 from layerbisect.expose import expose
 from layerbisect.run import Session
 from layerbisect.simulate import parse_format
+
 from models import make_cnn, random_inputs
 
 

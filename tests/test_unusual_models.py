@@ -18,6 +18,7 @@ from layerbisect import LayerbisectError, find_first_bad_layer, keep_in_float
 from layerbisect.graph import build_graph
 from layerbisect.load import SMALL_EXTERNAL, external_folder, load_model, tensor_array
 from layerbisect.run import Session
+
 from models import corrupt_weights, make_cnn, quant_node_for, quantize, random_inputs
 
 OPSET = [helper.make_opsetid("", 17)]
