@@ -138,7 +138,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
     outputs = {"--json": args.json, "--html": args.html, "--keep-float": args.keep_float,
                "--repaired-model": args.repaired_model}
     script = args.data_loader_script[0] if args.data_loader_script else None
-    reads = [args.float_model, args.quant_model, args.quant_graph, args.inputs, script, *(path for _, path in args.input)]
+    reads = [args.float_model, args.quant_model, args.quant_graph, args.inputs, script,
+             *(path for _, path in args.input)]
     check_outputs({flag: path for flag, path in outputs.items() if path != STDOUT}, reads)
 
 

@@ -25,10 +25,9 @@ from layerbisect.graph import build_graph, inferred_types
 from layerbisect.inputs import InputPlan, Sample, plan_inputs, reusable, samples_of
 from layerbisect.load import ModelLike, declared_inputs, load_model, subgraph_notes
 from layerbisect.measure import Saved, Totals, available_memory, measure, prepare
-from layerbisect.options import check_strategy, check_threshold, memory_size
+from layerbisect.options import DEFAULT_PROVIDERS, check_strategy, check_threshold, memory_size
 from layerbisect.progress import progress
 from layerbisect.report import LayerComparison, Report, faint_notes, nonfinite_notes
-from layerbisect.options import DEFAULT_PROVIDERS
 from layerbisect.run import ort_optimized as ort_optimized_model
 from layerbisect.run import skipped_providers_note, usable_providers
 from layerbisect.search import bisect_first_failing, first_failing
@@ -308,7 +307,8 @@ class _Passes:
             self.plan, seed=self.seed, providers=self.providers, start=start, saves=saves, unfed=others,
         )
         totals, saved = measure(
-            measurement, progress(self.samples, self.quiet, self.count), self.executor, start, save_limit=self.save_limit
+            measurement, progress(self.samples, self.quiet, self.count), self.executor, start,
+            save_limit=self.save_limit,
         )
         self.totals.append(totals)
         log.info("pass %d done: %d sample(s), %d model runs", number, totals.samples, totals.executions)

@@ -10,8 +10,8 @@ import pytest
 
 import layerbisect
 import layerbisect.find
-
 from layerbisect.cli import main
+
 from models import corrupt_weights, make_cnn, quantize, random_inputs
 
 

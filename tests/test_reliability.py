@@ -17,6 +17,7 @@ import layerbisect.command
 from layerbisect import LayerbisectError, find_first_bad_layer, keep_in_float
 from layerbisect.cli import main
 from layerbisect.files import write
+
 from models import corrupt_weights, make_cnn, make_transformer, quant_node_for, quantize, random_inputs
 from test_networks import mlp_like_cnn
 from test_unusual_models import to_float16
