@@ -140,7 +140,10 @@ def _parser() -> argparse.ArgumentParser:
         help="find the layers of a QDQ model to keep in float and write them (with "
         "onnxruntime's nodes_to_exclude) as JSON",
     )
-    parser.add_argument("--repaired-model", metavar="PATH.onnx", help="write the model with those layers in float (when they repair it)")
+    parser.add_argument(
+        "--repaired-model", metavar="PATH.onnx",
+        help="write the model with those layers in float (when they repair it)",
+    )
     parser.add_argument(
         "--json", metavar="PATH",
         help="also write the report as JSON; - writes it to stdout (the report text then goes to stderr)",
