@@ -28,6 +28,7 @@ EPILOG = """exit status:
 
 example:
   layerbisect model_fp32.onnx model_int8.onnx --inputs feeds.npz --threshold 0.98 --json report.json
+  layerbisect model_fp32.onnx model_int8.onnx --inputs calibration/ --max-samples 32 --workers 4
   layerbisect model_fp32.onnx model_int8.onnx --json - | jq .first_bad.float_nodes
 """
 
@@ -40,6 +41,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give either a quantized model or --simulate FORMAT")
     if args.json == "-" and args.html == "-":
         parser.error("only one of --json and --html can go to stdout (-)")
+    if args.inputs is not None and args.data_loader_script is not None:
+        parser.error("give --inputs or --data-loader-script, not both")
+    if args.batched and args.inputs is None:
+        parser.error("--batched needs --inputs FILE.npz (whose arrays carry a leading sample axis)")
+    if args.max_samples is not None and args.inputs is None and args.data_loader_script is None:
+        parser.error("--max-samples applies to a dataset: --inputs FOLDER, --inputs FILE.npz --batched or "
+                     "--data-loader-script")
     try:
         from layerbisect.command import run
 
@@ -74,10 +82,27 @@ def _parser() -> argparse.ArgumentParser:
         help="instead of a quantized model, the float model with every activation in FORMAT: "
         "'ap_fixed<16,8>' (W total bits, I integer bits), int8, uint8, int16",
     )
-    parser.add_argument("--inputs", metavar="FILE.npz", help="feeds: one array per input name")
+    parser.add_argument(
+        "--inputs", metavar="FILE.npz|FOLDER",
+        help="feeds: an .npz file with one array per input name (one sample), or a folder of such "
+        "files (one sample each, in the order of their names)",
+    )
+    parser.add_argument(
+        "--batched", action="store_true",
+        help="the arrays of --inputs FILE.npz carry a leading sample axis: one sample per row",
+    )
+    parser.add_argument(
+        "--data-loader-script", metavar="FILE.py[:FUNC]", type=_script,
+        help="samples from a Python function returning or yielding dicts of input name -> array "
+        "(default function name load_data)",
+    )
+    parser.add_argument(
+        "--max-samples", metavar="N", type=_positive,
+        help="read at most the first N samples of the dataset",
+    )
     parser.add_argument(
         "--input", metavar="NAME=FILE.npy", action="append", default=[], type=_name_value,
-        help="one input from a .npy file (repeatable; overrides --inputs)",
+        help="one input from a .npy file (repeatable; overrides --inputs, in every sample)",
     )
     parser.add_argument(
         "--shape", metavar="NAME=D0,D1,...", action="append", default=[], type=_shape,
@@ -115,13 +140,16 @@ def _parser() -> argparse.ArgumentParser:
         help="activations held at once, e.g. 2G or 500M (default: half the free memory, at most 1G)",
     )
     parser.add_argument("--no-isolated", action="store_true", help="skip the per-layer (isolated) error")
-    parser.add_argument("--workers", type=int, default=0, help="spread samples over N processes")
+    parser.add_argument("--workers", metavar="N", type=int, default=0, help="spread samples over N processes")
     parser.add_argument(
         "--keep-float", metavar="PATH.json",
         help="find the layers of a QDQ model to keep in float and write them (with "
         "onnxruntime's nodes_to_exclude) as JSON",
     )
-    parser.add_argument("--repaired-model", metavar="PATH.onnx", help="write the model with those layers in float (when they repair it)")
+    parser.add_argument(
+        "--repaired-model", metavar="PATH.onnx",
+        help="write the model with those layers in float (when they repair it)",
+    )
     parser.add_argument(
         "--json", metavar="PATH",
         help="also write the report as JSON; - writes it to stdout (the report text then goes to stderr)",
@@ -136,9 +164,14 @@ def _parser() -> argparse.ArgumentParser:
         help="also write Model Explorer overlays of both graphs (cosine, isolated cosine, SQNR, the "
         "first bad layer and the culprit) and the float-to-quantized node mapping into FOLDER",
     )
-    parser.add_argument(
-        "--quiet", action="store_true",
-        help="no progress bar and no 'wrote PATH' lines; print only the verdict line",
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument(
+        "-v", "--verbose", action="count", default=0,
+        help="log progress on stderr: models loaded, layers aligned, each pass (-vv: debug too)",
+    )
+    loudness.add_argument(
+        "-q", "--quiet", action="store_true",
+        help="no progress bar, no log and no 'wrote PATH' lines; print only the verdict line",
     )
     parser.add_argument("--version", action="version", version=f"layerbisect {__version__}")
     return parser
@@ -156,6 +189,22 @@ def _name_value(text: str) -> tuple[str, str]:
     if not sep or not name or not value:
         raise argparse.ArgumentTypeError(f"expected NAME=FILE.npy, got {text!r}")
     return name, value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of samples, 1 or more, got {text!r}")
+    return value
+
+
+def _script(text: str) -> tuple[str, str]:
+    """FILE.py[:FUNC] as (file, function): load_data unless a name follows the last colon."""
+    path, sep, name = text.rpartition(":")
+    return (path, name) if sep and path and name.isidentifier() else (text, "load_data")
 
 
 def _shape(text: str) -> tuple[str, tuple[int, ...]]:

@@ -1,24 +1,23 @@
 """Running the ``layerbisect`` command, once ``layerbisect.cli`` has parsed its arguments.
 
 The report goes to stdout, or to stderr when ``--json -`` or ``--html -`` puts that file on
-stdout; errors, warnings, the keep-in-float summary and a ``wrote PATH`` line per file written
-go to stderr.
+stdout; errors, warnings, the log (``-v``), the keep-in-float summary and a ``wrote PATH``
+line per file written go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import multiprocessing
 import sys
-import zipfile
 from concurrent.futures import Executor, ProcessPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 from typing import ContextManager
 
-import numpy as np
-
-from layerbisect.errors import LayerbisectError, first_line
+from layerbisect.datasets import Dataset, read_samples
+from layerbisect.errors import LayerbisectError, SampleError
 from layerbisect.explorer import FILES as EXPLORER_FILES
 from layerbisect.fallback import keep_in_float
 from layerbisect.files import check_outputs, write_text
@@ -30,17 +29,34 @@ from layerbisect.run import usable_providers
 from layerbisect.simulate import simulated
 
 STDOUT = "-"
+LOG_LEVELS = (logging.WARNING, logging.INFO, logging.DEBUG)  # no -v, -v, -vv
 
 
 def run(args: argparse.Namespace) -> int:
-    """Compare the models ``args`` name, print and write the report; return the exit status."""
+    """Compare the models ``args`` name, print and write the report; return the exit status.
+    The package's log goes to stderr at the level ``-v``/``-q`` set, for this run."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("layerbisect: %(message)s"))
+    logger = logging.getLogger("layerbisect")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.ERROR if args.quiet else LOG_LEVELS[min(args.verbose, len(LOG_LEVELS) - 1)])
+    try:
+        return _run(args)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _run(args: argparse.Namespace) -> int:
+    inputs = None
     try:
         _check_outputs(args)
         kept, missing = usable_providers(args.providers)
         for provider in missing:
             _warn(f"execution provider {provider!r} is not available in this onnxruntime; running with "
                   f"{', '.join(kept)}")
-        inputs = _read_inputs(args.inputs, args.input)
+        inputs = read_samples(args)
         quant_model = _quantized_side(args)
         with _executor(args.workers) as executor:
             report = find_first_bad_layer(
@@ -70,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
             for path in report.to_model_explorer(args.model_explorer):
                 _wrote(args, str(path))
     except LayerbisectError as exc:
-        return _error(exc)
+        return _error(exc, inputs)
     status = 0 if report else 1
     try:
         _print(report, args)
@@ -88,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             _keep_float(args, inputs)
         except LayerbisectError as exc:
-            return _error(exc)
+            return _error(exc, inputs)
     return status
 
 
@@ -103,7 +119,10 @@ def _print(report: Report, args: argparse.Namespace) -> None:
     echo(report, sys.stderr if STDOUT in (args.json, args.html) else sys.stdout, quiet=args.quiet)
 
 
-def _error(exc: LayerbisectError) -> int:
+def _error(exc: LayerbisectError, inputs: object = None) -> int:
+    """Say what is wrong, on one line (naming a dataset's bad sample as the dataset knows it)."""
+    if isinstance(exc, SampleError) and isinstance(inputs, Dataset):
+        exc = LayerbisectError(f"{inputs.describe(exc.index)}: {exc.reason}")
     print(f"layerbisect: error: {exc}", file=sys.stderr)
     return 2
 
@@ -126,7 +145,9 @@ def _check_outputs(args: argparse.Namespace) -> None:
         if not Path(args.model_explorer).is_dir():
             raise LayerbisectError(f"--model-explorer {args.model_explorer} is not a folder; create it first")
         outputs.update((f"--model-explorer {name}", Path(args.model_explorer) / name) for name in EXPLORER_FILES)
-    reads = [args.float_model, args.quant_model, args.quant_graph, args.inputs, *(path for _, path in args.input)]
+    script = args.data_loader_script[0] if args.data_loader_script else None
+    reads = [args.float_model, args.quant_model, args.quant_graph, args.inputs, script,
+             *(path for _, path in args.input)]
     check_outputs({flag: path for flag, path in outputs.items() if path != STDOUT}, reads)
 
 
@@ -143,7 +164,7 @@ def _executor(workers: int) -> ContextManager[Executor | None]:
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
-def _keep_float(args: argparse.Namespace, inputs: dict | None) -> None:
+def _keep_float(args: argparse.Namespace, inputs: dict | Dataset | None) -> None:
     """Find the layers to keep in float, say so on stderr, and write what was asked; the
     repaired model only when it repairs (a model that does not is no suggestion)."""
     fallback = keep_in_float(
@@ -160,46 +181,3 @@ def _keep_float(args: argparse.Namespace, inputs: dict | None) -> None:
     elif args.repaired_model:
         print(f"layerbisect: {args.repaired_model} not written: no set of layers kept in float repairs the model",
               file=sys.stderr)
-
-
-def _read_inputs(npz: str | None, singles: list[tuple[str, str]]) -> dict | None:
-    if npz is None and not singles:
-        return None
-    feeds: dict[str, np.ndarray] = {}
-    if npz is not None:
-        archive = _load(npz, "--inputs", "an .npz archive")
-        if isinstance(archive, np.ndarray):
-            raise LayerbisectError(
-                f"--inputs {npz} holds a single array, not an .npz archive; use --input NAME={npz}"
-            )
-        feeds.update(archive)
-    for name, path in singles:
-        array = _load(path, f"--input {name}", "an .npy array")
-        if not isinstance(array, np.ndarray):
-            raise LayerbisectError(f"--input {name}={path} is an .npz archive, not one .npy array")
-        feeds[name] = array
-    return feeds
-
-
-def _load(path: str, flag: str, kind: str) -> np.ndarray | dict[str, np.ndarray]:
-    """The array, or the arrays of an archive, in a feeds file; or an error naming the flag
-    and what is wrong."""
-    if Path(path).is_dir():
-        raise LayerbisectError(f"{flag}: {path} is a folder, not {kind}")
-    if not Path(path).is_file():
-        raise LayerbisectError(f"{flag}: file not found: {path}")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        if isinstance(loaded, np.ndarray):
-            return loaded
-        with loaded:  # an archive's arrays are read when asked for: read them here
-            return {key: loaded[key] for key in loaded.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        # numpy takes any file it does not know for a pickle and advises allowing pickles
-        text = str(exc)
-        reason = ("it holds Python objects" if "Object arrays" in text else
-                  "it is neither an .npy nor an .npz file" if "pickle" in text else first_line(exc))
-        raise LayerbisectError(
-            f"{flag}: {path} is not {kind} (numpy could not read it: {reason}); save it with "
-            f"{'numpy.savez' if kind.endswith('archive') else 'numpy.save'}"
-        ) from None

@@ -39,7 +39,7 @@ from layerbisect.errors import NO_SAMPLES, LayerbisectError
 from layerbisect.files import sources, write
 from layerbisect.find import _comparable, _layer, setup
 from layerbisect.graph import outer_scope_reads
-from layerbisect.inputs import Sample, samples_of
+from layerbisect.inputs import Sample, reusable, samples_of
 from layerbisect.load import ModelLike, tensor_array, with_data
 from layerbisect.measure import Saved, Totals, measure, prepare
 from layerbisect.options import DEFAULT_PROVIDERS, check_threshold
@@ -152,7 +152,7 @@ def keep_in_float(
     )
     if not any(node.op_type == "DequantizeLinear" for node in quant_proto.graph.node):
         raise LayerbisectError("keeping layers in float needs a QDQ model (QuantizeLinear/DequantizeLinear pairs)")
-    samples = list(samples_of(inputs))
+    samples = reusable(samples_of(inputs))
     if not samples:
         raise LayerbisectError(NO_SAMPLES)
     pairs = alignment.pairs

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence, Sized
+import operator
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import replace
 from os import PathLike
@@ -17,16 +19,15 @@ import onnx
 from onnx import helper
 
 from layerbisect.align import Alignment, Pair, align
-from layerbisect.errors import NO_SAMPLES, LayerbisectError
+from layerbisect.errors import NO_SAMPLES, LayerbisectError, SampleError
 from layerbisect.files import sources
 from layerbisect.graph import build_graph, inferred_types
-from layerbisect.inputs import InputPlan, Sample, plan_inputs, samples_of
+from layerbisect.inputs import InputPlan, Sample, plan_inputs, reusable, samples_of
 from layerbisect.load import ModelLike, declared_inputs, load_model, subgraph_notes
 from layerbisect.measure import Saved, Totals, available_memory, measure, prepare
-from layerbisect.options import check_strategy, check_threshold, memory_size
+from layerbisect.options import DEFAULT_PROVIDERS, check_strategy, check_threshold, memory_size
 from layerbisect.progress import progress
 from layerbisect.report import LayerComparison, Report, faint_notes, nonfinite_notes
-from layerbisect.options import DEFAULT_PROVIDERS
 from layerbisect.run import ort_optimized as ort_optimized_model
 from layerbisect.run import lower_ir_version, skipped_providers_note, usable_providers
 from layerbisect.search import bisect_first_failing, first_failing
@@ -64,6 +65,10 @@ PLUMBING = {"Identity", "Transpose", "Reshape", "QuantizeLinear", "DequantizeLin
 # Attention fusion computes Q, K and V in one operation: 3 of a transformer block's 6, half.
 # A CNN against an MLP with the same inputs and outputs pairs 0 of 4.
 MIN_WEIGHTED_PAIRED = 0.5
+
+# progress milestones (models loaded, layers aligned, each pass), on the "layerbisect" logger;
+# the CLI shows them with -v
+log = logging.getLogger(__name__)
 
 
 def find_first_bad_layer(
@@ -150,7 +155,7 @@ def find_first_bad_layer(
             "model, leave it out (the model is its own graph)"
         )
     if isinstance(quant_model, Simulated):
-        samples = list(samples)
+        samples = reusable(samples)  # the ranges are observed over them, then they are compared
         quant_model = quant_model.build(float_model, samples, shapes=shapes, seed=seed, providers=providers)
     float_proto, quant_proto, plan, float_graph, alignment, load_notes = setup(
         float_model, quant_model, shapes=shapes, providers=providers, ort_optimized=ort_optimized,
@@ -158,9 +163,14 @@ def find_first_bad_layer(
     )
     pairs = alignment.pairs
     budget = memory_budget if memory_budget is not None else min(available_memory() // 2, DEFAULT_BUDGET_CAP)
-    count = len(samples) if isinstance(samples, Sized) else None
+    count = operator.length_hint(samples) or None  # a list's length, a loader's hint, None for a generator
     first, single, samples = _peek(samples)
-    sizes, quant_sizes = _value_bytes(float_proto, pairs, {n: a.shape for n, a in plan.feeds(first, seed)[0].items()})
+    try:
+        input_shapes = {name: array.shape for name, array in plan.feeds(first, seed)[0].items()}
+    except LayerbisectError as exc:
+        raise exc if single else SampleError(0, str(exc)) from None
+    del first  # samples stream: only a pass holds them, a few at a time
+    sizes, quant_sizes = _value_bytes(float_proto, pairs, input_shapes)
     feeders = _feeders(float_proto, pairs) if isolated else [() for _ in pairs]
     footprint = _Footprint(sizes, quant_sizes, feeders, isolated)
     everything = list(range(len(pairs)))
@@ -177,7 +187,9 @@ def find_first_bad_layer(
     else:
         groups = []
     if strategy == "bisect" or len(groups) > 1:
-        samples = list(samples)  # several passes over the samples
+        samples = reusable(samples)  # several passes over the samples
+    log.info("strategy %s: %s", strategy, f"{len(groups)} pass(es) over the samples" if groups else
+             "one pass per probe")
     passes = _Passes(
         pairs, (Segments(float_proto), Segments(quant_proto)), feeders, plan, samples, 1 if single else count,
         seed=seed, providers=providers, executor=executor, quiet=quiet, save_limit=budget / 4,
@@ -265,11 +277,15 @@ class _Passes:
         self.totals: list[Totals] = []
 
     def run(
-        self, indices: Sequence[int], isolated: bool, start: Saved | None, save_after: int | None = None
+        self, indices: Sequence[int], isolated: bool, start: Saved | None, save_after: int | None = None,
+        of: int | None = None,
     ) -> Saved | None:
         """Measure the pairs ``indices`` (isolated error too if ``isolated``), resuming from the
         values ``start`` holds; return the values saved for a pass that resumes after pair
-        ``save_after``, if given and they fit."""
+        ``save_after``, if given and they fit. ``of`` is the number of passes, when known."""
+        number = len(self.totals) + 1
+        log.info("pass %s: %d layer(s), #%d to #%d%s", number if of is None else f"{number} of {of}", len(indices),
+                 indices[0], indices[-1], ", with isolated error" if isolated else "")
         pairs = self.pairs
         saves: tuple[Sequence[str], Sequence[str]] = ((), ())
         if save_after is not None:
@@ -291,9 +307,11 @@ class _Passes:
             self.plan, seed=self.seed, providers=self.providers, start=start, saves=saves, unfed=others,
         )
         totals, saved = measure(
-            measurement, progress(self.samples, self.quiet, self.count), self.executor, start, save_limit=self.save_limit
+            measurement, progress(self.samples, self.quiet, self.count), self.executor, start,
+            save_limit=self.save_limit,
         )
         self.totals.append(totals)
+        log.info("pass %d done: %d sample(s), %d model runs", number, totals.samples, totals.executions)
         for position, index in enumerate(indices):
             self.measured[index] = (totals, position)
         return saved
@@ -314,7 +332,7 @@ def _scan(passes: _Passes, groups: Sequence[Sequence[int]], isolated: bool, thre
     start = None
     for number, group in enumerate(groups):
         last = number == len(groups) - 1
-        start = passes.run(group, isolated, start, None if last else group[-1])
+        start = passes.run(group, isolated, start, None if last else group[-1], of=len(groups))
         if threshold is not None and not all(passes.passes(i, threshold) for i in group):
             return
 
@@ -377,6 +395,8 @@ def setup(
     float_proto = load_model(float_model, role="float model")
     simulation = quant_model if isinstance(quant_model, Simulation) else None
     quant_proto = load_model(quant_model if simulation is None else simulation.model, role="quantized model")
+    log.info("loaded the float model (%d nodes) and the quantized model (%d nodes)",
+             len(float_proto.graph.node), len(quant_proto.graph.node))
     if not allow_swapped:
         _check_direction(float_proto, quant_proto)
     notes = (*lower_ir_version(float_proto, "float model"), *lower_ir_version(quant_proto, "quantized model"))
@@ -385,6 +405,9 @@ def setup(
     plan = plan_inputs(declared_inputs(float_proto), declared_inputs(quant_proto), shapes)
     float_graph = build_graph(float_proto)
     alignment = simulation.alignment(float_graph) if simulation else align(float_graph, build_graph(quant_proto))
+    log.info("aligned %d of %d float operations (%d layers); %d of %d weighted layers paired",
+             alignment.float_ops - len(alignment.unaligned), alignment.float_ops, len(alignment.pairs),
+             alignment.weighted_paired, alignment.weighted)
     computing = [n for n in quant_proto.graph.node if n.op_type not in PLUMBING]
     if not alignment.pairs and not computing:
         raise LayerbisectError(
@@ -528,12 +551,17 @@ def _value_bytes(model: onnx.ModelProto, pairs: Sequence[Pair], input_shapes: Ma
 
 
 def _peek(samples: Iterable) -> tuple[object, bool, Iterable]:
-    """The first sample, whether it is the only one, and all the samples still to iterate."""
+    """The first sample, whether it is the only one, and all the samples still to iterate (a
+    sequence as it is: it can be read again)."""
+    if isinstance(samples, Sequence):
+        if not samples:
+            raise LayerbisectError(NO_SAMPLES)
+        return samples[0], len(samples) == 1, samples
     iterator = iter(samples)
     head = list(itertools.islice(iterator, 2))
     if not head:
         raise LayerbisectError(NO_SAMPLES)
-    return head[0], len(head) == 1, itertools.chain(head, iterator)
+    return head[0], len(head) == 1, itertools.chain(iter(head), iterator)  # head is let go once read
 
 
 class _Footprint:

@@ -329,3 +329,10 @@ def samples_of(inputs: Sample | Iterable[Sample] | None) -> Iterable[Sample | No
     if isinstance(inputs, (str, bytes, np.ndarray)):
         raise LayerbisectError("inputs must be a dict of input name -> array, or a list of such dicts")
     return inputs
+
+
+def reusable(samples: Iterable[Sample | None]) -> Sequence[Sample | None]:
+    """``samples`` for several passes: a sequence is read again in each (a list, or one that
+    loads each sample when asked, as the CLI's datasets do); any other iterable is read into
+    a list first."""
+    return samples if isinstance(samples, Sequence) else list(samples)

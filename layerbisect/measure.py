@@ -10,6 +10,7 @@ dropped as soon as a sample is compared, except the few a later pass resumes fro
 
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 import os
@@ -23,6 +24,7 @@ import onnx
 
 from layerbisect.align import Pair
 from layerbisect.compare import Aggregate, Metrics, Quantized, compare
+from layerbisect.errors import LayerbisectError, SampleError
 from layerbisect.graph import Readout
 from layerbisect.inputs import InputPlan
 from layerbisect.isolate import Cut, cut
@@ -30,6 +32,9 @@ from layerbisect.run import Session
 from layerbisect.segment import Segments
 
 SAMPLES_PER_TASK = 4
+# tasks submitted to an executor and not yet collected: enough to keep every worker of a pool
+# busy, few enough that a dataset is never all read into memory
+TASKS_IN_FLIGHT = max(16, 2 * (os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
@@ -188,29 +193,29 @@ def measure(
 
 
 def _results(measurement: Measurement, samples: Iterable, executor: Executor | None):
+    """Each sample's result, in order. An executor gets a few samples a task and at most
+    ``TASKS_IN_FLIGHT`` tasks at once: samples are read as workers free up, not all at first."""
+    items = enumerate(samples)
     if executor is None:
         try:
-            for sample, start in samples:
-                yield measure_sample(measurement, sample, start)
+            for index, (sample, start) in items:
+                yield measure_sample(measurement, sample, start, index)
         finally:
             _SESSIONS.pop(measurement.key, None)  # sessions live as long as their pass
         return
     measurement = replace(measurement, originals=None)  # workers need not receive them
-    futures, chunk = [], []
-    for item in samples:
-        chunk.append(item)
-        if len(chunk) == SAMPLES_PER_TASK:
-            futures.append(executor.submit(measure_samples, measurement, chunk))
-            chunk = []
-    if chunk:
+    futures: collections.deque = collections.deque()
+    while chunk := list(itertools.islice(items, SAMPLES_PER_TASK)):
         futures.append(executor.submit(measure_samples, measurement, chunk))
-    for future in futures:
-        yield from future.result()
+        if len(futures) == TASKS_IN_FLIGHT:
+            yield from futures.popleft().result()
+    while futures:
+        yield from futures.popleft().result()
 
 
-def measure_samples(measurement: Measurement, samples: list) -> list[SampleResult]:
-    """Measure a few (sample, start values) items (the task a worker runs)."""
-    return [measure_sample(measurement, sample, start) for sample, start in samples]
+def measure_samples(measurement: Measurement, items: list) -> list[SampleResult]:
+    """Measure a few (index, (sample, start values)) items (the task a worker runs)."""
+    return [measure_sample(measurement, sample, start, index) for index, (sample, start) in items]
 
 
 _SESSIONS: dict[str, tuple] = {}
@@ -234,11 +239,15 @@ def _sessions(measurement: Measurement) -> tuple:
     return _SESSIONS[measurement.key]
 
 
-def measure_sample(measurement: Measurement, sample, start=({}, {})) -> SampleResult:
+def measure_sample(measurement: Measurement, sample, start=({}, {}), index: int = 0) -> SampleResult:
     """Run the models of ``measurement`` on one sample and compare every pair; ``start``
-    holds the values this sample's pass resumes from (float, quantized)."""
+    holds the values this sample's pass resumes from (float, quantized). Bad feeds raise
+    ``SampleError`` naming ``index``, the sample's position."""
     float_session, quant_session, isolated_session = _sessions(measurement)
-    float_feeds, quant_feeds = measurement.inputs.feeds(sample, measurement.seed)
+    try:
+        float_feeds, quant_feeds = measurement.inputs.feeds(sample, measurement.seed)
+    except LayerbisectError as exc:
+        raise SampleError(index, str(exc)) from None
     float_values = _run(float_session, measurement.float_model, float_feeds, start[0],
                         [*measurement.float_names, *measurement.float_saves])
     quant_values = _run(quant_session, measurement.quant_model, quant_feeds, start[1],

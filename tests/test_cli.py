@@ -10,8 +10,9 @@ import onnx
 import pytest
 
 import layerbisect
-
+import layerbisect.find
 from layerbisect.cli import main
+
 from models import corrupt_weights, make_cnn, quantize, random_inputs
 
 
@@ -194,3 +195,107 @@ def test_ctrl_c_prints_one_line_exits_130_and_leaves_nothing_behind(models, tmp_
     stdout, stderr = process.communicate(timeout=60)
     assert (process.returncode, stdout, stderr) == (130, "", "layerbisect: interrupted\n")
     assert list(out.iterdir()) == []
+
+
+LOADER = """import numpy as np
+
+
+def load_data():
+    rng = np.random.default_rng(7)
+    for _ in range(3):
+        yield {"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)}
+"""
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """The loader script's 3 samples, also as a folder of .npz files and as one batched .npz."""
+    folder = tmp_path_factory.mktemp("dataset")
+    (folder / "loader.py").write_text(LOADER)
+    rng = np.random.default_rng(7)
+    samples = [{"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(3)]
+    (folder / "samples").mkdir()
+    for index, sample in enumerate(samples):
+        np.savez(folder / "samples" / f"{index:03}.npz", **sample)
+    np.savez(folder / "batch.npz", x=np.stack([s["x"] for s in samples]))
+    return folder, samples
+
+
+def json_report(args, capsys) -> dict:
+    main([*args, "--json", "-", "--quiet"])
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("feeds", [
+    ["--inputs", "@samples"], ["--inputs", "@batch.npz", "--batched"], ["--data-loader-script", "@loader.py"],
+    ["--data-loader-script", "@loader.py:load_data", "--workers", "2"],
+])
+def test_a_dataset_gives_the_api_means_over_its_samples(models, dataset, capsys, feeds):
+    folder, samples = dataset
+    data = json_report([str(models["float"]), str(models["broken"]),
+                        *(a.replace("@", f"{folder}/") for a in feeds)], capsys)
+    api = layerbisect.find_first_bad_layer(models["float"], models["broken"], samples).to_dict()
+    assert data["samples"] == api["samples"] == 3
+    assert [(row["cosine"], row["sqnr_db"], row["isolated_cosine"]) for row in data["layers"]] == \
+        [(row["cosine"], row["sqnr_db"], row["isolated_cosine"]) for row in api["layers"]]
+
+
+@pytest.mark.parametrize("feeds", [["--inputs", "@samples"], ["--inputs", "@batch.npz", "--batched"],
+                                   ["--data-loader-script", "@loader.py"]])
+def test_max_samples_keeps_the_first(models, dataset, capsys, feeds):
+    folder, samples = dataset
+    data = json_report([str(models["float"]), str(models["broken"]), "--max-samples", "2",
+                        *(a.replace("@", f"{folder}/") for a in feeds)], capsys)
+    api = layerbisect.find_first_bad_layer(models["float"], models["broken"], samples[:2])
+    assert data["samples"] == 2 and data["layers"][2]["cosine"] == api.layers[2].cosine
+
+
+def test_a_folder_is_read_again_for_each_pass_of_a_bisection(models, dataset, capsys):
+    folder, samples = dataset
+    data = json_report([str(models["float"]), str(models["broken"]), "--inputs", str(folder / "samples"),
+                        "--strategy", "bisect", "--memory-budget", "1K"], capsys)
+    api = layerbisect.find_first_bad_layer(models["float"], models["broken"], samples, strategy="bisect",
+                                           memory_budget="1K")
+    assert data["strategy"] == "bisect" and data["samples"] == 3
+    assert data["first_bad"]["cosine"] == api.first_bad.cosine
+
+
+def test_keep_float_reads_a_loader_again(models, dataset, tmp_path, capsys):
+    folder, _ = dataset
+    keep = tmp_path / "keep.json"
+    assert main([str(models["float"]), str(models["broken"]), "--data-loader-script", str(folder / "loader.py"),
+                 "--keep-float", str(keep), "--quiet"]) == 1
+    assert json.loads(keep.read_text())["nodes_to_exclude"] == ["conv2"]
+
+
+def test_verbose_logs_the_milestones_and_quiet_does_not(models, dataset, capsys):
+    folder, _ = dataset
+    args = [str(models["float"]), str(models["broken"]), "--inputs", str(folder / "samples")]
+    assert main([*args, "-v"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "layerbisect: loaded the float model (14 nodes) and the quantized model (44 nodes)"
+    assert "layerbisect: aligned 14 of 14 float operations (10 layers); 4 of 4 weighted layers paired" in err
+    assert "layerbisect: pass 1 of 1: 10 layer(s), #0 to #9, with isolated error" in err
+    assert "layerbisect: pass 1 done: 3 sample(s), 9 model runs" in err
+    assert main(args) == 1 and capsys.readouterr().err == ""
+    assert main([*args, "-q"]) == 1 and capsys.readouterr().err == ""
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "-v", "-q"])
+    assert exit_info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_python_m_layerbisect_answers_help():
+    result = subprocess.run([sys.executable, "-m", "layerbisect", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--data-loader-script FILE.py[:FUNC]" in result.stdout
+
+
+@pytest.mark.parametrize("feeds,total", [
+    (["--inputs", "@samples"], 3), (["--inputs", "@batch.npz", "--batched", "--max-samples", "2"], 2),
+    (["--data-loader-script", "@loader.py", "--max-samples", "2"], 2), (["--data-loader-script", "@loader.py"], None),
+])
+def test_the_progress_bar_gets_the_count_where_it_is_known(models, dataset, monkeypatch, feeds, total):
+    folder, _ = dataset
+    totals = []
+    monkeypatch.setattr(layerbisect.find, "progress", lambda samples, quiet, count: totals.append(count) or samples)
+    main([str(models["float"]), str(models["broken"]), *(a.replace("@", f"{folder}/") for a in feeds), "--quiet"])
+    assert totals == [total]

@@ -17,6 +17,7 @@ import layerbisect.command
 from layerbisect import LayerbisectError, find_first_bad_layer, keep_in_float
 from layerbisect.cli import main
 from layerbisect.files import write
+
 from models import corrupt_weights, make_cnn, make_transformer, quant_node_for, quantize, random_inputs
 from test_networks import mlp_like_cnn
 from test_unusual_models import to_float16
@@ -69,6 +70,17 @@ def user(tmp_path_factory) -> Path:
     os.link(folder / "int8.onnx", folder / "int8_hardlink.json")
     os.link(folder / "ext.onnx.data", folder / "data_hardlink.html")
     (folder / "int8_symlink.json").symlink_to(folder / "int8.onnx")
+    (folder / "dataset").mkdir()  # a third sample in float64
+    for index, x in enumerate([feeds["x"], feeds["x"], feeds["x"].astype(np.float64)]):
+        np.savez(folder / "dataset" / f"{index}.npz", x=x)
+    np.savez(folder / "ragged_batch.npz", x=np.stack([feeds["x"]] * 3), y=np.zeros((2, 4)))
+    np.savez(folder / "scalar_batch.npz", x=np.float32(1.0))
+    (folder / "loader_bad_shape.py").write_text(
+        "import numpy as np\n\ndef load_data():\n    for size in (16, 16, 15):\n"
+        "        yield {'x': np.zeros((1, 3, size, size), np.float32)}\n")
+    (folder / "loader_raises.py").write_text(
+        "def load_data():\n    raise FileNotFoundError('calibration/ is gone')\n")
+    (folder / "loader_import_fails.py").write_text("import no_such_module_here\n")
     return folder
 
 
@@ -111,7 +123,7 @@ CASES = {
     "feeds are text": (["@fp32.onnx", "@int8.onnx", "--inputs", "@notes.txt"],
                        "is not an .npz archive (numpy could not read it: it is neither an .npy nor an .npz file)"),
     "feed holds objects": (["@fp32.onnx", "@int8.onnx", "--input", "x=@objects.npy"], "it holds Python objects"),
-    "feeds are a folder": (["@fp32.onnx", "@int8.onnx", "--inputs", "@models"], "is a folder, not an .npz archive"),
+    "feeds are a folder of no .npz": (["@fp32.onnx", "@int8.onnx", "--inputs", "@models"], "holds no .npz file"),
     "feeds are one array": (["@fp32.onnx", "@int8.onnx", "--inputs", "@x.npy"], "holds a single array, not an .npz"),
     "a feed is an archive": (["@fp32.onnx", "@int8.onnx", "--input", "x=@feeds.npz"], "is an .npz archive, not one .npy"),
     "a feed missing": (["@fp32.onnx", "@int8.onnx", "--input", "x=@nofile.npy"], "--input x: file not found"),
@@ -122,6 +134,33 @@ CASES = {
                                 "input 'mask' is not an input of either model"),
     "a NaN pixel": (["@fp32.onnx", "@int8.onnx", "--inputs", "@nan.npz"], "input 'x' holds 1 NaN and 0 infinite values"),
     "infinite pixels": (["@fp32.onnx", "@int8.onnx", "--inputs", "@inf.npz"], "NaN and "),
+    # datasets: a bad sample is named by its file or its index
+    "a folder's third sample in float64": (
+        ["@fp32.onnx", "@int8.onnx", "--inputs", "@dataset"],
+        "--inputs @dataset/2.npz (sample 2): input 'x' of the float model expects float32[1,3,16,16], got float64"),
+    "a loader's third sample of another shape": (
+        ["@fp32.onnx", "@int8.onnx", "--data-loader-script", "@loader_bad_shape.py"],
+        "sample 2 of --data-loader-script @loader_bad_shape.py:load_data: input 'x' of the float model expects"),
+    "a third sample spread to workers": (
+        ["@fp32.onnx", "@int8.onnx", "--inputs", "@dataset", "--workers", "2"], "--inputs @dataset/2.npz (sample 2)"),
+    "a loader that raises": (["@fp32.onnx", "@int8.onnx", "--data-loader-script", "@loader_raises.py"],
+                             "--data-loader-script @loader_raises.py:load_data: calling it raised "
+                             "FileNotFoundError: calibration/ is gone"),
+    "a loader whose import fails": (
+        ["@fp32.onnx", "@int8.onnx", "--data-loader-script", "@loader_import_fails.py"],
+        "--data-loader-script @loader_import_fails.py: running it raised ModuleNotFoundError"),
+    "a loader without the function": (["@fp32.onnx", "@int8.onnx", "--data-loader-script", "@loader_raises.py:load"],
+                                      "has no function 'load'"),
+    "a loader script missing": (["@fp32.onnx", "@int8.onnx", "--data-loader-script", "@nope.py"],
+                                "--data-loader-script: file not found"),
+    "a loader that is not Python": (["@fp32.onnx", "@int8.onnx", "--data-loader-script", "@notes.txt"],
+                                    "is not a Python (.py) file"),
+    "batched arrays of other lengths": (["@fp32.onnx", "@int8.onnx", "--inputs", "@ragged_batch.npz", "--batched"],
+                                        "leading (sample) axes differ: x 3, y 2"),
+    "a batched scalar": (["@fp32.onnx", "@int8.onnx", "--inputs", "@scalar_batch.npz", "--batched"],
+                         "is a scalar, with no sample axis"),
+    "a batched folder": (["@fp32.onnx", "@int8.onnx", "--inputs", "@dataset", "--batched"],
+                         "--batched applies to one .npz file"),
     # options
     "threshold above 1": (["@fp32.onnx", "@int8.onnx", "--threshold", "1.5"], "threshold must be in (0, 1], got 1.5"),
     "negative workers": (["@fp32.onnx", "@int8.onnx", "--workers", "-1"], "--workers must be 0 or more"),
@@ -138,8 +177,23 @@ def test_cli_refuses_in_one_line_and_changes_no_file(user, capsys, monkeypatch, 
     before = digest(user)
     assert main([a.replace("@", f"{user}/") for a in args]) == 2
     err = capsys.readouterr().err
-    assert message in err, err
+    assert message.replace("@", f"{user}/") in err, err
     assert err.count("\n") == 1 and "Traceback" not in err
+    assert digest(user) == before
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--inputs", "@feeds.npz", "--data-loader-script", "@loader_raises.py"], "give --inputs or --data-loader-script, not both"),
+    (["--batched"], "--batched needs --inputs FILE.npz"),
+    (["--max-samples", "2"], "--max-samples applies to a dataset"),
+    (["--inputs", "@dataset", "--max-samples", "0"], "expected a number of samples, 1 or more, got '0'"),
+])
+def test_cli_dataset_flags_misused_are_bad_usage(user, capsys, args, message):
+    before = digest(user)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(user / "fp32.onnx"), str(user / "int8.onnx"), *(a.replace("@", f"{user}/") for a in args)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and err.count("\n") == 1
     assert digest(user) == before
 
 

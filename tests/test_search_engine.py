@@ -1,7 +1,9 @@
 """Scan and bisection, memory budget, isolated vs cumulative error, executors."""
 
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
+import weakref
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from functools import lru_cache
 
 import numpy as np
@@ -11,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from layerbisect import LayerbisectError, find_first_bad_layer
 from layerbisect.compare import compare
+from layerbisect.measure import SAMPLES_PER_TASK, TASKS_IN_FLIGHT
 
 from models import corrupt_weights, make_cnn, make_transformer, quant_node_for, quantize, random_inputs
 
@@ -156,3 +159,54 @@ def test_dask_cluster_gives_the_serial_report():
     with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as client:
         parallel = find_first_bad_layer(float_model, quant, iter(samples(float_model)), executor=client.get_executor())
     assert parallel.to_dict() == serial.to_dict()
+
+
+class Made:
+    """Samples of a model made when asked, counting how many are alive (not yet freed) at most."""
+
+    def __init__(self, model) -> None:
+        self.model, self.alive, self.most = model, 0, 0
+
+    def sample(self, seed: int) -> dict:
+        sample = random_inputs(self.model, seed)
+        self.alive += 1
+        self.most = max(self.most, self.alive)
+        weakref.finalize(next(iter(sample.values())), self._freed)
+        return sample
+
+    def _freed(self) -> None:
+        self.alive -= 1
+
+
+class OnDemand(Sequence):
+    """A sequence that makes each sample when it is read, as the CLI's folders do."""
+
+    def __init__(self, made: Made, count: int) -> None:
+        self.made, self.count = made, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> dict:
+        return self.made.sample(range(self.count)[index])
+
+
+def test_a_generator_streams_through_a_scan_serial_or_spread():
+    float_model, quant = faulted("cnn", "qdq")
+    made = Made(float_model)
+    report = find_first_bad_layer(float_model, quant, (made.sample(seed) for seed in range(40)))
+    assert report.samples == 40 and made.most <= 3  # the one measured, the next read, one the loop let go late
+    made = Made(float_model)
+    count = SAMPLES_PER_TASK * TASKS_IN_FLIGHT * 2
+    with ThreadPoolExecutor(2) as pool:
+        spread = find_first_bad_layer(float_model, quant, (made.sample(seed) for seed in range(count)), executor=pool)
+    assert spread.samples == count and made.most <= SAMPLES_PER_TASK * (TASKS_IN_FLIGHT + 1) + 2
+
+
+def test_a_sequence_is_read_again_for_each_pass_not_held():
+    float_model, quant = faulted("cnn", "qdq")
+    made = Made(float_model)
+    options = {"strategy": "bisect", "memory_budget": 1}
+    report = find_first_bad_layer(float_model, quant, OnDemand(made, 12), **options)
+    assert made.most <= 3  # as a generator: the one measured, the next read, one the loop let go late
+    assert report.to_dict() == find_first_bad_layer(float_model, quant, samples(float_model, 12), **options).to_dict()
