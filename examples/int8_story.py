@@ -39,7 +39,8 @@ def build_mlp() -> onnx.ModelProto:
             w[:4, :4] = OUTLIER  # large weights on those dead units: they only set the int8 scale
         weights += [numpy_helper.from_array(w, f"fc{index}.w"), numpy_helper.from_array(b, f"fc{index}.b")]
         nodes += [helper.make_node("MatMul", [x, f"fc{index}.w"], [f"fc{index}.mm"], name=f"fc{index}"),
-                  helper.make_node("Add", [f"fc{index}.mm", f"fc{index}.b"], [f"fc{index}.out"], name=f"fc{index}_bias")]
+                  helper.make_node("Add", [f"fc{index}.mm", f"fc{index}.b"], [f"fc{index}.out"],
+                                   name=f"fc{index}_bias")]
         x = f"fc{index}.out"
         if index < len(WIDTHS) - 1:
             nodes.append(helper.make_node("Relu", [x], [f"act{index}"], name=f"act{index}"))
@@ -56,7 +57,8 @@ with tempfile.TemporaryDirectory() as folder:
     float_path, int8_path = Path(folder, "mlp_fp32.onnx"), Path(folder, "mlp_int8.onnx")
     onnx.save(build_mlp(), float_path)
     quantize_dynamic(float_path, int8_path, weight_type=QuantType.QInt8)
-    print(f"float model {float_path.stat().st_size / 1024:.0f} KiB -> int8 model {int8_path.stat().st_size / 1024:.0f} KiB")
+    sizes = [path.stat().st_size / 1024 for path in (float_path, int8_path)]
+    print(f"float model {sizes[0]:.0f} KiB -> int8 model {sizes[1]:.0f} KiB")
 
     batch = {"x": rng.standard_normal((8, 64)).astype(np.float32)}
     report = find_first_bad_layer(float_path, int8_path, inputs=batch, threshold=0.98)

@@ -38,9 +38,10 @@ def build_classifier() -> onnx.ModelProto:
                   helper.make_node("Relu", [f"bn{i}"], [f"relu{i}"], name=f"relu{i}")]
         x = f"relu{i}"
     nodes += [helper.make_node("ReduceMean", [x], ["pooled"], name="pool", axes=[2, 3], keepdims=0),
-              helper.make_node("Gemm", ["pooled", add("fc.w", rng.standard_normal((10, 32)) * 0.3), add("fc.b", np.zeros(10))],
-                               ["logits"], name="fc", transB=1)]
-    graph = helper.make_graph(nodes, "classifier", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 32, 32])],
+              helper.make_node("Gemm", ["pooled", add("fc.w", rng.standard_normal((10, 32)) * 0.3),
+                                        add("fc.b", np.zeros(10))], ["logits"], name="fc", transB=1)]
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 32, 32])
+    graph = helper.make_graph(nodes, "classifier", [image],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])], weights)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
 
@@ -62,7 +63,8 @@ def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
             factor = scale / var  # the bug: should be scale / sqrt(var + epsilon)
             w = value[conv.input[1]] * factor[:, None, None, None]
             b = (value[conv.input[2]] - mean) * factor + bias
-            weights += [numpy_helper.from_array(w, name(conv.input[1])), numpy_helper.from_array(b, name(conv.input[2]))]
+            weights += [numpy_helper.from_array(w, name(conv.input[1])),
+                        numpy_helper.from_array(b, name(conv.input[2]))]
             nodes.append(helper.make_node("Conv", [name(conv.input[0]), name(conv.input[1]), name(conv.input[2])],
                                           [name(node.output[0])], pads=[1, 1, 1, 1]))
         elif node.op_type == "ReduceMean":

@@ -38,7 +38,8 @@ def build_float_model() -> onnx.ModelProto:
     def conv_block(index, x, cin, cout, batchnorm=True):
         name = f"conv{index}"
         w = param(f"{name}.w", (cout, cin, 3, 3), np.sqrt(2.0 / (cin * 9)))
-        nodes.append(helper.make_node("Conv", [x, w, param(f"{name}.b", (cout,), 0.1)], [name], name=name, pads=[1, 1, 1, 1]))
+        bias = param(f"{name}.b", (cout,), 0.1)
+        nodes.append(helper.make_node("Conv", [x, w, bias], [name], name=name, pads=[1, 1, 1, 1]))
         x = name
         if batchnorm:
             bn = f"bn{index}"
@@ -54,7 +55,8 @@ def build_float_model() -> onnx.ModelProto:
     x = conv_block(3, x, 16, 32, batchnorm=False)
     nodes.append(helper.make_node("GlobalAveragePool", [x], ["pool"], name="pool"))
     nodes.append(helper.make_node("Flatten", ["pool"], ["flat"], name="flatten"))
-    nodes.append(helper.make_node("Gemm", ["flat", param("fc.w", (10, 32), 0.3), param("fc.b", (10,), 0.1)], ["y"], name="fc", transB=1))
+    fc = [param("fc.w", (10, 32), 0.3), param("fc.b", (10,), 0.1)]
+    nodes.append(helper.make_node("Gemm", ["flat", *fc], ["y"], name="fc", transB=1))
     graph = helper.make_graph(
         nodes, "quickstart_cnn",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])],

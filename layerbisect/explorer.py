@@ -68,7 +68,9 @@ def explorer_ids(model: onnx.ModelProto) -> dict[str, str]:
     return {node.name: node_id for node, node_id in zip(graph.node, ids)}
 
 
-def overlays(report: Report, float_model: onnx.ModelProto | None, quant_model: onnx.ModelProto | None) -> dict[str, Any]:
+def overlays(
+    report: Report, float_model: onnx.ModelProto | None, quant_model: onnx.ModelProto | None
+) -> dict[str, Any]:
     """The files ``write_overlays`` writes, by name, as JSON values: the overlays of each model
     given (None: a model with no graph to show, or not at hand) and, with both, the mapping."""
     contents: dict[str, Any] = {}
@@ -96,7 +98,8 @@ def _node_data(report: Report, side: str, metric: str, ids: dict[str, str]) -> d
     several layers shows the lowest value; NaN and infinite values are left out (JSON has none)."""
     if metric == "marks":
         marks = [(1, report.first_bad, FIRST_BAD)]
-        if report.culprit is not None and report.first_bad is not None and report.culprit.index != report.first_bad.index:
+        culprit, first_bad = report.culprit, report.first_bad
+        if culprit is not None and first_bad is not None and culprit.index != first_bad.index:
             marks.append((2, report.culprit, CULPRIT))
         values = {node: (value, colour) for value, layer, colour in reversed(marks) if layer is not None
                   for node in _nodes(layer, side)}
@@ -126,7 +129,9 @@ def _nodes(layer: LayerComparison, side: str) -> tuple[str, ...]:
     return layer.float_nodes if side == "float" else layer.quant_nodes
 
 
-def write_overlays(report: Report, folder: str | PathLike, float_model: Any = None, quant_model: Any = None) -> list[Path]:
+def write_overlays(
+    report: Report, folder: str | PathLike, float_model: Any = None, quant_model: Any = None
+) -> list[Path]:
     """Write ``overlays`` into ``folder`` (it must exist) and return their paths. The models
     default to the report's own, when they are .onnx files; give a model (a path or an
     ``onnx.ModelProto``) that the report was made from in memory."""

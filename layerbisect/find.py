@@ -28,8 +28,8 @@ from layerbisect.measure import Saved, Totals, available_memory, measure, prepar
 from layerbisect.options import DEFAULT_PROVIDERS, check_strategy, check_threshold, memory_size
 from layerbisect.progress import progress
 from layerbisect.report import LayerComparison, Report, faint_notes, nonfinite_notes
-from layerbisect.run import ort_optimized as ort_optimized_model
 from layerbisect.run import lower_ir_version, skipped_providers_note, usable_providers
+from layerbisect.run import ort_optimized as ort_optimized_model
 from layerbisect.search import bisect_first_failing, first_failing
 from layerbisect.segment import Segments
 from layerbisect.simulate import Simulated, Simulation

@@ -50,7 +50,8 @@ vertical-align:top;line-height:normal;white-space:normal;max-width:none}
 SCRIPT = """<script>(function () {
 const root = document.currentScript.closest(".lb-report");
 const table = root.querySelector("table.lb-table"), body = table.tBodies[0], rows = [...body.rows];
-const badOnly = root.querySelector(".lb-bad-only"), op = root.querySelector(".lb-op"), name = root.querySelector(".lb-name");
+const badOnly = root.querySelector(".lb-bad-only"), op = root.querySelector(".lb-op");
+const name = root.querySelector(".lb-name");
 function filter() {
   const text = name.value.toLowerCase();
   for (const row of rows) {
@@ -59,11 +60,13 @@ function filter() {
   }
 }
 for (const control of [badOnly, op, name]) control.addEventListener("input", filter);
-const number = text => ({"inf": Infinity, "-inf": -Infinity}[text] ?? (isNaN(parseFloat(text)) ? -Infinity : parseFloat(text)));
+const number = text => ({"inf": Infinity, "-inf": -Infinity}[text]
+  ?? (isNaN(parseFloat(text)) ? -Infinity : parseFloat(text)));
 table.tHead.querySelectorAll("th").forEach((head, column) => head.addEventListener("click", () => {
   const up = head.dataset.order !== "up";
   head.dataset.order = up ? "up" : "down";
-  const key = row => row.cells[column].classList.contains("n") ? number(row.cells[column].textContent) : row.cells[column].textContent;
+  const key = row => row.cells[column].classList.contains("n")
+    ? number(row.cells[column].textContent) : row.cells[column].textContent;
   rows.sort((a, b) => (key(a) < key(b) ? -1 : key(a) > key(b) ? 1 : 0) * (up ? 1 : -1));
   body.append(...rows);
 }));
@@ -212,7 +215,8 @@ def _node_table(nodes: tuple[GraphNode, ...], centre: set[str]) -> str:
         rows.append(
             f'<tr class="{"centre" if node.name in centre else ""}"><td class="n">{node.distance}</td>'
             f"<td>{escape(node.op_type)}</td><td class=\"t\">{escape(node.name)}</td>"
-            f"<td class=\"t\">{escape(', '.join(node.inputs))}</td><td class=\"t\">{escape(', '.join(node.outputs))}</td></tr>"
+            f"<td class=\"t\">{escape(', '.join(node.inputs))}</td>"
+            f"<td class=\"t\">{escape(', '.join(node.outputs))}</td></tr>"
         )
     return "".join(rows) + "</table>"
 
@@ -314,9 +318,10 @@ def chart_svg(report: Report, width: int = 960) -> str:
                 f'fill="{RED}">threshold {report.threshold}</text>'
             )
         if isolated:
-            out.append(_line([(l.index, getattr(l, isolated_field)) for l in layers], x_of, y_of, GREY, "4 3"))
+            out.append(_line([(layer.index, getattr(layer, isolated_field)) for layer in layers], x_of, y_of, GREY,
+                             "4 3"))
         values = [getattr(layer, field) for layer in layers]
-        out.append(_line([(l.index, v) for l, v in zip(layers, values)], x_of, y_of, BLUE))
+        out.append(_line([(layer.index, v) for layer, v in zip(layers, values)], x_of, y_of, BLUE))
         for layer, value in zip(layers, values):
             if math.isnan(value):
                 continue

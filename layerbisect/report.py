@@ -119,8 +119,9 @@ class Report:
     below the threshold, "inherited" when an earlier layer's is (that layer is ``culprit``:
     the earliest whose isolated cosine is below the threshold), and "accumulated" when no
     layer up to it is below the threshold on its own: then there is no culprit, and
-    ``contributors`` are the layers adding the most error on their own, the most first. ``strategy`` ("scan" or "bisect"),
-    ``executions`` (model runs) and ``peak_bytes`` (activations held at once) say what it cost;
+    ``contributors`` are the layers adding the most error on their own, the most first.
+    ``strategy`` ("scan", "prefix" or "bisect"), ``executions`` (model runs) and ``peak_bytes``
+    (activations held at once) say what it cost;
     ``aligned`` counts all aligned layers, of which bisection measures only those it probes.
     ``float_summary``/``quant_summary`` describe the two models; ``providers``, ``seed`` and
     ``ort_optimized`` are the run settings; ``float_neighbourhood``/``quant_neighbourhood``

@@ -132,7 +132,7 @@ class Session:
             }
             if self.renamed:
                 self.session, self._buffers = _create(model, _options(), providers, self.renamed)
-        except Exception as exc:
+        except Exception:
             if original is not None:
                 try:
                     _create(original, _options(), providers)

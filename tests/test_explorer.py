@@ -10,6 +10,7 @@ import pytest
 from layerbisect import find_first_bad_layer
 from layerbisect.cli import main
 from layerbisect.explorer import FILES, explorer_config
+
 from models import corrupt_weights, make_cnn, quantize, random_inputs
 
 

@@ -20,6 +20,7 @@ from layerbisect.cli import main
 from layerbisect.progress import progress
 from layerbisect.render import chart_svg, echo
 from layerbisect.report import LayerComparison, Report
+
 from models import corrupt_weights, make_cnn, quantize, random_inputs
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
