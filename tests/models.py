@@ -69,6 +69,15 @@ class _Graph:
         bias = self.randn(f"{name}.bias", (fout,), 0.05)
         return self.node("Add", f"{name}_bias", [bias, h] if bias_first else [h, bias])
 
+    def erf_gelu(self, x: str) -> str:
+        """Gelu as exporters write it: x * (erf(x / sqrt 2) + 1) * 0.5, nodes gelu_div, gelu_erf,
+        gelu_add, gelu_mul, gelu_half."""
+        e = self.node("Div", "gelu_div", [x, self.const("sqrt2", np.array(math.sqrt(2.0), np.float32))])
+        e = self.node("Erf", "gelu_erf", [e])
+        e = self.node("Add", "gelu_add", [e, self.const("one", np.array(1.0, np.float32))])
+        f = self.node("Mul", "gelu_mul", [x, e])
+        return self.node("Mul", "gelu_half", [f, self.const("half", np.array(0.5, np.float32))])
+
     def node(self, op: str, name: str, inputs: list[str], **attrs) -> str:
         """Add a single-output node whose output tensor is named after the node."""
         self.nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
@@ -176,12 +185,7 @@ def make_transformer(seed: int = 0, seq: int = 8, hidden: int = 32, heads: int =
     a = g.node("Reshape", "attn_reshape", [a, flat_shape])
     r1 = g.node("Add", "residual1", ["x", linear("o", a, hidden, hidden)])
     f = linear("ffn1", ln("ln2", r1), hidden, 4 * hidden, gain=math.sqrt(2.0))
-    e = g.node("Div", "gelu_div", [f, g.const("sqrt2", np.array(math.sqrt(2.0), np.float32))])
-    e = g.node("Erf", "gelu_erf", [e])
-    e = g.node("Add", "gelu_add", [e, g.const("one", np.array(1.0, np.float32))])
-    f = g.node("Mul", "gelu_mul", [f, e])
-    f = g.node("Mul", "gelu_half", [f, g.const("half", np.array(0.5, np.float32))])
-    f = linear("ffn2", f, 4 * hidden, hidden)
+    f = linear("ffn2", g.erf_gelu(f), 4 * hidden, hidden)
     g.nodes.append(helper.make_node("Add", [r1, f], ["y"], name="residual2"))
     inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, hidden])
     out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, hidden])
@@ -216,12 +220,7 @@ def make_bert(seed: int = 0, seq: int = 8, hidden: int = 64, heads: int = 2) -> 
     a = g.node("Reshape", "attn_reshape", [a, flat_shape])
     r1 = ln("ln1", g.node("Add", "residual1", [linear("o", a, hidden, hidden), "x"]))
     f = linear("ffn1", r1, hidden, 4 * hidden, gain=math.sqrt(2.0))
-    e = g.node("Div", "gelu_div", [f, g.const("sqrt2", np.array(math.sqrt(2.0), np.float32))])
-    e = g.node("Erf", "gelu_erf", [e])
-    e = g.node("Add", "gelu_add", [e, g.const("one", np.array(1.0, np.float32))])
-    f = g.node("Mul", "gelu_mul", [f, e])
-    f = g.node("Mul", "gelu_half", [f, g.const("half", np.array(0.5, np.float32))])
-    f = linear("ffn2", f, 4 * hidden, hidden)
+    f = linear("ffn2", g.erf_gelu(f), 4 * hidden, hidden)
     r2 = g.node("Add", "residual2", [f, r1])
     scale = g.weight("ln2.scale", g.rng.uniform(0.8, 1.2, hidden))
     shift = g.const("ln2.bias", g.rng.uniform(-0.1, 0.1, hidden).astype(np.float32))
