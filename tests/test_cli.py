@@ -181,8 +181,11 @@ def test_infinite_memory_budget_is_bad_usage(models, capsys):
 
 
 def test_ctrl_c_prints_one_line_exits_130_and_leaves_nothing_behind(models, tmp_path):
-    # the real command in a real process, held in the comparison's first step until it is interrupted
-    slow = ("import sys, time\nimport layerbisect.find\n"
+    # the real command in a real process, held in the comparison's first step until it is interrupted;
+    # Python's Ctrl-C handler put back, as a terminal has it: a process started in the background
+    # by a non-interactive shell (a CI runner's) inherits SIGINT ignored
+    slow = ("import signal, sys, time\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "import layerbisect.find\n"
             "def setup(*args, **kwargs):\n    print('started', flush=True)\n    time.sleep(120)\n"
             "layerbisect.find.setup = setup\nfrom layerbisect.cli import main\nsys.exit(main(sys.argv[1:]))\n")
     out = tmp_path / "out"
