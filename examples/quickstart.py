@@ -83,7 +83,8 @@ def break_layer(model: onnx.ModelProto, node_name: str) -> None:
     weight.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(weight), weight.name))
 
 
-with tempfile.TemporaryDirectory() as folder:
+def save_models(folder) -> tuple[Path, Path]:
+    """Write the float CNN and its int8 copy with a broken conv2 into ``folder``; return their paths."""
     float_path, int8_path = Path(folder, "cnn_fp32.onnx"), Path(folder, "cnn_int8.onnx")
     onnx.save(build_float_model(), float_path)
     quantize_static(float_path, int8_path, Calibration(), quant_format=QuantFormat.QDQ,
@@ -91,11 +92,21 @@ with tempfile.TemporaryDirectory() as folder:
     int8 = onnx.load(int8_path)
     break_layer(int8, "conv2")
     onnx.save(int8, int8_path)
+    return float_path, int8_path
 
-    image = {"x": rng.standard_normal((1, 3, 32, 32)).astype(np.float32)}
-    report = find_first_bad_layer(float_path, int8_path, inputs=image, threshold=0.98)
-    print(report)
-    print()
-    print("first bad layer:", report.first_bad.float_nodes if report.first_bad else None)
-    print()
-    print(keep_in_float(float_path, int8_path, inputs=image, threshold=0.98))
+
+def main() -> None:
+    """Save the models in a temporary folder and print the report and the repair."""
+    with tempfile.TemporaryDirectory() as folder:
+        float_path, int8_path = save_models(folder)
+        image = {"x": rng.standard_normal((1, 3, 32, 32)).astype(np.float32)}
+        report = find_first_bad_layer(float_path, int8_path, inputs=image, threshold=0.98)
+        print(report)
+        print()
+        print("first bad layer:", report.first_bad.float_nodes if report.first_bad else None)
+        print()
+        print(keep_in_float(float_path, int8_path, inputs=image, threshold=0.98))
+
+
+if __name__ == "__main__":
+    main()

@@ -11,6 +11,7 @@ from layerbisect import find_first_bad_layer
 from layerbisect.cli import main
 from layerbisect.explorer import FILES, explorer_config
 
+from fuzz_graphs import fold_batchnorms, rename
 from models import corrupt_weights, make_cnn, quantize, random_inputs
 
 
@@ -111,3 +112,28 @@ def test_cli_writes_the_overlays_and_names_them(models, tmp_path, capsys):
     assert f"layerbisect: wrote {tmp_path / 'float_cosine.json'}" in err and (tmp_path / "sync_mapping.json").is_file()
     assert main([str(float_path), str(quant_path), "--model-explorer", str(tmp_path / "absent")]) == 2
     assert "is not a folder; create it first" in capsys.readouterr().err
+
+
+def test_overlays_of_a_renamed_bn_folded_qdq_model_name_its_own_nodes(tmp_path):
+    """The quantized model has its BatchNormalizations folded into the Convs and every node
+    renamed before quantizing: each overlay's ids are nodes of its own graph, the folded Conv
+    carries its layer's cosine, and the mapping pairs exactly the report's layers."""
+    adapter = pytest.importorskip("model_explorer_onnx.main")
+    float_model = make_cnn()
+    quant = quantize(rename(fold_batchnorms(float_model)), "qdq")
+    paths = tmp_path / "cnn_fp32.onnx", tmp_path / "cnn_folded_int8.onnx"
+    onnx.save(float_model, paths[0])
+    onnx.save(quant, paths[1])
+    report = find_first_bad_layer(str(paths[0]), str(paths[1]), random_inputs(float_model), quiet=True)
+    files = written(report, tmp_path)
+    for side, path in zip(("float", "quant"), paths):
+        (graph,) = adapter.ONNXAdapter().convert(str(path), {})["graphs"]
+        ids = {node.id for node in graph.nodes}
+        for metric in ("cosine", "isolated_cosine", "sqnr_db"):
+            assert set(files[f"{side}_{metric}.json"][graph.id]["results"]) <= ids
+    folded = next(layer for layer in report.layers if "bn1" in layer.float_nodes)
+    (conv,) = (n for n in folded.quant_nodes if n.startswith("op"))  # conv1, renamed, with bn1 folded in
+    quant_cosine = next(iter(files["quant_cosine.json"].values()))["results"]
+    assert quant_cosine[conv]["value"] == pytest.approx(folded.cosine)
+    pairs = [(e["leftNodeIds"], e["rightNodeIds"]) for e in files["sync_mapping.json"]["mappingEntries"]]
+    assert pairs == [(list(layer.float_nodes), list(layer.quant_nodes)) for layer in report.layers if layer.quant_nodes]
