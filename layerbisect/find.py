@@ -123,7 +123,8 @@ def find_first_bad_layer(
     ``isolated=True`` also measures each layer fed the float model's own inputs, to tell
     where error is introduced from where it is inherited. ``executor`` (any
     ``concurrent.futures.Executor``) spreads samples over its workers. A progress bar over
-    samples shows on long runs when tqdm is installed, unless ``quiet``.
+    samples (over passes, for one sample scanned in pieces) shows on long runs when tqdm is
+    installed, unless ``quiet``.
 
     >>> report = find_first_bad_layer("model_fp32.onnx", "model_int8.onnx")  # doctest: +SKIP
     >>> report.first_bad.float_nodes, report.first_bad_cause  # doctest: +SKIP
@@ -330,7 +331,8 @@ def _scan(passes: _Passes, groups: Sequence[Sequence[int]], isolated: bool, thre
     ``threshold``, stop after the first group holding a pair below it (every pair up to the
     first bad one is measured: the scan's first bad layer and culprit)."""
     start = None
-    for number, group in enumerate(groups):
+    # one sample: a bar over the passes (several samples have theirs over the samples, each pass)
+    for number, group in enumerate(progress(groups, passes.quiet or passes.count != 1, unit="pass")):
         last = number == len(groups) - 1
         start = passes.run(group, isolated, start, None if last else group[-1], of=len(groups))
         if threshold is not None and not all(passes.passes(i, threshold) for i in group):

@@ -1,4 +1,5 @@
-"""A progress bar over samples, from tqdm when it is installed (it is optional).
+"""A progress bar over samples (or a one-sample run's passes), from tqdm when it is installed
+(it is optional).
 
 The bar goes to stderr on a terminal, or to the notebook (a widget with ipywidgets, else the
 text bar, with no warning about the missing widget); it shows once the work has taken two
@@ -21,12 +22,13 @@ DELAY_S = 2.0  # work shorter than this shows no bar
 
 
 def progress(samples: Iterable[T], quiet: bool = False, total: int | None = None,
-             stream: IO[str] | None = None) -> Iterable[T]:
+             stream: IO[str] | None = None, unit: str = "sample") -> Iterable[T]:
     """``samples`` behind a tqdm bar on ``stream`` (stderr), unless ``quiet``, tqdm is missing,
     there is one sample, or the stream is neither a terminal nor in a notebook.
 
     ``total`` is the number of samples, when ``samples`` has no length but it is known: the bar
-    then shows how many are left and the time left.
+    then shows how many are left and the time left. ``unit`` names what is counted ("pass" for
+    the passes of a run over one sample).
     """
     total = len(samples) if isinstance(samples, Sized) else total
     stream = sys.stderr if stream is None else stream
@@ -35,8 +37,8 @@ def progress(samples: Iterable[T], quiet: bool = False, total: int | None = None
     bar = _tqdm()
     if bar is None:
         return samples
-    return bar(samples, total=total, desc="samples", unit="sample", delay=DELAY_S, leave=False,
-               file=stream, disable=False)
+    return bar(samples, total=total, desc=f"{unit}es" if unit.endswith("s") else f"{unit}s", unit=unit,
+               delay=DELAY_S, leave=False, file=stream, disable=False)
 
 
 def _tqdm() -> Any:
