@@ -492,16 +492,19 @@ class _Builder:
         return typ.tensor_type.elem_type or None
 
     def _shape(self, name: str) -> tuple | None:
-        """The dimensions shape inference tells, None for each unknown one: symbolic, missing,
-        or written as -1 or 0 (Paddle2ONNX writes -1 for a dynamic dimension, and inference
-        carries it on)."""
-        typ = self.types.get(name)
-        if typ is None or not typ.HasField("tensor_type") or not typ.tensor_type.HasField("shape"):
-            return None
-        return tuple(
-            dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else None
-            for dim in typ.tensor_type.shape.dim
-        )
+        return known_shape(self.types.get(name))
+
+
+def known_shape(typ: onnx.TypeProto | None) -> tuple[int | None, ...] | None:
+    """The dimensions shape inference tells, None for each unknown one: symbolic, missing,
+    or written as -1 or 0 (Paddle2ONNX writes -1 for a dynamic dimension, and inference
+    carries it on); None where it does not tell the rank."""
+    if typ is None or not typ.HasField("tensor_type") or not typ.tensor_type.HasField("shape"):
+        return None
+    return tuple(
+        dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else None
+        for dim in typ.tensor_type.shape.dim
+    )
 
 
 def _head(array: np.ndarray, readout: Readout, transposed: bool) -> np.ndarray:

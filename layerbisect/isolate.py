@@ -18,7 +18,7 @@ import onnx
 from onnx import helper
 
 from layerbisect.align import Pair
-from layerbisect.graph import Readout, inferred_types
+from layerbisect.graph import Readout, inferred_types, known_shape
 from layerbisect.load import tensor_array
 
 SHELL = {"QuantizeLinear", "DequantizeLinear"}
@@ -119,7 +119,7 @@ def cut(
                     # other values than in the model compared with itself (cosine 0.99999)
                     before_shell = tensor == root != readout.tensor
                     source = Readout(pair.float_output) if before_shell else pair.float_readout
-                    cuts[name] = Cut(name, tensor, source, dtype, params, _known_shape(known))
+                    cuts[name] = Cut(name, tensor, source, dtype, params, known_shape(known))
                 node.input[:] = [name if x == tensor else x for x in node.input]
     for item in cuts.values():
         declared = graph.input.add(name=item.name)
@@ -147,15 +147,6 @@ def _qparams(tensor, producer, consumers, constants) -> Readout:
             axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
             return Readout(tensor, scale, zero_point, axis)
     return Readout(tensor)
-
-
-def _known_shape(typ: onnx.TypeProto | None) -> tuple[int | None, ...] | None:
-    """The shape shape inference tells, None for each dimension it does not; None if it does
-    not tell the rank."""
-    if typ is None or not typ.HasField("tensor_type") or not typ.tensor_type.HasField("shape"):
-        return None
-    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
-                 for d in typ.tensor_type.shape.dim)
 
 
 def _fitted(shape: tuple[int, ...], target: tuple[int | None, ...]) -> tuple[int, ...]:
