@@ -457,18 +457,16 @@ class _Builder:
         scales = self._const(node, 2)
         if packed is None or scales is None or not (block and k and n) or 8 % bits:
             return None
-        per_byte, blocks = 8 // bits, -(-k // block)
+        blocks = -(-k // block)
         rows = min(k, -(-FINGERPRINT_SIZE // n))
         used = -(-rows // block)
         data = np.asarray(packed[0]).reshape(n, blocks, -1)[:, :used].astype(np.int32)
-        values = (data[..., None] >> (bits * np.arange(per_byte))) & ((1 << bits) - 1)
-        values = values.reshape(n, used, -1)[:, :, :block].astype(np.float64)
+        values = _unpacked(data, bits).reshape(n, used, -1)[:, :, :block].astype(np.float64)
         zero_point = self._const(node, 3)
         if zero_point is None:
             zero_point = np.full((n, used), 2.0 ** (bits - 1))
         elif zero_point.dtype == np.uint8:  # packed like the weight
-            zp = zero_point.reshape(n, -1).astype(np.int32)
-            zero_point = ((zp[..., None] >> (bits * np.arange(per_byte))) & ((1 << bits) - 1)).reshape(n, -1)
+            zero_point = _unpacked(zero_point.reshape(n, -1).astype(np.int32), bits).reshape(n, -1)
         zero_point = zero_point.reshape(n, -1)[:, :used].astype(np.float64)
         weight = (values - zero_point[..., None]) * scales.reshape(n, -1)[:, :used, None].astype(np.float64)
         return weight.reshape(n, -1)[:, :rows].T.ravel()[:FINGERPRINT_SIZE]
@@ -536,6 +534,11 @@ def _blocked(raw: np.ndarray, scale: np.ndarray | None, zero_point: np.ndarray |
 
     zero = np.float32(0) if zero_point is None else spread(zero_point)
     return (raw.astype(np.float32) - zero) * spread(scale)
+
+
+def _unpacked(data: np.ndarray, bits: int) -> np.ndarray:
+    """Integers packed ``8 // bits`` to a byte, low bits first: one more axis, of each byte's."""
+    return (data[..., None] >> (bits * np.arange(8 // bits))) & ((1 << bits) - 1)
 
 
 def _oriented(shape: tuple, transposed: bool) -> tuple:
