@@ -29,7 +29,7 @@ import onnx
 
 from layerbisect.errors import LayerbisectError
 from layerbisect.files import write_text
-from layerbisect.load import name_nodes
+from layerbisect.load import graph_only, name_nodes
 
 if TYPE_CHECKING:
     from layerbisect.report import LayerComparison, Report
@@ -151,10 +151,7 @@ def _graph_of(model: Any) -> onnx.ModelProto | None:
     if isinstance(model, onnx.ModelProto):
         return model
     if isinstance(model, (str, PathLike)) and Path(model).is_file():
-        try:
-            return onnx.load(str(model), load_external_data=False)
-        except Exception:  # not a model: no graph to show
-            return None
+        return graph_only(model)  # None when it is not a model: no graph to show
     return None
 
 

@@ -32,7 +32,7 @@ import onnx
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from layerbisect.errors import LayerbisectError
-from layerbisect.load import all_tensors, external_folder
+from layerbisect.load import all_tensors, external_folder, graph_only
 
 PathLikeStr = str | PathLike
 
@@ -121,9 +121,8 @@ def _read_files(reads: Iterable[PathLikeStr | None]) -> Iterable[Path]:
 
 def _external_data_files(path: Path) -> list[Path]:
     """The files an ONNX model keeps weights in (none if it is not a readable model)."""
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # not a model (a feeds file): it has no external data
+    model = graph_only(path)
+    if model is None:  # not a model (a feeds file): it has no external data
         return []
     locations = {ExternalDataInfo(t).location for t in all_tensors(model.graph) if uses_external_data(t)}
     return [path.parent / location for location in sorted(locations) if location]

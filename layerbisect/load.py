@@ -136,6 +136,15 @@ def declared_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
+def graph_only(path: str | PathLike) -> onnx.ModelProto | None:
+    """The model in the file ``path`` without its external data (its graph, and the weights
+    kept inside the file), or None when the file is not a readable ONNX model."""
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception:  # not a model (a feeds file, a truncated file): no graph
+        return None
+
+
 def _read(path: Path, role: str) -> onnx.ModelProto:
     if path.is_dir():
         raise LayerbisectError(f"{role} {path} is a folder, not an .onnx file; give the model file inside it")

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import tempfile
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -537,3 +538,20 @@ def output_cosines(float_model: onnx.ModelProto, model: onnx.ModelProto, feeds) 
         norm = np.linalg.norm(a) * np.linalg.norm(b)
         cosines[name] = 1.0 if norm == 0 and not a.any() and not b.any() else float(a @ b / norm)
     return cosines
+
+
+def save_user_files(folder: Path) -> tuple[onnx.ModelProto, onnx.ModelProto, dict[str, np.ndarray]]:
+    """Write a user's folder as the bad-input tests read it: fp32.onnx (the CNN), int8.onnx
+    (its QDQ model with conv2's weights corrupted), transformer.onnx (another network),
+    feeds.npz, wrong_keys.npz (the input under another name) and extra_key.npz (one input too
+    many). Return the float model, its QDQ model and the feeds."""
+    float_model = make_cnn()
+    quant = quantize(float_model, "qdq")
+    onnx.save(float_model, folder / "fp32.onnx")
+    onnx.save(corrupt_weights(quant, quant_node_for(quant, "conv2")), folder / "int8.onnx")
+    onnx.save(make_transformer(), folder / "transformer.onnx")
+    feeds = random_inputs(float_model)
+    np.savez(folder / "feeds.npz", **feeds)
+    np.savez(folder / "wrong_keys.npz", image=feeds["x"])
+    np.savez(folder / "extra_key.npz", **feeds, mask=np.ones(3))
+    return float_model, quant, feeds

@@ -14,7 +14,7 @@ import layerbisect.run
 from layerbisect import LayerbisectError, find_first_bad_layer
 from layerbisect.cli import main
 
-from models import corrupt_weights, make_cnn, make_transformer, quant_node_for, quantize, random_inputs
+from models import make_cnn, quantize, save_user_files
 
 
 def scaled(factor: float, shape: list[int]) -> onnx.ModelProto:
@@ -52,14 +52,7 @@ def digest(folder: Path) -> dict[str, tuple[str, int]]:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("user")
-    float_model = make_cnn()
-    quant = quantize(float_model, "qdq")
-    onnx.save(float_model, folder / "fp32.onnx")
-    onnx.save(corrupt_weights(quant, quant_node_for(quant, "conv2")), folder / "int8.onnx")
-    onnx.save(make_transformer(), folder / "transformer.onnx")
-    np.savez(folder / "feeds.npz", **random_inputs(float_model))
-    np.savez(folder / "wrong_keys.npz", image=random_inputs(float_model)["x"])
-    np.savez(folder / "extra_key.npz", **random_inputs(float_model), mask=np.ones(3))
+    save_user_files(folder)
     return folder
 
 

@@ -18,7 +18,7 @@ from layerbisect import LayerbisectError, find_first_bad_layer, keep_in_float
 from layerbisect.cli import main
 from layerbisect.files import write
 
-from models import corrupt_weights, make_cnn, make_transformer, quant_node_for, quantize, random_inputs
+from models import make_cnn, quantize, random_inputs, save_user_files
 from test_networks import mlp_like_cnn
 from test_unusual_models import to_float16
 
@@ -46,20 +46,12 @@ def log_model() -> onnx.ModelProto:
 def user(tmp_path_factory) -> Path:
     """A user's folder: models (one with external data), feeds, and links to them."""
     folder = tmp_path_factory.mktemp("user")
-    float_model = make_cnn()
-    quant = quantize(float_model, "qdq")
-    onnx.save(float_model, folder / "fp32.onnx")
-    onnx.save(corrupt_weights(quant, quant_node_for(quant, "conv2")), folder / "int8.onnx")
-    onnx.save(make_transformer(), folder / "transformer.onnx")
+    float_model, quant, feeds = save_user_files(folder)
     onnx.save(mlp_like_cnn(), folder / "mlp.onnx")
     onnx.save(quant, folder / "qdq.onnx")
     onnx.save(float_model, folder / "ext.onnx", save_as_external_data=True, location="ext.onnx.data",
               size_threshold=0)
-    feeds = random_inputs(float_model)
-    np.savez(folder / "feeds.npz", **feeds)
     np.save(folder / "x.npy", feeds["x"])
-    np.savez(folder / "wrong_keys.npz", image=feeds["x"])
-    np.savez(folder / "extra_key.npz", **feeds, mask=np.ones(3))
     nan = feeds["x"].copy()
     nan[0, 0, 0, 0] = np.nan
     np.savez(folder / "nan.npz", x=nan)
