@@ -49,12 +49,6 @@ SCAN_PIECE = 1 << 27
 # Bisection probes one layer per pass, each pass a short segment resumed from the values saved
 # after the last layer known to pass; once this few layers remain, one pass measures them all.
 LAST_PASS_LAYERS = 8
-# what bisection says when no layer it measured is bad on its own: an earlier one may be
-UNKNOWN_CAUSE = (
-    "bisection measured the isolated error of the last layers up to the first bad one only, none "
-    "of them bad on its own: whether an earlier layer is (a culprit) or the error accumulates is "
-    "not known; strategy='prefix' (CLI --strategy prefix) measures every layer up to it"
-)
 # ops that move or re-encode values without computing: a model of only these has no layers
 PLUMBING = {"Identity", "Transpose", "Reshape", "QuantizeLinear", "DequantizeLinear", "Cast"}
 # Below this share of the float model's weighted layers paired one for one, the two models are
@@ -115,11 +109,11 @@ def find_first_bad_layer(
     sample at most 128 MiB of values, the fastest size measured), each resuming from values
     the last one saved; ``"prefix"`` measures the same pieces in order and stops after the first
     piece holding a bad layer: the scan's first bad layer and culprit, for the layers up to it;
-    ``"bisect"`` finds the first bad layer with a probe per pass (so each model runs about once
-    over the search), measuring only the layers it probes: the fastest, and the scan's answer
-    when error, once below the threshold, does not heal later (a layer below it followed by one
-    above can go unseen); ``"auto"`` scans when every aligned value fits the budget, else takes
-    ``"prefix"``.
+    ``"bisect"`` finds a bad layer with a probe per pass (cumulative error only, so each model
+    runs about once over the probes), then, with ``isolated``, measures the layers up to it as
+    ``"prefix"`` does: the scan's answer wherever a probe fails (a layer below the threshold
+    followed by layers above it, up to every probe, can go unseen); ``"auto"`` scans when every
+    aligned value fits the budget, else takes ``"prefix"``.
     ``isolated=True`` also measures each layer fed the float model's own inputs, to tell
     where error is introduced from where it is inherited. ``executor`` (any
     ``concurrent.futures.Executor``) spreads samples over its workers. A progress bar over
@@ -182,15 +176,12 @@ def find_first_bad_layer(
     held = footprint.of(everything)
     if strategy == "auto":
         strategy = "scan" if held <= budget else "prefix"
-    if strategy in ("scan", "prefix"):
-        piece = SCAN_PIECE if single else math.inf
-        groups = [everything] if held <= min(budget, piece) else footprint.groups(min(budget / 2, piece))
-    else:
-        groups = []
+    piece = SCAN_PIECE if single else math.inf
+    groups = [everything] if held <= min(budget, piece) else footprint.groups(min(budget / 2, piece))
     if strategy == "bisect" or len(groups) > 1:
         samples = reusable(samples)  # several passes over the samples
-    log.info("strategy %s: %s", strategy, f"{len(groups)} pass(es) over the samples" if groups else
-             "one pass per probe")
+    log.info("strategy %s: %s", strategy, "one pass per probe" if strategy == "bisect" else
+             f"{len(groups)} pass(es) over the samples")
     passes = _Passes(
         pairs, (Segments(float_proto), Segments(quant_proto)), feeders, plan, samples, 1 if single else count,
         seed=seed, providers=providers, executor=executor, quiet=quiet, save_limit=budget / 4,
@@ -200,7 +191,7 @@ def find_first_bad_layer(
     else:
         largest = max(footprint.of([i]) for i in everything)
         last_pass = max(1, min(LAST_PASS_LAYERS, int(budget / 2 // largest)))
-        _bisect(passes, threshold, last_pass, isolated, lambda indices: footprint.of(indices) <= budget / 2)
+        _bisect(passes, threshold, last_pass, groups if isolated else None)
     measured = passes.measured
     layers = tuple(
         _layer(pairs[i], i, *measured[i]) for i in sorted(measured) if _comparable(measured[i])
@@ -211,10 +202,7 @@ def find_first_bad_layer(
     first_bad = None if bad is None else layers[bad]
     culprit = _culprit(layers, first_bad, threshold)
     cause = _cause(first_bad, culprit, threshold)
-    unknown = cause == "accumulated" and strategy == "bisect"  # it measured its last layers only
-    cause = None if unknown else cause
     notes = [*provider_notes, *load_notes, *plan.notes, *nonfinite_notes(layers), *faint_notes(layers, inputs is None),
-             *([UNKNOWN_CAUSE] if unknown else []),
              *subgraph_notes(float_proto, "float model"),
              *subgraph_notes(quant_proto, "quantized model")]
     notes += [
@@ -339,15 +327,21 @@ def _scan(passes: _Passes, groups: Sequence[Sequence[int]], isolated: bool, thre
             return
 
 
-def _bisect(passes: _Passes, threshold: float, last_pass: int, isolated: bool, fits) -> None:
+def _bisect(passes: _Passes, threshold: float, last_pass: int, pieces: Sequence[Sequence[int]] | None) -> None:
     """Find the first failing pair with one probe per pass, each pass resuming after the last
-    probe known to pass; the last pass measures up to ``last_pass`` pairs, with isolated error
-    when ``fits(indices)``."""
+    probe known to pass, measuring cumulative error only; once at most ``last_pass`` pairs
+    remain, one pass measures them all. With ``pieces`` (the scan's groups: isolated error
+    wanted), the culprit rule needs every pair up to the first failing one: once a probe has
+    failed, the pairs up to it are measured in order, in those pieces, with isolated error,
+    stopping after the first piece holding a failing pair (``strategy="prefix"``), instead of
+    the last pass. The first bad layer, culprit and cause are then the scan's."""
     failing: list[int] = []
     resume: Saved | None = None  # the values saved after the last probe known to pass
 
     def check(indices: Sequence[int], final: bool) -> dict[int, bool]:
         nonlocal resume
+        if final and pieces is not None and failing:
+            return {}  # the prefix measures these
         if not final:  # one probe: the segment up to it, saving where the next pass resumes
             probe = indices[-1]
             saved = passes.run([probe], False, resume, probe)
@@ -355,18 +349,15 @@ def _bisect(passes: _Passes, threshold: float, last_pass: int, isolated: bool, f
             resume = saved if ok else resume
             failing.extend([] if ok else [probe])
             return {probe: ok}
-        # the last pass also measures isolated error (of the failing probe found before too)
-        # when that fits; else a pass of its own follows
-        both = sorted({*indices, *failing[-1:]})
-        merged = isolated and fits(both)
-        passes.run(both if merged else indices, merged, resume)
+        passes.run(indices, False, resume)
         results = {i: passes.passes(i, threshold) for i in indices}
         failing.extend(sorted(i for i, ok in results.items() if not ok)[:1])
         return results
 
-    found, _ = bisect_first_failing(check, len(passes.pairs), last_pass, probes=1)
-    if found is not None and isolated and math.isnan(passes.layer(found).isolated_cosine):
-        passes.run([found], True, resume)
+    bisect_first_failing(check, len(passes.pairs), last_pass, probes=1)
+    if pieces is not None and failing:
+        end = min(failing)
+        _scan(passes, [[i for i in piece if i <= end] for piece in pieces if piece[0] <= end], True, threshold)
 
 
 class Setup(NamedTuple):

@@ -1,6 +1,7 @@
 """Issue 20: one answer whatever the strategy. For random graphs, faults and memory budgets,
-the full scan, the prefix scan, auto and an executor name the same first bad layer, cause and
-culprit; bisection does too wherever the error, once below the threshold, does not heal."""
+the full scan, the prefix scan, auto, an executor and bisection name the same first bad layer,
+cause and culprit (bisection: wherever it finds a bad layer, which it can miss only where the
+error, once below the threshold, heals)."""
 
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,6 +19,10 @@ def answer(report) -> tuple:
     return index(report.first_bad), report.first_bad_cause, index(report.culprit)
 
 
+def contributors(report) -> list[int]:
+    return [layer.index for layer in report.contributors]
+
+
 def heals(report) -> bool:
     """Whether a layer after the first bad one is back above the threshold."""
     bad = report.first_bad
@@ -32,7 +37,7 @@ def heals(report) -> bool:
     fault=st.one_of(st.none(), st.integers(0, 999)),  # None: quantization error alone
     fraction=st.sampled_from([2, 4, 16, 10**9]),
 )
-def test_scan_prefix_auto_and_an_executor_give_one_answer(seed, ops, how, fault, fraction):
+def test_scan_prefix_auto_bisection_and_an_executor_give_one_answer(seed, ops, how, fault, fraction):
     model = random_model(seed, ops)
     weighted = weighted_nodes(model)
     feeds = _feeds(Case(seed, ops, how, fault or 0), model)
@@ -50,13 +55,13 @@ def test_scan_prefix_auto_and_an_executor_give_one_answer(seed, ops, how, fault,
             "auto": find_first_bad_layer(model, quant, feeds, THRESHOLD, memory_budget=budget),
             "scan in pieces": find_first_bad_layer(model, quant, feeds, THRESHOLD, strategy="scan", memory_budget=budget),
             "executor": find_first_bad_layer(model, quant, feeds, THRESHOLD, memory_budget=budget, executor=pool),
+            "bisect": find_first_bad_layer(model, quant, feeds, THRESHOLD, strategy="bisect", memory_budget=budget),
         }
+    if others["bisect"].first_bad is None and heals(scan):
+        del others["bisect"]  # its probes all passed: the error healed before each of them
     for name, report in others.items():
         assert answer(report) == answer(scan), f"{name} (budget {budget}) against the scan"
-    if not heals(scan):  # bisection: the same first bad layer; a cause only where it measured one
-        bisected = find_first_bad_layer(model, quant, feeds, THRESHOLD, strategy="bisect", memory_budget=budget)
-        assert answer(bisected)[0] == answer(scan)[0], "bisection against the scan"
-        assert answer(bisected)[1] in (answer(scan)[1], None)
+        assert contributors(report) == contributors(scan), name
 
 
 def test_auto_prefix_stops_at_the_piece_of_the_first_bad_layer():
@@ -89,13 +94,10 @@ def test_accumulated_error_gets_one_answer_and_no_culprit_whatever_the_strategy(
     assert answer(scan) == (10, "accumulated", None) and not heals(scan)
     budget = max(1, scan.peak_bytes // fraction)
     with ThreadPoolExecutor(2) as pool:
-        for options in ({"strategy": "prefix"}, {}, {"executor": pool}):
+        for options in ({"strategy": "prefix"}, {}, {"executor": pool}, {"strategy": "bisect"}):
             report = find_first_bad_layer(float_model, other, feeds, memory_budget=budget, **options)
             assert answer(report) == answer(scan), options
-            assert [c.index for c in report.contributors] == [c.index for c in scan.contributors]
-    # bisection measured the isolated error of its last layers only: it does not claim to know
-    bisected = find_first_bad_layer(float_model, other, feeds, memory_budget=budget, strategy="bisect")
-    assert answer(bisected) == (10, None, None) and "whether an earlier layer is" in " ".join(bisected.notes)
+            assert contributors(report) == contributors(scan), options
 
 
 def test_a_cut_feeds_only_the_readers_of_its_float_value():

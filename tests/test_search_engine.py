@@ -43,8 +43,9 @@ def test_bisect_and_scan_agree_and_the_fault_is_introduced_there(name, fmt):
     n = len(scan.layers)
     assert len(bisect.layers) < n and bisect.aligned == scan.aligned == n
     assert f"{len(bisect.layers)} of {n} aligned layers measured" in str(bisect)
-    # 2 models per probe, one probe at a time, plus 3 runs for the isolated error of the first bad layer
-    assert bisect.executions <= 2 * int(np.ceil(np.log2(n))) + 2 + 3
+    # 2 models per probe, one probe at a time, then 3 runs a piece (a layer each, at this budget)
+    # for every layer up to the first bad one: the culprit rule needs their isolated error
+    assert bisect.executions <= 2 * int(np.ceil(np.log2(n))) + 3 * (bisect.first_bad.index + 1)
     assert scan.executions == 3  # float, quantized, quantized cut at every layer
     healthy = [layer for layer in scan.layers if layer.index != scan.first_bad.index]
     assert all(layer.isolated_cosine > 0.999 for layer in healthy)
