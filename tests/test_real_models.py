@@ -194,10 +194,16 @@ def test_minilm_planted_fault_is_named_by_bisection_under_a_small_budget():
 
 
 def test_minilm_bisection_holds_no_more_than_its_budget():
+    """The probes hold one value each; the layers up to the first bad one that bisection then
+    measures with isolated error are the prefix's pieces, of one layer and its inputs at least
+    (at this budget, more than the budget for some layers, with the scan and the prefix too)."""
     budget = 512 << 10  # 3 FFN-sized values (12x1536 float32) twice over
+    probes = planted_report(strategy="bisect", memory_budget=budget, isolated=False)
+    assert probes.first_bad.float_nodes == (PLANTED,)
+    assert probes.peak_bytes <= budget
     report = planted_report(strategy="bisect", memory_budget=budget)
-    assert report.first_bad.float_nodes == (PLANTED,)
-    assert report.peak_bytes <= budget
+    assert report.first_bad.float_nodes == (PLANTED,) and report.first_bad_cause == "introduced"
+    assert report.peak_bytes == planted_report(strategy="prefix", memory_budget=budget).peak_bytes
 
 
 def test_minilm_static_qdq_int8_drops_below_threshold_at_the_first_post_ffn_layernorm():
