@@ -159,6 +159,7 @@ def keep_in_float(
     bypassable = _bypassable(quant_proto)
     candidates = [p for p in pairs if bypassable(p)]
     float_segments = Segments(float_proto)
+    carriers = _carriers(quant_proto)
     executions = 0
     cache: dict[frozenset, LayerComparison | None] = {}
     float_values: Saved | None = None  # the float model's values, measured once
@@ -169,7 +170,7 @@ def keep_in_float(
         key = frozenset(p.float_tensor for p in chosen)
         if key not in cache:
             model = bypass(float_proto, quant_proto, chosen)
-            read = _read_in(quant_proto, model, pairs)
+            read = _read_in(carriers, model, pairs)
             measurement = prepare(
                 float_segments, Segments(model), read, None, plan, seed=seed, providers=providers, start=float_values,
                 saves=([p.float_tensor for p in pairs], ()) if float_values is None else ((), ()),
@@ -194,14 +195,7 @@ def keep_in_float(
         latest, _ = bisect_first_failing(  # then the latest start that still repairs
             lambda ks, final: {k: repairs(candidates[k:end]) for k in ks}, end
         )
-        chosen = candidates[(end - 1 if latest is None else latest - 1): end]
-        changed = True
-        while changed:  # drop every member the others do not need
-            changed = False
-            for member in reversed(chosen):
-                rest = [p for p in chosen if p is not member]
-                if repairs(rest):
-                    chosen, changed = rest, True
+        chosen = _pruned(candidates[(end - 1 if latest is None else latest - 1): end], repairs)
         attempted = chosen
     elif not repairs([]) and _cosine(lowest(candidates)) > _cosine(lowest([])):
         attempted = candidates  # no repair: the best attempt, never one that makes things worse
@@ -224,6 +218,27 @@ def keep_in_float(
     )
 
 
+def _pruned(chosen: Sequence[Pair], repairs: Callable[[Sequence[Pair]], bool]) -> list[Pair]:
+    """``chosen`` (which repairs, where nothing does not) without the members the others do not
+    need: a block of members is dropped where the rest still repairs, else its halves are
+    tried, latest first, down to single members. About ``k * log2(m / k)`` trials for ``k``
+    members needed of ``m``, where trying one member at a time takes ``m`` a round (PP-OCRv4
+    det at 64x64: 1,383 trials, 465 s, to keep 107 nodes in float). When keeping more in float
+    never makes the model worse, no member left can be dropped."""
+    kept = list(chosen)
+    half = len(kept) // 2
+    blocks = [kept[:half], kept[half:]]
+    while blocks:
+        block = blocks.pop()
+        dropped = {p.float_tensor for p in block}
+        rest = [p for p in kept if p.float_tensor not in dropped]
+        if len(rest) < len(kept) and repairs(rest):
+            kept = rest
+        elif len(block) > 1:
+            blocks += [block[: len(block) // 2], block[len(block) // 2:]]
+    return kept
+
+
 def _lowest_layer(pairs: Sequence[Pair], totals: Totals) -> LayerComparison | None:
     """The judged layer with the lowest cosine (NaN lowest) among ``pairs`` as ``totals``
     measured them, judged as ``find_first_bad_layer`` judges them; None when none is judged."""
@@ -241,15 +256,15 @@ def _described(layer: LayerComparison | None) -> str:
     return "no judged layer" if layer is None else layer.describe()
 
 
-def _read_in(quant_model: onnx.ModelProto, model: onnx.ModelProto, pairs: Sequence[Pair]) -> list[Pair]:
-    """``pairs`` as read in ``model``, a bypass of ``quant_model``: a value kept in float has
-    lost its QuantizeLinear, and is read where the DequantizeLinear that read it was (now an
-    Identity)."""
+def _read_in(carriers: Mapping[str, str], model: onnx.ModelProto, pairs: Sequence[Pair]) -> list[Pair]:
+    """``pairs`` as read in ``model``, a bypass of the quantized model whose ``_carriers`` are
+    given: a value kept in float has lost its QuantizeLinear, and is read where the
+    DequantizeLinear that read it was (now an Identity)."""
     produced = {out for node in model.graph.node for out in node.output} | {i.name for i in model.graph.input}
     read = []
     for pair in pairs:
         if pair.quant_tensor not in produced:
-            tensor = _carried(quant_model, pair.quant_tensor)
+            tensor = carriers.get(pair.quant_tensor, pair.quant_tensor)
             pair = replace(pair, quant_tensor=tensor, quant_readout=replace(pair.quant_readout, tensor=tensor))
         read.append(pair)
     return read
@@ -305,8 +320,7 @@ def bypass(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, pairs: It
                 for q in quantizers:
                     for dq in [c for c in consumers.get(q.output[0], []) if c.op_type == "DequantizeLinear"]:
                         dq.CopyFrom(helper.make_node("Identity", [value], [dq.output[0]], name=dq.name))
-                    graph.node.remove(q)
-    _drop_unread(graph)
+    _drop_unread(graph)  # with the QuantizeLinear nodes that nothing reads any more
     return model
 
 
@@ -344,14 +358,23 @@ def _drop_unread(graph: onnx.GraphProto) -> None:
         read = {o.name for o in graph.output} | {
             name for node in graph.node for name in [*node.input, *outer_scope_reads(node)]
         }
-        unread = [node for node in graph.node if not any(out in read for out in node.output)]
-        if not unread:
+        kept = [node for node in graph.node if any(out in read for out in node.output)]
+        if len(kept) == len(graph.node):
             break
-        for node in unread:
-            graph.node.remove(node)
-    unused = [init for init in graph.initializer if init.name not in read]
-    for init in unused:
-        graph.initializer.remove(init)
+        _keep_only(graph.node, kept)
+    _keep_only(graph.initializer, [init for init in graph.initializer if init.name in read])
+
+
+def _keep_only(field, kept: list) -> None:
+    """Leave only ``kept`` (a sublist, in order) in a repeated message field, in one sweep
+    (removing one element at a time is quadratic)."""
+    if len(kept) == len(field):
+        return
+    copies = [type(item)() for item in kept]
+    for copy, item in zip(copies, kept):
+        copy.CopyFrom(item)
+    del field[:]
+    field.extend(copies)
 
 
 def _dropped_activations(pair: Pair, nodes: Mapping, float_nodes: Mapping) -> list[onnx.NodeProto]:
@@ -369,6 +392,8 @@ def _activate(graph, output: str, activations, float_constants: Mapping) -> str:
     Their constants (a Clip's bounds) are the float model's. The new nodes follow the producer
     of ``output``, keeping the graph topologically sorted."""
     current = output
+    if not activations:
+        return current
     position = next(i for i, node in enumerate(graph.node) if output in node.output) + 1
     for activation in activations:
         constants = [_float_copy(graph, float_constants, name) if name in float_constants else name
@@ -390,13 +415,13 @@ def _bypassable(model: onnx.ModelProto) -> Callable[[Pair], bool]:
     return lambda pair: any(t in dequantized for n in pair.quant_nodes for t in inputs.get(n, ()))
 
 
-def _carried(quant_model: onnx.ModelProto, tensor: str) -> str:
-    """The float tensor that carries an integer readout on: the output of the
-    DequantizeLinear reading it, which a repaired model keeps (as the output of an Identity
-    where the layer is kept in float); else ``tensor`` itself."""
-    return next(
-        (node.output[0] for node in quant_model.graph.node
-         if node.op_type == "DequantizeLinear" and node.input[0] == tensor),
-        tensor,
-    )
+def _carriers(quant_model: onnx.ModelProto) -> dict[str, str]:
+    """For each tensor a DequantizeLinear reads, the float tensor that carries it on: the
+    output of the first such DequantizeLinear, which a repaired model keeps (as the output of
+    an Identity where the layer is kept in float)."""
+    carriers: dict[str, str] = {}
+    for node in quant_model.graph.node:
+        if node.op_type == "DequantizeLinear":
+            carriers.setdefault(node.input[0], node.output[0])
+    return carriers
 
