@@ -131,9 +131,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--strategy", choices=list(STRATEGIES), default="auto",
-        help="scan every layer; prefix: the layers up to the first bad one, in order; bisect to "
-        "it with few runs (assumes error does not heal); auto: scan when it fits the memory "
-        "budget, else prefix (default)",
+        help="scan every layer; prefix: the layers up to the first bad one, in order; bisect: "
+        "probe for it with few runs, then as prefix; auto: the one of least estimated cost, "
+        "the scan where it costs no more (default)",
     )
     parser.add_argument(
         "--memory-budget", metavar="SIZE", type=_size, default=None,

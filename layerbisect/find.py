@@ -19,6 +19,7 @@ import onnx
 from onnx import helper
 
 from layerbisect.align import Alignment, Pair, align
+from layerbisect.cost import cheapest, estimates
 from layerbisect.errors import NO_SAMPLES, LayerbisectError, SampleError
 from layerbisect.files import sources
 from layerbisect.graph import build_graph, inferred_types
@@ -112,8 +113,9 @@ def find_first_bad_layer(
     ``"bisect"`` finds a bad layer with a probe per pass (cumulative error only, so each model
     runs about once over the probes), then, with ``isolated``, measures the layers up to it as
     ``"prefix"`` does: the scan's answer wherever a probe fails (a layer below the threshold
-    followed by layers above it, up to every probe, can go unseen); ``"auto"`` scans when every
-    aligned value fits the budget, else takes ``"prefix"``.
+    followed by layers above it, up to every probe, can go unseen); ``"auto"`` takes the one of
+    least estimated cost (``layerbisect.cost``: passes, and bytes run and compared, from the
+    shapes), the scan where it costs no more.
     ``isolated=True`` also measures each layer fed the float model's own inputs, to tell
     where error is introduced from where it is inherited. ``executor`` (any
     ``concurrent.futures.Executor``) spreads samples over its workers. A progress bar over
@@ -169,15 +171,20 @@ def find_first_bad_layer(
     feeders = _feeders(float_proto, pairs) if isolated else [() for _ in pairs]
     footprint = _Footprint(sizes, quant_sizes, feeders, isolated)
     everything = list(range(len(pairs)))
-    # auto scans when everything fits the budget. A scan runs in one pass when everything fits
-    # (a piece, for one sample); else half the budget (at most a piece, for one sample) holds
-    # the values a pass measures, a quarter each the values it resumes from and those it saves
-    # for the next (saved values past that are dropped: the next pass then starts from the inputs)
+    # A scan runs in one pass when everything fits (a piece, for one sample); else half the
+    # budget (at most a piece, for one sample) holds the values a pass measures, a quarter each
+    # the values it resumes from and those it saves for the next (saved values past that are
+    # dropped: the next pass then starts from the inputs). auto takes the strategy of least
+    # estimated cost (layerbisect.cost), the scan where it costs no more
     held = footprint.of(everything)
-    if strategy == "auto":
-        strategy = "scan" if held <= budget else "prefix"
     piece = SCAN_PIECE if single else math.inf
     groups = [everything] if held <= min(budget, piece) else footprint.groups(min(budget / 2, piece))
+    largest = max(footprint.of([i]) for i in everything)
+    last_pass = max(1, min(LAST_PASS_LAYERS, int(budget / 2 // largest)))
+    if strategy == "auto":
+        costs = estimates(sizes, quant_sizes, groups, isolated=isolated, last_pass=last_pass, samples=count or 1)
+        strategy = cheapest(costs)
+        log.info("estimated: %s", ", ".join(f"{name} {cost.seconds:.2f} s" for name, cost in costs.items()))
     if strategy == "bisect" or len(groups) > 1:
         samples = reusable(samples)  # several passes over the samples
     log.info("strategy %s: %s", strategy, "one pass per probe" if strategy == "bisect" else
@@ -189,8 +196,6 @@ def find_first_bad_layer(
     if strategy in ("scan", "prefix"):
         _scan(passes, groups, isolated, threshold if strategy == "prefix" else None)
     else:
-        largest = max(footprint.of([i]) for i in everything)
-        last_pass = max(1, min(LAST_PASS_LAYERS, int(budget / 2 // largest)))
         _bisect(passes, threshold, last_pass, groups if isolated else None)
     measured = passes.measured
     layers = tuple(
