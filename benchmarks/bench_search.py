@@ -9,6 +9,9 @@ then measures, each in a fresh Python process:
 - floor:            one plain onnxruntime run of each model, normal outputs only, sessions included
                     (bench_scan.py's floor);
 - bisect, budget B: ``find_first_bad_layer(..., strategy="bisect", memory_budget=B)`` for a few B;
+- bisect probes only: the same with ``isolated=False``: the probes and the last pass, no culprit
+                    (with isolated error, the layers up to the first bad one follow: their ratio
+                    to this row and to the prefix row is printed);
 - prefix, budget B: ``strategy="prefix"``: every layer up to the first bad one, in pieces of B;
 - auto (default):   ``find_first_bad_layer(...)`` as a user calls it (default budget: half the
                     memory available at the time);
@@ -388,6 +391,8 @@ def run_big(args) -> dict:
         for budget in budgets:
             rows.append(("layerbisect", f"bisect, budget {fmt_mb(budget)}",
                          {"strategy": "bisect", "budget": budget}))
+            rows.append(("layerbisect", f"bisect probes only, {fmt_mb(budget)}",
+                         {"strategy": "bisect", "budget": budget, "isolated": False}))
         for budget in budgets:
             rows.append(("layerbisect", f"prefix, budget {fmt_mb(budget)}",
                          {"strategy": "prefix", "budget": budget}))
@@ -420,6 +425,7 @@ def run_big(args) -> dict:
     results = [median_run(r) for r in runs]
     print_table([(label, mode, r) for (mode, label, _), r in zip(rows, results)], len(runs[0]), info["planted"])
     lb_rows = [(label, r) for (mode, label, _), r in zip(rows, results) if mode == "layerbisect" and "error" not in r]
+    print_bisection_cost(lb_rows)
     print_passes(lb_rows)
     print_phases(lb_rows, results[0])
     return {"info": info, "rows": [{"label": label, "options": options, "runs": r}
@@ -506,6 +512,25 @@ def print_table(rows, repeat: int, planted: str | None, goal_wall: float = GOAL_
                   f"{'the planted layer' if r['found'] else 'not the planted layer'}")
     if planted:
         print(f"  planted: {planted}")
+
+
+def print_bisection_cost(rows) -> None:
+    """What bisection's culprit costs: with isolated error it measures, after its probes, every
+    layer up to the first bad one as the prefix does (the scan's culprit and cause); without,
+    the probes and the last pass only."""
+    by_label = dict(rows)
+    print("\nbisection's culprit (the layers up to the first bad one, with isolated error, after the probes):")
+    for label, r in rows:
+        if not label.startswith("bisect, budget "):
+            continue
+        budget = label.removeprefix("bisect, budget ")
+        probes, prefix = by_label.get(f"bisect probes only, {budget}"), by_label.get(f"prefix, budget {budget}")
+        parts = [f"{r['executions']} runs, {r['measured']} layers measured, {r['wall_s']:.2f} s"]
+        for name, other in [("probes only", probes), ("prefix", prefix)]:
+            if other is not None:
+                parts.append(f"{r['wall_s'] / other['wall_s']:.2f}x the wall and {r['executions'] / other['executions']:.2f}x "
+                             f"the runs of {name} ({other['wall_s']:.2f} s, {other['executions']} runs)")
+        print(f"  {budget}: " + "; ".join(parts))
 
 
 def print_passes(rows) -> None:

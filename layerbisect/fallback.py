@@ -147,7 +147,7 @@ def keep_in_float(
     """
     check_threshold(threshold)
     providers, _ = usable_providers(providers)
-    float_proto, quant_proto, plan, _, alignment, _ = setup(
+    float_proto, quant_proto, plan, _, alignment, *_ = setup(
         float_model, quant_model, shapes=shapes, providers=providers, allow_swapped=allow_swapped
     )
     if not any(node.op_type == "DequantizeLinear" for node in quant_proto.graph.node):

@@ -22,6 +22,7 @@ from layerbisect.align import Alignment, Pair, align
 from layerbisect.cost import cheapest, estimates
 from layerbisect.errors import NO_SAMPLES, LayerbisectError, SampleError
 from layerbisect.files import sources
+from layerbisect.fusion import changed, counterparts, fusion_note
 from layerbisect.graph import build_graph, inferred_types
 from layerbisect.inputs import InputPlan, Sample, plan_inputs, reusable, samples_of
 from layerbisect.load import ModelLike, declared_inputs, load_model, subgraph_notes
@@ -154,7 +155,7 @@ def find_first_bad_layer(
     if isinstance(quant_model, Simulated):
         samples = reusable(samples)  # the ranges are observed over them, then they are compared
         quant_model = quant_model.build(float_model, samples, shapes=shapes, seed=seed, providers=providers)
-    float_proto, quant_proto, plan, float_graph, alignment, load_notes = setup(
+    float_proto, quant_proto, plan, float_graph, alignment, load_notes, given = setup(
         float_model, quant_model, shapes=shapes, providers=providers, ort_optimized=ort_optimized,
         allow_swapped=allow_swapped,
     )
@@ -163,9 +164,10 @@ def find_first_bad_layer(
     count = operator.length_hint(samples) or None  # a list's length, a loader's hint, None for a generator
     first, single, samples = _peek(samples)
     try:
-        input_shapes = {name: array.shape for name, array in plan.feeds(first, seed)[0].items()}
+        first_feeds = plan.feeds(first, seed)
     except LayerbisectError as exc:
         raise exc if single else SampleError(0, str(exc)) from None
+    input_shapes = {name: array.shape for name, array in first_feeds[0].items()}
     del first  # samples stream: only a pass holds them, a few at a time
     sizes, quant_sizes = _value_bytes(float_proto, pairs, input_shapes)
     feeders = _feeders(float_proto, pairs) if isolated else [() for _ in pairs]
@@ -214,6 +216,9 @@ def find_first_bad_layer(
         f"left out: {why}" for totals in passes.totals for why in totals.problems.values()
         if why != "not a float tensor"
     ]
+    if given is not None:  # onnxruntime's optimized graph: the layers it computes otherwise
+        notes.append(_fusions(float_graph, given, quant_proto, pairs, first_feeds[1], groups, passes,
+                              seed=seed, providers=providers, budget=budget))
     if isinstance(quant_model, Simulation):
         notes += quant_model.notes([first_bad, culprit])
     if alignment.weight_agreement < UNRELATED_WEIGHTS:
@@ -365,6 +370,22 @@ def _bisect(passes: _Passes, threshold: float, last_pass: int, pieces: Sequence[
         _scan(passes, [[i for i in piece if i <= end] for piece in pieces if piece[0] <= end], True, threshold)
 
 
+def _fusions(float_graph, given, optimized, pairs, feeds, groups, passes: _Passes, *, seed, providers, budget) -> str:
+    """The note on the layers onnxruntime's ``optimized`` graph computes otherwise than the
+    quantized model ``given`` (``layerbisect.fusion``): both run on the first sample's quantized
+    ``feeds``, in the scan's pieces (``groups``); their runs count in ``passes``' totals."""
+    found = counterparts(float_graph, given, pairs)
+    position = {index: k for k, index in enumerate(found.indices)}
+    pieces = [[position[i] for i in group if i in position] for group in groups]
+    plan = plan_inputs(declared_inputs(given), declared_inputs(optimized))
+    both = _Passes(found.pairs, (Segments(given), Segments(optimized)), [() for _ in found.pairs], plan, [feeds], 1,
+                   seed=seed, providers=providers, executor=None, quiet=True, save_limit=budget / 4)
+    _scan(both, [piece for piece in pieces if piece], False)
+    passes.totals += both.totals
+    layers = [both.layer(k) if _comparable(both.measured[k]) else None for k in range(len(found.pairs))]
+    return fusion_note(changed(found, pairs, layers), len(found.pairs))
+
+
 class Setup(NamedTuple):
     """Both models loaded, their inputs planned, and their values aligned."""
 
@@ -374,6 +395,7 @@ class Setup(NamedTuple):
     float_graph: nx.DiGraph
     alignment: Alignment
     notes: tuple[str, ...]
+    given: onnx.ModelProto | None = None  # with ort_optimized: the quantized model as given
 
 
 def setup(
@@ -398,7 +420,9 @@ def setup(
     if not allow_swapped:
         _check_direction(float_proto, quant_proto)
     notes = (*lower_ir_version(float_proto, "float model"), *lower_ir_version(quant_proto, "quantized model"))
+    given = None
     if ort_optimized:
+        given = quant_proto
         quant_proto = load_model(ort_optimized_model(quant_proto, "quantized model", providers), role="quantized model")
     plan = plan_inputs(declared_inputs(float_proto), declared_inputs(quant_proto), shapes)
     float_graph = build_graph(float_proto)
@@ -427,7 +451,7 @@ def setup(
             "no layer of the float model could be paired with the quantized model: do the two "
             "models compute the same network, from the same inputs?"
         )
-    return Setup(float_proto, quant_proto, plan, float_graph, alignment, notes)
+    return Setup(float_proto, quant_proto, plan, float_graph, alignment, notes, given)
 
 
 def _check_direction(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto) -> None:
