@@ -317,7 +317,9 @@ def _compare_all(pairs, float_values, quant_values, problems: dict) -> tuple[Met
 
 def _resolution(readout: Readout) -> float:
     """The step of a quantized value (the median of per-channel steps), 0 for a float one."""
-    return 0.0 if readout.scale is None else float(np.median(readout.scale))
+    if readout.scale is None:
+        return 0.0
+    return float(readout.scale.item()) if readout.scale.size == 1 else float(np.median(readout.scale))
 
 
 def _rows_merged(a: tuple[int, ...], b: tuple[int, ...]) -> bool:

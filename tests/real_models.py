@@ -174,6 +174,17 @@ def flip_weight_sign(quant_model: onnx.ModelProto, node_name: str) -> onnx.Model
     return model
 
 
+def scale_constant(model: onnx.ModelProto, output: str, factor: float) -> onnx.ModelProto:
+    """A copy of ``model`` whose Constant node producing ``output`` holds its value times
+    ``factor`` (paddle2onnx exports hold their hard-swish divisors in such nodes)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    node = next(n for n in copy.graph.node if n.op_type == "Constant" and n.output[0] == output)
+    tensor = node.attribute[0].t
+    tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * np.float32(factor), tensor.name))
+    return copy
+
+
 def fold_sample_rate(model: onnx.ModelProto, rate: int = SILERO_RATE) -> onnx.ModelProto:
     """A copy of the if-less silero export whose top-level If (``sr == 16000``) reads a
     constant condition instead, as constant folding for a fixed ``sr`` would leave it.

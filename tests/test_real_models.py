@@ -35,6 +35,7 @@ from real_models import (
     ocr_path,
     op_counts,
     page_sample,
+    scale_constant,
     silero_path,
     token_sample,
 )
@@ -493,6 +494,26 @@ def test_ocr_classifier_keep_in_float_follows_the_verdict_and_the_written_model_
     repaired = onnx.load(tmp_path / "repaired.onnx")
     assert quantization_left(repaired, fix.freed) == []
     assert find_first_bad_layer(float_model, repaired, LINES, quiet=True).first_bad is None
+
+
+def test_ocr_detector_keep_in_float_says_what_the_best_attempt_reached_when_nothing_repairs(tmp_path):
+    """The first hard-swish's divisor (a Constant node read by p2o.Div.0, which the quantizer
+    leaves in float) halved in the quantized detector: no layer kept in float restores it, so
+    nothing is suggested, the result says what the best attempt (every layer in float)
+    reaches, and the written attempt has no Q/DQ on what it freed and computes what it says."""
+    float_model, quant = ocr_as_exported("det")
+    broken = scale_constant(quant, "p2o.helper.constant.1", 0.5)
+    fix = keep_in_float(float_model, broken, PAGES)
+    print(f"\n[PP-OCRv4 det, hard-swish divisor halved, keep in float] {fix}")
+    assert not fix and fix.nodes_to_exclude == () and fix.float_nodes == ()
+    assert fix.cosine_before < fix.cosine_after < 0.98 and fix.executions <= 3 * len(PAGES)
+    assert str(fix).startswith("no set of layers kept in float repairs the model")
+    assert f"reaches {fix.cosine_after:.4f}" in str(fix)
+    fix.save_model(tmp_path / "best.onnx")
+    best = onnx.load(tmp_path / "best.onnx")
+    assert len(fix.freed) > 250 and quantization_left(best, fix.freed) == []
+    report = find_first_bad_layer(float_model, best, PAGES, quiet=True, isolated=False)
+    assert min(layer.cosine for layer in report.layers) == pytest.approx(fix.cosine_after, abs=1e-5)
 
 
 # --------------------------------------------------------------------------- minimal repro
