@@ -36,9 +36,10 @@ def main() -> None:
     args = parser.parse_args()
 
     import test_real_models as real
-    from real_models import ModelUnavailable, page_sample
 
     from layerbisect import find_first_bad_layer, keep_in_float
+
+    from real_models import ModelUnavailable, page_sample
 
     pages = {"cls": real.LINES, "det": [page_sample(seed, args.side, args.side) for seed in range(2)]}
     print(f"{'case':<22} {'wall s':>7} {'trials':>6} {'kept':>5} {'before':>7} {'after':>7} {'scan s':>7} {'x scan':>7}")
