@@ -181,9 +181,9 @@ def test_transformers_optimizer_fusions_pair_with_their_spans_and_a_fault_is_nam
     assert all(floats == [(quant,)] for quant, floats in spans.items())  # the rest: same names
     assert report.coverage == 1.0 and report.first_bad is None
     assert min(layer.cosine for layer in report.layers) > 0.9999
-    fused = 3 if name == "bert" else 0  # Q, K and V in one Attention
-    assert (report.weighted, report.weighted_paired) == (6, 6 - fused)
-    assert ("only 3 of 6 weighted layers paired one for one" in report.verdict) == bool(fused)
+    # Q, K and V in one Attention: each pairs with its block of the packed weight's columns
+    assert (report.weighted, report.weighted_paired, report.weight_agreement) == (6, 6, pytest.approx(1.0))
+    assert "weighted layers paired" not in report.verdict
     faulty = find_first_bad_layer(float_model, scaled_weight(optimized, "ffn1_proj", -1.0), inputs)
     assert faulty.culprit.float_nodes == ("ffn1_proj",) and faulty.first_bad_cause == "introduced"
     assert [layer.float_nodes for layer in faulty.layers] == [layer.float_nodes for layer in report.layers]
