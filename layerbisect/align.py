@@ -251,7 +251,8 @@ class _Aligner:
                 self.pending.add(node)
         self._align_pending(float_ops)  # once more: what paired later may settle what waited
         self._settle_graph_ends(float_ops)
-        unaligned = tuple(node for node in float_ops if node in self.pending and node not in self.float_masks)
+        masks = self._masks_accounted()
+        unaligned = tuple(node for node in float_ops if node in self.pending and node not in masks)
         spans = self._pairs()
         weighted = [node for node in float_ops if is_weighted(self.fa[node])]
         matches = self._weighted_matches(spans)
@@ -337,8 +338,8 @@ class _Aligner:
     def _float_masks(self) -> set[str]:
         """The float operations that compute from the attention mask alone, where the quantized
         graph reads that mask in a fused operator's own form (``graph``'s ``mask_inputs``): the
-        float graph's additive mask, which nothing there computes. Regions leave them out, and
-        those left waiting count as accounted for, not as unpaired: they are not compared."""
+        float graph's additive mask, which nothing there computes. Regions leave them out; they
+        are compared with nothing (see ``_masks_accounted``)."""
         quant_masks = self.qg.graph.get("mask_inputs", frozenset())
         masks = {node for node in _ordered(self.fg, "input") if self.vmap.get((node, 0), ("",))[0] in quant_masks}
         inputs = set(masks)
@@ -347,6 +348,19 @@ class _Aligner:
             if sources and all(src[0] in masks for src in sources) and not is_weighted(self.fa[node]):
                 masks.add(node)
         return masks - inputs
+
+    def _masks_accounted(self) -> set[str]:
+        """The waiting float mask operations (``_float_masks``) whose value the paired
+        operations read, directly or through other mask operations: the other graph reads that
+        mask in its own form. A mask operation whose readers wait too is unpaired."""
+        accounted: set[str] = set()
+        for node in reversed(_ordered(self.fg, "op")):
+            if node in self.float_masks and node in self.pending:
+                outputs = range(len(self.fa[node]["outputs"]))
+                readers = {r for out in outputs for r in self.float_consumers.get((node, out), ())}
+                if any(r in accounted or (r not in self.float_masks and r not in self.pending) for r in readers):
+                    accounted.add(node)
+        return accounted
 
     def _input_layout(self, node: str, match: str) -> Perm:
         return _input_layout(self.fa[node]["shapes"][0], self.qa[match]["shapes"][0])
