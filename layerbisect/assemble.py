@@ -41,10 +41,12 @@ NOT_FLOAT = "not a float tensor"  # a pair left out without a note: integers, in
 @dataclass(frozen=True)
 class Side:
     """One side of a comparison as the report shows it: its graph (None for a tensor source
-    given without one) and its label."""
+    given without one), its label, and the label of its graph where that is another (a
+    dump's graph file)."""
 
     proto: onnx.ModelProto | None
     label: str
+    graph_label: str | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,7 @@ def build_report(
             "model it was made from"
         )
     float_proto, quant_proto = float_side.proto, quant_side.proto
+    quant_summary = None if quant_proto is None else summarize(quant_proto, quant_side.graph_label or quant_side.label)
     return Report(
         layers=records, first_bad=bad, threshold=float(threshold), samples=run.samples,
         outputs=outputs(float_graph, float_proto), unaligned=alignment.unaligned, coverage=alignment.coverage,
@@ -148,7 +151,7 @@ def build_report(
         culprit=cause.culprit, first_bad_cause=cause.first_bad_cause, contributors=cause.contributors,
         aligned=len(alignment.pairs),
         float_summary=summarize(float_proto, float_side.label),
-        quant_summary=None if quant_proto is None else summarize(quant_proto, quant_side.label),
+        quant_summary=quant_summary,
         providers=tuple(run.providers), seed=run.seed, ort_optimized=run.ort_optimized,
         float_neighbourhood=() if bad is None else neighbourhood(float_proto, bad.float_nodes),
         quant_neighbourhood=() if bad is None or quant_proto is None else neighbourhood(quant_proto, bad.quant_nodes),

@@ -177,7 +177,8 @@ def compare_source(
     return assemble.build_report(
         records, threshold,
         float_side=assemble.Side(proto, assemble.label(float_model)),
-        quant_side=assemble.Side(quant_proto, assemble.label(source)),
+        quant_side=assemble.Side(quant_proto, assemble.label(source),
+                                 None if quant_graph is None else assemble.label(quant_graph)),
         float_graph=graph, alignment=_alignment(graph, pairs, alignment),
         run=assemble.Run(samples=totals.samples, executions=totals.executions, peak_bytes=totals.peak_bytes,
                          providers=tuple(providers), seed=seed),
