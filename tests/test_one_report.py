@@ -132,3 +132,16 @@ def test_a_users_simulator_reports_as_the_simulated_format_does():
     skip = COST | CAUSE | {"weighted", "weighted_paired", "weight_agreement", "quant_summary", "quant_neighbourhood"}
     assert differences(model, source, skip, ISOLATED | QUANT_SIDE) == []
     assert {layer.evidence for layer in source.layers} == {"name"}
+
+
+@pytest.mark.parametrize("module,absent", [("layerbisect.render", "layerbisect.report"),
+                                           ("layerbisect.report", "layerbisect.render")])
+def test_the_records_and_their_renderings_do_not_import_each_other(module, absent):
+    """``report`` (the records) and ``render`` (pages, tables, charts) share only ``text``: render
+    reads the records it is given, report loads render when asked to draw (a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = f"import sys, {module}; assert {absent!r} not in sys.modules, 'loaded'"
+    probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert probe.returncode == 0, probe.stderr
