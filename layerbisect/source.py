@@ -26,7 +26,6 @@ Only cumulative error is measured: a source cannot be fed the float model's valu
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -41,7 +40,7 @@ import onnx
 from layerbisect import assemble
 from layerbisect.align import FUSABLE, Alignment, Pair, align
 from layerbisect.compare import Aggregate
-from layerbisect.dumps import DumpFolder
+from layerbisect.dumps import DumpFolder, sanitise
 from layerbisect.errors import NO_SAMPLES, LayerbisectError, first_line
 from layerbisect.expose import expose
 from layerbisect.files import sources
@@ -71,7 +70,9 @@ class TensorSource(Protocol):
     ``__call__(feeds)`` gets the float model's feeds (input name -> array) and returns an
     ordered mapping of tensor name -> float array in the float model's layout, dequantized,
     in the order the tensors were computed (the order pairs tensors whose names match no
-    float value). An optional ``label`` attribute names the source in reports.
+    float value). An optional ``label`` attribute names the source in reports; an optional
+    ``expect(shapes)`` method is called before the first call with the shape of the float
+    value each name stands for (``DumpFolder`` shapes files that hold no shape by it).
 
     >>> isinstance(lambda feeds: {}, TensorSource)
     True
@@ -141,6 +142,7 @@ def compare_source(
     graph = build_graph(proto)
     quant_proto = None if quant_graph is None else load_model(quant_graph, role="quantized graph")
     alignment = None if quant_proto is None else align(graph, build_graph(quant_proto))
+    names = None if alignment is None else _dumped_names(alignment, quant_proto)
     values = _float_values(graph)
     specs = declared_inputs(proto)
     plan = plan_inputs(specs, specs, shapes)
@@ -154,11 +156,13 @@ def compare_source(
         generated |= sample is None
         feeds, _ = plan.feeds(sample, seed)
         reference = session.run(feeds, [v.tensor for v in values])
+        if readings is None and callable(getattr(source, "expect", None)):
+            source.expect(_expected(values, reference, names))
         produced = {k: v for k, v in _call(source, feeds).items() if k not in inputs}
         totals.peak_bytes = max(totals.peak_bytes, _nbytes(reference) + _nbytes(produced))
         if readings is None:
-            readings = (_by_name(graph, values, reference, produced) if alignment is None
-                        else _by_structure(alignment, quant_proto, produced))
+            readings = (_by_name(graph, values, reference, produced) if names is None
+                        else _by_structure(names, produced))
             totals.cumulative = [Aggregate() for _ in readings]
             totals.isolated = [Aggregate() for _ in readings]  # a source cannot be fed float values
         totals.samples += 1
@@ -206,27 +210,46 @@ def _by_name(graph: nx.DiGraph, values: Sequence[_Value], reference: Mapping[str
     return [Reading(m, Readout(m.key, perm=m.perm)) for m in matches]
 
 
-def _by_structure(alignment: Alignment, quant_proto: onnx.ModelProto,
-                  produced: Mapping[str, np.ndarray]) -> list[Reading]:
-    """The aligned pairs whose quantized value the source holds, by exact or sanitised name:
-    the tensor read (integers, dequantized with its readout), else the DequantizeLinear output
-    carrying it as float, else the pair's quantized tensor."""
+def _dumped_names(alignment: Alignment, quant_proto: onnx.ModelProto) -> list[tuple[Pair, tuple[str, ...]]]:
+    """Each aligned pair with the names a dump may give its quantized value, in order of
+    preference: the tensor read (integers, dequantized with its readout), the
+    DequantizeLinear output carrying it as float, the pair's quantized tensor."""
     dequantized: dict[str, list[str]] = {}
     for node in quant_proto.graph.node:
         if node.op_type == "DequantizeLinear":
             dequantized.setdefault(node.input[0], []).append(node.output[0])
+    return [(pair, tuple(dict.fromkeys((pair.quant_readout.tensor, *dequantized.get(pair.quant_readout.tensor, ()),
+                                        pair.quant_tensor))))
+            for pair in alignment.pairs]
+
+
+def _by_structure(names: Sequence[tuple[Pair, tuple[str, ...]]], produced: Mapping[str, np.ndarray]) -> list[Reading]:
+    """The aligned pairs whose quantized value the source holds, by exact or sanitised name
+    (``_dumped_names``)."""
     available = {**{sanitise(key): key for key in produced}, **{key: key for key in produced}}
     readings = []
-    for pair in alignment.pairs:
+    for pair, candidates in names:
         readout = pair.quant_readout
-        names = dict.fromkeys((readout.tensor, *dequantized.get(readout.tensor, ()), pair.quant_tensor))
-        found = next(((name, available[candidate]) for name in names
+        found = next(((name, available[candidate]) for name in candidates
                       for candidate in (name, sanitise(name)) if candidate in available), None)
         if found is not None:
             name, key = found
             scaled = readout if name == readout.tensor else replace(readout, scale=None, zero_point=None)
             readings.append(Reading(Match(pair.float_tensor, key, "structure"), replace(scaled, tensor=key), pair))
     return readings
+
+
+def _expected(values: Sequence[_Value], reference: Mapping[str, np.ndarray],
+              names: Sequence[tuple[Pair, tuple[str, ...]]] | None) -> dict[str, tuple[int, ...]]:
+    """The shape of the float value each name a source may use stands for, exact and
+    sanitised: the float model's tensor names, or the quantized graph's (``_dumped_names``)."""
+    named = ([(v.tensor, v.tensor) for v in values] if names is None
+             else [(name, pair.float_tensor) for pair, candidates in names for name in candidates])
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, tensor in named:
+        for key in (name, sanitise(name)):
+            shapes.setdefault(key, tuple(np.shape(reference[tensor])))
+    return shapes
 
 
 def pair_tensors(
@@ -314,7 +337,8 @@ def _choice(dumped: np.ndarray, named: str, near: Mapping[int, tuple[str, str]],
     """Where a named tensor sits among the values near its namesake (``near``: tensor and op
     type by offset along the chain, -1 the one before): the offset of one it agrees with
     closely (above ``MOVED_ABOVE``) and ``CLOSER`` times more closely than with its namesake
-    (a BatchNormalization near the identity leaves a Conv's value at cosine 0.98 of its own);
+    (a BatchNormalization near the identity leaves a Conv's value at cosine 0.98 of its own;
+    a tensor equal to both, a Relu whose input is never negative, keeps its name);
     else 0 when it agrees with its namesake, the offset of the one it
     agrees with closely, None when it agrees with none closely."""
     def agreement(tensor: str) -> float:
@@ -324,7 +348,7 @@ def _choice(dumped: np.ndarray, named: str, near: Mapping[int, tuple[str, str]],
     own = agreement(named)
     offset = max(near, key=lambda o: agreement(near[o][0]), default=None)
     best = 0.0 if offset is None else agreement(near[offset][0])
-    if best >= MOVED_ABOVE and (1.0 - best) * CLOSER <= 1.0 - own:
+    if best >= MOVED_ABOVE and (1.0 - best) * CLOSER <= 1.0 - own and best > own:  # a tie keeps the name
         return offset
     return 0 if own >= MOVED_BELOW else None
 
@@ -367,15 +391,6 @@ def _fused_with(graph: nx.DiGraph) -> dict[str, tuple[str, dict[int, tuple[str, 
         near = {-step: t for step, t in enumerate(before, 1)} | {step: t for step, t in enumerate(after, 1)}
         around[attrs["outputs"][0]] = (attrs["op_type"], {o: (t, kinds[t]) for o, t in near.items()})
     return around
-
-
-def sanitise(name: str) -> str:
-    """A tensor name as dump files carry it: '/' and ':' replaced by '_'.
-
-    >>> sanitise("/layer1/conv:0")
-    '_layer1_conv_0'
-    """
-    return re.sub(r"[/:]", "_", name)
 
 
 def _unique(candidates: dict[str, str], names: Sequence[str]) -> dict[str, str]:
