@@ -2,11 +2,12 @@
 
 A ``TensorSource`` turns the feeds of one sample into named float tensors, in the float
 model's layout (NCHW where the model is NCHW), already dequantized, in the order they were
-computed. A plain Python function qualifies; so does ``layerbisect.dumps.DumpFolder``. Its
-tensors are paired with the float model's values:
+computed. A plain Python function qualifies; so does ``layerbisect.dumps.DumpFolder``. Given
+the graph the tensors come from (``quant_graph``), they pair by structure, as a model's values
+do (``align``). Else they are paired with the float model's values:
 
-1. by name: a tensor named like a float value (exactly, or once '/' and ':' are replaced by
-   '_' on both sides, when that is unambiguous), settled by data: a backend that fused a Conv
+1. by name: a tensor named like a float value (exactly, or once ``dumps.sanitise`` wrote both
+   names as file names do, when that is unambiguous), settled by data: a backend that fused a Conv
    with its BatchNorm or Relu names the result after the Conv, and onnxruntime's QDQ
    quantizer gives a dropped Relu's name to its input, so a named tensor that agrees much
    better with a value next to its namesake (along a chain of foldable operations) is paired
@@ -17,6 +18,8 @@ tensors are paired with the float model's values:
    among candidates. A source with no names at all is paired this way.
 
 Only cumulative error is measured: a source cannot be fed the float model's values inside.
+The pairs are measured and reported by the code that measures and reports a model's
+(``measure.compare_pairs``, ``assemble.build_report``).
 
 >>> def simulator(feeds):  # a vendor simulator wrapped in a function
 ...     return {"conv1": run_vendor(feeds)["conv1_out"]}  # doctest: +SKIP
