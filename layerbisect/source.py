@@ -178,8 +178,10 @@ def compare_source(
     if not records:
         raise LayerbisectError(
             f"no tensor of {assemble.label(source)} could be paired with a float value: name the "
-            "tensors after the float model's tensors, or keep them in the order they were computed"
-            + ("" if alignment is None else ", or give the graph they were dumped from (quant_graph=)")
+            "tensors after the float model's tensors, keep them in the order they were computed, or "
+            "give the graph they were dumped from (quant_graph=, --quant-graph)" if alignment is None else
+            f"no tensor of {assemble.label(source)} is named after a value of the quantized graph: give "
+            "the graph whose tensor names the dump uses (the compiled or optimized model it was run from)"
         )
     return assemble.build_report(
         records, threshold,

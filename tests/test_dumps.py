@@ -347,3 +347,11 @@ def test_tidl_fixed_point_traces_alone_and_a_missing_layer_table_are_refused(tmp
     (tmp_path / "subgraph_0_tidl_io_1.layer_info.txt").unlink()
     with pytest.raises(LayerbisectError, match="no \\*layer_info.txt"):
         DumpFolder(tmp_path)
+
+
+def test_a_dump_that_names_nothing_of_its_graph_says_so(tmp_path):
+    np.save(tmp_path / "unrelated.npy", np.zeros(7, np.float32))
+    with pytest.raises(LayerbisectError, match="named after a value of the quantized graph"):
+        find_first_bad_layer(make_cnn(), tmp_path, random_inputs(make_cnn()), quant_graph=make_cnn())
+    with pytest.raises(LayerbisectError, match="give the graph they were dumped from"):
+        find_first_bad_layer(make_cnn(), tmp_path, random_inputs(make_cnn()))
