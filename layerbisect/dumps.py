@@ -277,7 +277,9 @@ def _natural(name: str) -> list:
 
 def _qnn_results(path: Path) -> list[Path]:
     """The ``Result_<N>`` folders of a qnn-net-run output folder, or the folder itself if it
-    is one; none for another folder."""
+    is one; none for another folder (one with a JSON map is read by its map)."""
+    if any(path.glob("*.json")):
+        return []
     if QNN_RESULT.fullmatch(path.name) and any(path.rglob("*.raw")):
         return [path]
     return sorted((p for p in path.iterdir() if p.is_dir() and QNN_RESULT.fullmatch(p.name)),
