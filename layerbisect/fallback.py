@@ -34,10 +34,11 @@ from os import PathLike
 import onnx
 from onnx import helper, numpy_helper
 
+from layerbisect import assemble
 from layerbisect.align import ACTIVATIONS, Pair
 from layerbisect.errors import NO_SAMPLES, LayerbisectError
 from layerbisect.files import sources, write
-from layerbisect.find import _comparable, _layer, setup
+from layerbisect.find import setup
 from layerbisect.graph import outer_scope_reads
 from layerbisect.inputs import Sample, reusable, samples_of
 from layerbisect.load import ModelLike, tensor_array, with_data
@@ -227,7 +228,7 @@ def keep_in_float(
 def _lowest_layer(pairs: Sequence[Pair], totals: Totals) -> LayerComparison | None:
     """The judged layer with the lowest cosine (NaN lowest) among ``pairs`` as ``totals``
     measured them, judged as ``find_first_bad_layer`` judges them; None when none is judged."""
-    layers = [_layer(pair, i, totals, i) for i, pair in enumerate(pairs) if _comparable((totals, i))]
+    layers = assemble.layers(pairs, {i: (totals, i) for i in range(len(pairs))})
     judged = [layer for layer in layers if layer.judged]
     return min(judged, key=lambda layer: -math.inf if math.isnan(layer.cosine) else layer.cosine, default=None)
 

@@ -9,8 +9,6 @@ import operator
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import replace
-from os import PathLike
-from pathlib import Path
 from typing import NamedTuple
 
 import networkx as nx
@@ -18,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from layerbisect import assemble
 from layerbisect.align import Alignment, Pair, align
 from layerbisect.errors import NO_SAMPLES, LayerbisectError, SampleError
 from layerbisect.files import sources
@@ -27,15 +26,14 @@ from layerbisect.load import ModelLike, declared_inputs, load_model, subgraph_no
 from layerbisect.measure import Saved, Totals, available_memory, measure, prepare
 from layerbisect.options import DEFAULT_PROVIDERS, check_strategy, check_threshold, memory_size
 from layerbisect.progress import progress
-from layerbisect.report import LayerComparison, Report, faint_notes, nonfinite_notes
+from layerbisect.report import LayerComparison, Report
 from layerbisect.run import lower_ir_version, skipped_providers_note, usable_providers
 from layerbisect.run import ort_optimized as ort_optimized_model
-from layerbisect.search import bisect_first_failing, first_failing
+from layerbisect.search import bisect_first_failing
 from layerbisect.segment import Segments
 from layerbisect.simulate import Simulated, Simulation
 from layerbisect.source import compare_source, tensor_source
-from layerbisect.summary import neighbourhood, quantization, summarize
-from layerbisect.weights import UNRELATED_WEIGHTS
+from layerbisect.summary import quantization
 
 UNKNOWN_TENSOR_BYTES = 1 << 20  # assumed size of a value whose shape is unknown
 DEFAULT_BUDGET_CAP = 1 << 30  # beyond this, holding more activations only costs memory
@@ -201,66 +199,29 @@ def find_first_bad_layer(
         largest = max(footprint.of([i]) for i in everything)
         last_pass = max(1, min(LAST_PASS_LAYERS, int(budget / 2 // largest)))
         _bisect(passes, threshold, last_pass, isolated, lambda indices: footprint.of(indices) <= budget / 2)
-    measured = passes.measured
-    layers = tuple(
-        _layer(pairs[i], i, *measured[i]) for i in sorted(measured) if _comparable(measured[i])
-    )
-    if not layers:
-        raise LayerbisectError("no aligned layer holds comparable float values; nothing to compare")
-    bad = first_failing(layer.passes(threshold) for layer in layers)
-    first_bad = None if bad is None else layers[bad]
-    culprit = _culprit(layers, first_bad, threshold)
+    records = assemble.layers(pairs, passes.measured)
+    first_bad = assemble.first_bad(records, threshold)
+    culprit = _culprit(records, first_bad, threshold)
     cause = _cause(first_bad, culprit, threshold)
     unknown = cause == "accumulated" and strategy == "bisect"  # it measured its last layers only
     cause = None if unknown else cause
-    notes = [*provider_notes, *load_notes, *plan.notes, *nonfinite_notes(layers), *faint_notes(layers, inputs is None),
-             *([UNKNOWN_CAUSE] if unknown else []),
+    notes = [*provider_notes, *load_notes, *plan.notes, *([UNKNOWN_CAUSE] if unknown else []),
              *subgraph_notes(float_proto, "float model"),
              *subgraph_notes(quant_proto, "quantized model")]
-    notes += [
-        f"left out: {why}" for totals in passes.totals for why in totals.problems.values()
-        if why != "not a float tensor"
-    ]
     if isinstance(quant_model, Simulation):
         notes += quant_model.notes([first_bad, culprit])
-    if alignment.weight_agreement < UNRELATED_WEIGHTS:
-        notes.append(
-            f"the weights share nothing: the {alignment.weighted_paired} weighted layers paired agree "
-            f"{alignment.weight_agreement:.2f} (median of the correlation of each output channel's "
-            "weights; 1.0 for the same weights quantized, rescaled or folded). The quantized model "
-            "computes this network with other weights (another training, seed or checkpoint): "
-            "every layer differs, and the first bad layer says nothing; compare it with the float "
-            "model it was made from"
-        )
-    return Report(
-        layers=layers,
-        first_bad=first_bad,
-        threshold=float(threshold),
-        samples=passes.totals[0].samples,
-        outputs=_output_tensors(float_graph, float_proto),
-        unaligned=alignment.unaligned,
-        coverage=alignment.coverage,
-        notes=tuple(dict.fromkeys(notes)),
-        float_model=_label(float_model),
-        quant_model=_label(quant_model),
-        strategy=strategy,
-        executions=sum(t.executions for t in passes.totals),
-        peak_bytes=max(t.peak_bytes for t in passes.totals),
-        culprit=culprit,
-        first_bad_cause=cause,
-        contributors=_contributors(layers, first_bad, culprit) if cause == "accumulated" else (),
-        aligned=len(pairs),
-        float_summary=summarize(float_proto, _label(float_model)),
-        quant_summary=summarize(quant_proto, _label(quant_model)),
-        providers=tuple(providers),
-        seed=seed,
-        ort_optimized=ort_optimized,
-        float_neighbourhood=() if first_bad is None else neighbourhood(float_proto, first_bad.float_nodes),
-        quant_neighbourhood=() if first_bad is None else neighbourhood(quant_proto, first_bad.quant_nodes),
-        sources=sources(float_model, quant_model, float_proto, quant_proto),
-        weighted=alignment.weighted,
-        weighted_paired=alignment.weighted_paired,
-        weight_agreement=alignment.weight_agreement,
+    return assemble.build_report(
+        records, threshold,
+        float_side=assemble.Side(float_proto, assemble.label(float_model)),
+        quant_side=assemble.Side(quant_proto, assemble.label(quant_model)),
+        float_graph=float_graph, alignment=alignment,
+        run=assemble.Run(samples=passes.totals[0].samples, executions=sum(t.executions for t in passes.totals),
+                         peak_bytes=max(t.peak_bytes for t in passes.totals), providers=tuple(providers), seed=seed,
+                         strategy=strategy, ort_optimized=ort_optimized),
+        cause=assemble.Cause(culprit, cause,
+                             _contributors(records, first_bad, culprit) if cause == "accumulated" else ()),
+        notes=notes, problems=[why for totals in passes.totals for why in totals.problems.values()],
+        generated=inputs is None, sources=sources(float_model, quant_model, float_proto, quant_proto),
     )
 
 
@@ -318,12 +279,12 @@ class _Passes:
         return saved
 
     def layer(self, index: int) -> LayerComparison:
-        return _layer(self.pairs[index], index, *self.measured[index])
+        return assemble.layer(self.pairs[index], index, *self.measured[index])
 
     def passes(self, index: int, threshold: float) -> bool:
         """Whether a measured pair passes; one that cannot be compared (not float, shapes
         differ) counts as passing."""
-        return not _comparable(self.measured[index]) or self.layer(index).passes(threshold)
+        return not assemble.comparable(*self.measured[index]) or self.layer(index).passes(threshold)
 
 
 def _scan(passes: _Passes, groups: Sequence[Sequence[int]], isolated: bool, threshold: float | None = None) -> None:
@@ -443,39 +404,6 @@ def _check_direction(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto)
             "look swapped; give the float model first, or, to compare them this way on purpose, pass "
             "allow_swapped=True (CLI: --allow-swapped)"
         )
-
-
-def _layer(pair: Pair, index: int, totals: Totals, position: int) -> LayerComparison:
-    cumulative, isolated = totals.cumulative[position], totals.isolated[position]
-    return LayerComparison(
-        index=index,
-        op_type=pair.op_type,
-        float_nodes=pair.float_nodes,
-        float_tensor=pair.float_tensor,
-        quant_nodes=pair.quant_nodes,
-        quant_tensor=pair.quant_tensor,
-        shape=totals.shapes.get(position, ()),
-        cosine=cumulative.cosine,
-        sqnr_db=cumulative.sqnr_db,
-        mse=cumulative.mse,
-        max_abs=cumulative.max_abs,
-        cosine_worst=cumulative.cosine_worst,
-        cosine_p10=cumulative.cosine_p10,
-        worst_sample=cumulative.worst_sample,
-        nonfinite=cumulative.nonfinite,
-        float_nonfinite=cumulative.reference_nonfinite,
-        float_zero=cumulative.degenerate,
-        faint=cumulative.faint,
-        evidence=pair.evidence,
-        isolated_cosine=isolated.cosine if isolated.samples else math.nan,
-        isolated_sqnr_db=isolated.sqnr_db if isolated.samples else math.nan,
-    )
-
-
-def _comparable(entry: tuple[Totals, int]) -> bool:
-    totals, position = entry
-    aggregate = totals.cumulative[position]
-    return position not in totals.problems and aggregate.samples + aggregate.degenerate > 0
 
 
 def _cause(first_bad: LayerComparison | None, culprit: LayerComparison | None, threshold: float) -> str | None:
@@ -607,19 +535,3 @@ class _Footprint:
         return self.sizes[index] + self.copies * self.quant_sizes[index] + sum(
             self.quant_sizes[f] + (0 if f in measured else self.sizes[f]) for f in new
         )
-
-
-def _output_tensors(graph, model: onnx.ModelProto) -> tuple[tuple[str, str], ...]:
-    """Each output of the model with the tensor holding it, seen through Identity and the like."""
-    pairs = []
-    for output in model.graph.output:
-        ref = graph.graph["tensors"].get(output.name)
-        if ref is not None and graph.nodes[ref[0]]["kind"] == "op":
-            pairs.append((output.name, graph.nodes[ref[0]]["outputs"][ref[1]]))
-    return tuple(pairs)
-
-
-def _label(model: ModelLike) -> str:
-    if isinstance(model, onnx.ModelProto):
-        return model.graph.name or "<ModelProto>"
-    return str(Path(model)) if isinstance(model, (str, PathLike)) else str(model)

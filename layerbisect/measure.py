@@ -258,7 +258,7 @@ def measure_sample(measurement: Measurement, sample, start=({}, {}), index: int 
     held = _fresh_bytes(float_values, start[0], saved[0]) + _fresh_bytes(quant_values, start[1], saved[1])
     executions = (float_session is not None) + (quant_session is not None)
     problems: dict[int, str] = {}
-    cumulative = _compare_all(measurement.pairs, float_values, quant_values, problems)
+    cumulative = compare_pairs(measurement.pairs, float_values, quant_values, problems)
     del quant_values
     isolated: tuple[Metrics | None, ...] = (None,) * len(measurement.pairs)
     if isolated_session is not None:
@@ -271,7 +271,7 @@ def measure_sample(measurement: Measurement, sample, start=({}, {}), index: int 
             feed.nbytes for feed in cut_feeds.values() if id(feed) not in float_arrays
         )
         executions += 1
-        isolated = _compare_all(measurement.pairs, float_values, isolated_values, {})
+        isolated = compare_pairs(measurement.pairs, float_values, isolated_values, {})
     shapes = tuple(tuple(float_values[p.float_tensor].shape) for p in measurement.pairs)
     return SampleResult(cumulative, isolated, tuple(problems.items()), shapes, held, executions, saved)
 
@@ -299,10 +299,12 @@ def _kept(values: dict, names: Sequence[str], session: Session | None) -> dict[s
     }
 
 
-def _compare_all(pairs, float_values, quant_values, problems: dict) -> tuple[Metrics | None, ...]:
+def compare_pairs(pairs, float_values, quant_values, problems: dict) -> tuple[Metrics | None, ...]:
     """Metrics of every pair, None where it cannot be compared (the reason goes to
-    ``problems``). On this thread: once compare summed with BLAS dots, spreading pairs over
-    threads made it slower on a 2-core machine (by 15% with 2 threads, 40% with 4)."""
+    ``problems``, by position): the one way a pair's values are compared, whatever the
+    quantized side computed them (a model's pass, a tensor source). On this thread: once
+    compare summed with BLAS dots, spreading pairs over threads made it slower on a 2-core
+    machine (by 15% with 2 threads, 40% with 4)."""
     outcomes = []
     for index, pair in enumerate(pairs):
         reference = _float_values(pair.float_readout, float_values[pair.float_tensor])
