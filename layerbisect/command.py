@@ -170,6 +170,7 @@ def _keep_float(args: argparse.Namespace, inputs: dict | Dataset | None) -> None
     fallback = keep_in_float(
         args.float_model, args.quant_model, inputs=inputs, threshold=args.threshold,
         shapes=dict(args.shape), seed=args.seed, providers=args.providers, allow_swapped=args.allow_swapped,
+        quiet=args.quiet,
     )
     print(fallback, file=sys.stderr)
     if args.keep_float:
