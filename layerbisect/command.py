@@ -25,7 +25,7 @@ from layerbisect.find import find_first_bad_layer
 from layerbisect.options import check_workers
 from layerbisect.render import echo
 from layerbisect.report import Report
-from layerbisect.run import usable_providers
+from layerbisect.run import skipped_providers_note, usable_providers
 from layerbisect.simulate import simulated
 
 STDOUT = "-"
@@ -53,9 +53,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         _check_outputs(args)
         kept, missing = usable_providers(args.providers)
-        for provider in missing:
-            _warn(f"execution provider {provider!r} is not available in this onnxruntime; running with "
-                  f"{', '.join(kept)}")
+        if missing:  # said now, before the run, and in the report's notes
+            _warn(skipped_providers_note(kept, missing))
         inputs = read_samples(args)
         quant_model = _quantized_side(args)
         with _executor(args.workers) as executor:
