@@ -145,9 +145,9 @@ def _check_outputs(args: argparse.Namespace) -> None:
             raise LayerbisectError(f"--model-explorer {args.model_explorer} is not a folder; create it first")
         outputs.update((f"--model-explorer {name}", Path(args.model_explorer) / name) for name in EXPLORER_FILES)
     script = args.data_loader_script[0] if args.data_loader_script else None
-    reads = [args.float_model, args.quant_model, args.quant_graph, args.inputs, script,
-             *(path for _, path in args.input)]
-    check_outputs({flag: path for flag, path in outputs.items() if path != STDOUT}, reads)
+    check_outputs({flag: path for flag, path in outputs.items() if path != STDOUT},
+                  [args.inputs, script, *(path for _, path in args.input)],
+                  models=[args.float_model, args.quant_model, args.quant_graph])
 
 
 def _quantized_side(args: argparse.Namespace):
