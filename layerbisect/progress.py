@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 import warnings
 import weakref
 from collections.abc import Iterable, Sized
@@ -71,8 +72,12 @@ class Steps:
                 self.bar.close()
 
     def _redraw(self) -> None:
+        """Draw the bar with the time taken so far, once past the delay."""
         with self._lock:
-            self.bar.update(0)  # redrawn with the time taken, once past the delay
+            now = time.time()
+            if now >= self.bar.start_t + self.bar.delay:
+                self.bar.refresh()
+                self.bar.last_print_t = now  # drawn: close() clears it (the rate is a mean, not smoothed)
 
     def __enter__(self) -> Steps:
         return self
@@ -94,11 +99,12 @@ def steps(total: int | None, unit: str, *, quiet: bool = False, desc: str | None
     ...     for _ in range(3):
     ...         bar.advance()
     """
-    return Steps(_bar(quiet or total == 0, stream, None, total=total, unit=unit, desc=desc))
+    # the rate (and time left) is the mean over all steps so far: steps are few and long
+    return Steps(_bar(quiet or total == 0, stream, None, total=total, unit=unit, desc=desc, smoothing=0))
 
 
 def _bar(hidden: bool, stream: IO[str] | None, items: Iterable | None, *, total: int | None, unit: str,
-         desc: str | None) -> Any:
+         desc: str | None, smoothing: float = 0.3) -> Any:
     """A tqdm bar over ``items`` (None: counted by hand) with these settings, or None when
     ``hidden``, tqdm is missing, or ``stream`` (stderr) is neither a terminal nor in a notebook."""
     stream = sys.stderr if stream is None else stream
@@ -110,7 +116,7 @@ def _bar(hidden: bool, stream: IO[str] | None, items: Iterable | None, *, total:
     plural = f"{unit}es" if unit.endswith("s") else f"{unit}s"
     counted = None if total is not None or isinstance(items, Sized) else "{desc}: {n_fmt} [{elapsed}, {rate_fmt}]"
     return tqdm(items, total=total, desc=plural if desc is None else desc, unit=unit, delay=DELAY_S,
-                mininterval=REFRESH_S, leave=False, file=stream, disable=False, bar_format=counted)
+                mininterval=REFRESH_S, leave=False, file=stream, disable=False, bar_format=counted, smoothing=smoothing)
 
 
 def _tick(ref: weakref.ref, stop: threading.Event) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from layerbisect import find_first_bad_layer
 from layerbisect.cli import main
-from layerbisect.progress import progress
+from layerbisect.progress import progress, steps
 from layerbisect.render import chart_svg, echo
 from layerbisect.report import LayerComparison, Report
 
@@ -329,6 +329,8 @@ def test_notebook_without_ipywidgets_gets_the_text_bar_and_no_warning(monkeypatc
         warnings.simplefilter("always")
         bar = progress([{}, {}], stream=io.StringIO())  # a notebook's stderr is no terminal
         assert isinstance(bar, tqdm.std.tqdm) and bar.total == 2 and list(bar) == [{}, {}]
+        with steps(2, "model", stream=io.StringIO()) as counted:  # the bars counted by hand too
+            assert isinstance(counted.bar, tqdm.std.tqdm) and counted.bar.total == 2
     assert [str(w.message) for w in caught] == []
 
 
