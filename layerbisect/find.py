@@ -124,9 +124,9 @@ def find_first_bad_layer(
     ``"prefix"``.
     ``isolated=True`` also measures each layer fed the float model's own inputs, to tell
     where error is introduced from where it is inherited. ``executor`` (any
-    ``concurrent.futures.Executor``) spreads samples over its workers. A progress bar over
-    samples (over passes, for one sample scanned in pieces) shows on long runs when tqdm is
-    installed, unless ``quiet``.
+    ``concurrent.futures.Executor``) spreads samples over its workers. Progress bars (loading,
+    alignment, the passes, the samples of each pass) show on long runs when tqdm is installed,
+    unless ``quiet`` (docs/api.md#progress).
 
     >>> report = find_first_bad_layer("model_fp32.onnx", "model_int8.onnx")  # doctest: +SKIP
     >>> report.first_bad.float_nodes, report.first_bad_cause  # doctest: +SKIP
