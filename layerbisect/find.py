@@ -204,7 +204,9 @@ def find_first_bad_layer(
     else:
         largest = max(footprint.of([i]) for i in everything)
         last_pass = max(1, min(LAST_PASS_LAYERS, int(budget / 2 // largest)))
-        passes.at_most = bisect_calls(len(pairs), last_pass, probes=1) + isolated  # + its own isolated pass
+        # bisection's passes, at most (about log2 of the pairs), and one for the isolated error of
+        # the first bad layer when the last pass could not hold it
+        passes.at_most = bisect_calls(len(pairs), last_pass, probes=1) + isolated
         with steps(passes.at_most, "pass", quiet=quiet or not single,
                    desc=f"bisect (at most {passes.at_most} passes)") as passes.bar:
             _bisect(passes, threshold, last_pass, isolated, lambda indices: footprint.of(indices) <= budget / 2)
