@@ -25,11 +25,11 @@ from layerbisect.inputs import InputPlan, Sample, plan_inputs, reusable, samples
 from layerbisect.load import ModelLike, declared_inputs, load_model, subgraph_notes
 from layerbisect.measure import Saved, Totals, available_memory, measure, prepare
 from layerbisect.options import DEFAULT_PROVIDERS, check_strategy, check_threshold, memory_size
-from layerbisect.progress import progress
+from layerbisect.progress import Steps, progress, steps
 from layerbisect.report import LayerComparison, Report
 from layerbisect.run import lower_ir_version, skipped_providers_note, usable_providers
 from layerbisect.run import ort_optimized as ort_optimized_model
-from layerbisect.search import bisect_first_failing
+from layerbisect.search import bisect_calls, bisect_first_failing
 from layerbisect.segment import Segments
 from layerbisect.simulate import Simulated, Simulation
 from layerbisect.source import compare_source, tensor_source
@@ -63,6 +63,8 @@ PLUMBING = {"Identity", "Transpose", "Reshape", "QuantizeLinear", "DequantizeLin
 # Attention fusion computes Q, K and V in one operation: 3 of a transformer block's 6, half.
 # A CNN against an MLP with the same inputs and outputs pairs 0 of 4.
 MIN_WEIGHTED_PAIRED = 0.5
+# alignment's steps on a progress bar: the float graph built, the quantized one, their layers paired
+ALIGN_STEPS = 3
 
 # progress milestones (models loaded, layers aligned, each pass), on the "layerbisect" logger;
 # the CLI shows them with -v
@@ -120,9 +122,9 @@ def find_first_bad_layer(
     ``"prefix"``.
     ``isolated=True`` also measures each layer fed the float model's own inputs, to tell
     where error is introduced from where it is inherited. ``executor`` (any
-    ``concurrent.futures.Executor``) spreads samples over its workers. A progress bar over
-    samples (over passes, for one sample scanned in pieces) shows on long runs when tqdm is
-    installed, unless ``quiet``.
+    ``concurrent.futures.Executor``) spreads samples over its workers. Progress bars (loading,
+    alignment, the passes, the samples of each pass) show on long runs when tqdm is installed,
+    unless ``quiet`` (docs/api.md#progress).
 
     >>> report = find_first_bad_layer("model_fp32.onnx", "model_int8.onnx")  # doctest: +SKIP
     >>> report.first_bad.float_nodes, report.first_bad_cause  # doctest: +SKIP
@@ -158,7 +160,7 @@ def find_first_bad_layer(
         quant_model = quant_model.build(float_model, samples, shapes=shapes, seed=seed, providers=providers)
     float_proto, quant_proto, plan, float_graph, alignment, load_notes = setup(
         float_model, quant_model, shapes=shapes, providers=providers, ort_optimized=ort_optimized,
-        allow_swapped=allow_swapped,
+        allow_swapped=allow_swapped, quiet=quiet,
     )
     pairs = alignment.pairs
     budget = memory_budget if memory_budget is not None else min(available_memory() // 2, DEFAULT_BUDGET_CAP)
@@ -193,12 +195,19 @@ def find_first_bad_layer(
         pairs, (Segments(float_proto), Segments(quant_proto)), feeders, plan, samples, 1 if single else count,
         seed=seed, providers=providers, executor=executor, quiet=quiet, save_limit=budget / 4,
     )
+    # one sample: a bar over the passes (several samples have theirs over the samples, each pass)
     if strategy in ("scan", "prefix"):
-        _scan(passes, groups, isolated, threshold if strategy == "prefix" else None)
+        with steps(len(groups), "pass", quiet=quiet or not single) as passes.bar:
+            _scan(passes, groups, isolated, threshold if strategy == "prefix" else None)
     else:
         largest = max(footprint.of([i]) for i in everything)
         last_pass = max(1, min(LAST_PASS_LAYERS, int(budget / 2 // largest)))
-        _bisect(passes, threshold, last_pass, isolated, lambda indices: footprint.of(indices) <= budget / 2)
+        # bisection's passes, at most (about log2 of the pairs), and one for the isolated error of
+        # the first bad layer when the last pass could not hold it
+        passes.at_most = bisect_calls(len(pairs), last_pass, probes=1) + isolated
+        with steps(passes.at_most, "pass", quiet=quiet or not single,
+                   desc=f"bisect (at most {passes.at_most} passes)") as passes.bar:
+            _bisect(passes, threshold, last_pass, isolated, lambda indices: footprint.of(indices) <= budget / 2)
     records = assemble.layers(pairs, passes.measured)
     first_bad = assemble.first_bad(records, threshold)
     culprit = _culprit(records, first_bad, threshold)
@@ -237,6 +246,8 @@ class _Passes:
         self.save_limit = save_limit
         self.measured: dict[int, tuple[Totals, int]] = {}
         self.totals: list[Totals] = []
+        self.bar = Steps(None)  # advanced after each pass
+        self.at_most: int | None = None  # bisection's bound on the number of passes
 
     def run(
         self, indices: Sequence[int], isolated: bool, start: Saved | None, save_after: int | None = None,
@@ -246,7 +257,8 @@ class _Passes:
         values ``start`` holds; return the values saved for a pass that resumes after pair
         ``save_after``, if given and they fit. ``of`` is the number of passes, when known."""
         number = len(self.totals) + 1
-        log.info("pass %s: %d layer(s), #%d to #%d%s", number if of is None else f"{number} of {of}", len(indices),
+        planned = f" of {of}" if of is not None else f" of at most {self.at_most}" if self.at_most else ""
+        log.info("pass %d%s: %d layer(s), #%d to #%d%s", number, planned, len(indices),
                  indices[0], indices[-1], ", with isolated error" if isolated else "")
         pairs = self.pairs
         saves: tuple[Sequence[str], Sequence[str]] = ((), ())
@@ -268,10 +280,12 @@ class _Passes:
             [pairs[b] for b in boundaries] if isolated else None,
             self.plan, seed=self.seed, providers=self.providers, start=start, saves=saves, unfed=others,
         )
+        label = f"pass {number}{planned}" if planned and of != 1 else None  # of several: on the samples' bar
         totals, saved = measure(
-            measurement, progress(self.samples, self.quiet, self.count), self.executor, start,
+            measurement, progress(self.samples, self.quiet, self.count, desc=label), self.executor, start,
             save_limit=self.save_limit,
         )
+        self.bar.advance()
         self.totals.append(totals)
         log.info("pass %d done: %d sample(s), %d model runs", number, totals.samples, totals.executions)
         for position, index in enumerate(indices):
@@ -292,8 +306,7 @@ def _scan(passes: _Passes, groups: Sequence[Sequence[int]], isolated: bool, thre
     ``threshold``, stop after the first group holding a pair below it (every pair up to the
     first bad one is measured: the scan's first bad layer and culprit)."""
     start = None
-    # one sample: a bar over the passes (several samples have theirs over the samples, each pass)
-    for number, group in enumerate(progress(groups, passes.quiet or passes.count != 1, unit="pass")):
+    for number, group in enumerate(groups):
         last = number == len(groups) - 1
         start = passes.run(group, isolated, start, None if last else group[-1], of=len(groups))
         if threshold is not None and not all(passes.passes(i, threshold) for i in group):
@@ -349,25 +362,37 @@ def setup(
     providers: Sequence[str] = DEFAULT_PROVIDERS,
     ort_optimized: bool = False,
     allow_swapped: bool = False,
+    quiet: bool = False,
 ) -> Setup:
-    """Load both models, plan their inputs and align their values (the static part).
+    """Load both models, plan their inputs and align their values (the static part), with a
+    bar over each of the two on long runs, unless ``quiet``.
 
     Refuses two models that do not compute the same network: fewer than half of the float
     model's weighted layers pair one for one (``MIN_WEIGHTED_PAIRED``); and, unless
     ``allow_swapped``, a float model that holds quantization while the quantized one does not."""
-    float_proto = load_model(float_model, role="float model")
     simulation = quant_model if isinstance(quant_model, Simulation) else None
-    quant_proto = load_model(quant_model if simulation is None else simulation.model, role="quantized model")
-    log.info("loaded the float model (%d nodes) and the quantized model (%d nodes)",
-             len(float_proto.graph.node), len(quant_proto.graph.node))
-    if not allow_swapped:
-        _check_direction(float_proto, quant_proto)
-    notes = (*lower_ir_version(float_proto, "float model"), *lower_ir_version(quant_proto, "quantized model"))
-    if ort_optimized:
-        quant_proto = load_model(ort_optimized_model(quant_proto, "quantized model", providers), role="quantized model")
+    with steps(2 + ort_optimized, "model", quiet=quiet, desc="loading the float model") as bar:
+        float_proto = load_model(float_model, role="float model")
+        bar.advance("loading the quantized model")
+        quant_proto = load_model(quant_model if simulation is None else simulation.model, role="quantized model")
+        bar.advance("optimizing the quantized model" if ort_optimized else None)
+        log.info("loaded the float model (%d nodes) and the quantized model (%d nodes)",
+                 len(float_proto.graph.node), len(quant_proto.graph.node))
+        if not allow_swapped:
+            _check_direction(float_proto, quant_proto)
+        notes = (*lower_ir_version(float_proto, "float model"), *lower_ir_version(quant_proto, "quantized model"))
+        if ort_optimized:
+            quant_proto = load_model(ort_optimized_model(quant_proto, "quantized model", providers),
+                                     role="quantized model")
+            bar.advance()
     plan = plan_inputs(declared_inputs(float_proto), declared_inputs(quant_proto), shapes)
-    float_graph = build_graph(float_proto)
-    alignment = simulation.alignment(float_graph) if simulation else align(float_graph, build_graph(quant_proto))
+    with steps(ALIGN_STEPS, "step", quiet=quiet, desc="aligning: the float graph") as bar:
+        float_graph = build_graph(float_proto)
+        bar.advance("aligning: the quantized graph")
+        quant_graph = None if simulation else build_graph(quant_proto)
+        bar.advance("aligning: pairing layers")
+        alignment = simulation.alignment(float_graph) if simulation else align(float_graph, quant_graph)
+        bar.advance()
     log.info("aligned %d of %d float operations (%d layers); %d of %d weighted layers paired",
              alignment.float_ops - len(alignment.unaligned), alignment.float_ops, len(alignment.pairs),
              alignment.weighted_paired, alignment.weighted)

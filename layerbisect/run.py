@@ -84,9 +84,14 @@ def lower_ir_version(model: onnx.ModelProto, role: str) -> list[str]:
 
 
 def skipped_providers_note(kept: Sequence[str], missing: Sequence[str]) -> str:
-    """What a report says of the providers it skipped."""
-    return (f"execution provider{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} not "
-            f"available in this onnxruntime, skipped; ran with {', '.join(kept)}")
+    """What is said of the providers skipped: a report's note, the CLI's warning (before the run).
+
+    >>> skipped_providers_note(["CPUExecutionProvider"], ["A", "B"])
+    "execution providers 'A', 'B' are not available in this onnxruntime: skipped, CPUExecutionProvider used instead"
+    """
+    several = len(missing) > 1
+    return (f"execution provider{'s' if several else ''} {', '.join(map(repr, missing))} "
+            f"{'are' if several else 'is'} not available in this onnxruntime: skipped, {', '.join(kept)} used instead")
 
 
 class Session:
