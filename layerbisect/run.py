@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 import re
 import tempfile
 from collections.abc import Sequence
@@ -17,7 +16,7 @@ from onnx.external_data_helper import load_external_data_for_tensor, uses_extern
 
 from layerbisect.errors import LayerbisectError, first_line
 from layerbisect.inputs import Feeds
-from layerbisect.load import BASEPATH, external_folder
+from layerbisect.load import BASEPATH, external_folder, tensor_nbytes
 from layerbisect.options import DEFAULT_PROVIDERS
 
 # A serialized protobuf must stay under 2 GiB: past this size, initializers go to onnxruntime
@@ -239,7 +238,7 @@ def _for_onnxruntime(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str, dict
     for init in graph.initializer:
         if uses_external_data(init):
             init = _relative_to(init, folder)
-        elif large and init.ByteSize() >= DETACHABLE:
+        elif large and tensor_nbytes(init) >= DETACHABLE:
             buffers[init.name] = numpy_helper.to_array(init)
             init = _placeholder(init)
         initializers.append(init)
@@ -272,24 +271,14 @@ def _relative_to(init: onnx.TensorProto, folder: str) -> onnx.TensorProto:
 
 def weight_bytes(model: onnx.ModelProto) -> int:
     """Bytes of the data of ``model``'s initializers, those kept in external files included."""
-    total = 0
-    for init in model.graph.initializer:
-        if not uses_external_data(init):
-            total += init.ByteSize()
-            continue
-        try:
-            itemsize = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
-        except (KeyError, TypeError, ValueError):  # a type numpy lacks: count a byte an element
-            itemsize = 1
-        total += math.prod(init.dims) * itemsize
-    return total
+    return sum(tensor_nbytes(init) for init in model.graph.initializer)
 
 
 def _size(model: onnx.ModelProto) -> int:
     """About the serialized size of ``model``: that of its initializers and nodes (protobuf
     cannot measure a model over 2 GiB as a whole)."""
     graph = model.graph
-    return sum(t.ByteSize() for t in graph.initializer) + sum(n.ByteSize() for n in graph.node)
+    return weight_bytes(model) + sum(n.ByteSize() for n in graph.node)
 
 
 def _placeholder(init: onnx.TensorProto) -> onnx.TensorProto:
