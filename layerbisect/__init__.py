@@ -5,6 +5,21 @@ its float original.
 >>> report = find_first_bad_layer("model_fp32.onnx", "model_int8.onnx")  # doctest: +SKIP
 >>> print(report)  # doctest: +SKIP
 
+The modules, in the order a comparison goes through them:
+
+- load: ``load`` (models), ``inputs`` and ``datasets`` (samples), ``graph`` (the graph view),
+  ``vocabulary``;
+- the quantized side: a model, onnxruntime's fused graph (``run.ort_optimized``), the
+  simulator (``simulate``), or a tensor source (``source``; dump folders in ``dumps``);
+- align: ``align``, ``anchors``, ``weights``;
+- measure: ``expose``, ``segment``, ``isolate``, ``run`` (the only onnxruntime importer),
+  ``measure``, ``compare`` (the metrics);
+- search: ``search`` (plain predicates), driven by ``find`` (the public function);
+- report: ``assemble`` (the one place a ``Report`` is built, for every side), ``report``
+  (the records), ``summary``, ``text``, ``render``, ``explorer``;
+- around them: ``fallback`` (keep in float), ``cli``/``command``, ``errors``, ``files``,
+  ``options``, ``progress``.
+
 The public names are imported when first used (PEP 562): ``import layerbisect`` does not load
 onnx, onnxruntime or networkx, and ``from layerbisect import find_first_bad_layer`` does not
 load ``keep_in_float``'s module.

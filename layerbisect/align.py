@@ -227,13 +227,18 @@ class _Aligner:
         self.float_consumers = _consumers(float_graph)
         self.baked: set[str] = set()
         self.float_only_inputs: set[str] = set()
+        self.float_masks: set[str] = set()
         self.weighted_total = sum(is_weighted(attrs) for attrs in self.fa.values())
         self.anchors = anchor_pairs(float_graph, quant_graph)
+        # roles that a quantized operation of another type stands for (LayerNormalization for
+        # SkipLayerNormalization): a float operation of such a role may end a region
+        self.fused_roles = {a["role"] for a in self.qa.values() if a["kind"] == "op" and a["role"] != a["op_type"]}
         # anchors whose weights agree: no other operation may take them
         self.trusted = {q: f for f, (q, agreement) in self.anchors.items() if agreement >= UNRELATED_WEIGHTS}
 
     def run(self) -> Alignment:
         self._align_inputs()
+        self.float_masks = self._float_masks()
         for node in _ordered(self.qg, "op"):
             attrs = self.qa[node]
             inputs = [(src, *self._root(src)) for src in attrs["sources"] if src[0] not in self.baked]
@@ -246,12 +251,12 @@ class _Aligner:
                 self.pending.add(node)
         self._align_pending(float_ops)  # once more: what paired later may settle what waited
         self._settle_graph_ends(float_ops)
-        unaligned = tuple(node for node in float_ops if node in self.pending)
+        masks = self._masks_accounted()
+        unaligned = tuple(node for node in float_ops if node in self.pending and node not in masks)
         spans = self._pairs()
         weighted = [node for node in float_ops if is_weighted(self.fa[node])]
         matches = self._weighted_matches(spans)
-        agreements = [channel_agreement(self.fa[f], self.qa[q]) for f, q in matches.items()]
-        agreements = [a for a in agreements if a is not None]
+        agreements = [a for _, a in matches.values() if a is not None]
         return Alignment(
             tuple(pair for pair, _, _ in spans), unaligned, len(float_ops),
             weighted=len(weighted), weighted_paired=len(matches),
@@ -330,6 +335,33 @@ class _Aligner:
             if all(src[0] in self.baked for src in self.qa[node]["sources"]):
                 self.baked.add(node)
 
+    def _float_masks(self) -> set[str]:
+        """The float operations that compute from the attention mask alone, where the quantized
+        graph reads that mask in a fused operator's own form (``graph``'s ``mask_inputs``): the
+        float graph's additive mask, which nothing there computes. Regions leave them out; they
+        are compared with nothing (see ``_masks_accounted``)."""
+        quant_masks = self.qg.graph.get("mask_inputs", frozenset())
+        masks = {node for node in _ordered(self.fg, "input") if self.vmap.get((node, 0), ("",))[0] in quant_masks}
+        inputs = set(masks)
+        for node in _ordered(self.fg, "op"):
+            sources = self.fa[node]["sources"]
+            if sources and all(src[0] in masks for src in sources) and not is_weighted(self.fa[node]):
+                masks.add(node)
+        return masks - inputs
+
+    def _masks_accounted(self) -> set[str]:
+        """The waiting float mask operations (``_float_masks``) whose value the paired
+        operations read, directly or through other mask operations: the other graph reads that
+        mask in its own form. A mask operation whose readers wait too is unpaired."""
+        accounted: set[str] = set()
+        for node in reversed(_ordered(self.fg, "op")):
+            if node in self.float_masks and node in self.pending:
+                outputs = range(len(self.fa[node]["outputs"]))
+                readers = {r for out in outputs for r in self.float_consumers.get((node, out), ())}
+                if any(r in accounted or (r not in self.float_masks and r not in self.pending) for r in readers):
+                    accounted.add(node)
+        return accounted
+
     def _input_layout(self, node: str, match: str) -> Perm:
         return _input_layout(self.fa[node]["shapes"][0], self.qa[match]["shapes"][0])
 
@@ -370,7 +402,7 @@ class _Aligner:
         sources = self._sources(node)
         mapped = self._resolve(node, sources)
         if mapped is None:
-            return self._pair_anchor(node)
+            return self._pair_anchor(node) or self._settle_by_role(node)
         found = self._search(node, mapped)
         if found is not None:
             candidates, extension = found
@@ -398,7 +430,22 @@ class _Aligner:
             self._map((node, 0), *mapped[0])
             self.evidence[node] = "fused"
             return True
-        return self._pair_anchor(node)
+        return self._pair_anchor(node) or self._settle_by_role(node)
+
+    def _settle_by_role(self, node: str) -> bool:
+        """Settle a waiting float operation as the end of a region whose quantized end has its
+        role, where that region is the only one: a fused operator that stands for the last
+        operation of a span (EmbedLayerNormalization for the embeddings' Gathers, their sum
+        and its LayerNormalization; SkipLayerNormalization for a bias, a residual sum and a
+        LayerNormalization). Whether it settled."""
+        role = self.fa[node]["role"]
+        if role not in self.fused_roles or len(self.fa[node]["outputs"]) != 1:
+            return False
+        found = [s for s in self._region_settlements((node, 0)) if self.qa[s.target[0][0]]["role"] == role]
+        if len(found) != 1:
+            return False
+        self._settle(found[0])
+        return True
 
     def _restores_rows(self, node: str, target: Mapped) -> bool:
         """Whether the float view ``node`` (a Reshape or Flatten) brings back the shape of its
@@ -808,6 +855,8 @@ class _Aligner:
                     value, perm = self._mapped(src)
                     if frontier.setdefault(value, perm) != perm:
                         return None
+                elif src[0] in self.float_masks and current not in self.float_masks:
+                    continue  # the other graph reads the mask in its own form, outside structure
                 elif src[0] in self.pending:
                     stack.append(src[0])
                 elif src[0] not in self.float_only_inputs:
@@ -909,16 +958,24 @@ class _Aligner:
 
     # Result
 
-    def _weighted_matches(self, spans) -> dict[str, str]:
+    def _weighted_matches(self, spans) -> dict[str, tuple[str, float | None]]:
         """Each weighted float operation paired one for one, with the quantized operation
-        computing it: pairs whose float span holds one weighted operation and whose quantized
-        span one anchor."""
+        computing it and how well their weights agree (``weights.channel_agreement``): pairs
+        whose float span holds one weighted operation and whose quantized span one anchor, and
+        the weighted operations of a region whose quantized side holds their weights packed in
+        one (Q, K and V in an Attention), each with its block of the packed weight's columns."""
         matches = {}
         for _, span, quant in spans:
             weighted = [n for n in span if is_weighted(self.fa[n])]
             anchors = [n for n in quant if self.qa[n]["role"] in ANCHORS]
             if len(weighted) == len(anchors) == 1:
-                matches[weighted[0]] = anchors[0]
+                matches[weighted[0]] = anchors[0], channel_agreement(self.fa[weighted[0]], self.qa[anchors[0]])
+                continue
+            packed = [n for n in quant if self.qa[n]["weight_shape"] is not None]
+            if len(weighted) > 1 and len(packed) == 1 and not anchors:
+                blocks = _packed_blocks(self.qa[packed[0]], [self.fa[n] for n in weighted])
+                for node, agreement in zip(weighted, blocks):
+                    matches[node] = packed[0], agreement
         return matches
 
     def _pairs(self) -> list[tuple[Pair, tuple[str, ...], tuple[str, ...]]]:
@@ -1093,6 +1150,21 @@ def _assign_blocks(fused_attrs: dict, chain: tuple[str, ...], attrs: dict, consu
         if len(rest) == 1:
             taken[left[0]] = rest[0]
     return sorted((index, ends[single]) for index, single in taken.items())
+
+
+def _packed_blocks(packed: dict, singles: list[dict]) -> list[float | None]:
+    """How well each of the weighted operations ``singles`` agrees with its block of the
+    columns of ``packed``'s weight, which holds all of theirs side by side (an empty list
+    where it does not: other rows, or other columns in all). Blocks are taken in the singles'
+    order, the way onnxruntime packs Q, K and V."""
+    shape = packed["weight_shape"]
+    shapes = [single["weight_shape"] for single in singles]
+    fits = all(s is not None and tuple(s[:-1]) == tuple(shape[:-1]) for s in shapes)
+    if (not fits or len(shape) != 2 or sum(s[-1] for s in shapes) != shape[-1] or packed["fingerprint"] is None
+            or any(single["fingerprint"] is None for single in singles)):
+        return []
+    starts = np.cumsum([0, *[s[-1] for s in shapes[:-1]]])
+    return [_block_agreement(packed, int(start), s[-1], single) for start, s, single in zip(starts, shapes, singles)]
 
 
 def _block_agreement(fused: dict, start: int, size: int, single: dict) -> float | None:

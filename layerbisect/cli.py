@@ -171,7 +171,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     loudness.add_argument(
         "-q", "--quiet", action="store_true",
-        help="no progress bar, no log and no 'wrote PATH' lines; print only the verdict line",
+        help="no progress bars, no log and no 'wrote PATH' lines; print only the verdict line",
     )
     parser.add_argument("--version", action="version", version=f"layerbisect {__version__}")
     return parser

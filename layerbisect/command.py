@@ -25,7 +25,7 @@ from layerbisect.find import find_first_bad_layer
 from layerbisect.options import check_workers
 from layerbisect.render import echo
 from layerbisect.report import Report
-from layerbisect.run import usable_providers
+from layerbisect.run import skipped_providers_note, usable_providers
 from layerbisect.simulate import simulated
 
 STDOUT = "-"
@@ -53,9 +53,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         _check_outputs(args)
         kept, missing = usable_providers(args.providers)
-        for provider in missing:
-            _warn(f"execution provider {provider!r} is not available in this onnxruntime; running with "
-                  f"{', '.join(kept)}")
+        if missing:  # said now, before the run, and in the report's notes
+            _warn(skipped_providers_note(kept, missing))
         inputs = read_samples(args)
         quant_model = _quantized_side(args)
         with _executor(args.workers) as executor:
@@ -146,9 +145,9 @@ def _check_outputs(args: argparse.Namespace) -> None:
             raise LayerbisectError(f"--model-explorer {args.model_explorer} is not a folder; create it first")
         outputs.update((f"--model-explorer {name}", Path(args.model_explorer) / name) for name in EXPLORER_FILES)
     script = args.data_loader_script[0] if args.data_loader_script else None
-    reads = [args.float_model, args.quant_model, args.quant_graph, args.inputs, script,
-             *(path for _, path in args.input)]
-    check_outputs({flag: path for flag, path in outputs.items() if path != STDOUT}, reads)
+    check_outputs({flag: path for flag, path in outputs.items() if path != STDOUT},
+                  [args.inputs, script, *(path for _, path in args.input)],
+                  models=[args.float_model, args.quant_model, args.quant_graph])
 
 
 def _quantized_side(args: argparse.Namespace):
@@ -170,6 +169,7 @@ def _keep_float(args: argparse.Namespace, inputs: dict | Dataset | None) -> None
     fallback = keep_in_float(
         args.float_model, args.quant_model, inputs=inputs, threshold=args.threshold,
         shapes=dict(args.shape), seed=args.seed, providers=args.providers, allow_swapped=args.allow_swapped,
+        quiet=args.quiet,
     )
     print(fallback, file=sys.stderr)
     if args.keep_float:

@@ -34,15 +34,17 @@ from os import PathLike
 import onnx
 from onnx import helper, numpy_helper
 
+from layerbisect import assemble
 from layerbisect.align import ACTIVATIONS, Pair
 from layerbisect.errors import NO_SAMPLES, LayerbisectError
 from layerbisect.files import sources, write
-from layerbisect.find import _comparable, _layer, setup
+from layerbisect.find import setup
 from layerbisect.graph import outer_scope_reads
 from layerbisect.inputs import Sample, reusable, samples_of
 from layerbisect.load import ModelLike, tensor_array, with_data
 from layerbisect.measure import Saved, Totals, measure, prepare
 from layerbisect.options import DEFAULT_PROVIDERS, check_threshold
+from layerbisect.progress import steps
 from layerbisect.report import LayerComparison
 from layerbisect.run import usable_providers
 from layerbisect.search import bisect_first_failing
@@ -135,11 +137,13 @@ def keep_in_float(
     seed: int = 0,
     providers: str | Sequence[str] = DEFAULT_PROVIDERS,
     allow_swapped: bool = False,
+    quiet: bool = False,
 ) -> FloatFallback:
     """Find a small set of layers of a QDQ model to keep in float so that the repaired model
     passes: every aligned layer reaches ``threshold`` (cosine with the float model, mean over
     samples), judged as ``find_first_bad_layer`` judges it on the same inputs.
-    ``providers`` is an order of preference, as for ``find_first_bad_layer``.
+    ``providers`` is an order of preference, as for ``find_first_bad_layer``. On long runs a
+    bar counts the repaired models tried (after those of loading and alignment), unless ``quiet``.
 
     >>> fix = keep_in_float("model_fp32.onnx", "model_int8_qdq.onnx", inputs)  # doctest: +SKIP
     >>> fix.nodes_to_exclude  # doctest: +SKIP
@@ -148,7 +152,7 @@ def keep_in_float(
     check_threshold(threshold)
     providers, _ = usable_providers(providers)
     float_proto, quant_proto, plan, _, alignment, *_ = setup(
-        float_model, quant_model, shapes=shapes, providers=providers, allow_swapped=allow_swapped
+        float_model, quant_model, shapes=shapes, providers=providers, allow_swapped=allow_swapped, quiet=quiet
     )
     if not any(node.op_type == "DequantizeLinear" for node in quant_proto.graph.node):
         raise LayerbisectError("keeping layers in float needs a QDQ model (QuantizeLinear/DequantizeLinear pairs)")
@@ -163,6 +167,7 @@ def keep_in_float(
     executions = 0
     cache: dict[frozenset, LayerComparison | None] = {}
     float_values: Saved | None = None  # the float model's values, measured once
+    tried = steps(None, "model", quiet=quiet, desc="keep in float: repaired models tried")  # how many is not known
 
     def lowest(chosen: Sequence[Pair]) -> LayerComparison | None:
         """The lowest judged layer of the model with ``chosen`` kept in float."""
@@ -180,6 +185,7 @@ def keep_in_float(
                 float_values = Saved(tuple((values, {}) for values, _ in saved.values)) if saved else None
             cache[key] = _lowest_layer(read, totals)
             executions += totals.executions
+            tried.advance()
         return cache[key]
 
     def repairs(chosen: Sequence[Pair]) -> bool:
@@ -209,6 +215,7 @@ def keep_in_float(
     repaired = bypass(float_proto, quant_proto, attempted)
     nodes = {node.name: node for node in quant_proto.graph.node}
     before, after = lowest([]), lowest(attempted)
+    tried.close()
     return FloatFallback(
         float_nodes=tuple(name for p in chosen for name in p.float_nodes),
         nodes_to_exclude=tuple(name for p in chosen for name in p.quant_nodes),
@@ -228,7 +235,7 @@ def keep_in_float(
 def _lowest_layer(pairs: Sequence[Pair], totals: Totals) -> LayerComparison | None:
     """The judged layer with the lowest cosine (NaN lowest) among ``pairs`` as ``totals``
     measured them, judged as ``find_first_bad_layer`` judges them; None when none is judged."""
-    layers = [_layer(pair, i, totals, i) for i, pair in enumerate(pairs) if _comparable((totals, i))]
+    layers = assemble.layers(pairs, {i: (totals, i) for i in range(len(pairs))})
     judged = [layer for layer in layers if layer.judged]
     return min(judged, key=lambda layer: -math.inf if math.isnan(layer.cosine) else layer.cosine, default=None)
 

@@ -9,8 +9,6 @@ import operator
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import replace
-from os import PathLike
-from pathlib import Path
 from typing import NamedTuple
 
 import networkx as nx
@@ -18,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from layerbisect import assemble
 from layerbisect.align import Alignment, Pair, align
 from layerbisect.cost import cheapest, estimates
 from layerbisect.errors import NO_SAMPLES, LayerbisectError, SampleError
@@ -28,16 +27,15 @@ from layerbisect.inputs import InputPlan, Sample, plan_inputs, reusable, samples
 from layerbisect.load import ModelLike, declared_inputs, load_model, subgraph_notes
 from layerbisect.measure import Saved, Totals, available_memory, measure, prepare
 from layerbisect.options import DEFAULT_PROVIDERS, check_strategy, check_threshold, memory_size
-from layerbisect.progress import progress
-from layerbisect.report import LayerComparison, Report, faint_notes, nonfinite_notes
+from layerbisect.progress import Steps, progress, steps
+from layerbisect.report import LayerComparison, Report
 from layerbisect.run import lower_ir_version, skipped_providers_note, usable_providers
 from layerbisect.run import ort_optimized as ort_optimized_model
-from layerbisect.search import bisect_first_failing, first_failing
+from layerbisect.search import bisect_calls, bisect_first_failing
 from layerbisect.segment import Segments
 from layerbisect.simulate import Simulated, Simulation
 from layerbisect.source import compare_source, tensor_source
-from layerbisect.summary import neighbourhood, quantization, summarize
-from layerbisect.weights import UNRELATED_WEIGHTS
+from layerbisect.summary import quantization
 
 UNKNOWN_TENSOR_BYTES = 1 << 20  # assumed size of a value whose shape is unknown
 DEFAULT_BUDGET_CAP = 1 << 30  # beyond this, holding more activations only costs memory
@@ -61,6 +59,8 @@ PLUMBING = {"Identity", "Transpose", "Reshape", "QuantizeLinear", "DequantizeLin
 # Attention fusion computes Q, K and V in one operation: 3 of a transformer block's 6, half.
 # A CNN against an MLP with the same inputs and outputs pairs 0 of 4.
 MIN_WEIGHTED_PAIRED = 0.5
+# alignment's steps on a progress bar: the float graph built, the quantized one, their layers paired
+ALIGN_STEPS = 3
 
 # progress milestones (models loaded, layers aligned, each pass), on the "layerbisect" logger;
 # the CLI shows them with -v
@@ -119,9 +119,9 @@ def find_first_bad_layer(
     shapes), the scan where it costs no more.
     ``isolated=True`` also measures each layer fed the float model's own inputs, to tell
     where error is introduced from where it is inherited. ``executor`` (any
-    ``concurrent.futures.Executor``) spreads samples over its workers. A progress bar over
-    samples (over passes, for one sample scanned in pieces) shows on long runs when tqdm is
-    installed, unless ``quiet``.
+    ``concurrent.futures.Executor``) spreads samples over its workers. Progress bars (loading,
+    alignment, the passes, the samples of each pass) show on long runs when tqdm is installed,
+    unless ``quiet`` (docs/api.md#progress).
 
     >>> report = find_first_bad_layer("model_fp32.onnx", "model_int8.onnx")  # doctest: +SKIP
     >>> report.first_bad.float_nodes, report.first_bad_cause  # doctest: +SKIP
@@ -157,7 +157,7 @@ def find_first_bad_layer(
         quant_model = quant_model.build(float_model, samples, shapes=shapes, seed=seed, providers=providers)
     float_proto, quant_proto, plan, float_graph, alignment, load_notes, given = setup(
         float_model, quant_model, shapes=shapes, providers=providers, ort_optimized=ort_optimized,
-        allow_swapped=allow_swapped,
+        allow_swapped=allow_swapped, quiet=quiet,
     )
     pairs = alignment.pairs
     budget = memory_budget if memory_budget is not None else min(available_memory() // 2, DEFAULT_BUDGET_CAP)
@@ -168,7 +168,10 @@ def find_first_bad_layer(
     except LayerbisectError as exc:
         raise exc if single else SampleError(0, str(exc)) from None
     input_shapes = {name: array.shape for name, array in first_feeds[0].items()}
-    del first  # samples stream: only a pass holds them, a few at a time
+    # samples stream: only a pass holds them, a few at a time (and, with ort_optimized, the
+    # first one's quantized feeds, for the optimized graph's check)
+    first_feeds = first_feeds[1] if given is not None else None
+    del first
     sizes, quant_sizes = _value_bytes(float_proto, pairs, input_shapes)
     feeders = _feeders(float_proto, pairs) if isolated else [() for _ in pairs]
     footprint = _Footprint(sizes, quant_sizes, feeders, isolated)
@@ -195,70 +198,41 @@ def find_first_bad_layer(
         pairs, (Segments(float_proto), Segments(quant_proto)), feeders, plan, samples, 1 if single else count,
         seed=seed, providers=providers, executor=executor, quiet=quiet, save_limit=budget / 4,
     )
+    # one sample: a bar over the passes (several samples have theirs over the samples, each pass)
     if strategy in ("scan", "prefix"):
-        _scan(passes, groups, isolated, threshold if strategy == "prefix" else None)
+        with steps(len(groups), "pass", quiet=quiet or not single) as passes.bar:
+            _scan(passes, groups, isolated, threshold if strategy == "prefix" else None)
     else:
-        _bisect(passes, threshold, last_pass, groups if isolated else None)
-    measured = passes.measured
-    layers = tuple(
-        _layer(pairs[i], i, *measured[i]) for i in sorted(measured) if _comparable(measured[i])
-    )
-    if not layers:
-        raise LayerbisectError("no aligned layer holds comparable float values; nothing to compare")
-    bad = first_failing(layer.passes(threshold) for layer in layers)
-    first_bad = None if bad is None else layers[bad]
-    culprit = _culprit(layers, first_bad, threshold)
+        # bisection's passes, at most: its probes (about log2 of the pairs), then, for the
+        # culprit, the pieces up to the first bad layer
+        passes.at_most = bisect_calls(len(pairs), last_pass, probes=1) + (len(groups) if isolated else 0)
+        with steps(passes.at_most, "pass", quiet=quiet or not single,
+                   desc=f"bisect (at most {passes.at_most} passes)") as passes.bar:
+            _bisect(passes, threshold, last_pass, groups if isolated else None)
+    records = assemble.layers(pairs, passes.measured)
+    first_bad = assemble.first_bad(records, threshold)
+    culprit = _culprit(records, first_bad, threshold)
     cause = _cause(first_bad, culprit, threshold)
-    notes = [*provider_notes, *load_notes, *plan.notes, *nonfinite_notes(layers), *faint_notes(layers, inputs is None),
+    notes = [*provider_notes, *load_notes, *plan.notes,
              *subgraph_notes(float_proto, "float model"),
              *subgraph_notes(quant_proto, "quantized model")]
-    notes += [
-        f"left out: {why}" for totals in passes.totals for why in totals.problems.values()
-        if why != "not a float tensor"
-    ]
     if given is not None:  # onnxruntime's optimized graph: the layers it computes otherwise
-        notes.append(_fusions(float_graph, given, quant_proto, pairs, first_feeds[1], groups, passes,
+        notes.append(_fusions(float_graph, given, quant_proto, pairs, first_feeds, groups, passes,
                               seed=seed, providers=providers, budget=budget))
     if isinstance(quant_model, Simulation):
         notes += quant_model.notes([first_bad, culprit])
-    if alignment.weight_agreement < UNRELATED_WEIGHTS:
-        notes.append(
-            f"the weights share nothing: the {alignment.weighted_paired} weighted layers paired agree "
-            f"{alignment.weight_agreement:.2f} (median of the correlation of each output channel's "
-            "weights; 1.0 for the same weights quantized, rescaled or folded). The quantized model "
-            "computes this network with other weights (another training, seed or checkpoint): "
-            "every layer differs, and the first bad layer says nothing; compare it with the float "
-            "model it was made from"
-        )
-    return Report(
-        layers=layers,
-        first_bad=first_bad,
-        threshold=float(threshold),
-        samples=passes.totals[0].samples,
-        outputs=_output_tensors(float_graph, float_proto),
-        unaligned=alignment.unaligned,
-        coverage=alignment.coverage,
-        notes=tuple(dict.fromkeys(notes)),
-        float_model=_label(float_model),
-        quant_model=_label(quant_model),
-        strategy=strategy,
-        executions=sum(t.executions for t in passes.totals),
-        peak_bytes=max(t.peak_bytes for t in passes.totals),
-        culprit=culprit,
-        first_bad_cause=cause,
-        contributors=_contributors(layers, first_bad, culprit) if cause == "accumulated" else (),
-        aligned=len(pairs),
-        float_summary=summarize(float_proto, _label(float_model)),
-        quant_summary=summarize(quant_proto, _label(quant_model)),
-        providers=tuple(providers),
-        seed=seed,
-        ort_optimized=ort_optimized,
-        float_neighbourhood=() if first_bad is None else neighbourhood(float_proto, first_bad.float_nodes),
-        quant_neighbourhood=() if first_bad is None else neighbourhood(quant_proto, first_bad.quant_nodes),
-        sources=sources(float_model, quant_model, float_proto, quant_proto),
-        weighted=alignment.weighted,
-        weighted_paired=alignment.weighted_paired,
-        weight_agreement=alignment.weight_agreement,
+    return assemble.build_report(
+        records, threshold,
+        float_side=assemble.Side(float_proto, assemble.label(float_model)),
+        quant_side=assemble.Side(quant_proto, assemble.label(quant_model)),
+        float_graph=float_graph, alignment=alignment,
+        run=assemble.Run(samples=passes.totals[0].samples, executions=sum(t.executions for t in passes.totals),
+                         peak_bytes=max(t.peak_bytes for t in passes.totals), providers=tuple(providers), seed=seed,
+                         strategy=strategy, ort_optimized=ort_optimized),
+        cause=assemble.Cause(culprit, cause,
+                             _contributors(records, first_bad, culprit) if cause == "accumulated" else ()),
+        notes=notes, problems=[why for totals in passes.totals for why in totals.problems.values()],
+        generated=inputs is None, sources=sources(float_model, quant_model, float_proto, quant_proto),
     )
 
 
@@ -274,6 +248,8 @@ class _Passes:
         self.save_limit = save_limit
         self.measured: dict[int, tuple[Totals, int]] = {}
         self.totals: list[Totals] = []
+        self.bar = Steps(None)  # advanced after each pass
+        self.at_most: int | None = None  # bisection's bound on the number of passes
 
     def run(
         self, indices: Sequence[int], isolated: bool, start: Saved | None, save_after: int | None = None,
@@ -283,7 +259,8 @@ class _Passes:
         values ``start`` holds; return the values saved for a pass that resumes after pair
         ``save_after``, if given and they fit. ``of`` is the number of passes, when known."""
         number = len(self.totals) + 1
-        log.info("pass %s: %d layer(s), #%d to #%d%s", number if of is None else f"{number} of {of}", len(indices),
+        planned = f" of {of}" if of is not None else f" of at most {self.at_most}" if self.at_most else ""
+        log.info("pass %d%s: %d layer(s), #%d to #%d%s", number, planned, len(indices),
                  indices[0], indices[-1], ", with isolated error" if isolated else "")
         pairs = self.pairs
         saves: tuple[Sequence[str], Sequence[str]] = ((), ())
@@ -305,10 +282,12 @@ class _Passes:
             [pairs[b] for b in boundaries] if isolated else None,
             self.plan, seed=self.seed, providers=self.providers, start=start, saves=saves, unfed=others,
         )
+        label = f"pass {number}{planned}" if planned and of != 1 else None  # of several: on the samples' bar
         totals, saved = measure(
-            measurement, progress(self.samples, self.quiet, self.count), self.executor, start,
+            measurement, progress(self.samples, self.quiet, self.count, desc=label), self.executor, start,
             save_limit=self.save_limit,
         )
+        self.bar.advance()
         self.totals.append(totals)
         log.info("pass %d done: %d sample(s), %d model runs", number, totals.samples, totals.executions)
         for position, index in enumerate(indices):
@@ -316,23 +295,26 @@ class _Passes:
         return saved
 
     def layer(self, index: int) -> LayerComparison:
-        return _layer(self.pairs[index], index, *self.measured[index])
+        return assemble.layer(self.pairs[index], index, *self.measured[index])
 
     def passes(self, index: int, threshold: float) -> bool:
         """Whether a measured pair passes; one that cannot be compared (not float, shapes
         differ) counts as passing."""
-        return not _comparable(self.measured[index]) or self.layer(index).passes(threshold)
+        return not assemble.comparable(*self.measured[index]) or self.layer(index).passes(threshold)
 
 
-def _scan(passes: _Passes, groups: Sequence[Sequence[int]], isolated: bool, threshold: float | None = None) -> None:
+def _scan(
+    passes: _Passes, groups: Sequence[Sequence[int]], isolated: bool, threshold: float | None = None,
+    alone: bool = True,
+) -> None:
     """Measure every group in order, each pass resuming where the previous one stopped; with a
     ``threshold``, stop after the first group holding a pair below it (every pair up to the
-    first bad one is measured: the scan's first bad layer and culprit)."""
+    first bad one is measured: the scan's first bad layer and culprit). ``alone``: these are
+    all the search's passes (their number is shown as the plan)."""
     start = None
-    # one sample: a bar over the passes (several samples have theirs over the samples, each pass)
-    for number, group in enumerate(progress(groups, passes.quiet or passes.count != 1, unit="pass")):
+    for number, group in enumerate(groups):
         last = number == len(groups) - 1
-        start = passes.run(group, isolated, start, None if last else group[-1], of=len(groups))
+        start = passes.run(group, isolated, start, None if last else group[-1], of=len(groups) if alone else None)
         if threshold is not None and not all(passes.passes(i, threshold) for i in group):
             return
 
@@ -367,7 +349,8 @@ def _bisect(passes: _Passes, threshold: float, last_pass: int, pieces: Sequence[
     bisect_first_failing(check, len(passes.pairs), last_pass, probes=1)
     if pieces is not None and failing:
         end = min(failing)
-        _scan(passes, [[i for i in piece if i <= end] for piece in pieces if piece[0] <= end], True, threshold)
+        _scan(passes, [[i for i in piece if i <= end] for piece in pieces if piece[0] <= end], True, threshold,
+              alone=False)
 
 
 def _fusions(float_graph, given, optimized, pairs, feeds, groups, passes: _Passes, *, seed, providers, budget) -> str:
@@ -380,9 +363,9 @@ def _fusions(float_graph, given, optimized, pairs, feeds, groups, passes: _Passe
     plan = plan_inputs(declared_inputs(given), declared_inputs(optimized))
     both = _Passes(found.pairs, (Segments(given), Segments(optimized)), [() for _ in found.pairs], plan, [feeds], 1,
                    seed=seed, providers=providers, executor=None, quiet=True, save_limit=budget / 4)
-    _scan(both, [piece for piece in pieces if piece], False)
+    _scan(both, [piece for piece in pieces if piece], False, alone=False)
     passes.totals += both.totals
-    layers = [both.layer(k) if _comparable(both.measured[k]) else None for k in range(len(found.pairs))]
+    layers = [both.layer(k) if assemble.comparable(*both.measured[k]) else None for k in range(len(found.pairs))]
     return fusion_note(changed(found, pairs, layers), len(found.pairs))
 
 
@@ -406,27 +389,39 @@ def setup(
     providers: Sequence[str] = DEFAULT_PROVIDERS,
     ort_optimized: bool = False,
     allow_swapped: bool = False,
+    quiet: bool = False,
 ) -> Setup:
-    """Load both models, plan their inputs and align their values (the static part).
+    """Load both models, plan their inputs and align their values (the static part), with a
+    bar over each of the two on long runs, unless ``quiet``.
 
     Refuses two models that do not compute the same network: fewer than half of the float
     model's weighted layers pair one for one (``MIN_WEIGHTED_PAIRED``); and, unless
     ``allow_swapped``, a float model that holds quantization while the quantized one does not."""
-    float_proto = load_model(float_model, role="float model")
     simulation = quant_model if isinstance(quant_model, Simulation) else None
-    quant_proto = load_model(quant_model if simulation is None else simulation.model, role="quantized model")
-    log.info("loaded the float model (%d nodes) and the quantized model (%d nodes)",
-             len(float_proto.graph.node), len(quant_proto.graph.node))
-    if not allow_swapped:
-        _check_direction(float_proto, quant_proto)
-    notes = (*lower_ir_version(float_proto, "float model"), *lower_ir_version(quant_proto, "quantized model"))
-    given = None
-    if ort_optimized:
-        given = quant_proto
-        quant_proto = load_model(ort_optimized_model(quant_proto, "quantized model", providers), role="quantized model")
+    with steps(2 + ort_optimized, "model", quiet=quiet, desc="loading the float model") as bar:
+        float_proto = load_model(float_model, role="float model")
+        bar.advance("loading the quantized model")
+        quant_proto = load_model(quant_model if simulation is None else simulation.model, role="quantized model")
+        bar.advance("optimizing the quantized model" if ort_optimized else None)
+        log.info("loaded the float model (%d nodes) and the quantized model (%d nodes)",
+                 len(float_proto.graph.node), len(quant_proto.graph.node))
+        if not allow_swapped:
+            _check_direction(float_proto, quant_proto)
+        notes = (*lower_ir_version(float_proto, "float model"), *lower_ir_version(quant_proto, "quantized model"))
+        given = None
+        if ort_optimized:
+            given = quant_proto
+            quant_proto = load_model(ort_optimized_model(quant_proto, "quantized model", providers),
+                                     role="quantized model")
+            bar.advance()
     plan = plan_inputs(declared_inputs(float_proto), declared_inputs(quant_proto), shapes)
-    float_graph = build_graph(float_proto)
-    alignment = simulation.alignment(float_graph) if simulation else align(float_graph, build_graph(quant_proto))
+    with steps(ALIGN_STEPS, "step", quiet=quiet, desc="aligning: the float graph") as bar:
+        float_graph = build_graph(float_proto)
+        bar.advance("aligning: the quantized graph")
+        quant_graph = None if simulation else build_graph(quant_proto)
+        bar.advance("aligning: pairing layers")
+        alignment = simulation.alignment(float_graph) if simulation else align(float_graph, quant_graph)
+        bar.advance()
     log.info("aligned %d of %d float operations (%d layers); %d of %d weighted layers paired",
              alignment.float_ops - len(alignment.unaligned), alignment.float_ops, len(alignment.pairs),
              alignment.weighted_paired, alignment.weighted)
@@ -463,39 +458,6 @@ def _check_direction(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto)
             "look swapped; give the float model first, or, to compare them this way on purpose, pass "
             "allow_swapped=True (CLI: --allow-swapped)"
         )
-
-
-def _layer(pair: Pair, index: int, totals: Totals, position: int) -> LayerComparison:
-    cumulative, isolated = totals.cumulative[position], totals.isolated[position]
-    return LayerComparison(
-        index=index,
-        op_type=pair.op_type,
-        float_nodes=pair.float_nodes,
-        float_tensor=pair.float_tensor,
-        quant_nodes=pair.quant_nodes,
-        quant_tensor=pair.quant_tensor,
-        shape=totals.shapes.get(position, ()),
-        cosine=cumulative.cosine,
-        sqnr_db=cumulative.sqnr_db,
-        mse=cumulative.mse,
-        max_abs=cumulative.max_abs,
-        cosine_worst=cumulative.cosine_worst,
-        cosine_p10=cumulative.cosine_p10,
-        worst_sample=cumulative.worst_sample,
-        nonfinite=cumulative.nonfinite,
-        float_nonfinite=cumulative.reference_nonfinite,
-        float_zero=cumulative.degenerate,
-        faint=cumulative.faint,
-        evidence=pair.evidence,
-        isolated_cosine=isolated.cosine if isolated.samples else math.nan,
-        isolated_sqnr_db=isolated.sqnr_db if isolated.samples else math.nan,
-    )
-
-
-def _comparable(entry: tuple[Totals, int]) -> bool:
-    totals, position = entry
-    aggregate = totals.cumulative[position]
-    return position not in totals.problems and aggregate.samples + aggregate.degenerate > 0
 
 
 def _cause(first_bad: LayerComparison | None, culprit: LayerComparison | None, threshold: float) -> str | None:
@@ -627,19 +589,3 @@ class _Footprint:
         return self.sizes[index] + self.copies * self.quant_sizes[index] + sum(
             self.quant_sizes[f] + (0 if f in measured else self.sizes[f]) for f in new
         )
-
-
-def _output_tensors(graph, model: onnx.ModelProto) -> tuple[tuple[str, str], ...]:
-    """Each output of the model with the tensor holding it, seen through Identity and the like."""
-    pairs = []
-    for output in model.graph.output:
-        ref = graph.graph["tensors"].get(output.name)
-        if ref is not None and graph.nodes[ref[0]]["kind"] == "op":
-            pairs.append((output.name, graph.nodes[ref[0]]["outputs"][ref[1]]))
-    return tuple(pairs)
-
-
-def _label(model: ModelLike) -> str:
-    if isinstance(model, onnx.ModelProto):
-        return model.graph.name or "<ModelProto>"
-    return str(Path(model)) if isinstance(model, (str, PathLike)) else str(model)

@@ -27,8 +27,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from layerbisect.load import tensor_array
-from layerbisect.vocabulary import INTERMEDIATES, ROLES
+from layerbisect.load import tensor_array, tensor_nbytes
+from layerbisect.vocabulary import INTERMEDIATES, MASK_INPUTS, MASK_OUTPUTS, ROLES
 
 ValueRef = tuple[str, int]
 """A value: (graph node id, output index). Graph inputs are nodes with a single output."""
@@ -87,6 +87,7 @@ FLOAT_DTYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorPro
                 onnx.TensorProto.BFLOAT16}
 FINGERPRINT_SIZE = 4096
 CONST, SCALE = "const", "scale"
+MASK = "mask"  # an attention mask in a fused operator's own form (``vocabulary.MASK_INPUTS``)
 LARGE_INITIALIZER = 1024  # bytes; smaller ones (shapes, axes) may be read by shape inference
 NOT_A_TENSOR = -1  # the dtype of a sequence, map or optional value: never compared
 # Arithmetic on constants that a weight's value is computed through, folded here with Cast:
@@ -150,7 +151,13 @@ def build_graph(model: onnx.ModelProto) -> nx.DiGraph:
     permutation; None for other operations and where unknown) and ``layout`` (for an operation
     that computes channels-last, the permutation that brings its tensors to channels-first;
     None otherwise). Graph attribute ``tensors`` maps each tensor name to its ValueRef;
-    ``outputs`` holds the ValueRef of each declared output, in order (None for a constant).
+    ``outputs`` holds the ValueRef of each declared output, in order (None for a constant);
+    ``mask_inputs`` the graph inputs a fused operator reads as its attention mask.
+
+    An attention mask that a fused operator reads or passes on in its own form (a mask index,
+    sequence lengths: ``vocabulary.MASK_INPUTS`` and ``MASK_OUTPUTS``) is no data value here,
+    like a constant: the float graph computes its additive mask otherwise, and the two are
+    not compared.
 
     Values computed from shapes alone (Shape, and what follows from it without other data) are
     constants here: a Reshape whose target shape one exporter computes and another folds reads
@@ -159,24 +166,56 @@ def build_graph(model: onnx.ModelProto) -> nx.DiGraph:
     return _Builder(model).build()
 
 
-def _shape_stand_in(node: onnx.NodeProto) -> onnx.NodeProto:
-    """For shape inference, an onnxruntime fusion as the standard operation whose output has
-    the same shape: FusedMatMul (untransposed) as MatMul, FusedConv as Conv, FusedGemm as Gemm,
-    a Gelu as an Identity. Others are left as they are. Without this, a float value after a
-    FusedMatMul had no shape, and paired with a Gemm's flattened input ([8, 128] for
-    [1, 8, 128]), where a cut then fed the float value to a Gemm that takes 2-D only."""
+def _shape_stand_ins(node: onnx.NodeProto, dims: Mapping[str, Sequence[int]]) -> list[onnx.NodeProto]:
+    """For shape inference, an onnxruntime fusion as the standard operations whose outputs have
+    the same shapes: FusedMatMul (untransposed) as MatMul, FusedConv as Conv, FusedGemm as Gemm,
+    a Gelu as an Identity, SkipLayerNormalization's normalized value and residual sum as
+    Identities of its input, an Attention of square projections as an Identity of its input,
+    EmbedLayerNormalization's embedding as the Gather of its word embeddings (``dims``: the
+    initializers' shapes, which tell the square projections). Outputs with no
+    stand-in (an attention's cache, a mask index) stay unknown; other operations are left as
+    they are. Without this, a float value after a FusedMatMul had no shape, and paired with a
+    Gemm's flattened input ([8, 128] for [1, 8, 128]), where a cut then fed the float value to a
+    Gemm that takes 2-D only; after an EmbedLayerNormalization no value of a BERT had one."""
     if node.domain != "com.microsoft":
-        return node
+        return [node]
     plain = [a for a in node.attribute if not a.name.startswith("activation")]
-    if node.op_type == "FusedMatMul" and not any(a.name.startswith("trans") and a.i for a in plain):
-        return helper.make_node("MatMul", node.input[:2], node.output)
-    if node.op_type in ("FusedConv", "FusedGemm"):
-        stand_in = helper.make_node(node.op_type[len("Fused"):], node.input[:3], node.output)
+    op, inputs, outputs = node.op_type, node.input, node.output
+    if op == "FusedMatMul" and not any(a.name.startswith("trans") and a.i for a in plain):
+        return [helper.make_node("MatMul", inputs[:2], outputs)]
+    if op in ("FusedConv", "FusedGemm"):
+        stand_in = helper.make_node(op[len("Fused"):], inputs[:3], outputs)
         stand_in.attribute.extend(plain)
-        return stand_in
-    if node.op_type in ("Gelu", "FastGelu", "QuickGelu", "BiasGelu"):
-        return helper.make_node("Identity", node.input[:1], node.output)
-    return node
+        return [stand_in]
+    same_as_input = {
+        "Gelu": (0,), "FastGelu": (0,), "QuickGelu": (0,), "BiasGelu": (0,), "RotaryEmbedding": (0,),
+        "SkipLayerNormalization": (0, 3), "SkipSimplifiedLayerNormalization": (0, 3),
+        "Attention": (0,) if _square_projections(node, dims) else (),
+    }
+    if op in same_as_input:
+        return [helper.make_node("Identity", inputs[:1], [outputs[i]])
+                for i in same_as_input[op] if i < len(outputs) and outputs[i]]
+    if op == "EmbedLayerNormalization" and len(inputs) > 2:
+        return [helper.make_node("Gather", [inputs[2], inputs[0]], outputs[:1])]
+    return [node]
+
+
+def _square_projections(attention: onnx.NodeProto, dims: Mapping[str, Sequence[int]]) -> bool:
+    """Whether an Attention's packed weight ``[hidden, 3 * hidden]`` keeps its input's width."""
+    weight = list(dims.get(attention.input[1], ())) if len(attention.input) > 1 else []
+    plain = not any(a.name == "qkv_hidden_sizes" for a in attention.attribute)
+    return plain and len(weight) == 2 and weight[1] == 3 * weight[0]
+
+
+def _with_used_domains(model: onnx.ModelProto) -> list[onnx.OperatorSetIdProto]:
+    """The model's opset imports, and version 1 of any domain its nodes use without one (an
+    onnxruntime-optimized model taken from the optimizer in memory imports no com.microsoft,
+    and onnx shape inference refuses the whole model then)."""
+    imports = list(model.opset_import)
+    declared = {entry.domain for entry in imports}
+    for domain in sorted({node.domain for node in model.graph.node} - declared - {"ai.onnx"}):
+        imports.append(helper.make_opsetid(domain, 1))
+    return imports
 
 
 def _shape_only(init: onnx.TensorProto) -> onnx.TensorProto:
@@ -197,11 +236,13 @@ def inferred_types(
     infers (it knows no com.microsoft operator, and every shape after one would be unknown).
     """
     graph = model.graph
+    dims = {init.name: init.dims for init in graph.initializer}
     light = onnx.ModelProto(
-        ir_version=model.ir_version, opset_import=model.opset_import, functions=model.functions,
+        ir_version=model.ir_version, opset_import=_with_used_domains(model), functions=model.functions,
         graph=onnx.GraphProto(
-            node=[_shape_stand_in(node) for node in graph.node], output=graph.output, value_info=graph.value_info,
-            initializer=[_shape_only(init) if init.ByteSize() > LARGE_INITIALIZER else init
+            node=[stand_in for node in graph.node for stand_in in _shape_stand_ins(node, dims)],
+            output=graph.output, value_info=graph.value_info,
+            initializer=[_shape_only(init) if tensor_nbytes(init) > LARGE_INITIALIZER else init
                          for init in graph.initializer],
         ),
     )
@@ -237,6 +278,7 @@ class _Builder:
             for name in node.input:
                 self.consumers.setdefault(name, []).append(node)
         self.source: dict[str, ValueRef | str] = {}
+        self.mask_reads: list[ValueRef] = []
         self.graph = nx.DiGraph()
 
     def build(self) -> nx.DiGraph:
@@ -263,14 +305,30 @@ class _Builder:
             name: ref for name, ref in self.source.items() if isinstance(ref, tuple)
         }
         self.graph.graph["outputs"] = tuple(self.source.get(info.name) for info in self.graph_proto.output)
+        self.graph.graph["mask_inputs"] = self._mask_inputs()
         return self.graph
+
+    def _mask_inputs(self) -> frozenset[str]:
+        """The graph inputs that a fused operator reads as its attention mask: each the only
+        graph input behind one value read at a ``MASK_INPUTS`` position."""
+        found = set()
+        for node, _ in self.mask_reads:
+            behind = {n for n in nx.ancestors(self.graph, node) | {node} if self.graph.nodes[n]["kind"] == "input"}
+            if len(behind) == 1:
+                found |= behind
+        return frozenset(found)
 
     def _add(self, node: onnx.NodeProto, order: int) -> None:
         names = [*node.input, *outer_scope_reads(node)]  # If/Loop/Scan bodies read outer values
         inputs = [self.source.get(name, CONST) if name else CONST for name in names]
+        for position in MASK_INPUTS.get(node.op_type, ()):
+            if position < len(inputs) and isinstance(inputs[position], tuple):
+                self.mask_reads.append(inputs[position])
+                inputs[position] = MASK
         data = [ref for ref in inputs if isinstance(ref, tuple)]
         if not data or node.op_type in SHAPE_OPS:
             kind = SCALE if SCALE in inputs or node.op_type == "DynamicQuantizeLinear" else CONST
+            kind = MASK if MASK in inputs and kind == CONST and node.op_type not in SHAPE_OPS else kind
             for out in node.output:
                 self.source[out] = kind
             return
@@ -281,6 +339,10 @@ class _Builder:
                 self.source[out] = SCALE
             return
         outputs = tuple(node.output)
+        if node.op_type in MASK_OUTPUTS:
+            for out in outputs[MASK_OUTPUTS[node.op_type]:]:
+                self.source[out] = MASK
+            outputs = outputs[: MASK_OUTPUTS[node.op_type]]
         intermediate = INTERMEDIATES.get(node.op_type)
         if intermediate is not None and len(outputs) > intermediate[0] and outputs[intermediate[0]]:
             index, role = intermediate

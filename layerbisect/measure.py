@@ -28,10 +28,16 @@ from layerbisect.errors import LayerbisectError, SampleError
 from layerbisect.graph import Readout
 from layerbisect.inputs import InputPlan
 from layerbisect.isolate import Cut, cut
-from layerbisect.run import Session
+from layerbisect.run import Session, weight_bytes
 from layerbisect.segment import Segments
 
 SAMPLES_PER_TASK = 4
+# Models of a pass holding this many bytes of weights in all run one at a time
+# (``one_at_a_time``), each over a chunk of samples whose float values fill at most
+# CHUNK_BYTES (and CHUNK_SAMPLES samples): a chunk loads each model once.
+ONE_AT_A_TIME = 256 << 20
+CHUNK_BYTES = 256 << 20
+CHUNK_SAMPLES = 64
 # tasks submitted to an executor and not yet collected: enough to keep every worker of a pool
 # busy, few enough that a dataset is never all read into memory
 TASKS_IN_FLIGHT = max(16, 2 * (os.cpu_count() or 1))
@@ -194,9 +200,18 @@ def measure(
 
 def _results(measurement: Measurement, samples: Iterable, executor: Executor | None):
     """Each sample's result, in order. An executor gets a few samples a task and at most
-    ``TASKS_IN_FLIGHT`` tasks at once: samples are read as workers free up, not all at first."""
+    ``TASKS_IN_FLIGHT`` tasks at once: samples are read as workers free up, not all at first.
+    Here, the models of a pass whose weights are large run one at a time (``one_at_a_time``)."""
     items = enumerate(samples)
     if executor is None:
+        if one_at_a_time(measurement):
+            _SESSIONS.clear()
+            size = 1  # then as many as CHUNK_BYTES of float values hold
+            while chunk := list(itertools.islice(items, size)):
+                results, float_bytes = _measure_chunk(measurement, chunk, lambda role: _session(measurement, role))
+                yield from results
+                size = max(1, min(CHUNK_SAMPLES, CHUNK_BYTES * len(chunk) // max(1, float_bytes)))
+            return
         try:
             for index, (sample, start) in items:
                 yield measure_sample(measurement, sample, start, index)
@@ -213,29 +228,40 @@ def _results(measurement: Measurement, samples: Iterable, executor: Executor | N
         yield from futures.popleft().result()
 
 
+def one_at_a_time(measurement: Measurement) -> bool:
+    """Whether the models of a pass hold so much weight (``ONE_AT_A_TIME`` bytes or more in
+    all) that only one of them is loaded at a time: each runs over a chunk of samples (see
+    ``CHUNK_BYTES``) and is released before the next is loaded, the float values of the chunk
+    held meanwhile. Onnxruntime maps weights kept in external files and copies the others; a
+    session of each model at once held every weight three times over (float, quantized, and
+    the quantized model cut for isolated error), where running the models themselves one
+    after the other holds the largest once."""
+    models = (measurement.float_model, measurement.quant_model, measurement.isolated_model)
+    return sum(weight_bytes(model) for model in models if model is not None) >= ONE_AT_A_TIME
+
+
 def measure_samples(measurement: Measurement, items: list) -> list[SampleResult]:
     """Measure a few (index, (sample, start values)) items (the task a worker runs)."""
     return [measure_sample(measurement, sample, start, index) for index, (sample, start) in items]
 
 
 _SESSIONS: dict[str, tuple] = {}
+ROLES = ("float model", "quantized model", "quantized model cut for isolated error")
+
+
+def _session(measurement: Measurement, role: int) -> Session | None:
+    """A new session of one of the models of ``measurement`` (0 float, 1 quantized, 2 cut)."""
+    model = (measurement.float_model, measurement.quant_model, measurement.isolated_model)[role]
+    originals = measurement.originals or (None, None)
+    original = originals[0] if role == 0 else originals[1]
+    return None if model is None else Session(model, ROLES[role], measurement.providers, original)
 
 
 def _sessions(measurement: Measurement) -> tuple:
     """Sessions of a measurement, made once per process and kept for its last measurement."""
     if measurement.key not in _SESSIONS:
         _SESSIONS.clear()
-        float_original, quant_original = measurement.originals or (None, None)
-        providers = measurement.providers
-
-        def session(model, role, original):
-            return None if model is None else Session(model, role, providers, original)
-
-        _SESSIONS[measurement.key] = (
-            session(measurement.float_model, "float model", float_original),
-            session(measurement.quant_model, "quantized model", quant_original),
-            session(measurement.isolated_model, "quantized model cut for isolated error", quant_original),
-        )
+        _SESSIONS[measurement.key] = tuple(_session(measurement, role) for role in range(3))
     return _SESSIONS[measurement.key]
 
 
@@ -243,37 +269,67 @@ def measure_sample(measurement: Measurement, sample, start=({}, {}), index: int 
     """Run the models of ``measurement`` on one sample and compare every pair; ``start``
     holds the values this sample's pass resumes from (float, quantized). Bad feeds raise
     ``SampleError`` naming ``index``, the sample's position."""
-    float_session, quant_session, isolated_session = _sessions(measurement)
-    try:
-        float_feeds, quant_feeds = measurement.inputs.feeds(sample, measurement.seed)
-    except LayerbisectError as exc:
-        raise SampleError(index, str(exc)) from None
-    float_values = _run(float_session, measurement.float_model, float_feeds, start[0],
-                        [*measurement.float_names, *measurement.float_saves])
-    quant_values = _run(quant_session, measurement.quant_model, quant_feeds, start[1],
-                        [*measurement.quant_names, *measurement.quant_saves])
-    saved = (_kept(float_values, measurement.float_saves, float_session),
-             _kept(quant_values, measurement.quant_saves, quant_session))
+    sessions = _sessions(measurement)
+    (result,), _ = _measure_chunk(measurement, [(index, (sample, start))], sessions.__getitem__)
+    return result
+
+
+def _measure_chunk(measurement: Measurement, items: list, session_of) -> tuple[list[SampleResult], int]:
+    """Measure a chunk of (index, (sample, start values)) items, one model at a time over
+    all of them: the float model, then the quantized one (cumulative error), then the cut
+    one (isolated error); return their results and the bytes of the float values held
+    meanwhile. ``session_of(role)`` gives each model's session; this holds one at a time.
+    Bad feeds raise ``SampleError`` naming the sample's index."""
+    feeds, starts = [], []
+    for index, (sample, start) in items:
+        try:
+            feeds.append(measurement.inputs.feeds(sample, measurement.seed))
+        except LayerbisectError as exc:
+            raise SampleError(index, str(exc)) from None
+        starts.append(start)
+    session = session_of(0)
+    float_values = [_run(session, measurement.float_model, f, start[0], [*measurement.float_names,
+                                                                          *measurement.float_saves])
+                    for (f, _), start in zip(feeds, starts)]
+    float_saved = [_kept(values, measurement.float_saves, session) for values in float_values]
+    runs = session is not None
+    float_bytes = sum(_fresh_bytes(v, start[0], saved) for v, start, saved in zip(float_values, starts, float_saved))
+    del session
+    session = session_of(1)
+    cumulative, problems, quant_saved, quant_bytes = [], [], [], 0
+    for values, (_, q), start in zip(float_values, feeds, starts):
+        quant_values = _run(session, measurement.quant_model, q, start[1],
+                            [*measurement.quant_names, *measurement.quant_saves])
+        quant_saved.append(_kept(quant_values, measurement.quant_saves, session))
+        quant_bytes = max(quant_bytes, _fresh_bytes(quant_values, start[1], quant_saved[-1]))
+        problems.append({})
+        cumulative.append(compare_pairs(measurement.pairs, values, quant_values, problems[-1]))
+        del quant_values
+    runs += session is not None
+    del session
+    isolated: list = [(None,) * len(measurement.pairs)] * len(items)
+    isolated_bytes = 0
+    session = session_of(2)
+    if session is not None:
+        for position, (values, (_, q), start) in enumerate(zip(float_values, feeds, starts)):
+            cut_feeds = {c.name: c.feed(values[c.float_readout.tensor]) for c in measurement.cuts}
+            isolated_values = _run(session, measurement.isolated_model, {**q, **cut_feeds}, start[1],
+                                   measurement.quant_names)
+            # a float value fed as it is (a cut after DequantizeLinear) is not held twice
+            float_arrays = {id(value) for value in values.values()}
+            isolated_bytes = max(isolated_bytes, _nbytes(isolated_values) + sum(
+                feed.nbytes for feed in cut_feeds.values() if id(feed) not in float_arrays))
+            isolated[position] = compare_pairs(measurement.pairs, values, isolated_values, {})
+        runs += 1
+    del session
     # values read from ``start`` or saved for later are counted with those (see ``measure``)
-    held = _fresh_bytes(float_values, start[0], saved[0]) + _fresh_bytes(quant_values, start[1], saved[1])
-    executions = (float_session is not None) + (quant_session is not None)
-    problems: dict[int, str] = {}
-    cumulative = _compare_all(measurement.pairs, float_values, quant_values, problems)
-    del quant_values
-    isolated: tuple[Metrics | None, ...] = (None,) * len(measurement.pairs)
-    if isolated_session is not None:
-        cut_feeds = {c.name: c.feed(float_values[c.float_readout.tensor]) for c in measurement.cuts}
-        isolated_values = _run(isolated_session, measurement.isolated_model, {**quant_feeds, **cut_feeds},
-                               start[1], measurement.quant_names)
-        # a float value fed as it is (a cut after DequantizeLinear) is not held twice
-        float_arrays = {id(value) for value in float_values.values()}
-        held += _nbytes(isolated_values) + sum(
-            feed.nbytes for feed in cut_feeds.values() if id(feed) not in float_arrays
-        )
-        executions += 1
-        isolated = _compare_all(measurement.pairs, float_values, isolated_values, {})
-    shapes = tuple(tuple(float_values[p.float_tensor].shape) for p in measurement.pairs)
-    return SampleResult(cumulative, isolated, tuple(problems.items()), shapes, held, executions, saved)
+    held = float_bytes + quant_bytes + isolated_bytes
+    results = [
+        SampleResult(c, i, tuple(p.items()), tuple(tuple(v[pair.float_tensor].shape) for pair in measurement.pairs),
+                     held, runs, (fs, qs))
+        for c, i, p, v, fs, qs in zip(cumulative, isolated, problems, float_values, float_saved, quant_saved)
+    ]
+    return results, float_bytes
 
 
 def _run(session: Session | None, model, feeds: dict, start: dict, names: Sequence[str]) -> dict:
@@ -299,10 +355,12 @@ def _kept(values: dict, names: Sequence[str], session: Session | None) -> dict[s
     }
 
 
-def _compare_all(pairs, float_values, quant_values, problems: dict) -> tuple[Metrics | None, ...]:
+def compare_pairs(pairs, float_values, quant_values, problems: dict) -> tuple[Metrics | None, ...]:
     """Metrics of every pair, None where it cannot be compared (the reason goes to
-    ``problems``). On this thread: once compare summed with BLAS dots, spreading pairs over
-    threads made it slower on a 2-core machine (by 15% with 2 threads, 40% with 4)."""
+    ``problems``, by position): the one way a pair's values are compared, whatever the
+    quantized side computed them (a model's pass, a tensor source). On this thread: once
+    compare summed with BLAS dots, spreading pairs over threads made it slower on a 2-core
+    machine (by 15% with 2 threads, 40% with 4)."""
     outcomes = []
     for index, pair in enumerate(pairs):
         reference = _float_values(pair.float_readout, float_values[pair.float_tensor])

@@ -18,10 +18,10 @@ from dataclasses import asdict
 from html import escape
 from typing import IO, TYPE_CHECKING, Any
 
-from layerbisect.report import GraphNode, LayerComparison, _num, _short
+from layerbisect.text import number, shortened
 
 if TYPE_CHECKING:
-    from layerbisect.report import Report
+    from layerbisect.report import GraphNode, LayerComparison, Report
 
 # Every rule starts with the block's two classes, so that a host page's table rules lose to it
 # (Jupyter's, one class and two elements at most: right-aligned cells, striped and hovered
@@ -137,8 +137,9 @@ def _layer_table(report: Report) -> str:
     for layer in report.layers:
         classes = [] if layer.passes(report.threshold) else ["bad"]
         classes += ["first"] if _same(layer, report.first_bad) else []
-        numbers = [_num(layer.cosine, 4), _num(layer.cosine_worst, 4), _num(layer.sqnr_db, 1), _num(layer.max_abs, 4)]
-        numbers += [_num(layer.isolated_cosine, 4)] if isolated else []
+        numbers = [number(layer.cosine, 4), number(layer.cosine_worst, 4), number(layer.sqnr_db, 1),
+                   number(layer.max_abs, 4)]
+        numbers += [number(layer.isolated_cosine, 4)] if isolated else []
         names = " ".join(layer.float_nodes + layer.quant_nodes).lower()
         rows.append(
             f'<tr class="{" ".join(classes)}" data-op="{escape(layer.op_type)}" data-names="{escape(names)}">'
@@ -267,16 +268,16 @@ def neighbourhood_svg(nodes: tuple[GraphNode, ...], centre: set[str],
             fill = PALE_GREEN if layer.passes(threshold) else PALE_RED
             tag = f' data-layer="{layer.index}"'
             measured = (f'<text x="{x + box_w / 2:.1f}" y="{y + 43:.1f}" text-anchor="middle" font-size="11">'
-                        f"#{layer.index} cos {_num(layer.cosine, 4)}</text>")
+                        f"#{layer.index} cos {number(layer.cosine, 4)}</text>")
         out.append(
             f'<g{tag}><title>{escape(node.name)}: {escape(", ".join(node.inputs))} -&gt; '
             f'{escape(", ".join(node.outputs))}</title>'
             f'<rect x="{x:.1f}" y="{y:.1f}" width="{box_w}" height="{box_h}" rx="4" fill="{fill}" '
             f'stroke="{stroke}" stroke-width="{weight}"/>'
             f'<text x="{x + box_w / 2:.1f}" y="{y + 15:.1f}" text-anchor="middle" font-size="12" '
-            f'font-weight="bold">{escape(_short(node.op_type, 22))}</text>'
+            f'font-weight="bold">{escape(shortened(node.op_type, 22))}</text>'
             f'<text x="{x + box_w / 2:.1f}" y="{y + 29:.1f}" text-anchor="middle" font-size="11" '
-            f'fill="#555">{escape(_short(node.name, 24))}</text>{measured}</g>'
+            f'fill="#555">{escape(shortened(node.name, 24))}</text>{measured}</g>'
         )
     return "".join(out) + "</svg>"
 
@@ -330,7 +331,7 @@ def chart_svg(report: Report, width: int = 960) -> str:
             out.append(
                 f'<circle cx="{x_of(layer.index):.1f}" cy="{y_of(value):.1f}" r="3.5" fill="{fill}" '
                 f'stroke="{colour}"><title>#{layer.index} {escape(layer.op_type)} '
-                f'{escape("+".join(layer.float_nodes))}: {label} {_num(value, digits)}</title></circle>'
+                f'{escape("+".join(layer.float_nodes))}: {label} {number(value, digits)}</title></circle>'
             )
     for row, (name, layer, colour) in enumerate(_marks(report)):
         x = x_of(layer.index)
@@ -339,7 +340,7 @@ def chart_svg(report: Report, width: int = 960) -> str:
             f'<line class="lb-mark" x1="{x:.1f}" x2="{x:.1f}" y1="{top - 4}" y2="{top + 2 * panel + gap}" '
             f'stroke="{colour}" stroke-width="1.5"/><text x="{x + (-4 if anchor == "end" else 4):.1f}" '
             f'y="{12 + row * 14}" text-anchor="{anchor}" fill="{colour}" font-weight="bold">{name}: '
-            f'#{layer.index} {escape(_short("+".join(layer.float_nodes), 40))}</text>'
+            f'#{layer.index} {escape(shortened("+".join(layer.float_nodes), 40))}</text>'
         )
     legend = f'<tspan fill="{BLUE}">● cumulative</tspan>'
     legend += f' <tspan fill="{GREY}">- - isolated</tspan>' if isolated else ""
@@ -425,8 +426,8 @@ def rich_table(report: Report) -> Any:
         table.add_column(head, justify="right" if head in ("#", "cosine", "SQNR dB", "isolated") else "left")
     for layer in report.layers:
         cells = [str(layer.index), layer.op_type, "+".join(layer.float_nodes), "+".join(layer.quant_nodes),
-                 _num(layer.cosine, 4), _num(layer.sqnr_db, 1)]
-        cells += [_num(layer.isolated_cosine, 4)] if isolated else []
+                 number(layer.cosine, 4), number(layer.sqnr_db, 1)]
+        cells += [number(layer.isolated_cosine, 4)] if isolated else []
         style = None if layer.passes(report.threshold) else ("bold red" if _same(layer, report.first_bad) else "red")
         table.add_row(*cells, style=style)
     return table
@@ -481,7 +482,7 @@ def figure(report: Report) -> Any:
     bottom.set_ylabel("SQNR dB")
     bottom.set_xlabel("layer, in the float model's topological order")
     top.legend(loc="lower left", fontsize="small")
-    top.set_title(_short(report.verdict, 110), fontsize="medium")
+    top.set_title(shortened(report.verdict, 110), fontsize="medium")
     fig.tight_layout()
     return fig
 

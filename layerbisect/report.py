@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from os import PathLike
 from typing import Any
 
+from layerbisect.text import number, plural, shortened
 from layerbisect.weights import UNRELATED_WEIGHTS
 
 
@@ -76,7 +77,7 @@ class LayerComparison:
         """One line: index, op, where, and how close."""
         return (
             f"#{self.index} {self.op_type} {'+'.join(self.float_nodes)!r} "
-            f"(cosine {_num(self.cosine, 4)}, SQNR {_num(self.sqnr_db, 1)} dB)"
+            f"(cosine {number(self.cosine, 4)}, SQNR {number(self.sqnr_db, 1)} dB)"
         )
 
     def __repr__(self) -> str:
@@ -181,7 +182,7 @@ class Report:
         """One line saying whether a layer fails, which, and how the outputs fare."""
         by_tensor = {layer.float_tensor: layer for layer in self.layers}
         outputs = "; ".join(
-            f"output {name!r} cosine {_num(by_tensor[tensor].cosine, 4)}"
+            f"output {name!r} cosine {number(by_tensor[tensor].cosine, 4)}"
             for name, tensor in self.outputs if tensor in by_tensor
         )
         if self.first_bad is None:
@@ -194,17 +195,17 @@ class Report:
                 head += ", error inherited"
             elif self.first_bad_cause == "accumulated":
                 grows = ", ".join(f"#{layer.index} {layer.op_type} {'+'.join(layer.float_nodes)!r} (isolated cosine "
-                                  f"{_num(layer.isolated_cosine, 4)})" for layer in self.contributors)
+                                  f"{number(layer.isolated_cosine, 4)})" for layer in self.contributors)
                 head += (f", error accumulated: no layer up to it is below {self.threshold} on its own"
                          + (f"; the largest own errors: {grows}" if grows else ""))
             if self.culprit is not None and self.culprit.index != self.first_bad.index:
                 head += (f"; culprit #{self.culprit.index} {self.culprit.op_type} "
                          f"{'+'.join(self.culprit.float_nodes)!r} (isolated cosine "
-                         f"{_num(self.culprit.isolated_cosine, 4)})")
+                         f"{number(self.culprit.isolated_cosine, 4)})")
         if outputs:
             head = f"{head}; {outputs}"
         if self.weights_unrelated:
-            head += f"; the weights share nothing (weight agreement {_num(self.weight_agreement, 2)})"
+            head += f"; the weights share nothing (weight agreement {number(self.weight_agreement, 2)})"
         elif self.weighted_paired < self.weighted:
             head += (f"; only {self.weighted_paired} of {self.weighted} weighted layers paired one for one "
                      "(a fault in the others is placed only to the region holding them)")
@@ -212,8 +213,8 @@ class Report:
 
     def __repr__(self) -> str:
         head = "PASS" if self.first_bad is None else f"FAIL, first bad {self.first_bad.describe()}"
-        return (f"<Report {head}; {_count(len(self.layers), 'layer')}, threshold {self.threshold}, "
-                f"{_count(self.samples, 'sample')}; print() it for the table>")
+        return (f"<Report {head}; {plural(len(self.layers), 'layer')}, threshold {self.threshold}, "
+                f"{plural(self.samples, 'sample')}; print() it for the table>")
 
     def __str__(self) -> str:
         lines = [self.verdict, self.summary_line(), ""]
@@ -221,9 +222,9 @@ class Report:
         for layer in self.layers:
             rows.append((
                 "!" if not layer.passes(self.threshold) else "",
-                str(layer.index), layer.op_type, _short("+".join(layer.float_nodes)),
-                _short("+".join(layer.quant_nodes)), _num(layer.cosine, 4), _num(layer.sqnr_db, 1),
-                "" if math.isnan(layer.isolated_cosine) else _num(layer.isolated_cosine, 4),
+                str(layer.index), layer.op_type, shortened("+".join(layer.float_nodes)),
+                shortened("+".join(layer.quant_nodes)), number(layer.cosine, 4), number(layer.sqnr_db, 1),
+                "" if math.isnan(layer.isolated_cosine) else number(layer.isolated_cosine, 4),
             ))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         right = {1, 5, 6, 7}
@@ -245,7 +246,7 @@ class Report:
         if self.weighted:
             parts.append(f"weighted layers paired: {self.weighted_paired} of {self.weighted}")
         if not math.isnan(self.weight_agreement):
-            parts.append(f"weight agreement {_num(self.weight_agreement, 2)}")
+            parts.append(f"weight agreement {number(self.weight_agreement, 2)}")
         parts.append(f"{self.samples} sample{'s' if self.samples != 1 else ''}")
         parts.append(f"{self.strategy}: {self.executions} model runs, {self.peak_bytes / 2**20:.1f} MiB held at peak")
         return ", ".join(parts)
@@ -373,10 +374,6 @@ def _layers(layers: list[LayerComparison]) -> str:
             f"{'+'.join(first.float_nodes)!r})")
 
 
-def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}{'s' if number != 1 else ''}"
-
-
 def _json_safe(value):
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
@@ -385,15 +382,3 @@ def _json_safe(value):
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     return value
-
-
-def _num(value: float, digits: int) -> str:
-    if math.isnan(value):
-        return "nan"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return f"{value:.{digits}f}"
-
-
-def _short(text: str, width: int = 40) -> str:
-    return text if len(text) <= width else text[: width - 3] + "..."

@@ -16,7 +16,7 @@ from onnx.external_data_helper import load_external_data_for_tensor, uses_extern
 
 from layerbisect.errors import LayerbisectError, first_line
 from layerbisect.inputs import Feeds
-from layerbisect.load import BASEPATH, external_folder
+from layerbisect.load import BASEPATH, external_folder, tensor_nbytes
 from layerbisect.options import DEFAULT_PROVIDERS
 
 # A serialized protobuf must stay under 2 GiB: past this size, initializers go to onnxruntime
@@ -84,9 +84,14 @@ def lower_ir_version(model: onnx.ModelProto, role: str) -> list[str]:
 
 
 def skipped_providers_note(kept: Sequence[str], missing: Sequence[str]) -> str:
-    """What a report says of the providers it skipped."""
-    return (f"execution provider{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} not "
-            f"available in this onnxruntime, skipped; ran with {', '.join(kept)}")
+    """What is said of the providers skipped: a report's note, the CLI's warning (before the run).
+
+    >>> skipped_providers_note(["CPUExecutionProvider"], ["A", "B"])
+    "execution providers 'A', 'B' are not available in this onnxruntime: skipped, CPUExecutionProvider used instead"
+    """
+    several = len(missing) > 1
+    return (f"execution provider{'s' if several else ''} {', '.join(map(repr, missing))} "
+            f"{'are' if several else 'is'} not available in this onnxruntime: skipped, {', '.join(kept)} used instead")
 
 
 class Session:
@@ -187,6 +192,7 @@ def _options() -> ort.SessionOptions:
     # process when the pass ends, for the next pass to reuse (an arena's lives and dies with
     # its session): a scan in pieces peaks 45% lower, and runs no slower.
     options.enable_cpu_mem_arena = False
+    options.add_session_config_entry("session.disable_prepacking", "1")
     return options
 
 
@@ -232,7 +238,7 @@ def _for_onnxruntime(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str, dict
     for init in graph.initializer:
         if uses_external_data(init):
             init = _relative_to(init, folder)
-        elif large and init.ByteSize() >= DETACHABLE:
+        elif large and tensor_nbytes(init) >= DETACHABLE:
             buffers[init.name] = numpy_helper.to_array(init)
             init = _placeholder(init)
         initializers.append(init)
@@ -263,11 +269,16 @@ def _relative_to(init: onnx.TensorProto, folder: str) -> onnx.TensorProto:
     return copy
 
 
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the data of ``model``'s initializers, those kept in external files included."""
+    return sum(tensor_nbytes(init) for init in model.graph.initializer)
+
+
 def _size(model: onnx.ModelProto) -> int:
     """About the serialized size of ``model``: that of its initializers and nodes (protobuf
     cannot measure a model over 2 GiB as a whole)."""
     graph = model.graph
-    return sum(t.ByteSize() for t in graph.initializer) + sum(n.ByteSize() for n in graph.node)
+    return weight_bytes(model) + sum(n.ByteSize() for n in graph.node)
 
 
 def _placeholder(init: onnx.TensorProto) -> onnx.TensorProto:

@@ -59,3 +59,21 @@ def bisect_first_failing(
         else:
             low = checked[-1] + 1
     return found, calls
+
+
+def bisect_calls(n: int, batch: int = 1, probes: int | None = None) -> int:
+    """The most ``check`` calls ``bisect_first_failing(check, n, batch, probes)`` makes,
+    whatever the checks say (the interval left is at most the widest gap between probes).
+
+    >>> bisect_calls(100), bisect_calls(100, batch=8, probes=1), bisect_calls(0)
+    (7, 5, 0)
+    """
+    probes = batch if probes is None else probes
+    calls, span = 0, n
+    while span > 0:
+        calls += 1
+        if span <= batch:
+            break
+        edges = [-1, *sorted({(j + 1) * span // (probes + 1) for j in range(probes)}), span]
+        span = max(right - left - 1 for left, right in zip(edges, edges[1:]))
+    return calls

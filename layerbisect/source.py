@@ -2,11 +2,12 @@
 
 A ``TensorSource`` turns the feeds of one sample into named float tensors, in the float
 model's layout (NCHW where the model is NCHW), already dequantized, in the order they were
-computed. A plain Python function qualifies; so does ``layerbisect.dumps.DumpFolder``. Its
-tensors are paired with the float model's values:
+computed. A plain Python function qualifies; so does ``layerbisect.dumps.DumpFolder``. Given
+the graph the tensors come from (``quant_graph``), they pair by structure, as a model's values
+do (``align``). Else they are paired with the float model's values:
 
-1. by name: a tensor named like a float value (exactly, or once '/' and ':' are replaced by
-   '_' on both sides, when that is unambiguous), settled by data: a backend that fused a Conv
+1. by name: a tensor named like a float value (exactly, or once ``dumps.sanitise`` wrote both
+   names as file names do, when that is unambiguous), settled by data: a backend that fused a Conv
    with its BatchNorm or Relu names the result after the Conv, and onnxruntime's QDQ
    quantizer gives a dropped Relu's name to its input, so a named tensor that agrees much
    better with a value next to its namesake (along a chain of foldable operations) is paired
@@ -17,6 +18,8 @@ tensors are paired with the float model's values:
    among candidates. A source with no names at all is paired this way.
 
 Only cumulative error is measured: a source cannot be fed the float model's values inside.
+The pairs are measured and reported by the code that measures and reports a model's
+(``measure.compare_pairs``, ``assemble.build_report``).
 
 >>> def simulator(feeds):  # a vendor simulator wrapped in a function
 ...     return {"conv1": run_vendor(feeds)["conv1_out"]}  # doctest: +SKIP
@@ -26,7 +29,6 @@ Only cumulative error is measured: a source cannot be fed the float model's valu
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -38,19 +40,20 @@ import networkx as nx
 import numpy as np
 import onnx
 
-from layerbisect.align import FUSABLE, align
-from layerbisect.compare import Aggregate, compare
-from layerbisect.dumps import DumpFolder
+from layerbisect import assemble
+from layerbisect.align import FUSABLE, Alignment, Pair, align
+from layerbisect.compare import Aggregate
+from layerbisect.dumps import DumpFolder, sanitise
 from layerbisect.errors import NO_SAMPLES, LayerbisectError, first_line
 from layerbisect.expose import expose
 from layerbisect.files import sources
 from layerbisect.graph import FLOAT_DTYPES, Readout, build_graph
 from layerbisect.inputs import Sample, plan_inputs
 from layerbisect.load import ModelLike, declared_inputs, load_model
+from layerbisect.measure import Totals, compare_pairs
 from layerbisect.progress import progress
-from layerbisect.report import LayerComparison, Report, nonfinite_notes
+from layerbisect.report import Report
 from layerbisect.run import DEFAULT_PROVIDERS, Session, lower_ir_version
-from layerbisect.summary import neighbourhood, summarize
 
 PROBE_SIZE = 4096  # values per tensor compared when pairing by order
 CLOSEST = 6.0  # digits of agreement that count as equal
@@ -70,7 +73,9 @@ class TensorSource(Protocol):
     ``__call__(feeds)`` gets the float model's feeds (input name -> array) and returns an
     ordered mapping of tensor name -> float array in the float model's layout, dequantized,
     in the order the tensors were computed (the order pairs tensors whose names match no
-    float value). An optional ``label`` attribute names the source in reports.
+    float value). An optional ``label`` attribute names the source in reports; an optional
+    ``expect(shapes)`` method is called before the first call with the shape of the float
+    value each name stands for (``DumpFolder`` shapes files that hold no shape by it).
 
     >>> isinstance(lambda feeds: {}, TensorSource)
     True
@@ -130,74 +135,126 @@ def compare_source(
     With ``quant_graph``, the graph the source's tensors come from (the vendor's compiled or
     optimized ONNX, whose tensor names the dump uses), tensors pair by structure: the float
     model is aligned with that graph, and each pair reads the tensor named after its quantized
-    value (integers dequantized with the graph's scale and zero point).
+    value (integers dequantized with the graph's scale and zero point). The pairs are measured
+    and reported as a model's are (``measure.compare_pairs``, ``assemble.build_report``).
 
     >>> report = compare_source("float.onnx", DumpFolder("dump/"), [sample])  # doctest: +SKIP
     """
     proto = load_model(float_model, role="float model")
     lowered = lower_ir_version(proto, "float model")
     graph = build_graph(proto)
-    structural = None if quant_graph is None else _structural_keys(graph, quant_graph)
+    quant_proto = None if quant_graph is None else load_model(quant_graph, role="quantized graph")
+    alignment = None if quant_proto is None else align(graph, build_graph(quant_proto))
+    names = None if alignment is None else _dumped_names(alignment, quant_proto)
     values = _float_values(graph)
     specs = declared_inputs(proto)
     plan = plan_inputs(specs, specs, shapes)
     session = Session(expose(proto, [v.tensor for v in values], prune=True), "float model", providers, proto)
     samples = _checked_samples(source, samples)
     inputs = {name for spec in specs for name in (spec.name, sanitise(spec.name))}  # fed, not compared
-    matches: list[Match] | None = None
-    totals: dict[str, Aggregate] = {}
-    shapes_seen: dict[str, tuple[int, ...]] = {}
-    problems: dict[str, str] = {}
-    count = peak = 0
+    readings: list[Reading] | None = None
+    totals = Totals([], [], {}, {})
+    generated = False
     for sample in progress(samples, quiet):
+        generated |= sample is None
         feeds, _ = plan.feeds(sample, seed)
         reference = session.run(feeds, [v.tensor for v in values])
+        if readings is None and callable(getattr(source, "expect", None)):
+            source.expect(_expected(values, reference, names))
         produced = {k: v for k, v in _call(source, feeds).items() if k not in inputs}
-        peak = max(peak, _nbytes(reference) + _nbytes(produced))
-        if matches is None:
-            matches = (pair_tensors([(v.tensor, reference[v.tensor]) for v in values], produced, _fused_with(graph))
-                       if structural is None else _by_structure(structural, produced))
-            totals = {m.float_tensor: Aggregate() for m in matches}
-        count += 1
-        for match in matches:
-            _measure(match, reference, produced, totals, problems)
-            shapes_seen[match.float_tensor] = tuple(reference[match.float_tensor].shape)
-    if matches is None:
+        totals.peak_bytes = max(totals.peak_bytes, _nbytes(reference) + _nbytes(produced))
+        if readings is None:
+            readings = (_by_name(graph, values, reference, produced) if names is None
+                        else _by_structure(names, produced))
+            totals.cumulative = [Aggregate() for _ in readings]
+            totals.isolated = [Aggregate() for _ in readings]  # a source cannot be fed float values
+        totals.samples += 1
+        totals.executions += 2  # the float model's run and the source's call
+        _measure(readings, reference, produced, totals)
+    if readings is None:
         raise LayerbisectError(NO_SAMPLES)
-    report = _report(proto, graph, values, source, matches, totals, problems, shapes_seen,
-                     _label(float_model, proto), threshold, count, peak, providers, seed)
-    return replace(report, notes=(*lowered, *report.notes),
-                   sources=sources(float_model, proto, getattr(source, "path", None)))
+    pairs = _reported_pairs(graph, values, readings, totals, alignment)
+    records = assemble.layers(pairs, {i: (totals, i) for i in range(len(pairs))})
+    if not records:
+        raise LayerbisectError(
+            f"no tensor of {assemble.label(source)} could be paired with a float value: name the "
+            "tensors after the float model's tensors, keep them in the order they were computed, or "
+            "give the graph they were dumped from (quant_graph=, --quant-graph)" if alignment is None else
+            f"no tensor of {assemble.label(source)} is named after a value of the quantized graph: give "
+            "the graph whose tensor names the dump uses (the compiled or optimized model it was run from)"
+        )
+    return assemble.build_report(
+        records, threshold,
+        float_side=assemble.Side(proto, assemble.label(float_model)),
+        quant_side=assemble.Side(quant_proto, assemble.label(source),
+                                 None if quant_graph is None else assemble.label(quant_graph)),
+        float_graph=graph, alignment=_alignment(graph, pairs, alignment),
+        run=assemble.Run(samples=totals.samples, executions=totals.executions, peak_bytes=totals.peak_bytes,
+                         providers=tuple(providers), seed=seed),
+        notes=[*lowered, *_notes(readings)], problems=totals.problems.values(), generated=generated,
+        sources=sources(float_model, proto, getattr(source, "path", None), quant_graph),
+    )
 
 
-def _structural_keys(graph: nx.DiGraph, quant_graph: ModelLike) -> list[tuple[str, tuple[str, ...], Readout]]:
-    """For each value of the float model aligned with ``quant_graph``: its tensor, the names a
-    dump may give the quantized value (the tensor read, then the DequantizeLinear output that
-    carries it as float), and the readout that dequantizes the first."""
-    proto = load_model(quant_graph, role="quantized graph")
+@dataclass(frozen=True)
+class Reading:
+    """Where a pair's quantized value is in the source's tensors: the tensor ``key``, read
+    through ``readout`` (its tensor is ``key``: the permutation to the float layout, and the
+    scale and zero point of integers). ``pair`` is the alignment's pair (pairing by structure),
+    else None, and ``match`` how the tensor was paired."""
+
+    match: Match
+    readout: Readout
+    pair: Pair | None = None
+
+
+def _by_name(graph: nx.DiGraph, values: Sequence[_Value], reference: Mapping[str, np.ndarray],
+             produced: Mapping[str, np.ndarray]) -> list[Reading]:
+    """The source's tensors paired with float values by name, data and order (``pair_tensors``)."""
+    matches = pair_tensors([(v.tensor, reference[v.tensor]) for v in values], produced, _fused_with(graph))
+    return [Reading(m, Readout(m.key, perm=m.perm)) for m in matches]
+
+
+def _dumped_names(alignment: Alignment, quant_proto: onnx.ModelProto) -> list[tuple[Pair, tuple[str, ...]]]:
+    """Each aligned pair with the names a dump may give its quantized value, in order of
+    preference: the tensor read (integers, dequantized with its readout), the
+    DequantizeLinear output carrying it as float, the pair's quantized tensor."""
     dequantized: dict[str, list[str]] = {}
-    for node in proto.graph.node:
+    for node in quant_proto.graph.node:
         if node.op_type == "DequantizeLinear":
             dequantized.setdefault(node.input[0], []).append(node.output[0])
-    keys = []
-    for pair in align(graph, build_graph(proto)).pairs:
-        readout = pair.quant_readout
-        names = (readout.tensor, *dequantized.get(readout.tensor, ()), pair.quant_tensor)
-        keys.append((pair.float_tensor, tuple(dict.fromkeys(names)), readout))
-    return keys
+    return [(pair, tuple(dict.fromkeys((pair.quant_readout.tensor, *dequantized.get(pair.quant_readout.tensor, ()),
+                                        pair.quant_tensor))))
+            for pair in alignment.pairs]
 
 
-def _by_structure(keys: list[tuple[str, tuple[str, ...], Readout]], produced: Mapping[str, np.ndarray]) -> list[Match]:
-    """The structural pairs whose quantized value the source holds, by exact or sanitised name."""
+def _by_structure(names: Sequence[tuple[Pair, tuple[str, ...]]], produced: Mapping[str, np.ndarray]) -> list[Reading]:
+    """The aligned pairs whose quantized value the source holds, by exact or sanitised name
+    (``_dumped_names``)."""
     available = {**{sanitise(key): key for key in produced}, **{key: key for key in produced}}
-    matches = []
-    for float_tensor, names, readout in keys:
-        found = next(((name, available[candidate]) for name in names
+    readings = []
+    for pair, candidates in names:
+        readout = pair.quant_readout
+        found = next(((name, available[candidate]) for name in candidates
                       for candidate in (name, sanitise(name)) if candidate in available), None)
         if found is not None:
             name, key = found
-            matches.append(Match(float_tensor, key, "structure", None, readout if name == readout.tensor else None))
-    return matches
+            scaled = readout if name == readout.tensor else replace(readout, scale=None, zero_point=None)
+            readings.append(Reading(Match(pair.float_tensor, key, "structure"), replace(scaled, tensor=key), pair))
+    return readings
+
+
+def _expected(values: Sequence[_Value], reference: Mapping[str, np.ndarray],
+              names: Sequence[tuple[Pair, tuple[str, ...]]] | None) -> dict[str, tuple[int, ...]]:
+    """The shape of the float value each name a source may use stands for, exact and
+    sanitised: the float model's tensor names, or the quantized graph's (``_dumped_names``)."""
+    named = ([(v.tensor, v.tensor) for v in values] if names is None
+             else [(name, pair.float_tensor) for pair, candidates in names for name in candidates])
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, tensor in named:
+        for key in (name, sanitise(name)):
+            shapes.setdefault(key, tuple(np.shape(reference[tensor])))
+    return shapes
 
 
 def pair_tensors(
@@ -285,7 +342,8 @@ def _choice(dumped: np.ndarray, named: str, near: Mapping[int, tuple[str, str]],
     """Where a named tensor sits among the values near its namesake (``near``: tensor and op
     type by offset along the chain, -1 the one before): the offset of one it agrees with
     closely (above ``MOVED_ABOVE``) and ``CLOSER`` times more closely than with its namesake
-    (a BatchNormalization near the identity leaves a Conv's value at cosine 0.98 of its own);
+    (a BatchNormalization near the identity leaves a Conv's value at cosine 0.98 of its own;
+    a tensor equal to both, a Relu whose input is never negative, keeps its name);
     else 0 when it agrees with its namesake, the offset of the one it
     agrees with closely, None when it agrees with none closely."""
     def agreement(tensor: str) -> float:
@@ -295,7 +353,7 @@ def _choice(dumped: np.ndarray, named: str, near: Mapping[int, tuple[str, str]],
     own = agreement(named)
     offset = max(near, key=lambda o: agreement(near[o][0]), default=None)
     best = 0.0 if offset is None else agreement(near[offset][0])
-    if best >= MOVED_ABOVE and (1.0 - best) * CLOSER <= 1.0 - own:
+    if best >= MOVED_ABOVE and (1.0 - best) * CLOSER <= 1.0 - own and best > own:  # a tie keeps the name
         return offset
     return 0 if own >= MOVED_BELOW else None
 
@@ -338,15 +396,6 @@ def _fused_with(graph: nx.DiGraph) -> dict[str, tuple[str, dict[int, tuple[str, 
         near = {-step: t for step, t in enumerate(before, 1)} | {step: t for step, t in enumerate(after, 1)}
         around[attrs["outputs"][0]] = (attrs["op_type"], {o: (t, kinds[t]) for o, t in near.items()})
     return around
-
-
-def sanitise(name: str) -> str:
-    """A tensor name as dump files carry it: '/' and ':' replaced by '_'.
-
-    >>> sanitise("/layer1/conv:0")
-    '_layer1_conv_0'
-    """
-    return re.sub(r"[/:]", "_", name)
 
 
 def _unique(candidates: dict[str, str], names: Sequence[str]) -> dict[str, str]:
@@ -426,64 +475,71 @@ def _cosine(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.dot(x, y)) / norm if norm else float(not x.any() and not y.any())
 
 
-def _measure(match: Match, reference, produced, totals, problems) -> None:
-    """Fold one sample's comparison of a pair into its aggregate, or record why it cannot be."""
-    expected = reference[match.float_tensor]
-    actual = np.asarray(produced.get(match.key)) if match.key in produced else None
-    if actual is None:
-        problems[match.float_tensor] = f"the source returned no {match.key!r} for a later sample"
-    elif actual.dtype.kind in "iu" and match.readout is not None and match.readout.scale is not None:
-        _measure(replace(match, readout=None), reference, {match.key: match.readout.dequantize(actual)}, totals,
-                 problems)
-    elif actual.dtype.kind != "f" or expected.dtype.kind != "f":
-        problems[match.float_tensor] = f"{match.key!r} holds {actual.dtype} values: dequantize them first"
-    else:
-        actual = _permuted(actual, match.perm)
-        if actual.shape != expected.shape:
-            problems[match.float_tensor] = f"{match.key!r} has shape {actual.shape}, not {expected.shape}"
-        elif match.float_tensor not in problems:
-            totals[match.float_tensor].add(compare(expected, actual))
+def _measure(readings: Sequence[Reading], reference: Mapping[str, np.ndarray], produced: Mapping[str, np.ndarray],
+             totals: Totals) -> None:
+    """Fold one sample's comparison of each reading into ``totals``, or record why it cannot be
+    (``totals.problems``, by position), as a model's pass does (``measure.compare_pairs``)."""
+    problems: dict[int, str] = {}
+    usable = []
+    for index, reading in enumerate(readings):
+        key = reading.match.key
+        actual = np.asarray(produced[key]) if key in produced else None
+        if actual is None:
+            problems[index] = f"the source returned no {key!r} for a later sample"
+        elif actual.dtype.kind != "f" and reading.readout.scale is None:
+            problems[index] = f"{key!r} holds {actual.dtype} values: dequantize them first"
+        usable.append(index not in problems and index not in totals.problems)
+    pairs = [_reading_pair(reading) for reading in readings]
+    quant = {reading.match.key: produced[reading.match.key] for reading, ok in zip(readings, usable) if ok}
+    kept = [i for i, ok in enumerate(usable) if ok]
+    refused: dict[int, str] = {}
+    outcomes = compare_pairs([pairs[i] for i in kept], reference, quant, refused)
+    for position, index in enumerate(kept):
+        if position in refused:
+            why = refused[position]
+            problems[index] = why if why == assemble.NOT_FLOAT else f"{readings[index].match.key!r}: {why}"
+        elif outcomes[position] is not None:
+            totals.cumulative[index].add(outcomes[position])
+            totals.shapes[index] = tuple(np.shape(reference[readings[index].match.float_tensor]))
+    for index, why in problems.items():
+        totals.problems.setdefault(index, why)
 
 
-def _report(proto, graph, values, source, matches, totals, problems, shapes, float_label,
-            threshold, samples, peak, providers, seed) -> Report:
+def _reading_pair(reading: Reading) -> Pair:
+    """The pair ``compare_pairs`` measures: the float value against the source's tensor."""
+    tensor = reading.match.float_tensor
+    return Pair((), tensor, (reading.match.key,), reading.match.key, "", reading.match.evidence,
+                Readout(tensor), reading.readout, tensor)
+
+
+def _reported_pairs(graph: nx.DiGraph, values: Sequence[_Value], readings: Sequence[Reading], totals: Totals,
+                    alignment: Alignment | None) -> list[Pair]:
+    """The pairs as the report shows them: the alignment's own (pairing by structure), else
+    each float value's span (see ``_span``) against the source's tensor."""
+    if alignment is not None:
+        return [reading.pair for reading in readings]
     by_tensor = {v.tensor: v for v in values}
-    kept = [m for m in matches if m.float_tensor not in problems
-            and totals[m.float_tensor].samples + totals[m.float_tensor].degenerate]
-    paired = {by_tensor[m.float_tensor].node for m in kept}
-    layers = []
-    for match in kept:
-        aggregate = totals[match.float_tensor]
-        value = by_tensor[match.float_tensor]
-        layers.append(LayerComparison(
-            index=len(layers), op_type=value.op_type, float_nodes=_span(graph, value.node, paired),
-            float_tensor=value.tensor, quant_nodes=(match.key,), quant_tensor=match.key,
-            shape=shapes[match.float_tensor], cosine=aggregate.cosine, sqnr_db=aggregate.sqnr_db,
-            mse=aggregate.mse, max_abs=aggregate.max_abs, cosine_worst=aggregate.cosine_worst,
-            cosine_p10=aggregate.cosine_p10,
-            worst_sample=aggregate.worst_sample, nonfinite=aggregate.nonfinite,
-            float_nonfinite=aggregate.reference_nonfinite, float_zero=aggregate.degenerate, faint=aggregate.faint,
-            evidence=match.evidence,
-        ))
-    if not layers:
-        raise LayerbisectError(
-            f"no tensor of {_source_label(source)} could be paired with a float value: name the "
-            "tensors after the float model's tensors, or keep them in the order they were computed"
-        )
-    first_bad = next((layer for layer in layers if not layer.passes(threshold)), None)
-    matched = {node for layer in layers for node in layer.float_nodes}
+    paired = {by_tensor[r.match.float_tensor].node for i, r in enumerate(readings)
+              if assemble.comparable(totals, i)}
+    pairs = []
+    for reading in readings:
+        value, key = by_tensor[reading.match.float_tensor], reading.match.key
+        pairs.append(Pair(_span(graph, value.node, paired), value.tensor, (key,), key, value.op_type,
+                          reading.match.evidence, Readout(value.tensor), reading.readout, value.tensor))
+    return pairs
+
+
+def _alignment(graph: nx.DiGraph, pairs: Sequence[Pair], alignment: Alignment | None) -> Alignment:
+    """What the pairs cover of the float model: the alignment, less the pairs the source does
+    not hold (their float operations then have no counterpart)."""
     ops = [attrs["name"] for _, attrs in sorted(graph.nodes(data=True), key=lambda i: i[1]["order"])
            if attrs["kind"] == "op"]
-    return Report(
-        layers=tuple(layers), first_bad=first_bad, threshold=float(threshold), samples=samples,
-        outputs=_outputs(graph, proto), unaligned=tuple(op for op in ops if op not in matched),
-        coverage=len(matched) / len(ops) if ops else 1.0,
-        notes=tuple(dict.fromkeys([*nonfinite_notes(tuple(layers)), *_notes(matches, problems)])),
-        float_model=float_label,
-        quant_model=_source_label(source), executions=2 * samples, peak_bytes=peak,
-        float_summary=summarize(proto, float_label), providers=tuple(providers), seed=seed,
-        float_neighbourhood=() if first_bad is None else neighbourhood(proto, first_bad.float_nodes),
-    )
+    covered = {node for pair in pairs for node in pair.float_nodes}
+    if alignment is None:
+        return Alignment(tuple(pairs), tuple(op for op in ops if op not in covered), len(ops))
+    unheld = {node for pair in alignment.pairs for node in pair.float_nodes} - covered
+    unaligned = set(alignment.unaligned) | unheld
+    return replace(alignment, pairs=tuple(pairs), unaligned=tuple(op for op in ops if op in unaligned))
 
 
 def _span(graph: nx.DiGraph, node: str, paired: set[str]) -> tuple[str, ...]:
@@ -499,14 +555,13 @@ def _span(graph: nx.DiGraph, node: str, paired: set[str]) -> tuple[str, ...]:
         span.insert(0, previous)
 
 
-def _notes(matches: Sequence[Match], problems: Mapping[str, str]) -> list[str]:
-    by_order = [m for m in matches if m.evidence == "order"]
+def _notes(readings: Sequence[Reading]) -> list[str]:
+    by_order = [r for r in readings if r.match.evidence == "order"]
     notes = ["quantized side: a tensor source; only cumulative error is measured (a source "
              "cannot be fed the float model's values)"]
     if by_order:
         notes.append(f"{len(by_order)} source tensor{'s' if len(by_order) != 1 else ''} paired by "
                      "shape and order, not by name")
-    notes += [f"left out: {why}" for why in problems.values()]
     return notes
 
 
@@ -529,12 +584,12 @@ def _checked_samples(source: TensorSource, samples: Iterable[Sample | None]) -> 
     samples = list(samples)
     if samples == [None]:
         raise LayerbisectError(
-            f"{_source_label(source)} holds the tensors of one run: give the inputs it was made "
+            f"{assemble.label(source)} holds the tensors of one run: give the inputs it was made "
             "from (inputs=, or --inputs FILE.npz)"
         )
     if len(samples) != 1:
         raise LayerbisectError(
-            f"{_source_label(source)} holds the tensors of one run, but {len(samples)} samples were given"
+            f"{assemble.label(source)} holds the tensors of one run, but {len(samples)} samples were given"
         )
     return samples
 
@@ -545,29 +600,11 @@ def _call(source: TensorSource, feeds: Mapping[str, np.ndarray]) -> Mapping[str,
     except LayerbisectError:
         raise
     except Exception as exc:
-        raise LayerbisectError(f"{_source_label(source)} failed: {first_line(exc)}") from exc
+        raise LayerbisectError(f"{assemble.label(source)} failed: {first_line(exc)}") from exc
     if not isinstance(produced, Mapping):
-        raise LayerbisectError(f"{_source_label(source)} must return a dict of tensor name -> array, "
+        raise LayerbisectError(f"{assemble.label(source)} must return a dict of tensor name -> array, "
                                f"got {type(produced).__name__}")
     return produced
-
-
-def _outputs(graph: nx.DiGraph, model: onnx.ModelProto) -> tuple[tuple[str, str], ...]:
-    """Each declared output of the float model with the operation output holding it."""
-    tensors = graph.graph["tensors"]
-    return tuple(
-        (output.name, graph.nodes[tensors[output.name][0]]["outputs"][tensors[output.name][1]])
-        for output in model.graph.output
-        if output.name in tensors and graph.nodes[tensors[output.name][0]]["kind"] == "op"
-    )
-
-
-def _source_label(source: TensorSource) -> str:
-    return getattr(source, "label", None) or getattr(source, "__name__", None) or type(source).__name__
-
-
-def _label(model: ModelLike, proto: onnx.ModelProto) -> str:
-    return str(model) if isinstance(model, (str, PathLike)) else proto.graph.name or "<ModelProto>"
 
 
 def _nbytes(values: Mapping[str, np.ndarray]) -> int:

@@ -30,7 +30,7 @@ ROLES = {
     "QLinearReduceMean": "ReduceMean",
     "QLinearWhere": "Where",
     "QAttention": "Attention",
-    "QEmbedLayerNormalization": "EmbedLayerNormalization",
+    "QEmbedLayerNormalization": "LayerNormalization",
     # onnxruntime's fusions (com.microsoft): the activation they carry is a float span's tail.
     "FusedConv": "Conv",
     "FusedGemm": "Gemm",
@@ -39,6 +39,7 @@ ROLES = {
     "NhwcConv": "Conv",
     "NhwcMaxPool": "MaxPool",
     # the normalization of input + skip (+ bias); the sum itself is an intermediate (below)
+    "EmbedLayerNormalization": "LayerNormalization",  # of the embeddings' sum (a region before it)
     "SkipLayerNormalization": "LayerNormalization",
     "SkipSimplifiedLayerNormalization": "SimplifiedLayerNormalization",
 }
@@ -50,6 +51,17 @@ INTERMEDIATES = {
     "SkipLayerNormalization": (3, "Add"),  # input + skip (+ bias), before the normalization
     "SkipSimplifiedLayerNormalization": (3, "Add"),
 }
+
+# Inputs of fused attention operators that carry the attention mask in the operator's own
+# form (a mask index, sequence lengths, a key padding mask), where a float graph adds to the
+# scores an additive mask that it computes itself ((1 - mask) * a large negative): positions.
+MASK_INPUTS = {
+    "Attention": (3,), "QAttention": (5,), "MultiHeadAttention": (4,), "GroupQueryAttention": (5, 6),
+    "EmbedLayerNormalization": (7,), "QEmbedLayerNormalization": (7,),
+}
+# Outputs from which on a fused operator passes such a mask on: EmbedLayerNormalization's
+# mask index (output 1; its optional embedding sum, output 2, is then no value either).
+MASK_OUTPUTS = {"EmbedLayerNormalization": 1, "QEmbedLayerNormalization": 1}
 
 # Operators that only a quantized model holds: the float side holding some and the quantized
 # side none means the two models were given the wrong way round.

@@ -84,8 +84,9 @@ class _Graph:
         self.nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
         return name
 
-    def model(self, name: str, inp: onnx.ValueInfoProto, out: onnx.ValueInfoProto) -> onnx.ModelProto:
-        graph = helper.make_graph(self.nodes, name, [inp], [out], self.inits)
+    def model(self, name: str, inp: onnx.ValueInfoProto | list[onnx.ValueInfoProto],
+              out: onnx.ValueInfoProto) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, name, inp if isinstance(inp, list) else [inp], [out], self.inits)
         model = helper.make_model(
             graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="layerbisect-tests"
         )
@@ -193,13 +194,21 @@ def make_transformer(seed: int = 0, seq: int = 8, hidden: int = 32, heads: int =
     return g.model("transformer", inp, out)
 
 
-def make_bert(seed: int = 0, seq: int = 8, hidden: int = 64, heads: int = 2) -> onnx.ModelProto:
+def make_bert(seed: int = 0, seq: int = 8, hidden: int = 64, heads: int = 2, vocab: int = 0) -> onnx.ModelProto:
     """One post-norm (BERT) encoder block: input "x" [1,seq,hidden] -> output "y", the pattern
     onnxruntime's transformers optimizer fuses into Attention, SkipLayerNormalization and
     BiasGelu. Nodes as ``make_transformer``'s, with LayerNormalization after each residual Add
-    (ln1, ln2 -> "y"), bias Adds reading (bias, MatMul) and the attention scaled by a Div."""
+    (ln1, ln2 -> "y"), bias Adds reading (bias, MatMul) and the attention scaled by a Div.
+
+    With a ``vocab``, the block reads embeddings as BERT exporters write them: int64 inputs
+    "input_ids" and "attention_mask" ["batch", "seq"]; word, token type (all zero) and position
+    Gathers, their sum and LayerNormalization "emb_ln" -> "x"; the attention adds the
+    additive mask (1 - mask) * -10000 ("mask_sub", "mask_scale") to its scores
+    ("mask_add"). The optimizer fuses the embeddings into EmbedLayerNormalization, which
+    passes the mask on to the Attention as a mask index."""
     g = _Graph(seed)
     d = hidden // heads
+    mask = _bert_embeddings(g, seq, hidden, vocab) if vocab else None
 
     def ln(name: str, x: str) -> str:
         return g.layer_norm(name, x, hidden)
@@ -216,6 +225,8 @@ def make_bert(seed: int = 0, seq: int = 8, hidden: int = 64, heads: int = 2) -> 
         split[p] = g.node("Transpose", f"{p}_transpose", [t], perm=perm)
     s = g.node("MatMul", "qk_matmul", [split["q"], split["k"]])
     s = g.node("Div", "qk_scale", [s, g.const("sqrt_d", np.array(math.sqrt(d), np.float32))])
+    if mask is not None:
+        s = g.node("Add", "mask_add", [s, mask])
     a = g.node("MatMul", "attn_v", [g.node("Softmax", "softmax", [s], axis=-1), split["v"]])
     a = g.node("Transpose", "attn_transpose", [a], perm=[0, 2, 1, 3])
     a = g.node("Reshape", "attn_reshape", [a, flat_shape])
@@ -226,9 +237,46 @@ def make_bert(seed: int = 0, seq: int = 8, hidden: int = 64, heads: int = 2) -> 
     scale = g.weight("ln2.scale", g.rng.uniform(0.8, 1.2, hidden))
     shift = g.const("ln2.bias", g.rng.uniform(-0.1, 0.1, hidden).astype(np.float32))
     g.nodes.append(helper.make_node("LayerNormalization", [r2, scale, shift], ["y"], name="ln2", axis=-1, epsilon=1e-5))
+    if vocab:
+        inputs = [helper.make_tensor_value_info(name, TensorProto.INT64, ["batch", "seq"])
+                  for name in ("input_ids", "attention_mask")]
+        return g.model("bert", inputs, helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", hidden]))
     inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, hidden])
     out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, hidden])
     return g.model("bert", inp, out)
+
+
+def _bert_embeddings(g: _Graph, seq: int, hidden: int, vocab: int) -> str:
+    """BERT's embeddings as exporters write them, ending in "x", and the additive attention
+    mask computed from "attention_mask"; returns the mask's name. The position ids are a
+    [1, max] buffer sliced to the length of "input_ids", the token types a zero buffer, as
+    Hugging Face exports have them (the patterns onnxruntime's EmbedLayerNormalization fusion
+    looks for)."""
+    max_positions = 2 * seq
+    word = g.weight("word_embeddings", g.rng.standard_normal((vocab, hidden)) * 0.5)
+    types = g.weight("token_type_embeddings", g.rng.standard_normal((2, hidden)) * 0.1)
+    positions = g.weight("position_embeddings", g.rng.standard_normal((max_positions, hidden)) * 0.1)
+    shape = g.node("Shape", "ids_shape", ["input_ids"])
+    length = g.node("Gather", "ids_length", [shape, g.const("one_index", np.array(1, np.int64))], axis=0)
+    end = g.node("Unsqueeze", "ids_end", [length, g.const("axis_zero", np.array([0], np.int64))])
+    position_ids = g.node("Slice", "position_ids", [
+        g.const("position_buffer", np.arange(max_positions, dtype=np.int64)[None]),
+        g.const("slice_start", np.array([0], np.int64)), end,
+        g.const("slice_axis", np.array([1], np.int64)), g.const("slice_step", np.array([1], np.int64)),
+    ])
+    type_ids = g.node("Mul", "type_ids", ["input_ids", g.const("zero_ids", np.array(0, np.int64))])
+    summed = g.node("Add", "emb_add", [g.node("Gather", "word_gather", [word, "input_ids"]),
+                                       g.node("Gather", "type_gather", [types, type_ids])])
+    summed = g.node("Add", "emb_add_position", [summed, g.node("Gather", "position_gather", [positions, position_ids])])
+    scale = g.weight("emb_ln.scale", g.rng.uniform(0.8, 1.2, hidden))
+    shift = g.const("emb_ln.bias", g.rng.uniform(-0.1, 0.1, hidden).astype(np.float32))
+    g.nodes.append(helper.make_node("LayerNormalization", [summed, scale, shift], ["x"], name="emb_ln", axis=-1,
+                                    epsilon=1e-12))
+    m = g.node("Unsqueeze", "mask_heads", ["attention_mask", g.const("axis_one", np.array([1], np.int64))])
+    m = g.node("Unsqueeze", "mask_rows", [m, g.const("axis_two", np.array([2], np.int64))])
+    m = g.node("Cast", "mask_float", [m], to=TensorProto.FLOAT)
+    m = g.node("Sub", "mask_sub", [g.const("mask_one", np.array(1.0, np.float32)), m])
+    return g.node("Mul", "mask_scale", [m, g.const("mask_min", np.array(-10000.0, np.float32))])
 
 
 def make_decoder(seed: int = 0, hidden: int = 64, heads: int = 2) -> onnx.ModelProto:

@@ -123,10 +123,10 @@ def test_providers_are_an_order_of_preference(models, capsys):
     providers = "NoSuchExecutionProvider,CPUExecutionProvider"
     assert main([str(models["float"]), str(models["broken"]), "--providers", providers]) == 1
     captured = capsys.readouterr()
-    assert captured.err == ("layerbisect: warning: execution provider 'NoSuchExecutionProvider' is not available "
-                            "in this onnxruntime; running with CPUExecutionProvider\n")
-    assert ("note: execution provider 'NoSuchExecutionProvider' not available in this onnxruntime, skipped; "
-            "ran with CPUExecutionProvider") in captured.out
+    said = ("execution provider 'NoSuchExecutionProvider' is not available in this onnxruntime: skipped, "
+            "CPUExecutionProvider used instead")
+    assert captured.err == f"layerbisect: warning: {said}\n"  # before the run, in the words of the report's note
+    assert f"note: {said}" in captured.out
     assert main([str(models["float"]), str(models["broken"]), "--providers", "NoSuchExecutionProvider,Other"]) == 2
     assert "none of the execution providers 'NoSuchExecutionProvider', 'Other' is available" in capsys.readouterr().err
 
@@ -299,7 +299,7 @@ def test_python_m_layerbisect_answers_help():
 def test_the_progress_bar_gets_the_count_where_it_is_known(models, dataset, monkeypatch, feeds, total):
     folder, _ = dataset
     totals = []
-    monkeypatch.setattr(layerbisect.find, "progress", lambda samples, quiet, count=None, unit="sample": (
-        totals.append(count) if unit == "sample" else None) or samples)
+    monkeypatch.setattr(layerbisect.find, "progress", lambda samples, quiet, count=None, desc=None: (
+        totals.append(count) or samples))
     main([str(models["float"]), str(models["broken"]), *(a.replace("@", f"{folder}/") for a in feeds), "--quiet"])
     assert totals == [total]

@@ -248,8 +248,8 @@ def test_a_dump_of_a_batchnorm_folding_optimizer_pairs_the_conv_name_with_the_ba
     dumped(folded, tmp_path, random_inputs(make_cnn()))
     report = find_first_bad_layer(make_cnn(), tmp_path, random_inputs(make_cnn()))
     assert report.first_bad.float_nodes == ("conv2", "bn2")
-    assert {"bn1": "conv1", "bn2": "conv2", "conv3": "conv3", "relu2": "relu2"}.items() <= pairs_of(report).items()
-    assert "conv1" not in pairs_of(report) and "conv2" not in pairs_of(report)
+    kept = ["relu1", "relu2", "add1", "relu3", "pool1", "conv3", "relu4", "gap", "flatten", "y"]
+    assert pairs_of(report) == {"bn1": "conv1", "bn2": "conv2", **{name: name for name in kept}}  # every pair
 
 
 def test_a_dump_with_its_quantized_graph_pairs_by_structure_numbered_files_and_integers(tmp_path, capsys):
@@ -273,7 +273,10 @@ def test_a_dump_with_its_quantized_graph_pairs_by_structure_numbered_files_and_i
     np.savez(tmp_path / "x.npz", **random_inputs(make_cnn()))
     report = find_first_bad_layer(make_cnn(), DumpFolder(dump), random_inputs(make_cnn()),
                                   quant_graph=tmp_path / "compiled.onnx")
-    assert report.first_bad.float_nodes == (FAULT,) and {layer.evidence for layer in report.layers} == {"structure"}
+    assert report.first_bad.float_nodes == (FAULT,)
+    model = find_first_bad_layer(make_cnn(), faulty, random_inputs(make_cnn()))  # the same pairs, as evidenced
+    assert [(layer.float_tensor, layer.quant_tensor, layer.evidence) for layer in report.layers] == [
+        (layer.float_tensor, layer.quant_tensor, layer.evidence) for layer in model.layers]  # no pair wrong
     by_float = {layer.float_tensor: layer.quant_tensor for layer in report.layers}
     assert by_float["relu1"] == "relu1_QuantizeLinear_Output" and by_float["relu3"] == "relu3_QuantizeLinear_Output"
     assert all(layer.cosine > 0.99 for layer in report.layers if layer.index < report.first_bad.index)
@@ -283,3 +286,72 @@ def test_a_dump_with_its_quantized_graph_pairs_by_structure_numbered_files_and_i
     assert capsys.readouterr().out.startswith(f"FAIL: first layer below cosine 0.98 is #{report.first_bad.index} Conv 'conv2'")
     with pytest.raises(LayerbisectError, match="quant_graph names the graph a tensor source's tensors come from"):
         find_first_bad_layer(make_cnn(), faulty, quant_graph=tmp_path / "compiled.onnx")
+
+
+def test_qnn_net_run_debug_output(tmp_path, capsys):
+    """qnn-net-run --debug --output_dir out/: one Result_<N>/ per input, each tensor one raw
+    float32 file named after it as the converter sanitised it ('/' ':' '.' as '_'), no shape,
+    channel-last; tensors QNN adds (its NHWC input, a layout conversion) match nothing."""
+    model = exported_cnn()
+    output = tmp_path / "out"
+    for run in ("Result_0", "Result_1"):
+        (output / run).mkdir(parents=True)
+        for name in FUSED:
+            value = planted(name)
+            stored = value.transpose(0, 2, 3, 1) if value.ndim == 4 else value  # QNN's own layout
+            stored.astype("<f4").tofile(output / run / f"{sanitise(f'/block/{name}:0')}.raw")
+        random_inputs(make_cnn())["x"].transpose(0, 2, 3, 1).astype("<f4").tofile(output / run / "x.raw")
+        np.arange(40, dtype="<f4").tofile(output / run / "_block_relu1_0_nchw_to_nhwc.raw")
+    with pytest.raises(LayerbisectError, match="holds 2 qnn-net-run results.*Result_0"):
+        DumpFolder(output)
+    report = find_first_bad_layer(model, output / "Result_0", random_inputs(make_cnn()))
+    assert report.first_bad.float_nodes == (FAULT,) and report.coverage == 1.0
+    assert pairs_of(report) == {f"/block/{name}:0": sanitise(f"/block/{name}:0") for name in FUSED}
+    assert all(layer.cosine > 0.9999 for layer in report.layers if layer.float_tensor != f"/block/{FAULT}:0")
+    assert DumpFolder(output / "Result_0")({})["_block_relu1_0"].shape == (16 * 16 * 8,)  # unshaped until paired
+
+
+def tidl_traces(folder, fixed_only: bool = False) -> None:
+    """A TIDL debug_level=4 trace folder: per layer, tidl_trace_subgraph_0_<dataId>_<batch>_
+    <channels>_<width>x<height>.y (fixed point) and the same name ending _float.bin (float32),
+    with the compilation's layer_info.txt ("layerId dataId name"). Data ids are not layer ids
+    (the table maps them), and the input data layer is traced too."""
+    lines, rng = ["0 0 x"], np.random.default_rng(0)
+    layers = [("x", random_inputs(make_cnn())["x"])] + [(name, planted(name)) for name in FUSED]
+    for layer_id, (name, value) in enumerate(layers):
+        data_id = 0 if layer_id == 0 else 100 - 7 * layer_id  # later layers, smaller data ids
+        lines.append(f"{layer_id} {data_id} {name}") if layer_id else None
+        batch, channels, height, width = value.shape if value.ndim == 4 else (1, 1, 1, value.size)
+        stem = f"tidl_trace_subgraph_0_{data_id:04d}_{batch:05d}_{channels:05d}_{width:05d}x{height:05d}"
+        rng.integers(-128, 127, value.size, dtype=np.int8).tofile(folder / f"{stem}.y")
+        if not fixed_only:
+            value.astype("<f4").tofile(folder / f"{stem}_float.bin")
+    (folder / "subgraph_0_tidl_io_1.layer_info.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_tidl_trace_folder(tmp_path):
+    tidl_traces(tmp_path)
+    assert [t.key for t in DumpFolder(tmp_path).tensors][:3] == ["x", "relu1", "conv2"]  # layer order
+    report = report_for(tmp_path)
+    assert report.first_bad.float_nodes == (FAULT,) and report.coverage == 1.0
+    assert pairs_of(report) == {name: name for name in FUSED}
+    assert report.layers[-1].shape == (1, 10) and report.layers[-1].cosine > 0.9999  # traced as 1x1x1x10
+
+
+def test_tidl_fixed_point_traces_alone_and_a_missing_layer_table_are_refused(tmp_path):
+    tidl_traces(tmp_path, fixed_only=True)
+    with pytest.raises(LayerbisectError, match="debug_level=4"):
+        DumpFolder(tmp_path)
+    for file in tmp_path.glob("*.y"):
+        file.rename(file.with_name(file.name[:-2] + "_float.bin"))
+    (tmp_path / "subgraph_0_tidl_io_1.layer_info.txt").unlink()
+    with pytest.raises(LayerbisectError, match="no \\*layer_info.txt"):
+        DumpFolder(tmp_path)
+
+
+def test_a_dump_that_names_nothing_of_its_graph_says_so(tmp_path):
+    np.save(tmp_path / "unrelated.npy", np.zeros(7, np.float32))
+    with pytest.raises(LayerbisectError, match="named after a value of the quantized graph"):
+        find_first_bad_layer(make_cnn(), tmp_path, random_inputs(make_cnn()), quant_graph=make_cnn())
+    with pytest.raises(LayerbisectError, match="give the graph they were dumped from"):
+        find_first_bad_layer(make_cnn(), tmp_path, random_inputs(make_cnn()))

@@ -168,7 +168,7 @@ def test_providers_are_an_order_of_preference_and_a_plain_string_is_one():
     preferred = find_first_bad_layer(model, quant_model("cnn", "qdq"),
                                      providers=["NoSuchExecutionProvider", "CPUExecutionProvider"])
     assert preferred.providers == ("CPUExecutionProvider",) and preferred.layers == plain.layers
-    assert preferred.notes == ("execution provider 'NoSuchExecutionProvider' not available in this onnxruntime, "
-                               "skipped; ran with CPUExecutionProvider",)
+    assert preferred.notes == ("execution provider 'NoSuchExecutionProvider' is not available in this onnxruntime: "
+                               "skipped, CPUExecutionProvider used instead",)
     with pytest.raises(ValueError, match="execution provider 'NoSuchExecutionProvider' is not available"):
         find_first_bad_layer(model, quant_model("cnn", "qdq"), providers="NoSuchExecutionProvider")

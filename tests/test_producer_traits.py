@@ -135,10 +135,15 @@ def quiet_logging():
 def scaled_weight(model: onnx.ModelProto, node_name: str, factor: float) -> onnx.ModelProto:
     """A copy with the float weight (input 1) of node ``node_name`` multiplied by ``factor``
     on its first half of columns: a fault no rescaling explains."""
+    return scaled_weight_at(model, node_name, 1, factor)
+
+
+def scaled_weight_at(model: onnx.ModelProto, node_name: str, position: int, factor: float) -> onnx.ModelProto:
+    """``scaled_weight`` for the initializer read at input ``position``."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     node = next(n for n in copy.graph.node if n.name == node_name)
-    init = next(i for i in copy.graph.initializer if i.name == node.input[1])
+    init = next(i for i in copy.graph.initializer if i.name == node.input[position])
     values = numpy_helper.to_array(init).copy()
     values[..., : values.shape[-1] // 2] *= factor
     init.CopyFrom(numpy_helper.from_array(values, init.name))
@@ -181,15 +186,58 @@ def test_transformers_optimizer_fusions_pair_with_their_spans_and_a_fault_is_nam
     assert all(floats == [(quant,)] for quant, floats in spans.items())  # the rest: same names
     assert report.coverage == 1.0 and report.first_bad is None
     assert min(layer.cosine for layer in report.layers) > 0.9999
-    fused = 3 if name == "bert" else 0  # Q, K and V in one Attention
-    assert (report.weighted, report.weighted_paired) == (6, 6 - fused)
-    assert ("only 3 of 6 weighted layers paired one for one" in report.verdict) == bool(fused)
+    # Q, K and V in one Attention: each pairs with its block of the packed weight's columns
+    assert (report.weighted, report.weighted_paired, report.weight_agreement) == (6, 6, pytest.approx(1.0))
+    assert "weighted layers paired" not in report.verdict
     faulty = find_first_bad_layer(float_model, scaled_weight(optimized, "ffn1_proj", -1.0), inputs)
     assert faulty.culprit.float_nodes == ("ffn1_proj",) and faulty.first_bad_cause == "introduced"
     assert [layer.float_nodes for layer in faulty.layers] == [layer.float_nodes for layer in report.layers]
     if name == "bert":  # Q, K and V in one packed weight: the fault is the attention's
         faulty = find_first_bad_layer(float_model, scaled_weight(optimized, "Attention_0", 0.2), inputs)
         assert faulty.culprit.quant_nodes == ("Attention_0",) and faulty.first_bad_cause == "introduced"
+
+
+# make_bert(vocab=...) after the optimizer: each fused op and the float span it computes (the
+# position Gather reads ids computed from the input's shape alone: a constant, in no span)
+EMBEDDED_SPANS = {
+    "EmbedLayerNormalization_0": ("word_gather", "type_gather", "emb_add", "emb_add_position", "emb_ln"),
+    "Attention_0": FUSIONS["bert"]["Attention_0"][0] + ("mask_add",),
+    "SkipLayerNorm_AddBias_0": ("o_bias", "residual1", "ln1"),
+    "Gelu_AddBias_0": FUSIONS["bert"]["Gelu_AddBias_0"][0],
+    "SkipLayerNorm_AddBias_1": ("ffn2_bias", "residual2", "ln2"),
+}
+
+
+def token_inputs(vocab: int, samples: int = 2, seq: int = 8) -> list[dict[str, np.ndarray]]:
+    """Token ids and an attention mask padding the last two positions of each sequence."""
+    rng = np.random.default_rng(0)
+    mask = np.array([[1] * (seq - 2) + [0] * 2], np.int64)
+    return [{"input_ids": rng.integers(0, vocab, (1, seq)).astype(np.int64), "attention_mask": mask}
+            for _ in range(samples)]
+
+
+@pytest.mark.parametrize("fault,position", [("ffn1_proj", 1), ("Attention_0", 1), ("EmbedLayerNormalization_0", 5)])
+def test_bert_embeddings_and_attention_mask_fused_by_the_optimizer_pair_and_a_fault_is_named(fault, position):
+    """EmbedLayerNormalization computes the embeddings' Gathers, their sum and LayerNorm, and
+    passes the attention mask on as a mask index, which the Attention reads where the float
+    graph adds (1 - mask) * -10000 to its scores: the float mask is computed by nothing on
+    the other side and compared with nothing, and every other float op pairs with its span."""
+    float_model = make_bert(vocab=40)
+    optimized = transformers_optimized(float_model)
+    assert {"EmbedLayerNormalization", "Attention"} <= {n.op_type for n in optimized.graph.node}
+    inputs = token_inputs(40)
+    report = find_first_bad_layer(float_model, optimized, inputs)
+    spans = {layer.quant_nodes[-1]: tuple(sorted(layer.float_nodes)) for layer in report.layers}
+    assert len(spans) == len(report.layers)  # one layer per quantized op
+    for quant, expected in EMBEDDED_SPANS.items():
+        assert spans.pop(quant) == tuple(sorted(expected))
+    assert all(floats == (quant,) for quant, floats in spans.items())  # the rest: same names
+    assert report.coverage == 1.0 and (report.weighted, report.weighted_paired) == (6, 6)
+    assert report.first_bad is None and min(layer.cosine for layer in report.layers) > 0.9999
+    faulty = find_first_bad_layer(float_model, scaled_weight_at(optimized, fault, position, -1.0), inputs)
+    assert faulty.first_bad.quant_nodes[-1] == fault and faulty.first_bad_cause == "introduced"
+    assert faulty.culprit == faulty.first_bad
+    assert [layer.float_nodes for layer in faulty.layers] == [layer.float_nodes for layer in report.layers]
 
 
 HARDSWISH_FORMS = ("fused", "clip", "hardsigmoid")

@@ -207,6 +207,55 @@ def test_minilm_bisection_holds_no_more_than_its_budget():
     assert report.peak_bytes == planted_report(strategy="prefix", memory_budget=budget).peak_bytes
 
 
+@lru_cache(maxsize=1)
+def _minilm_transformers_optimized() -> onnx.ModelProto:
+    import logging
+
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(minilm())  # the optimizer rewrites the model it is given
+    logging.disable(logging.WARNING)  # and logs each fusion
+    try:
+        return optimize_model(copy, model_type="bert", num_heads=12, hidden_size=384, opt_level=0).model
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _scaled_columns(model: onnx.ModelProto, node_name: str, position: int, factor: float) -> onnx.ModelProto:
+    """A copy whose initializer read at ``position`` by node ``node_name`` has its first half
+    of last-axis entries multiplied by ``factor``: a fault no rescaling explains."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    node = next(n for n in copy.graph.node if n.name == node_name)
+    init = next(i for i in copy.graph.initializer if i.name == node.input[position])
+    values = numpy_helper.to_array(init).copy()
+    values[..., : values.shape[-1] // 2] *= factor
+    init.CopyFrom(numpy_helper.from_array(values, init.name))
+    return copy
+
+
+@pytest.mark.parametrize("fault,position,factor,float_end", [
+    (PLANTED, 1, -1.0, PLANTED),  # an FFN MatMul
+    ("Attention_1", 1, 0.2, minilm_node("layer.1/attention/self/Reshape_3")),  # packed Q, K, V
+    ("EmbedLayerNormalization_0", 5, -1.0, "/model/model.0/auto_model/embeddings/LayerNorm/LayerNormalization"),
+])
+def test_minilm_after_the_transformers_optimizer_pairs_every_op_and_names_the_fault(fault, position, factor, float_end):
+    """onnxruntime's transformers optimizer: EmbedLayerNormalization (the embeddings' Gathers,
+    sum and LayerNorm, and the attention mask as a mask index), Attention reading that index
+    where the float graph adds its own additive mask, SkipLayerNormalization and BiasGelu."""
+    optimized = _minilm_transformers_optimized()
+    assert {"EmbedLayerNormalization", "Attention", "SkipLayerNormalization", "BiasGelu"} <= op_counts(optimized).keys()
+    clean = find_first_bad_layer(minilm(), optimized, SAMPLES, quiet=True)
+    assert clean.coverage == 1.0 and (clean.weighted, clean.weighted_paired) == (18, 18)
+    assert clean.first_bad is None and min(layer.cosine for layer in clean.layers) > 0.9999
+    report = find_first_bad_layer(minilm(), _scaled_columns(optimized, fault, position, factor), SAMPLES, quiet=True)
+    show(f"MiniLM after the transformers optimizer, {fault} corrupted", report)
+    assert report.first_bad.float_nodes[-1] == float_end and report.first_bad.quant_nodes[-1] == fault
+    assert report.first_bad_cause == "introduced" and report.culprit == report.first_bad
+    assert [layer.float_nodes for layer in report.layers] == [layer.float_nodes for layer in clean.layers]
+
+
 def test_minilm_static_qdq_int8_drops_below_threshold_at_the_first_post_ffn_layernorm():
     """Static int8 QDQ (4 calibration sentences) really degrades this model: the sentence
     embedding ends near cosine 0.9. The first layer below 0.98 is the LayerNorm closing layer

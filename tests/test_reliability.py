@@ -14,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import layerbisect.command
+import layerbisect.files
 from layerbisect import LayerbisectError, find_first_bad_layer, keep_in_float
 from layerbisect.cli import main
 from layerbisect.files import write
@@ -245,6 +246,31 @@ def test_api_writers_refuse_the_files_a_result_was_made_from(user, tmp_path):
     with pytest.raises(LayerbisectError, match="would overwrite an input file"):
         fallback.save_model(user / "int8_hardlink.json")
     assert (digest(user), digest(tmp_path)) == before
+
+
+def test_writing_over_outputs_reads_each_model_graph_once_and_no_feeds_file(tmp_path, monkeypatch):
+    float_model = make_cnn()
+    onnx.save(quantize(float_model, "qdq"), tmp_path / "int8.onnx")
+    onnx.save(float_model, tmp_path / "fp32.onnx", save_as_external_data=True, location="fp32.data",
+              size_threshold=0)  # (float_model now refers to that file)
+    np.savez(tmp_path / "feeds.npz", **random_inputs(float_model))
+    (tmp_path / "overlays").mkdir()
+    args = [str(tmp_path / name) for name in ("fp32.onnx", "int8.onnx")] + [
+        "--inputs", str(tmp_path / "feeds.npz"), "--json", str(tmp_path / "r.json"), "--html", str(tmp_path / "r.html"),
+        "--model-explorer", str(tmp_path / "overlays"), "--quiet"]
+    assert main(args) == 0  # the outputs are there now: the run after writes over 11 files
+    parsed = []
+    original = layerbisect.files.graph_only
+    monkeypatch.setattr(layerbisect.files, "graph_only", lambda path: parsed.append(Path(path).name) or original(path))
+    before = digest(tmp_path)
+    assert main(args) == 0
+    assert sorted(parsed) == ["fp32.onnx", "int8.onnx"]  # once each (no feeds, no data file), for 11 files
+    changed = {name for name, sha in digest(tmp_path).items() if before[name] != sha}
+    assert {"fp32.onnx", "fp32.data", "int8.onnx", "feeds.npz"}.isdisjoint(changed)
+    for output in ("r.json", "fp32.data"):  # and the protection holds
+        with pytest.raises(LayerbisectError, match="would overwrite an input file"):
+            layerbisect.files.check_outputs({"--json": tmp_path / output}, [tmp_path / "feeds.npz"],
+                                            models=[tmp_path / "fp32.onnx", tmp_path / "r.json"])
 
 
 @pytest.mark.parametrize("budget,expected", [

@@ -17,7 +17,7 @@ import pytest
 
 from layerbisect import find_first_bad_layer
 from layerbisect.cli import main
-from layerbisect.progress import progress
+from layerbisect.progress import progress, steps
 from layerbisect.render import chart_svg, echo
 from layerbisect.report import LayerComparison, Report
 
@@ -295,25 +295,6 @@ def test_progress_bar_on_a_terminal_with_a_total_and_time_left(monkeypatch):
     assert "3/3 [00:00<00:00" in terminal.getvalue()  # done of total, time taken and time left
 
 
-def test_a_one_sample_run_in_pieces_shows_a_bar_over_its_passes(monkeypatch):
-    from layerbisect import find
-
-    bars = []
-    monkeypatch.setattr(find, "progress", lambda items, quiet=False, total=None, unit="sample": (
-        bars.append((unit, quiet, len(items) if unit == "pass" else total)) or items))
-    float_model, quant = make_cnn(), quantize(make_cnn(), "qdq")
-    everything = find_first_bad_layer(float_model, quant, random_inputs(float_model))
-    report = find_first_bad_layer(float_model, quant, random_inputs(float_model), strategy="scan",
-                                  memory_budget=everything.peak_bytes // 4)
-    passes = [bar for bar in bars if bar[0] == "pass"]
-    assert len(report.layers) == len(everything.layers) and len(passes) == 2
-    assert passes[-1] == ("pass", False, report.executions // 3) and passes[-1][2] > 1  # shown, with a total
-    many = find_first_bad_layer(float_model, quant, [random_inputs(float_model, seed) for seed in range(2)],
-                                strategy="scan", memory_budget=everything.peak_bytes // 4)
-    assert bars[-1][0] == "sample" and [bar for bar in bars if bar[0] == "pass"][-1][1] is True  # samples'
-    assert many.samples == 2
-
-
 def test_progress_bar_over_passes_names_them(monkeypatch):
     pytest.importorskip("tqdm")
     bar = progress([[0], [1], [2]], stream=Terminal(), unit="pass")
@@ -348,6 +329,8 @@ def test_notebook_without_ipywidgets_gets_the_text_bar_and_no_warning(monkeypatc
         warnings.simplefilter("always")
         bar = progress([{}, {}], stream=io.StringIO())  # a notebook's stderr is no terminal
         assert isinstance(bar, tqdm.std.tqdm) and bar.total == 2 and list(bar) == [{}, {}]
+        with steps(2, "model", stream=io.StringIO()) as counted:  # the bars counted by hand too
+            assert isinstance(counted.bar, tqdm.std.tqdm) and counted.bar.total == 2
     assert [str(w.message) for w in caught] == []
 
 

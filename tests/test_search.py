@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from layerbisect.search import bisect_first_failing, first_failing
+from layerbisect.search import bisect_calls, bisect_first_failing, first_failing
 
 
 def monotone(n: int, first_bad: int | None) -> list[bool]:
@@ -34,3 +34,12 @@ def test_bisect_agrees_with_a_full_scan_on_monotone_checks(n, batch):
 def test_bad_arguments():
     with pytest.raises(ValueError):
         bisect_first_failing(lambda i, final: {}, 5, batch=0)
+
+
+@pytest.mark.parametrize("batch,probes", [(1, 1), (2, 1), (8, 1), (3, 3), (1, 2)])
+def test_bisect_calls_is_the_most_calls_any_answer_takes(batch, probes):
+    for n in range(130):
+        calls = [bisect_first_failing(lambda ks, final, flags=monotone(n, first_bad): {k: flags[k] for k in ks},
+                                      n, batch, probes)[1] for first_bad in [None, *range(n)]]
+        assert max(calls) == bisect_calls(n, batch, probes)  # reached, never passed
+    assert bisect_calls(1000, 8, 1) == 8 and bisect_calls(1000, 1, 1) == 10

@@ -211,3 +211,30 @@ def test_a_sequence_is_read_again_for_each_pass_not_held():
     report = find_first_bad_layer(float_model, quant, OnDemand(made, 12), **options)
     assert made.most <= 3  # as a generator: the one measured, the next read, one the loop let go late
     assert report.to_dict() == find_first_bad_layer(float_model, quant, samples(float_model, 12), **options).to_dict()
+
+
+@pytest.mark.parametrize("options", [{}, {"strategy": "bisect", "memory_budget": 1 << 20}])
+def test_models_with_large_weights_run_one_at_a_time_and_give_the_same_report(monkeypatch, options):
+    """Past ``ONE_AT_A_TIME`` bytes of weights, a pass holds one session at a time (float,
+    quantized, cut), each over a chunk of samples; the report is the one sample by sample
+    gives, but for the memory held (a chunk's float values)."""
+    import layerbisect.measure as measure_module
+
+    float_model, quant = faulted("transformer" if options else "cnn", "dynamic")
+    serial = find_first_bad_layer(float_model, quant, samples(float_model), **options)
+    live, most, created = weakref.WeakSet(), [0], [0]
+    real = measure_module.Session
+
+    def counted(*args, **kwargs):
+        session = real(*args, **kwargs)
+        live.add(session)
+        created[0] += 1
+        most[0] = max(most[0], len(live))
+        return session
+
+    monkeypatch.setattr(measure_module, "Session", counted)
+    monkeypatch.setattr(measure_module, "ONE_AT_A_TIME", 0)
+    chunked = find_first_bad_layer(float_model, quant, samples(float_model), **options)
+    assert most[0] == 1 and created[0] > 0  # never two sessions alive at once
+    assert {**chunked.to_dict(), "peak_bytes": 0} == {**serial.to_dict(), "peak_bytes": 0}
+    assert chunked.samples == 6

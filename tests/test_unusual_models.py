@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import layerbisect.graph
 import layerbisect.load
+import layerbisect.measure
 import layerbisect.run
 from layerbisect import LayerbisectError, find_first_bad_layer, keep_in_float
 from layerbisect.graph import build_graph
@@ -309,6 +310,9 @@ def test_models_with_external_data_load_from_their_folder_and_stay_untouched(ext
     assert from_files.layers == in_memory.layers
     optimized = find_first_bad_layer(*paths, random_inputs(cnn()), ort_optimized=True)
     assert optimized.first_bad.float_nodes == ("conv2",)
+    monkeypatch.setattr(layerbisect.measure, "ONE_AT_A_TIME", 0)  # as models of large weights run
+    one_at_a_time = find_first_bad_layer(*paths, random_inputs(cnn()))
+    assert one_at_a_time.layers == in_memory.layers
     assert digest(folder) == before
 
 

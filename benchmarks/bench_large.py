@@ -1,0 +1,181 @@
+"""Benchmark: a model of several GB of external data, against the floor of running it.
+
+Builds, in a temporary folder removed afterwards (also on errors), a float model of
+``--layers`` MatMul+Relu layers of ``--width`` x ``--width`` float32 weights (seeded; the
+defaults, five of 11000x11000, make 2.4 GB) in an external data file, and a copy in a file of
+its own whose middle layer has half its columns negated (``--kind copy``) or an int8 QDQ
+version with that layer's int8 weights negated (``--kind int8``). Then measures, each in a
+fresh Python process (peak RSS is the child's VmHWM from /proc/self/status), medians of
+``--repeat`` runs:
+
+- floor:        onnxruntime, default settings: a session of each model created, run once on
+                the sample and released, one model after the other;
+- layerbisect:  ``find_first_bad_layer(float_path, other_path, inputs=...)``, the default run.
+
+    python benchmarks/bench_large.py                      # 2 x 2.4 GB, about a minute
+    python benchmarks/bench_large.py --width 8192 --repeat 1
+
+Prints wall time and peak RSS of each and their ratios to the floor, and whether the planted
+layer was named. The disk needs room for both models. Nothing here asserts on time or memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_scan  # noqa: E402  (peak RSS readings, child processes, bytecode)
+from bench_external import DataFile  # noqa: E402  (external data written a tensor at a time)
+
+BATCH = 1
+MODES = ("floor", "layerbisect")
+
+
+def build(folder: str, width: int, layers: int, kind: str) -> dict:
+    """Write float.onnx and other.onnx (with float.data and other.data) into ``folder``."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    fault = layers // 2
+    float_data, other_data = DataFile(folder, "float.data"), DataFile(folder, "other.data")
+    float_nodes, float_inits, other_nodes, other_inits = [], [], [], []
+    x = rng.standard_normal((BATCH, width)).astype(np.float32)
+    activation, current = x, "x"
+    for i in range(layers):
+        w = rng.standard_normal((width, width), dtype=np.float32)
+        w *= np.float32(np.sqrt(2.0 / width))
+        float_inits.append(float_data.tensor(f"w{i}", w))
+        float_nodes += [helper.make_node("MatMul", [current, f"w{i}"], [f"mm{i}"], name=f"mm{i}"),
+                        helper.make_node("Relu", [f"mm{i}"], [f"relu{i}"], name=f"relu{i}")]
+        if kind == "copy":
+            if i == fault:
+                w[:, : width // 2] *= -1
+            other_inits.append(other_data.tensor(f"w{i}", w))
+            other_nodes += float_nodes[-2:]
+        else:
+            w_scale = (np.abs(w).max(axis=0) / 127).astype(np.float32)
+            w_int8 = np.clip(np.rint(w / w_scale), -127, 127).astype(np.int8)
+            if i == fault:
+                w_int8 = -w_int8
+            a_scale = np.array(np.abs(activation).max() / 127, np.float32)
+            other_inits += [
+                other_data.tensor(f"w{i}_q", w_int8), other_data.tensor(f"w{i}_scale", w_scale),
+                other_data.tensor(f"w{i}_zp", np.zeros(width, np.int8)),
+                other_data.tensor(f"a{i}_scale", a_scale), other_data.tensor(f"a{i}_zp", np.array(0, np.int8)),
+            ]
+            other_nodes += [
+                helper.make_node("QuantizeLinear", [current, f"a{i}_scale", f"a{i}_zp"], [f"q{i}"], name=f"q{i}"),
+                helper.make_node("DequantizeLinear", [f"q{i}", f"a{i}_scale", f"a{i}_zp"], [f"dq{i}"],
+                                 name=f"dq{i}"),
+                helper.make_node("DequantizeLinear", [f"w{i}_q", f"w{i}_scale", f"w{i}_zp"], [f"w{i}_dq"],
+                                 name=f"dqw{i}", axis=1),
+                helper.make_node("MatMul", [f"dq{i}", f"w{i}_dq"], [f"mm{i}"], name=f"mm{i}"),
+                helper.make_node("Relu", [f"mm{i}"], [f"relu{i}"], name=f"relu{i}"),
+            ]
+            activation = np.maximum(activation @ w, 0)
+        current = f"relu{i}"
+        del w
+    float_data.file.close()
+    other_data.file.close()
+    paths = {}
+    for name, nodes, inits in (("float", float_nodes, float_inits), ("other", other_nodes, other_inits)):
+        graph = helper.make_graph(
+            nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [BATCH, width])],
+            [helper.make_tensor_value_info(current, TensorProto.FLOAT, [BATCH, width])], inits,
+        )
+        paths[name] = os.path.join(folder, f"{name}.onnx")
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), paths[name])
+    feeds = os.path.join(folder, "feeds.npz")
+    np.savez(feeds, x=np.random.default_rng(1).standard_normal((BATCH, width)).astype(np.float32))
+    sizes = {name: os.path.getsize(os.path.join(folder, f"{name}.data")) / 2**20 for name in ("float", "other")}
+    return {"float_path": paths["float"], "other_path": paths["other"], "feeds": feeds,
+            "planted": f"mm{fault}", "sizes_mb": sizes}
+
+
+def child(mode: str, info: dict) -> dict:
+    """One measurement, in this (fresh) process."""
+    import numpy as np
+
+    feeds = dict(np.load(info["feeds"]))
+    result: dict = {}
+    start = time.perf_counter()
+    if mode == "floor":
+        import onnxruntime as ort
+
+        for path in (info["float_path"], info["other_path"]):
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            session.run(None, feeds)
+            del session
+    else:
+        from layerbisect import find_first_bad_layer
+
+        report = find_first_bad_layer(info["float_path"], info["other_path"], inputs=feeds, quiet=True)
+        bad = report.first_bad
+        result.update(first_bad=None if bad is None else list(bad.float_nodes),
+                      found=bad is not None and info["planted"] in bad.float_nodes,
+                      cause=report.first_bad_cause, strategy=report.strategy, executions=report.executions)
+    result.update(wall_s=time.perf_counter() - start, peak_rss_mb=bench_scan._vm("VmHWM"))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--width", type=int, default=11000, help="rows and columns of each weight (default 11000)")
+    parser.add_argument("--layers", type=int, default=5, help="MatMul+Relu layers (default 5)")
+    parser.add_argument("--kind", choices=("copy", "int8"), default="copy",
+                        help="copy: a float copy with one layer corrupted; int8: a QDQ int8 version")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each measurement (medians)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--info", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(bench_scan.MARK + json.dumps(child(args.child, json.loads(args.info))), flush=True)
+        return
+    bench_scan.compile_layerbisect()
+    import numpy
+    import onnxruntime
+
+    import layerbisect
+
+    with tempfile.TemporaryDirectory(prefix="bench_large_") as folder:
+        start = time.perf_counter()
+        info = build(folder, args.width, args.layers, args.kind)
+        sizes = info["sizes_mb"]
+        print(f"{args.layers} MatMul+Relu layers of {args.width}x{args.width}, batch {BATCH}, {args.kind}: "
+              f"float model {sizes['float']:.0f} MiB, other {sizes['other']:.0f} MiB of external data; "
+              f"built in {time.perf_counter() - start:.1f} s; fault planted in {info['planted']}")
+        print(f"{time.strftime('%Y-%m-%d')}, python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
+              f"onnxruntime {onnxruntime.__version__}, numpy {numpy.__version__}, "
+              f"layerbisect from {os.path.dirname(layerbisect.__file__)}; medians of {args.repeat}")
+        runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
+        for _ in range(args.repeat):  # interleaved, so that a load on the machine hits both alike
+            for mode in MODES:
+                runs[mode].append(bench_scan.run_child(__file__, mode, info, None))
+    median = {mode: {key: statistics.median(r[key] for r in results) for key in ("wall_s", "peak_rss_mb")}
+              for mode, results in runs.items()}
+    floor = median["floor"]
+    print(f"\n| {'measurement':<40} | wall s | peak RSS MiB | time x floor | RSS x floor |")
+    print(f"|{'-' * 42}|-------:|-------------:|-------------:|------------:|")
+    labels = {"floor": "floor: ORT, one model after the other", "layerbisect": "find_first_bad_layer (default)"}
+    for mode in MODES:
+        m = median[mode]
+        print(f"| {labels[mode]:<40} | {m['wall_s']:6.2f} | {m['peak_rss_mb']:12.0f} | "
+              f"{m['wall_s'] / floor['wall_s']:12.2f} | {m['peak_rss_mb'] / floor['peak_rss_mb']:11.2f} |")
+    found = runs["layerbisect"][-1]
+    print(f"\nlayerbisect: first bad {found['first_bad']} "
+          f"({'the planted layer' if found['found'] else 'NOT the planted layer'}), {found['cause']}, "
+          f"{found['strategy']}, {found['executions']} model runs")
+
+
+if __name__ == "__main__":
+    main()
