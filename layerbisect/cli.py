@@ -132,8 +132,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--strategy", choices=list(STRATEGIES), default="auto",
         help="scan every layer; prefix: the layers up to the first bad one, in order; bisect: "
-        "probe for it with few runs, then as prefix; auto: the one of least estimated cost, "
-        "the scan where it costs no more (default)",
+        "probe for it with few runs, then as prefix; auto: scan when everything fits "
+        "one pass, else the one of least estimated cost (default)",
     )
     parser.add_argument(
         "--memory-budget", metavar="SIZE", type=_size, default=None,

@@ -1,4 +1,6 @@
-"""What each search strategy would cost, estimated before anything runs: ``auto`` takes the cheapest.
+"""What each search strategy would cost, estimated before anything runs: ``auto`` takes the
+cheapest where everything does not fit one pass (where it does, it scans: every layer for a
+run of each model).
 
 Knows nothing of ONNX: a layer is the bytes of its float and quantized values, a piece a run
 of consecutive layers that one pass measures (the scan's pieces, which fit the memory budget).

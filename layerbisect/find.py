@@ -114,9 +114,9 @@ def find_first_bad_layer(
     ``"bisect"`` finds a bad layer with a probe per pass (cumulative error only, so each model
     runs about once over the probes), then, with ``isolated``, measures the layers up to it as
     ``"prefix"`` does: the scan's answer wherever a probe fails (a layer below the threshold
-    followed by layers above it, up to every probe, can go unseen); ``"auto"`` takes the one of
-    least estimated cost (``layerbisect.cost``: passes, and bytes run and compared, from the
-    shapes), the scan where it costs no more.
+    followed by layers above it, up to every probe, can go unseen); ``"auto"`` scans when
+    everything fits one pass, else takes the one of least estimated cost
+    (``layerbisect.cost``: passes, and bytes run and compared, from the shapes).
     ``isolated=True`` also measures each layer fed the float model's own inputs, to tell
     where error is introduced from where it is inherited. ``executor`` (any
     ``concurrent.futures.Executor``) spreads samples over its workers. Progress bars (loading,
@@ -179,16 +179,16 @@ def find_first_bad_layer(
     # A scan runs in one pass when everything fits (a piece, for one sample); else half the
     # budget (at most a piece, for one sample) holds the values a pass measures, a quarter each
     # the values it resumes from and those it saves for the next (saved values past that are
-    # dropped: the next pass then starts from the inputs). auto takes the strategy of least
-    # estimated cost (layerbisect.cost), the scan where it costs no more
+    # dropped: the next pass then starts from the inputs). auto scans when everything fits one
+    # pass, else takes the strategy of least estimated cost (layerbisect.cost)
     held = footprint.of(everything)
     piece = SCAN_PIECE if single else math.inf
     groups = [everything] if held <= min(budget, piece) else footprint.groups(min(budget / 2, piece))
     largest = max(footprint.of([i]) for i in everything)
     last_pass = max(1, min(LAST_PASS_LAYERS, int(budget / 2 // largest)))
-    if strategy == "auto":
+    if strategy == "auto":  # one pass holding everything: every layer for a run of each model
         costs = estimates(sizes, quant_sizes, groups, isolated=isolated, last_pass=last_pass, samples=count or 1)
-        strategy = cheapest(costs)
+        strategy = "scan" if len(groups) == 1 else cheapest(costs)
         log.info("estimated: %s", ", ".join(f"{name} {cost.seconds:.2f} s" for name, cost in costs.items()))
     if strategy == "bisect" or len(groups) > 1:
         samples = reusable(samples)  # several passes over the samples

@@ -67,10 +67,12 @@ def test_find_shows_loading_alignment_and_each_bisection_pass_against_its_bound(
     assert counts(text, "loading the quantized model")[-1] == (2, 2)
     assert counts(text, "aligning: the float graph")[0] == (0, 3)
     assert counts(text, "aligning: pairing layers")[-1] == (3, 3)
-    bound = bisect_calls(report.aligned, batch=1, probes=1) + 1  # and the isolated pass after
+    # the probes, then the culprit's pieces up to the first bad layer: at this budget, one layer
+    # a piece, and at most every layer
+    bound = bisect_calls(report.aligned, batch=1, probes=1) + report.aligned
     bars = counts(text, f"bisect (at most {bound} passes)")
     logged = passes_logged(caplog)
-    assert report.aligned == 10 and bound == 5 and logged[0].startswith(f"pass 1 of at most {bound}: ")
+    assert report.aligned == 10 and bound == 14 and logged[0].startswith(f"pass 1 of at most {bound}: ")
     assert bars[0] == (0, bound) and bars[-1] == (len(logged), bound) and 2 < len(logged) <= bound
     assert [done for done, _ in bars] == list(range(len(logged) + 1))  # one step a pass
     assert text.endswith("\r")  # each bar removed when done
