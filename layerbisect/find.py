@@ -366,7 +366,7 @@ def _fusions(float_graph, given, optimized, pairs, feeds, groups, passes: _Passe
     _scan(both, [piece for piece in pieces if piece], False, alone=False)
     passes.totals += both.totals
     layers = [both.layer(k) if assemble.comparable(*both.measured[k]) else None for k in range(len(found.pairs))]
-    return fusion_note(changed(found, pairs, layers), len(found.pairs))
+    return fusion_note(changed(found, pairs, layers), found)
 
 
 class Setup(NamedTuple):

@@ -7,7 +7,8 @@ and where a fusion changes the arithmetic, it computes other values. This module
 layers those are: it aligns the float model with the model as given too, and runs both
 quantized graphs once, on the first sample, reading each layer's value in each where it pairs
 with the same float value. A layer whose two values differ, anywhere, is computed differently;
-a layer that pairs in one graph only is listed as such. The note says which, or that none.
+a layer that pairs in one graph only is listed as such (in the model as given only: computed
+inside another operation of the optimized graph). The note says which, or that none.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class Counterparts:
     indices: tuple[int, ...]
     pairs: tuple[Pair, ...]
     only_optimized: tuple[Changed, ...]
+    only_given: tuple[str, ...] = ()  # layers of the model as given with no optimized counterpart
 
 
 def counterparts(float_graph: nx.DiGraph, given: onnx.ModelProto, pairs: Sequence[Pair]) -> Counterparts:
@@ -69,6 +71,8 @@ def counterparts(float_graph: nx.DiGraph, given: onnx.ModelProto, pairs: Sequenc
                     for _, plain, optimized in both),
         only_optimized=tuple(Changed(i, _name(pair)) for i, pair in enumerate(pairs)
                              if pair.float_tensor not in given_pairs),
+        only_given=tuple(_name(pair) for tensor, pair in given_pairs.items()
+                         if tensor not in {optimized.float_tensor for optimized in pairs}),
     )
 
 
@@ -83,15 +87,23 @@ def changed(
     return tuple(sorted([*differ, *found.only_optimized], key=lambda change: change.index))
 
 
-def fusion_note(changed: Sequence[Changed], compared: int) -> str:
+def fusion_note(changed: Sequence[Changed], found: Counterparts) -> str:
     """What the report says of the optimized graph."""
+    compared = len(found.pairs)
     if not changed:
-        return (f"onnxruntime's optimized graph computes each of the {compared} layers it shares with the "
+        note = (f"onnxruntime's optimized graph computes each of the {compared} layers it shares with the "
                 "quantized model as given as that model does (the same values on the first sample)")
-    shown = "; ".join(change.describe() for change in changed[:SHOWN])
-    more = f"; and {len(changed) - SHOWN} more" if len(changed) > SHOWN else ""
-    return (f"onnxruntime's optimized graph computes {len(changed)} layer(s) differently from the quantized "
-            f"model as given (on the first sample): {shown}{more}; the other layers compute the same values")
+    else:
+        shown = "; ".join(change.describe() for change in changed[:SHOWN])
+        more = f"; and {len(changed) - SHOWN} more" if len(changed) > SHOWN else ""
+        note = (f"onnxruntime's optimized graph computes {len(changed)} layer(s) differently from the "
+                f"quantized model as given (on the first sample): {shown}{more}; the other layers compute "
+                "the same values")
+    if found.only_given:
+        names = ", ".join(found.only_given[:SHOWN]) + (", ..." if len(found.only_given) > SHOWN else "")
+        note += (f"; {len(found.only_given)} layer(s) of the model as given have no counterpart in it (fused "
+                 f"into other operations, not compared here): {names}")
+    return note
 
 
 def _name(pair: Pair) -> str:

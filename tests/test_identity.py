@@ -51,10 +51,10 @@ def test_float_model_against_its_ort_optimized_self(name):
     model = MODELS[name]()
     report = find_first_bad_layer(model, model, random_inputs(model, seed=3), ort_optimized=True, quiet=True)
     _assert_all_at_one(report)
-    # no pair left out for shapes that differ; the fusions change no value
-    assert report.notes == (f"onnxruntime's optimized graph computes each of the {len(report.layers)} layers it "
-                            "shares with the quantized model as given as that model does (the same values on the "
-                            "first sample)",), report.notes
+    # no pair left out for shapes that differ; the fusions change no value (and fold some layers away)
+    assert len(report.notes) == 1 and report.notes[0].startswith(
+        f"onnxruntime's optimized graph computes each of the {len(report.layers)} layers it shares with the "
+        "quantized model as given as that model does (the same values on the first sample)"), report.notes
 
 
 def test_qdq_relu_renamed_conv_reads_the_same_tensor_on_both_sides():

@@ -180,6 +180,13 @@ def test_minilm_planted_fault_is_named_in_the_graph_onnxruntime_runs():
     assert len(report.layers) < len(plain.layers)
     assert report.first_bad.float_nodes[0] == PLANTED
     assert report.first_bad_cause == "introduced" and report.culprit.float_nodes == report.first_bad.float_nodes
+    # the layers both graphs compute compute the same values; the fused ones are said to be left out
+    shared = [layer for layer in report.layers if layer.float_tensor in {p.float_tensor for p in plain.layers}]
+    note = next(note for note in report.notes if note.startswith("onnxruntime's optimized graph"))
+    assert note.startswith(f"onnxruntime's optimized graph computes each of the {len(shared)} layers it shares")
+    assert f"; {len(plain.layers) - len(shared)} layer(s) of the model as given have no counterpart in it" in note
+    before = {layer.float_tensor: layer.cosine for layer in plain.layers}  # each pass its own graph: 1e-10 apart
+    assert [layer.cosine for layer in shared] == pytest.approx([before[layer.float_tensor] for layer in shared], abs=1e-6)
 
 
 def test_minilm_planted_fault_is_named_by_bisection_under_a_small_budget():
