@@ -1,9 +1,10 @@
 """layerbisect: find the layer where a quantized or optimized ONNX model stops agreeing with
 its float original.
 
->>> from layerbisect import find_first_bad_layer
->>> report = find_first_bad_layer("model_fp32.onnx", "model_int8.onnx")  # doctest: +SKIP
->>> print(report)  # doctest: +SKIP
+>>> from layerbisect import demo, find_first_bad_layer
+>>> report = find_first_bad_layer(*demo.files(), inputs=demo.image())
+>>> print(report.verdict)  # doctest: +ELLIPSIS
+FAIL: first layer below cosine 0.98 is #2 Conv 'conv2' (cosine -0.99..., SQNR -6.0 dB), error introduced there; ...
 
 The modules, in the order a comparison goes through them:
 

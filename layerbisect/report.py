@@ -273,7 +273,9 @@ class Report:
         """Write ``to_html()`` to ``path``; the file opens offline in any browser. A path that
         is one of ``sources`` is refused (``LayerbisectError``).
 
-        >>> report.save_html("report.html")  # doctest: +SKIP
+        >>> import os, tempfile
+        >>> from layerbisect import demo
+        >>> demo.report().save_html(os.path.join(tempfile.mkdtemp(), "report.html"))
         """
         from layerbisect.files import write_text
 
@@ -288,7 +290,10 @@ class Report:
         ``onnx.ModelProto`` (or path) of a model the report was made from in memory. Files of
         ``sources`` are refused. See ``layerbisect.explorer``.
 
-        >>> report.to_model_explorer("overlays/")  # doctest: +SKIP
+        >>> import tempfile
+        >>> from layerbisect import demo
+        >>> [path.name for path in demo.report().to_model_explorer(tempfile.mkdtemp())][:2]
+        ['float_cosine.json', 'float_isolated_cosine.json']
         """
         from layerbisect.explorer import write_overlays
 
@@ -305,7 +310,9 @@ class Report:
     def to_dataframe(self) -> Any:
         """One row per layer as a pandas DataFrame indexed by layer index (needs pandas).
 
-        >>> report.to_dataframe().query("not passes")[["float_nodes", "cosine"]]  # doctest: +SKIP
+        >>> from layerbisect import demo
+        >>> demo.report().to_dataframe().query("not passes")["float_nodes"].iloc[0]
+        'conv2'
         """
         from layerbisect.render import dataframe
 
@@ -314,7 +321,9 @@ class Report:
     def plot(self) -> Any:
         """A matplotlib Figure of cosine and SQNR per layer (needs matplotlib).
 
-        >>> report.plot().savefig("layers.png")  # doctest: +SKIP
+        >>> import os, tempfile
+        >>> from layerbisect import demo
+        >>> demo.report().plot().savefig(os.path.join(tempfile.mkdtemp(), "layers.png"))
         """
         from layerbisect.render import figure
 
