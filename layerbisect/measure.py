@@ -65,6 +65,9 @@ class Measurement:
     seed: int
     providers: tuple[str, ...]
     originals: tuple[onnx.ModelProto, onnx.ModelProto] | None  # to word a load failure
+    buffers: tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]] = ({}, {})
+    """The data of the large weights of the float and the quantized models, out of the
+    segments (``segment.DETACHED``); the cut model reads the quantized model's."""
     key: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -154,6 +157,7 @@ def prepare(
         seed=seed,
         providers=tuple(providers),
         originals=(float_model.model, quant_model.model),
+        buffers=(float_model.buffers, quant_model.buffers),
     )
 
 
@@ -254,7 +258,8 @@ def _session(measurement: Measurement, role: int) -> Session | None:
     model = (measurement.float_model, measurement.quant_model, measurement.isolated_model)[role]
     originals = measurement.originals or (None, None)
     original = originals[0] if role == 0 else originals[1]
-    return None if model is None else Session(model, ROLES[role], measurement.providers, original)
+    buffers = measurement.buffers[0] if role == 0 else measurement.buffers[1]
+    return None if model is None else Session(model, ROLES[role], measurement.providers, original, buffers)
 
 
 def _sessions(measurement: Measurement) -> tuple:
