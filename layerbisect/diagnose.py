@@ -69,6 +69,9 @@ OUTLIER_RATIO = 4.0
 # weights whose quantization error is this many times that of rounding the float weights with
 # the same scale hold other integers than the float weights rounded
 EXCESS_ERROR = 4.0
+# cosine a model output may lose to a verified fix (rounding elsewhere moves outputs this much:
+# 16-bit conv1 of the test CNN, 0.9995 -> 0.9993)
+OUTPUT_TOLERANCE = 1e-3
 FIX_KINDS = ("percentile range", "16-bit", "per-channel weights", "keep in float")
 _CONTRIB = "com.microsoft"
 _WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
@@ -84,7 +87,8 @@ class Quantizer:
     ``float_max`` is the range of the float values on the samples, ``range_min``/``range_max``
     the range the quantizer represents. ``clipped`` is the share of values outside it;
     ``clip_energy`` the share of the quantization error's energy that clipping causes (the
-    rest is rounding). For weights, ``excess`` is the error energy over that of rounding the
+    rest is rounding); ``cosine`` that of the float values with the values quantized (for
+    weights, with the weights stored). For weights, ``excess`` is the error energy over that of rounding the
     float weights with this scale (1.0: only rounding; NaN for activations), and ``outlier``
     says which channel sets a per-tensor scale, if one does.
     """
@@ -101,6 +105,7 @@ class Quantizer:
     range_max: float
     clipped: float
     clip_energy: float
+    cosine: float
     excess: float = math.nan
     outlier: str = ""
 
@@ -145,7 +150,8 @@ class Fix:
     output and the layer reach the threshold. ``nodes_to_exclude``, ``overrides`` (tensor ->
     onnxruntime TensorQuantOverrides entry, ``quant_type`` by its QuantType name) and
     ``precision`` (for vendor tools: "float", "uint16", "int8 per-channel", ...) say how to
-    apply it when quantizing again."""
+    apply it when quantizing again; ``model`` is the quantized model with the fix (the
+    recommended fix's only)."""
 
     kind: str
     description: str
@@ -159,6 +165,8 @@ class Fix:
     precision: str
     nodes_to_exclude: tuple[str, ...] = ()
     overrides: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
+    model: onnx.ModelProto | None = field(default=None, repr=False, compare=False)
+    """The model with the fix, kept for the recommended fix only (None for the others)."""
 
     def describe(self) -> str:
         outs = ", ".join(f"{name!r} {before:.4f} -> {after:.4f}" for name, before, after in self.outputs)
@@ -202,7 +210,12 @@ class Diagnosis:
 
     def to_dict(self) -> dict:
         """Plain values: the layer, ``cause``, the measured parts, ``fixes`` and ``recommended``."""
-        data = asdict(self)
+        data = asdict(replace(self, fixes=tuple(replace(fix, model=None) for fix in self.fixes)))
+        for fix in data["fixes"]:
+            del fix["model"]
+        for part, record in zip(self.parts, data["parts"]):
+            for quantizer, entry in zip(part.quantizers, record["quantizers"]):
+                entry["reason"] = quantizer.reason
         data["layer"] = "+".join(self.layer.float_nodes)
         data["index"] = self.layer.index
         data["recommended"] = None if self.recommended is None else self.recommended.kind
@@ -314,7 +327,7 @@ def diagnose(
         raise LayerbisectError(NO_SAMPLES)
     float_proto, quant_proto, plan, _, alignment, _ = setup(
         float_model, quant_model, shapes=shapes, providers=providers, allow_swapped=allow_swapped)
-    if not any(node.op_type == "DequantizeLinear" for node in quant_proto.graph.node):
+    if _operator_format(quant_proto) or not any(node.op_type == "DequantizeLinear" for node in quant_proto.graph.node):
         raise LayerbisectError(
             "diagnosing a layer needs a QDQ model (QuantizeLinear/DequantizeLinear pairs); QOperator "
             "(QLinearConv ...) and dynamic (MatMulInteger ...) models are not covered: quantize with "
@@ -330,7 +343,7 @@ def diagnose(
                 f"the report's layer #{layer.index} {layer.float_tensor!r} is not this alignment's: give the "
                 "report find_first_bad_layer made from these two models (without ort_optimized)")
     work = _Work(float_proto, quant_proto, pairs, plan, samples, seed, providers, threshold,
-                 [layer.index for layer in chosen])
+                 [layer.index for layer in chosen], report.outputs)
     diagnoses = [work.diagnose(layer) for layer in chosen]
     culprit_layer = report.culprit or (report.first_bad if report.first_bad_cause == "introduced" else None)
     culprit = next((d for d in diagnoses if culprit_layer is not None and d.layer.index == culprit_layer.index), None)
@@ -339,6 +352,13 @@ def diagnose(
         layers=tuple(diagnoses), culprit=culprit, threshold=float(threshold), samples=len(samples),
         model_runs=work.model_runs, layer_runs=work.layer_runs, fixes_tried=work.fixes_tried, notes=notes)
     return replace(report, diagnosis=result)
+
+
+def _operator_format(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` computes in integers (QOperator QLinearConv ..., dynamic
+    MatMulInteger ...) rather than in float between QuantizeLinear/DequantizeLinear pairs."""
+    return any(node.op_type.startswith(("QLinear", "QGemm", "QAttention", "DynamicQuantize"))
+               or node.op_type.endswith("Integer") for node in model.graph.node)
 
 
 def _chosen(report: Report, threshold: float, top: int) -> list[LayerComparison]:
@@ -357,7 +377,8 @@ def _chosen(report: Report, threshold: float, top: int) -> list[LayerComparison]
 class _Work:
     """One diagnosis: the models, the samples and their float values, and what was run."""
 
-    def __init__(self, float_proto, quant_proto, pairs, plan, samples, seed, providers, threshold, chosen) -> None:
+    def __init__(self, float_proto, quant_proto, pairs, plan, samples, seed, providers, threshold, chosen,
+                 outputs) -> None:
         self.float_proto, self.quant_proto, self.pairs = float_proto, quant_proto, pairs
         self.plan, self.samples, self.seed, self.providers = plan, samples, seed, providers
         self.threshold = threshold
@@ -366,9 +387,9 @@ class _Work:
         self.float_constants = _constants(float_proto)
         self.model_runs = self.layer_runs = self.fixes_tried = 0
         self.feeds = [plan.feeds(sample, seed) for sample in samples]
-        outputs = {o.name for o in float_proto.graph.output}
-        self.outputs = [p for p in pairs if p.float_tensor in outputs]
-        self.read = [pairs[i] for i in chosen] + [p for p in self.outputs if p not in [pairs[i] for i in chosen]]
+        by_tensor = {p.float_tensor: p for p in pairs}
+        self.outputs = [(name, by_tensor[tensor]) for name, tensor in outputs if tensor in by_tensor]
+        self.read = [*(pairs[i] for i in chosen), *(p for _, p in self.outputs)]
         fed = [pairs[b] for i in chosen for b in self.feeders[i]]
         wanted = {name for p in [*self.read, *fed] for name in (p.float_tensor, p.float_readout.tensor, p.float_output)}
         self.float_values = self._run(float_proto, sorted(wanted - {i.name for i in float_proto.graph.input}),
@@ -403,12 +424,15 @@ class _Work:
                 continue
             variant = _variant(self.float_proto, self.quant_proto, pair, keep=name, constants=self.float_constants)
             cosine = math.nan if variant is None else self._own_cosine(variant, pair, boundaries)
-            shown = members[:1] if name == "weights" else members  # the main weight, not the bias
+            # the weights, not the int32 biases (rounded to in-scale x weight-scale: no error)
+            shown = [m for m in members if name != "weights" or _int(self.quant_proto, m.input[0]).itemsize < 4]
             parts.append(Part(name, cosine, tuple(self._stats(name, node, pair) for node in shown)))
         cause, quantizer = _cause(parts)
         candidates = self._candidates(cause, quantizer, pair)
         fixes = tuple(self._fix(candidate, pair, boundaries, layer) for candidate in candidates)
-        return Diagnosis(layer, everything, tuple(parts), cause, quantizer, fixes)
+        diagnosis = Diagnosis(layer, everything, tuple(parts), cause, quantizer, fixes)
+        best = diagnosis.recommended  # only its model is kept
+        return replace(diagnosis, fixes=tuple(fix if fix is best else replace(fix, model=None) for fix in fixes))
 
     def _own_cosine(self, model: onnx.ModelProto, pair: Pair, boundaries: Sequence[Pair]) -> float:
         """The isolated cosine of ``pair`` in ``model`` (a variant or a fix of the quantized
@@ -450,6 +474,8 @@ class _Work:
                 expected = max(float(np.sum((twin - rounded) ** 2)), uniform)
                 actual = float(np.sum((twin - dequantized) ** 2))
                 excess = actual / expected if expected > 0 else (1.0 if actual == 0 else math.inf)
+            if twin is not None:
+                stats = replace(stats, cosine=_cosine_of(twin, dequantized))
             return replace(stats, part=part, tensor=twin_name or node.input[0], excess=excess,
                            outlier=_outlier(values[0], scale, _weight_axis(pair, node, self.quant_proto)))
         tensor = pair.float_tensor if part == "output" else node.input[0]
@@ -467,22 +493,26 @@ class _Work:
         kind, quantizer = candidate
         self.fixes_tried += 1
         model, description, precision, overrides, exclude = self._fixed(kind, quantizer, pair)
-        outputs = self.outputs
-        reads = [pair, *outputs]
+        reads = [pair, *(p for _, p in self.outputs)]
         if self._before is None:
             self._before = self._run(self.quant_proto, [_readable(self.quant_proto, self.quant_proto, p).tensor
                                                         for p in self.read], "quantized model")
-        after = self._run(model, [_readable(self.quant_proto, model, p).tensor for p in reads], "fixed model")
         layer_before = self._cosine(self.quant_proto, self._before, pair)
+        try:
+            after = self._run(model, [_readable(self.quant_proto, model, p).tensor for p in reads], "fixed model")
+        except LayerbisectError as exc:  # a fix this onnxruntime cannot run fails
+            outs = tuple((name, self._cosine(self.quant_proto, self._before, p), math.nan) for name, p in self.outputs)
+            return Fix(kind, f"{description} ({exc})", quantizer.tensor if quantizer else pair.float_tensor,
+                       layer_before, math.nan, math.nan, outs, False, False, precision, exclude, overrides)
         layer_after = self._cosine(model, after, pair)
         isolated_after = self._own_cosine(model, pair, boundaries)
-        outs = tuple((p.float_tensor, self._cosine(self.quant_proto, self._before, p), self._cosine(model, after, p))
-                     for p in outputs)
-        verified = isolated_after >= self.threshold and all(
-            after_ >= min(before, self.threshold) for _, before, after_ in outs)
+        outs = tuple((name, self._cosine(self.quant_proto, self._before, p), self._cosine(model, after, p))
+                     for name, p in self.outputs)
+        verified = isolated_after >= self.threshold and all(_kept(before, after_, self.threshold)
+                                                            for _, before, after_ in outs)
         repairs = verified and layer_after >= self.threshold and all(a >= self.threshold for _, _, a in outs)
         return Fix(kind, description, quantizer.tensor if quantizer else pair.float_tensor, layer_before,
-                   layer_after, isolated_after, outs, verified, repairs, precision, exclude, overrides)
+                   layer_after, isolated_after, outs, verified, repairs, precision, exclude, overrides, model)
 
     def _cosine(self, model, values, pair: Pair) -> float:
         read = _readable(self.quant_proto, model, pair)
@@ -498,10 +528,9 @@ class _Work:
             return (bypass(self.float_proto, self.quant_proto, [pair]), f"keep {'+'.join(pair.float_nodes)} in float",
                     "float", {}, tuple(pair.quant_nodes))
         if kind == "per-channel weights":
-            model = _per_channel(self.float_proto, self.quant_proto, pair, self.float_constants)
+            model, overrides = _per_channel(self.float_proto, self.quant_proto, pair, self.float_constants)
             return (model, f"per-channel weights for {'+'.join(pair.float_nodes)} (requantized from the float weights)",
-                    f"{quantizer.dtype} per-channel", {quantizer.tensor: {"axis": _weight_axis(pair, _quantizers(
-                        self.quant_proto, pair)["weights"][0], self.quant_proto)}}, ())
+                    f"{quantizer.dtype} per-channel", overrides, ())
         node = _activation_quantizer(self.quant_proto, pair, quantizer)
         values = np.concatenate([self.float_value(i, quantizer.tensor).ravel().astype(np.float64)
                                  for i in range(len(self.samples))])
@@ -521,6 +550,12 @@ class _Work:
             description = (f"{dtype.name} range [{low:.4g}, {high:.4g}] for {quantizer.tensor!r} (percentiles "
                            f"{PERCENTILES[0]}-{PERCENTILES[1]} of its float values)")
         return model, description, dtype.name, {quantizer.tensor: entry}, ()
+
+
+def _kept(before: float, after: float, threshold: float) -> bool:
+    """Whether a fix leaves a model output whole: it reaches the threshold, or loses at most
+    ``OUTPUT_TOLERANCE`` of its cosine before."""
+    return after >= threshold or after >= before - OUTPUT_TOLERANCE
 
 
 def _quantizers(model: onnx.ModelProto, pair: Pair) -> dict[str, list[onnx.NodeProto]]:
@@ -548,6 +583,12 @@ def _quantizers(model: onnx.ModelProto, pair: Pair) -> dict[str, list[onnx.NodeP
     # the main weight first: the statistics of its quantizer say the most
     found["weights"].sort(key=lambda dq: -_int(model, dq.input[0]).ndim)
     return found
+
+
+def _weights(model: onnx.ModelProto, pair: Pair) -> list[onnx.NodeProto]:
+    """The DequantizeLinear of each weight of ``pair`` stored in at most 16 bits (not int32
+    biases)."""
+    return [dq for dq in _quantizers(model, pair)["weights"] if _int(model, dq.input[0]).itemsize < 4]
 
 
 def _int(model: onnx.ModelProto, name: str) -> np.ndarray:
@@ -658,9 +699,10 @@ def _cause(parts: Sequence[Part]) -> tuple[str, Quantizer | None]:
     if not measured:
         return "weights" if any(p.name == "weights" for p in parts) else "resolution", None
     worst = min(measured, key=lambda part: part.cosine)
-    quantizer = worst.quantizers[0]
+    if not worst.quantizers:
+        return worst.name if worst.name == "weights" else "resolution", None
     if worst.name == "weights":
-        return "weights", quantizer
+        return "weights", min(worst.quantizers, key=lambda q: q.cosine)
     quantizer = max(worst.quantizers, key=lambda q: q.clipped + (1 - q.clip_energy))
     return quantizer.reason, quantizer
 
@@ -702,19 +744,23 @@ def _range_stats(values: Sequence[np.ndarray], scale: np.ndarray, zero_point: np
     quantizing ``values`` (one array per sample) with ``scale``/``zero_point``."""
     lo, hi = _grid(zero_point.dtype)
     clipped = total = 0
-    clip_energy = round_energy = 0.0
+    clip_energy = round_energy = product = square = rounded_square = 0.0
     low, high = math.inf, -math.inf
     for value in values:
         x = np.asarray(value, np.float64)
         s = _broadcast(scale, x.ndim, axis)
         zp = _broadcast(zero_point.astype(np.float64), x.ndim, axis)
-        bottom, top = (lo - zp) * s, (hi - zp) * s
+        # a value up to half a step beyond the grid's ends rounds to them: clipping starts there
+        bottom, top = (lo - zp - 0.5) * s, (hi - zp + 0.5) * s
         inside = np.clip(x, bottom, top)
         rounded = _dequantized(_quantized(inside, scale, zero_point, axis), scale, zero_point, axis)
         clipped += int(np.count_nonzero(x != inside))
         total += x.size
         clip_energy += float(np.sum((x - inside) ** 2))
         round_energy += float(np.sum((inside - rounded) ** 2))
+        product += float(np.sum(x * rounded))
+        square += float(np.sum(x * x))
+        rounded_square += float(np.sum(rounded * rounded))
         if x.size:
             low, high = min(low, float(x.min())), max(high, float(x.max()))
     energy = clip_energy + round_energy
@@ -724,7 +770,13 @@ def _range_stats(values: Sequence[np.ndarray], scale: np.ndarray, zero_point: np
         zero_point=int(np.ravel(zero_point)[0]) if zero_point.size else 0, channels=int(scale.size),
         float_min=low, float_max=high, range_min=float(np.min(bottom)), range_max=float(np.max(top)),
         clipped=clipped / total if total else 0.0, clip_energy=clip_energy / energy if energy else 0.0,
+        cosine=product / math.sqrt(square * rounded_square) if square and rounded_square else float(square == 0),
     )
+
+
+def _cosine_of(a: np.ndarray, b: np.ndarray) -> float:
+    norm = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return float(np.sum(a * b)) / norm if norm else float(not a.any() and not b.any())
 
 
 def _outlier(weight: np.ndarray, scale: np.ndarray, axis: int) -> str:
@@ -741,41 +793,45 @@ def _outlier(weight: np.ndarray, scale: np.ndarray, axis: int) -> str:
             "and sets the per-tensor scale")
 
 
-def _per_channel(float_proto, quant_proto, pair: Pair, constants) -> onnx.ModelProto:
-    """A copy of ``quant_proto`` whose main weight of ``pair`` is requantized per output channel
-    from the float model's weight (symmetric for signed types, as onnxruntime does)."""
+def _per_channel(float_proto, quant_proto, pair: Pair, constants) -> tuple[onnx.ModelProto, dict[str, dict]]:
+    """A copy of ``quant_proto`` whose weights of ``pair`` (not int32 biases) are requantized per
+    output channel from the float model's weights (symmetric for signed types, as onnxruntime
+    does), and the TensorQuantOverrides saying so. Weights with no float twin (folded from a
+    BatchNorm) stay as they are."""
     model = onnx.ModelProto()
     model.CopyFrom(quant_proto)
-    found = _quantizers(model, pair)
-    if not found["weights"]:
-        raise LayerbisectError("internal: per-channel weights for a layer without weights")
-    dq = found["weights"][0]
-    _, twin = _twin_weight(float_proto, model, pair, dq, constants)
-    if twin is None:
-        return bypass(float_proto, quant_proto, [pair])  # folded: no float weight to requantize
     graph = model.graph
-    stored = _int(model, dq.input[0])
-    axis = _weight_axis(pair, dq, model) % twin.ndim
-    lo, hi = _grid(stored.dtype)
-    moved = np.moveaxis(twin, axis, 0).reshape(twin.shape[axis], -1)
-    if stored.dtype.kind == "i":
-        scale = np.maximum(np.abs(moved).max(axis=1), 1e-12) / hi
-        zero_point = np.zeros(scale.shape, stored.dtype)
-    else:
-        low, high = np.minimum(moved.min(axis=1), 0), np.maximum(moved.max(axis=1), 0)
-        scale = np.maximum(high - low, 1e-12) / (hi - lo)
-        zero_point = np.clip(np.rint(lo - low / scale), lo, hi).astype(stored.dtype)
-    scale = scale.astype(np.float32)
-    values = _quantized(twin, scale.astype(np.float64), zero_point, axis)
-    base = f"{dq.input[0]}__layerbisect_per_channel"
-    graph.initializer.extend([numpy_helper.from_array(values, base), numpy_helper.from_array(scale, f"{base}_scale"),
-                              numpy_helper.from_array(zero_point, f"{base}_zero_point")])
-    node = next(n for n in graph.node if n.name == dq.name and n.output[0] == dq.output[0])
-    node.input[:] = [base, f"{base}_scale", f"{base}_zero_point"]
-    del node.attribute[:]
-    node.attribute.append(helper.make_attribute("axis", axis))
+    overrides: dict[str, dict] = {}
+    for dq in _weights(model, pair):
+        name, twin = _twin_weight(float_proto, model, pair, dq, constants)
+        if twin is None or name is None:
+            continue
+        stored = _int(model, dq.input[0])
+        axis = _weight_axis(pair, dq, model) % twin.ndim
+        lo, hi = _grid(stored.dtype)
+        moved = np.moveaxis(twin, axis, 0).reshape(twin.shape[axis], -1)
+        if stored.dtype.kind == "i":
+            scale = np.maximum(np.abs(moved).max(axis=1), 1e-12) / hi
+            zero_point = np.zeros(scale.shape, stored.dtype)
+        else:
+            low, high = np.minimum(moved.min(axis=1), 0), np.maximum(moved.max(axis=1), 0)
+            scale = np.maximum(high - low, 1e-12) / (hi - lo)
+            zero_point = np.clip(np.rint(lo - low / scale), lo, hi).astype(stored.dtype)
+        scale = scale.astype(np.float32)
+        values = _quantized(twin, scale.astype(np.float64), zero_point, axis)
+        base = f"{dq.input[0]}__layerbisect_per_channel"
+        graph.initializer.extend([numpy_helper.from_array(values, base),
+                                  numpy_helper.from_array(scale, f"{base}_scale"),
+                                  numpy_helper.from_array(zero_point, f"{base}_zero_point")])
+        node = next(n for n in graph.node if n.name == dq.name and n.output[0] == dq.output[0])
+        node.input[:] = [base, f"{base}_scale", f"{base}_zero_point"]
+        del node.attribute[:]
+        node.attribute.append(helper.make_attribute("axis", axis))
+        if _opset(model) < 13:  # DequantizeLinear takes an axis from opset 13; onnxruntime's own always
+            _contrib(model, [node])
+        overrides[name] = {"axis": axis}
     _drop_unread(graph)
-    return model
+    return model, overrides
 
 
 def _requantized(quant_proto: onnx.ModelProto, q: onnx.NodeProto, low: float, high: float,
@@ -798,12 +854,20 @@ def _requantized(quant_proto: onnx.ModelProto, q: onnx.NodeProto, low: float, hi
             init.CopyFrom(numpy_helper.from_array(np.array(scale, np.float32), scale_name))
         elif init.name == zp_name:
             init.CopyFrom(numpy_helper.from_array(np.array(zero_point, dtype), zp_name))
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if dtype.itemsize > 1 and opset < 21:
-        for node in graph.node:
-            shell = node.op_type in ("QuantizeLinear", "DequantizeLinear")
-            if shell and list(node.input[1:3]) == [scale_name, zp_name]:
-                node.domain = _CONTRIB
-        if not any(o.domain == _CONTRIB for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(_CONTRIB, 1))
+    if dtype.itemsize > 1 and _opset(model) < 21:
+        _contrib(model, [node for node in graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")
+                         and list(node.input[1:3]) == [scale_name, zp_name]])
     return model
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _contrib(model: onnx.ModelProto, nodes: Iterable[onnx.NodeProto]) -> None:
+    """Make ``nodes`` onnxruntime's contrib QuantizeLinear/DequantizeLinear (16-bit types and
+    an axis in any opset)."""
+    for node in nodes:
+        node.domain = _CONTRIB
+    if not any(o.domain == _CONTRIB for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(_CONTRIB, 1))

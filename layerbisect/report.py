@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from os import PathLike
 from typing import TYPE_CHECKING, Any
 
@@ -329,7 +329,7 @@ class Report:
 
     def to_dict(self) -> dict:
         """Everything in the report as plain Python values (floats may be inf or nan)."""
-        data = asdict(self)
+        data = asdict(replace(self, diagnosis=None))  # the diagnosis says itself what it holds
         data["passed"] = self.first_bad is None
         if self.diagnosis is not None:  # the culprit's diagnosis is the first bad layer's answer
             data["diagnosis"] = self.diagnosis.to_dict()

@@ -1,0 +1,222 @@
+"""Why a layer breaks and which fix repairs it: faults whose cause is known by construction,
+planted in the CNN as onnxruntime quantized it (QDQ, uint8 activations, int8 weights)."""
+
+import json
+from functools import lru_cache
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from layerbisect import LayerbisectError, find_first_bad_layer
+from layerbisect.diagnose import diagnose
+
+from models import corrupt_weights, make_cnn, output_cosines, quantize, random_inputs
+
+THRESHOLD = 0.98
+
+
+@lru_cache(maxsize=None)
+def models():
+    float_model = make_cnn()
+    return float_model, quantize(float_model, "qdq", activation_type="uint8", weight_type="int8")
+
+
+FEEDS = [random_inputs(make_cnn(), seed) for seed in range(3)]
+
+
+def scaled(model: onnx.ModelProto, name: str, factor: float) -> onnx.ModelProto:
+    """A copy with the scale initializer ``name`` (read by one QuantizeLinear/DequantizeLinear
+    pair) multiplied by ``factor``."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    init = next(i for i in copy.graph.initializer if i.name == name)
+    init.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(init) * factor).astype(np.float32), name))
+    return copy
+
+
+def coarse_weights(model: onnx.ModelProto, float_model: onnx.ModelProto, weight: str, factor: float):
+    """A copy whose int8 weight ``weight`` is quantized again from the float weight with its scale
+    ``factor`` times too large, as a quantizer with a far too wide weight range would."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    inits = {i.name: i for i in copy.graph.initializer}
+    scale = numpy_helper.to_array(inits[f"{weight}_scale"]) * factor
+    values = numpy_helper.to_array(next(i for i in float_model.graph.initializer if i.name == weight))
+    inits[f"{weight}_scale"].CopyFrom(numpy_helper.from_array(scale.astype(np.float32), f"{weight}_scale"))
+    stored = np.clip(np.rint(values / scale), -127, 127).astype(np.int8)
+    inits[f"{weight}_quantized"].CopyFrom(numpy_helper.from_array(stored, f"{weight}_quantized"))
+    return copy
+
+
+def planted(fault: str) -> onnx.ModelProto:
+    float_model, quant = models()
+    if fault == "saturation":  # conv2's output range 20 times too narrow: most values clip
+        return scaled(quant, "conv2_scale", 0.05)
+    if fault == "resolution":  # 60 times too wide: the values fall on a few steps of the grid
+        return scaled(quant, "conv2_scale", 60)
+    if fault == "coarse weights":  # conv2 weight scale 40 times too large, weights rounded to it
+        return coarse_weights(quant, float_model, "conv2.weight", 40)
+    return corrupt_weights(quant, "conv2")  # integers replaced: the weights are not the float ones
+
+
+@pytest.mark.parametrize("fault,cause,part", [
+    ("saturation", "saturation", "output"), ("resolution", "resolution", "output"),
+    ("coarse weights", "weights", "weights"), ("corrupt weights", "weights", "weights"),
+])
+def test_the_cause_planted_is_named_and_the_recommended_fix_repairs_the_model(fault, cause, part):
+    float_model, _ = models()
+    report = diagnose(float_model, planted(fault), FEEDS, THRESHOLD)
+    assert report.first_bad.float_nodes == ("conv2",) and report.first_bad_cause == "introduced"
+    culprit = report.diagnosis.culprit
+    assert culprit.layer.float_nodes == ("conv2",) and culprit.cause == cause
+    assert culprit.quantizer.part == part
+    parts = {p.name: p.cosine for p in culprit.parts}
+    assert parts[part] < THRESHOLD <= min(c for name, c in parts.items() if name != part)
+    fix = culprit.recommended
+    assert fix.verified and fix.repairs and fix.layer_before < THRESHOLD <= fix.layer_after
+    assert all(before < THRESHOLD <= after for _, before, after in fix.outputs)
+    assert min(output_cosines(float_model, fix.model, feeds)["y"] for feeds in FEEDS) >= THRESHOLD  # run again
+
+
+def test_saturation_and_resolution_are_told_apart_by_the_quantizers_own_numbers():
+    float_model, _ = models()
+    saturated = diagnose(float_model, planted("saturation"), FEEDS).diagnosis.culprit.quantizer
+    coarse = diagnose(float_model, planted("resolution"), FEEDS).diagnosis.culprit.quantizer
+    assert saturated.tensor == coarse.tensor == "conv2" and saturated.dtype == "uint8"
+    # too narrow: most values lie outside the range, and clipping makes nearly all the error
+    assert saturated.clipped > 0.5 and saturated.clip_energy > 0.99
+    assert saturated.range_max - saturated.range_min < (saturated.float_max - saturated.float_min) / 10
+    # too wide: nothing clips, the float range spans a few steps
+    assert coarse.clipped == 0 and coarse.clip_energy == 0
+    assert (coarse.float_max - coarse.float_min) / coarse.scale < 4
+
+
+def test_weights_holding_more_than_rounding_error_are_said_to():
+    float_model, _ = models()
+    corrupt = diagnose(float_model, planted("corrupt weights"), FEEDS).diagnosis.culprit.quantizer
+    coarse = diagnose(float_model, planted("coarse weights"), FEEDS).diagnosis.culprit.quantizer
+    assert corrupt.tensor == coarse.tensor == "conv2.weight"
+    assert corrupt.excess > 100  # the integers are not the float weights rounded
+    assert coarse.excess < 2 and coarse.reason == "resolution"  # rounded, to a grid far too coarse
+    healthy = diagnose(float_model, planted("saturation"), FEEDS).diagnosis.culprit
+    weights = next(p for p in healthy.parts if p.name == "weights").quantizers[0]
+    assert weights.excess <= 1.0 and weights.clipped == 0
+
+
+def test_every_part_quantized_measures_the_reports_isolated_cosine():
+    float_model, _ = models()
+    report = diagnose(float_model, planted("saturation"), FEEDS)
+    for diagnosis in report.diagnosis.layers:
+        assert diagnosis.isolated_cosine == pytest.approx(diagnosis.layer.isolated_cosine, abs=1e-6)
+
+
+def test_the_graph_input_quantizer_is_a_part_of_the_first_layer():
+    float_model, quant = models()
+    broken = scaled(quant, "x_scale", 0.05)  # the input x clips
+    report = diagnose(float_model, broken, FEEDS)
+    culprit = report.diagnosis.culprit
+    assert culprit.layer.float_nodes == ("conv1",)
+    assert (culprit.cause, culprit.quantizer.part, culprit.quantizer.tensor) == ("saturation", "inputs", "x")
+    assert culprit.recommended.repairs and culprit.recommended.overrides == {
+        "x": {"rmin": pytest.approx(culprit.recommended.overrides["x"]["rmin"]),
+              "rmax": pytest.approx(culprit.recommended.overrides["x"]["rmax"])}}
+
+
+def test_a_fix_that_does_not_verify_is_reported_failing_and_not_recommended():
+    """At a threshold no 8-bit range reaches, the healthy model's first layer errs by rounding
+    alone: the percentile range fails, 16-bit verifies and is recommended."""
+    float_model, quant = models()
+    report = diagnose(float_model, quant, FEEDS, 0.99995, top=1)
+    assert report.diagnosis.culprit.layer.float_nodes == ("conv1",)
+    assert report.diagnosis.culprit.cause == "resolution"
+    fixes = {fix.kind: fix for fix in report.diagnosis.culprit.fixes}
+    assert not fixes["percentile range"].verified and fixes["percentile range"].isolated_after < 0.99995
+    assert fixes["16-bit"].verified and fixes["16-bit"].precision == "uint16"
+    assert fixes["16-bit"].isolated_after >= 0.99995
+    assert report.diagnosis.culprit.recommended.kind == "16-bit"
+    assert "FAILS: uint8 range" in str(report)
+
+
+def test_two_faults_each_fix_verifies_and_only_both_repair():
+    float_model, _ = models()
+    broken = corrupt_weights(planted("saturation"), "conv3")
+    report = diagnose(float_model, broken, FEEDS)
+    diagnosed = {d.layer.float_nodes: d for d in report.diagnosis.layers}
+    assert set(diagnosed) == {("conv2",), ("conv3", "relu4")}
+    assert diagnosed[("conv2",)].cause == "saturation" and diagnosed[("conv3", "relu4")].cause == "weights"
+    for diagnosis in diagnosed.values():  # each verifies alone; no one repairs the outputs alone
+        assert diagnosis.recommended.verified and not diagnosis.recommended.repairs
+    assert report.diagnosis.vendor_config() == [
+        {"float_nodes": list(d.layer.float_nodes), "tensor": d.recommended.tensor,
+         "precision": d.recommended.precision, "cause": d.cause} for d in report.diagnosis.layers]
+
+
+def test_the_json_holds_the_cause_the_parts_and_the_verified_fixes():
+    float_model, _ = models()
+    data = json.loads(diagnose(float_model, planted("resolution"), FEEDS).to_json())
+    diagnosis = data["first_bad"]["diagnosis"]
+    assert diagnosis["cause"] == "resolution" and diagnosis["layer"] == "conv2"
+    assert {p["name"] for p in diagnosis["parts"]} == {"weights", "output"}
+    assert diagnosis["parts"][1]["quantizers"][0]["reason"] == "resolution"
+    fix = diagnosis["fixes"][0]
+    assert fix["kind"] == "percentile range" and fix["verified"] and fix["layer_before"] < 0.98 <= fix["layer_after"]
+    assert fix["outputs"][0][0] == "y" and fix["outputs"][0][1] < 0.98 <= fix["outputs"][0][2]
+    assert diagnosis["recommended"] == "percentile range"
+    assert data["diagnosis"]["tensor_quant_overrides"] == {"conv2": [fix["overrides"]["conv2"]]}
+
+
+def test_the_pasteable_settings_name_onnxruntime_types_and_the_nodes_to_exclude():
+    float_model, quant = models()
+    report = diagnose(float_model, quant, FEEDS, 0.99995, top=1)
+    text = report.diagnosis.pasteable()
+    assert '"quant_type": QuantType.QUInt16' in text and text.startswith("nodes_to_exclude=[]")
+    overrides = report.diagnosis.tensor_quant_overrides()
+    assert overrides["conv1"][0]["quant_type"] == "QUInt16" and overrides["conv1"][0]["rmin"] < 0
+    assert json.loads(text.split("# per-layer precision for vendor tools:\n")[1])[0] == {
+        "float_nodes": ["conv1"], "tensor": "conv1", "precision": "uint16", "cause": "resolution"}
+
+
+def test_the_diagnosis_costs_at_most_two_model_runs_per_candidate_fix():
+    float_model, _ = models()
+    report = diagnose(float_model, planted("saturation"), FEEDS)
+    diagnosis = report.diagnosis
+    # the float model and the quantized model once each, and each fix once, per sample
+    assert diagnosis.model_runs == len(FEEDS) * (2 + diagnosis.fixes_tried)
+    assert diagnosis.model_runs <= 2 * diagnosis.fixes_tried * len(FEEDS)
+
+
+def test_the_report_renders_the_diagnosis_everywhere():
+    float_model, _ = models()
+    report = diagnose(float_model, planted("saturation"), FEEDS)
+    text = str(report)
+    assert "cause: saturation (output 'conv2')" in text and "recommended: uint8 range" in text
+    html = report.to_html()
+    assert "<h3>Diagnosis</h3>" in html and 'aria-label="cosine of each part alone"' in html
+    frame = report.to_dataframe()
+    assert frame.loc[2, "cause"] == "saturation" and frame.loc[2, "fix"] == "percentile range"
+    assert frame["cause"].isna().sum() == len(frame) - 1
+
+
+def test_a_given_report_is_diagnosed_without_being_made_again():
+    float_model, _ = models()
+    broken = planted("resolution")
+    report = find_first_bad_layer(float_model, broken, FEEDS)
+    diagnosed = diagnose(float_model, broken, FEEDS, report=report)
+    assert diagnosed.layers == report.layers and diagnosed.diagnosis.culprit.cause == "resolution"
+
+
+def test_a_healthy_model_has_nothing_to_diagnose():
+    float_model, quant = models()
+    report = diagnose(float_model, quant, FEEDS)
+    assert report and report.diagnosis.layers == () and "nothing to diagnose" in str(report)
+
+
+def test_models_that_are_not_qdq_are_refused_with_what_to_do():
+    float_model, _ = models()
+    with pytest.raises(LayerbisectError, match="needs a QDQ model.*quant_format=QuantFormat.QDQ"):
+        diagnose(float_model, quantize(float_model, "qoperator"), FEEDS)
+    with pytest.raises(LayerbisectError, match="has no isolated error"):
+        diagnose(float_model, planted("saturation"), FEEDS,
+                 report=find_first_bad_layer(float_model, planted("saturation"), FEEDS, isolated=False))
