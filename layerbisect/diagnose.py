@@ -72,7 +72,8 @@ EXCESS_ERROR = 4.0
 # cosine a model output may lose to a verified fix (rounding elsewhere moves outputs this much:
 # 16-bit conv1 of the test CNN, 0.9995 -> 0.9993)
 OUTPUT_TOLERANCE = 1e-3
-FIX_KINDS = ("percentile range", "16-bit", "per-channel weights", "keep in float")
+FIX_KINDS = ("percentile range", "16-bit", "float bias", "per-channel weights", "keep in float")
+PARTS = ("weights", "inputs", "output")
 _CONTRIB = "com.microsoft"
 _WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 
@@ -149,8 +150,9 @@ class Fix:
     falls below both the threshold and its cosine before; ``repairs`` when, besides, every
     output and the layer reach the threshold. ``nodes_to_exclude``, ``overrides`` (tensor ->
     onnxruntime TensorQuantOverrides entry, ``quant_type`` by its QuantType name) and
-    ``precision`` (for vendor tools: "float", "uint16", "int8 per-channel", ...) say how to
-    apply it when quantizing again; ``model`` is the quantized model with the fix (the
+    ``options`` (other ``extra_options`` of ``quantize_static``: ``QuantizeBias``) and
+    ``precision`` (for vendor tools: "float", "uint16", "int8 per-channel", "float bias", ...)
+    say how to apply it when quantizing again; ``model`` is the quantized model with the fix (the
     recommended fix's only)."""
 
     kind: str
@@ -165,6 +167,7 @@ class Fix:
     precision: str
     nodes_to_exclude: tuple[str, ...] = ()
     overrides: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
+    options: Mapping[str, object] = field(default_factory=dict)
     model: onnx.ModelProto | None = field(default=None, repr=False, compare=False)
     """The model with the fix, kept for the recommended fix only (None for the others)."""
 
@@ -256,6 +259,15 @@ class Diagnoses:
                 overrides.setdefault(tensor, []).append(dict(entry))
         return overrides
 
+    def extra_options(self) -> dict[str, object]:
+        """onnxruntime ``extra_options`` for the recommended fixes: ``TensorQuantOverrides`` and
+        any other option they need (``QuantizeBias``: False keeps every bias in float)."""
+        options: dict[str, object] = {}
+        for _, fix in self.recommended():
+            options.update(fix.options)
+        overrides = self.tensor_quant_overrides()
+        return {**options, "TensorQuantOverrides": overrides} if overrides else options
+
     def vendor_config(self) -> list[dict[str, object]]:
         """Per layer, the float model's node names and the precision wanted, for a vendor
         toolchain's script to map to its own configuration (layer precision lists)."""
@@ -264,12 +276,11 @@ class Diagnoses:
 
     def pasteable(self) -> str:
         """Python to paste into a ``quantize_static`` call, and the vendor JSON."""
-        overrides = self.tensor_quant_overrides()
-        text = json.dumps(overrides, indent=4)
+        text = json.dumps(self.extra_options(), indent=4).replace("false", "False").replace("true", "True")
         for name in ("QUInt16", "QInt16", "QUInt8", "QInt8"):
             text = text.replace(f'"{name}"', f"QuantType.{name}")
         return (f"nodes_to_exclude={self.nodes_to_exclude()!r},\n"
-                f"extra_options={{\"TensorQuantOverrides\": {text}}},\n"
+                f"extra_options={text},\n"
                 f"# per-layer precision for vendor tools:\n{json.dumps(self.vendor_config(), indent=2)}")
 
     def lines(self) -> list[str]:
@@ -292,7 +303,8 @@ class Diagnoses:
                 "threshold": self.threshold, "samples": self.samples, "model_runs": self.model_runs,
                 "layer_runs": self.layer_runs, "fixes_tried": self.fixes_tried, "notes": list(self.notes),
                 "nodes_to_exclude": self.nodes_to_exclude(),
-                "tensor_quant_overrides": self.tensor_quant_overrides(), "vendor_config": self.vendor_config()}
+                "tensor_quant_overrides": self.tensor_quant_overrides(), "extra_options": self.extra_options(),
+                "vendor_config": self.vendor_config()}
 
 
 def diagnose(
@@ -422,11 +434,9 @@ class _Work:
         for name, members in found.items():
             if not members:
                 continue
-            variant = _variant(self.float_proto, self.quant_proto, pair, keep=name, constants=self.float_constants)
+            variant = _variant(self.float_proto, self.quant_proto, pair, keep={name}, constants=self.float_constants)
             cosine = math.nan if variant is None else self._own_cosine(variant, pair, boundaries)
-            # the weights, not the int32 biases (rounded to in-scale x weight-scale: no error)
-            shown = [m for m in members if name != "weights" or _int(self.quant_proto, m.input[0]).itemsize < 4]
-            parts.append(Part(name, cosine, tuple(self._stats(name, node, pair) for node in shown)))
+            parts.append(Part(name, cosine, tuple(self._stats(name, node, pair) for node in members)))
         cause, quantizer = _cause(parts)
         candidates = self._candidates(cause, quantizer, pair)
         fixes = tuple(self._fix(candidate, pair, boundaries, layer) for candidate in candidates)
@@ -485,6 +495,8 @@ class _Work:
     def _candidates(self, cause: str, quantizer: Quantizer | None, pair: Pair) -> list[tuple[str, Quantizer | None]]:
         if quantizer is None:
             return [("keep in float", None)]
+        if cause == "weights" and quantizer.dtype == "int32":  # a bias, on the grid of its inputs x weights
+            return [("float bias", quantizer), ("keep in float", quantizer)]
         if cause == "weights":
             return [("per-channel weights", quantizer), ("keep in float", quantizer)]
         return [("percentile range", quantizer), ("16-bit", quantizer), ("keep in float", quantizer)]
@@ -492,7 +504,7 @@ class _Work:
     def _fix(self, candidate, pair: Pair, boundaries, layer: LayerComparison) -> Fix:
         kind, quantizer = candidate
         self.fixes_tried += 1
-        model, description, precision, overrides, exclude = self._fixed(kind, quantizer, pair)
+        model, description, precision, overrides, exclude, options = self._fixed(kind, quantizer, pair)
         reads = [pair, *(p for _, p in self.outputs)]
         if self._before is None:
             self._before = self._run(self.quant_proto, [_readable(self.quant_proto, self.quant_proto, p).tensor
@@ -503,7 +515,7 @@ class _Work:
         except LayerbisectError as exc:  # a fix this onnxruntime cannot run fails
             outs = tuple((name, self._cosine(self.quant_proto, self._before, p), math.nan) for name, p in self.outputs)
             return Fix(kind, f"{description} ({exc})", quantizer.tensor if quantizer else pair.float_tensor,
-                       layer_before, math.nan, math.nan, outs, False, False, precision, exclude, overrides)
+                       layer_before, math.nan, math.nan, outs, False, False, precision, exclude, overrides, options)
         layer_after = self._cosine(model, after, pair)
         isolated_after = self._own_cosine(model, pair, boundaries)
         outs = tuple((name, self._cosine(self.quant_proto, self._before, p), self._cosine(model, after, p))
@@ -512,7 +524,7 @@ class _Work:
                                                             for _, before, after_ in outs)
         repairs = verified and layer_after >= self.threshold and all(a >= self.threshold for _, _, a in outs)
         return Fix(kind, description, quantizer.tensor if quantizer else pair.float_tensor, layer_before,
-                   layer_after, isolated_after, outs, verified, repairs, precision, exclude, overrides, model)
+                   layer_after, isolated_after, outs, verified, repairs, precision, exclude, overrides, options, model)
 
     def _cosine(self, model, values, pair: Pair) -> float:
         read = _readable(self.quant_proto, model, pair)
@@ -526,11 +538,20 @@ class _Work:
         TensorQuantOverrides and nodes to exclude."""
         if kind == "keep in float":
             return (bypass(self.float_proto, self.quant_proto, [pair]), f"keep {'+'.join(pair.float_nodes)} in float",
-                    "float", {}, tuple(pair.quant_nodes))
+                    "float", {}, tuple(pair.quant_nodes), {})
+        if kind == "float bias":
+            dqs = [dq for dq in _quantizers(self.quant_proto, pair)["weights"] if _int(self.quant_proto,
+                                                                                     dq.input[0]).dtype == np.int32]
+            model = _variant(self.float_proto, self.quant_proto, pair, keep=PARTS, constants=self.float_constants,
+                             floated=[dq.output[0] for dq in dqs])
+            if model is None:
+                model = self.quant_proto
+            return (model, f"float bias for {'+'.join(pair.float_nodes)} (the int32 bias's scale is its input's "
+                    "times its weight's)", "float bias", {}, (), {"QuantizeBias": False})
         if kind == "per-channel weights":
             model, overrides = _per_channel(self.float_proto, self.quant_proto, pair, self.float_constants)
             return (model, f"per-channel weights for {'+'.join(pair.float_nodes)} (requantized from the float weights)",
-                    f"{quantizer.dtype} per-channel", overrides, ())
+                    f"{quantizer.dtype} per-channel", overrides, (), {})
         node = _activation_quantizer(self.quant_proto, pair, quantizer)
         values = np.concatenate([self.float_value(i, quantizer.tensor).ravel().astype(np.float64)
                                  for i in range(len(self.samples))])
@@ -549,7 +570,7 @@ class _Work:
         else:
             description = (f"{dtype.name} range [{low:.4g}, {high:.4g}] for {quantizer.tensor!r} (percentiles "
                            f"{PERCENTILES[0]}-{PERCENTILES[1]} of its float values)")
-        return model, description, dtype.name, {quantizer.tensor: entry}, ()
+        return model, description, dtype.name, {quantizer.tensor: entry}, (), {}
 
 
 def _kept(before: float, after: float, threshold: float) -> bool:
@@ -595,11 +616,14 @@ def _int(model: onnx.ModelProto, name: str) -> np.ndarray:
     return tensor_array(next(init for init in model.graph.initializer if init.name == name))
 
 
-def _variant(float_proto, quant_proto, pair: Pair, *, keep: str, constants) -> onnx.ModelProto | None:
-    """A copy of ``quant_proto`` where ``pair`` has only its ``keep`` part quantized: the other
-    parts read the float model's weights, the unquantized inputs, and hand on their output
-    unquantized (the activations its quantization stood for put back). None when a weight has
-    no float twin (folded from a BatchNorm)."""
+def _variant(float_proto, quant_proto, pair: Pair, *, keep: Iterable[str], constants,
+             floated: Iterable[str] = ()) -> onnx.ModelProto | None:
+    """A copy of ``quant_proto`` where ``pair`` has only its ``keep`` parts quantized: the others
+    read the float model's weights, the unquantized inputs, and hand on their output
+    unquantized (the activations its quantization stood for put back); the weights whose
+    DequantizeLinear output is one of ``floated`` are read in float too. None when a weight
+    has no float twin (folded from a BatchNorm)."""
+    keep, floated = set(keep), set(floated)
     model = onnx.ModelProto()
     model.CopyFrom(quant_proto)
     graph = model.graph
@@ -607,22 +631,22 @@ def _variant(float_proto, quant_proto, pair: Pair, *, keep: str, constants) -> o
     producer = {out: node for node in graph.node for out in node.output}
     nodes = {node.name: node for node in graph.node}
     float_nodes = {node.name: node for node in float_proto.graph.node}
-    weights = {dq.output[0] for dq in found["weights"]}
+    weights = {dq.output[0] for dq in found["weights"]} if "weights" not in keep else floated
     inputs = {q.output[0]: q for q in found["inputs"]}
     for name in pair.quant_nodes:
         node = nodes[name]
         twin = next((float_nodes[n] for n in pair.float_nodes
                      if n in float_nodes and float_nodes[n].op_type == node.op_type), None)
         for position, tensor in enumerate(node.input):
-            if keep != "weights" and tensor in weights:
+            if tensor in weights:
                 weight = _float_twin(twin, position, constants, graph)
                 if weight is None:
                     return None
                 node.input[position] = weight
             dq = producer.get(tensor)
-            if keep != "inputs" and dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inputs:
+            if "inputs" not in keep and dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inputs:
                 node.input[position] = inputs[dq.input[0]].input[0]
-    if keep != "output" and found["output"]:
+    if "output" not in keep and found["output"]:
         q = found["output"][0]
         dropped = _dropped_activations(pair, nodes, float_nodes)
         value = _activate(graph, q.input[0], dropped, constants)
