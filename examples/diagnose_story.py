@@ -25,6 +25,8 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the real models' helpers
 
+from layerbisect import diagnose, find_first_bad_layer  # noqa: E402
+
 from real_models import (  # noqa: E402
     ModelUnavailable,
     audio_sample,
@@ -33,9 +35,6 @@ from real_models import (  # noqa: E402
     inline_taken_branch,
     silero_path,
 )
-
-from layerbisect import find_first_bad_layer  # noqa: E402
-from layerbisect.diagnose import diagnose  # noqa: E402
 
 logging.getLogger().setLevel(logging.ERROR)
 

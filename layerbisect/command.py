@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import ContextManager
 
 from layerbisect.datasets import Dataset, read_samples
-from layerbisect.diagnose import diagnose
+from layerbisect.diagnosis import diagnose
 from layerbisect.errors import LayerbisectError, SampleError
 from layerbisect.explorer import FILES as EXPLORER_FILES
 from layerbisect.fallback import keep_in_float

@@ -18,7 +18,7 @@ from layerbisect.text import number, plural, shortened
 from layerbisect.weights import UNRELATED_WEIGHTS
 
 if TYPE_CHECKING:
-    from layerbisect.diagnose import Diagnoses
+    from layerbisect.diagnosis import Diagnoses
 
 
 @dataclass(frozen=True, repr=False)

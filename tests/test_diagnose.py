@@ -9,8 +9,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from layerbisect import LayerbisectError, find_first_bad_layer
-from layerbisect.diagnose import diagnose
+from layerbisect import LayerbisectError, diagnose, find_first_bad_layer
 
 from models import corrupt_weights, make_cnn, output_cosines, quantize, random_inputs
 
@@ -171,9 +170,17 @@ def test_the_pasteable_settings_name_onnxruntime_types_and_the_nodes_to_exclude(
     float_model, quant = models()
     report = diagnose(float_model, quant, FEEDS, 0.99995, top=1)
     text = report.diagnosis.pasteable()
-    assert '"quant_type": QuantType.QUInt16' in text and text.startswith("nodes_to_exclude=[]")
+    assert "'conv1': [{'quant_type': QuantType.QUInt16, 'rmin': np.float32(" in text
+    assert text.startswith("nodes_to_exclude=[]")
+    from onnxruntime.quantization import QuantType
+
+    code = text.split("# per-layer")[0]  # the keyword arguments, as pasted into a call
+    pasted = eval(f"dict({code})", {"QuantType": QuantType, "np": np})
+    assert pasted["nodes_to_exclude"] == [] and "conv1" in pasted["extra_options"]["TensorQuantOverrides"]
     overrides = report.diagnosis.tensor_quant_overrides()
     assert overrides["conv1"][0]["quant_type"] == "QUInt16" and overrides["conv1"][0]["rmin"] < 0
+    entry = report.diagnosis.extra_options()["TensorQuantOverrides"]["conv1"][0]
+    assert entry["quant_type"] is QuantType.QUInt16 and entry["rmin"].dtype == np.float32
     assert json.loads(text.split("# per-layer precision for vendor tools:\n")[1])[0] == {
         "float_nodes": ["conv1"], "tensor": "conv1", "precision": "uint16", "cause": "resolution"}
 

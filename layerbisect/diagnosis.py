@@ -72,7 +72,7 @@ EXCESS_ERROR = 4.0
 # cosine a model output may lose to a verified fix (rounding elsewhere moves outputs this much:
 # 16-bit conv1 of the test CNN, 0.9995 -> 0.9993)
 OUTPUT_TOLERANCE = 1e-3
-FIX_KINDS = ("percentile range", "16-bit", "float bias", "per-channel weights", "keep in float")
+FIX_KINDS = ("percentile range", "16-bit", "float bias", "per-channel weights", "combined", "keep in float")
 PARTS = ("weights", "inputs", "output")
 _CONTRIB = "com.microsoft"
 _WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
@@ -126,8 +126,11 @@ class Quantizer:
         text = (f"{self.part} {self.tensor!r}: {grid}, represents [{self.range_min:.4g}, {self.range_max:.4g}] "
                 f"for float values in [{self.float_min:.4g}, {self.float_max:.4g}]; {self.clipped:.2%} clipped, "
                 f"clipping {self.clip_energy:.0%} of the error energy ({self.reason})")
-        if self.part == "weights" and not math.isnan(self.excess):
-            text += f"; error {number(self.excess, 1)}x that of rounding the float weights"
+        if self.reason == "resolution":
+            text += f"; the float values span {(self.float_max - self.float_min) / self.scale:.3g} steps"
+        if self.part == "weights" and self.excess >= EXCESS_ERROR:
+            text += (f"; the stored weights are not the float weights rounded (error {number(self.excess, 1)}x "
+                     "rounding's)")
         return text + (f"; {self.outlier}" if self.outlier else "")
 
 
@@ -250,9 +253,9 @@ class Diagnoses:
         return list(dict.fromkeys(n for _, fix in self.recommended() for n in fix.nodes_to_exclude))
 
     def tensor_quant_overrides(self) -> dict[str, list[dict[str, object]]]:
-        """onnxruntime ``extra_options["TensorQuantOverrides"]`` for the recommended fixes
-        (``quant_type`` as its QuantType name: write ``QuantType.QUInt16`` in code; see
-        ``pasteable``)."""
+        """The TensorQuantOverrides of the recommended fixes as plain values (``quant_type`` by
+        its QuantType name), as the JSON holds them; ``extra_options`` gives them as
+        onnxruntime takes them."""
         overrides: dict[str, list[dict[str, object]]] = {}
         for _, fix in self.recommended():
             for tensor, entry in fix.overrides.items():
@@ -260,13 +263,31 @@ class Diagnoses:
         return overrides
 
     def extra_options(self) -> dict[str, object]:
-        """onnxruntime ``extra_options`` for the recommended fixes: ``TensorQuantOverrides`` and
-        any other option they need (``QuantizeBias``: False keeps every bias in float)."""
+        """onnxruntime ``extra_options`` for ``quantize_static`` with the recommended fixes:
+        ``TensorQuantOverrides`` (``quant_type`` a QuantType, ``rmin``/``rmax`` numpy float32,
+        as onnxruntime wants them) and any other option they need (``QuantizeBias``: False
+        keeps every bias in float).
+
+        >>> quantize_static(fp32, out, reader, nodes_to_exclude=diagnosis.nodes_to_exclude(),
+        ...                 extra_options=diagnosis.extra_options())  # doctest: +SKIP
+        """
+        from onnxruntime.quantization import QuantType
+
+        options = self._options()
+        overrides = {
+            tensor: [{key: getattr(QuantType, value) if key == "quant_type" else
+                      np.float32(value) if key in ("rmin", "rmax") else value for key, value in entry.items()}
+                     for entry in entries]
+            for tensor, entries in self.tensor_quant_overrides().items()
+        }
+        return {**options, "TensorQuantOverrides": overrides} if overrides else options
+
+    def _options(self) -> dict[str, object]:
+        """The extra_options of the recommended fixes other than TensorQuantOverrides."""
         options: dict[str, object] = {}
         for _, fix in self.recommended():
             options.update(fix.options)
-        overrides = self.tensor_quant_overrides()
-        return {**options, "TensorQuantOverrides": overrides} if overrides else options
+        return options
 
     def vendor_config(self) -> list[dict[str, object]]:
         """Per layer, the float model's node names and the precision wanted, for a vendor
@@ -276,11 +297,17 @@ class Diagnoses:
 
     def pasteable(self) -> str:
         """Python to paste into a ``quantize_static`` call, and the vendor JSON."""
-        text = json.dumps(self.extra_options(), indent=4).replace("false", "False").replace("true", "True")
-        for name in ("QUInt16", "QInt16", "QUInt8", "QInt8"):
-            text = text.replace(f'"{name}"', f"QuantType.{name}")
+        lines = [f"    {key!r}: {value!r}," for key, value in self._options().items()]
+        overrides = self.tensor_quant_overrides()
+        if overrides:
+            lines.append('    "TensorQuantOverrides": {')
+            for tensor, entries in overrides.items():
+                written = ", ".join("{" + ", ".join(f"{key!r}: {_python(key, value)}" for key, value in entry.items())
+                                    + "}" for entry in entries)
+                lines.append(f"        {tensor!r}: [{written}],")
+            lines.append("    },")
         return (f"nodes_to_exclude={self.nodes_to_exclude()!r},\n"
-                f"extra_options={text},\n"
+                "extra_options={\n" + "".join(line + "\n" for line in lines) + "},\n"
                 f"# per-layer precision for vendor tools:\n{json.dumps(self.vendor_config(), indent=2)}")
 
     def lines(self) -> list[str]:
@@ -303,7 +330,7 @@ class Diagnoses:
                 "threshold": self.threshold, "samples": self.samples, "model_runs": self.model_runs,
                 "layer_runs": self.layer_runs, "fixes_tried": self.fixes_tried, "notes": list(self.notes),
                 "nodes_to_exclude": self.nodes_to_exclude(),
-                "tensor_quant_overrides": self.tensor_quant_overrides(), "extra_options": self.extra_options(),
+                "tensor_quant_overrides": self.tensor_quant_overrides(), "extra_options": self._options(),
                 "vendor_config": self.vendor_config()}
 
 
@@ -438,7 +465,7 @@ class _Work:
             cosine = math.nan if variant is None else self._own_cosine(variant, pair, boundaries)
             parts.append(Part(name, cosine, tuple(self._stats(name, node, pair) for node in members)))
         cause, quantizer = _cause(parts)
-        candidates = self._candidates(cause, quantizer, pair)
+        candidates = self._candidates(cause, quantizer, parts)
         fixes = tuple(self._fix(candidate, pair, boundaries, layer) for candidate in candidates)
         diagnosis = Diagnosis(layer, everything, tuple(parts), cause, quantizer, fixes)
         best = diagnosis.recommended  # only its model is kept
@@ -492,14 +519,20 @@ class _Work:
         values = [self.float_value(i, tensor) for i in range(len(self.samples))]
         return replace(_range_stats(values, scale, zero_point, axis), part=part, tensor=tensor)
 
-    def _candidates(self, cause: str, quantizer: Quantizer | None, pair: Pair) -> list[tuple[str, Quantizer | None]]:
+    def _candidates(self, cause: str, quantizer: Quantizer | None, parts: Sequence[Part]) -> list[tuple]:
+        """The fixes to try, smallest first: those matched to the cause; both parts' first
+        fixes together when another part is below the threshold alone too; keeping the layer
+        in float."""
         if quantizer is None:
             return [("keep in float", None)]
-        if cause == "weights" and quantizer.dtype == "int32":  # a bias, on the grid of its inputs x weights
-            return [("float bias", quantizer), ("keep in float", quantizer)]
-        if cause == "weights":
-            return [("per-channel weights", quantizer), ("keep in float", quantizer)]
-        return [("percentile range", quantizer), ("16-bit", quantizer), ("keep in float", quantizer)]
+        matched = _matched(cause, quantizer)
+        others = [part for part in parts if part.cosine < self.threshold and quantizer not in part.quantizers]
+        combined = []
+        for part in others[:1]:
+            other_cause, other = _cause([part])
+            if other is not None:
+                combined = [("combined", ((matched[0], quantizer), (_matched(other_cause, other)[0], other)))]
+        return [*((kind, quantizer) for kind in matched), *combined, ("keep in float", quantizer)]
 
     def _fix(self, candidate, pair: Pair, boundaries, layer: LayerComparison) -> Fix:
         kind, quantizer = candidate
@@ -514,7 +547,7 @@ class _Work:
             after = self._run(model, [_readable(self.quant_proto, model, p).tensor for p in reads], "fixed model")
         except LayerbisectError as exc:  # a fix this onnxruntime cannot run fails
             outs = tuple((name, self._cosine(self.quant_proto, self._before, p), math.nan) for name, p in self.outputs)
-            return Fix(kind, f"{description} ({exc})", quantizer.tensor if quantizer else pair.float_tensor,
+            return Fix(kind, f"{description} ({exc})", _tensor(quantizer, pair),
                        layer_before, math.nan, math.nan, outs, False, False, precision, exclude, overrides, options)
         layer_after = self._cosine(model, after, pair)
         isolated_after = self._own_cosine(model, pair, boundaries)
@@ -523,7 +556,7 @@ class _Work:
         verified = isolated_after >= self.threshold and all(_kept(before, after_, self.threshold)
                                                             for _, before, after_ in outs)
         repairs = verified and layer_after >= self.threshold and all(a >= self.threshold for _, _, a in outs)
-        return Fix(kind, description, quantizer.tensor if quantizer else pair.float_tensor, layer_before,
+        return Fix(kind, description, _tensor(quantizer, pair), layer_before,
                    layer_after, isolated_after, outs, verified, repairs, precision, exclude, overrides, options, model)
 
     def _cosine(self, model, values, pair: Pair) -> float:
@@ -533,23 +566,31 @@ class _Work:
             aggregate.add(compare(self.float_value(index, pair.float_tensor), read.dequantize(sample[read.tensor])))
         return aggregate.cosine
 
-    def _fixed(self, kind: str, quantizer: Quantizer | None, pair: Pair):
-        """The model with fix ``kind`` applied, its description, the precision it gives, its
-        TensorQuantOverrides and nodes to exclude."""
+    def _fixed(self, kind: str, quantizer, pair: Pair, base: onnx.ModelProto | None = None):
+        """The model (``base``, by default the quantized model) with fix ``kind`` applied, its
+        description, the precision it gives, its TensorQuantOverrides, nodes to exclude and
+        other options. A "combined" fix's ``quantizer`` holds the fixes it combines."""
+        base = self.quant_proto if base is None else base
+        if kind == "combined":
+            (first, first_quantizer), (second, second_quantizer) = quantizer
+            model, text, precision, overrides, exclude, options = self._fixed(first, first_quantizer, pair, base)
+            model, more, other, more_overrides, _, more_options = self._fixed(second, second_quantizer, pair, model)
+            return (model, f"{text} and {more}", f"{precision} + {other}", {**overrides, **more_overrides}, exclude,
+                    {**options, **more_options})
         if kind == "keep in float":
-            return (bypass(self.float_proto, self.quant_proto, [pair]), f"keep {'+'.join(pair.float_nodes)} in float",
+            return (bypass(self.float_proto, base, [pair]), f"keep {'+'.join(pair.float_nodes)} in float",
                     "float", {}, tuple(pair.quant_nodes), {})
         if kind == "float bias":
             dqs = [dq for dq in _quantizers(self.quant_proto, pair)["weights"] if _int(self.quant_proto,
                                                                                      dq.input[0]).dtype == np.int32]
-            model = _variant(self.float_proto, self.quant_proto, pair, keep=PARTS, constants=self.float_constants,
+            model = _variant(self.float_proto, base, pair, keep=PARTS, constants=self.float_constants,
                              floated=[dq.output[0] for dq in dqs])
             if model is None:
-                model = self.quant_proto
+                model = base
             return (model, f"float bias for {'+'.join(pair.float_nodes)} (the int32 bias's scale is its input's "
                     "times its weight's)", "float bias", {}, (), {"QuantizeBias": False})
         if kind == "per-channel weights":
-            model, overrides = _per_channel(self.float_proto, self.quant_proto, pair, self.float_constants)
+            model, overrides = _per_channel(self.float_proto, base, pair, self.float_constants)
             return (model, f"per-channel weights for {'+'.join(pair.float_nodes)} (requantized from the float weights)",
                     f"{quantizer.dtype} per-channel", overrides, (), {})
         node = _activation_quantizer(self.quant_proto, pair, quantizer)
@@ -562,7 +603,7 @@ class _Work:
             low, high = float(values.min()), float(values.max())
             dtype = np.dtype(np.uint16 if dtype.kind == "u" else np.int16)
         low, high = min(low, 0.0), max(high, 0.0)
-        model = _requantized(self.quant_proto, node, low, high, dtype)
+        model = _requantized(base, node, low, high, dtype)
         entry: dict[str, object] = {"rmin": low, "rmax": high}
         if kind == "16-bit":
             entry = {"quant_type": "QUInt16" if dtype.kind == "u" else "QInt16", **entry}
@@ -571,6 +612,31 @@ class _Work:
             description = (f"{dtype.name} range [{low:.4g}, {high:.4g}] for {quantizer.tensor!r} (percentiles "
                            f"{PERCENTILES[0]}-{PERCENTILES[1]} of its float values)")
         return model, description, dtype.name, {quantizer.tensor: entry}, (), {}
+
+
+def _python(key: str, value: object) -> str:
+    """A TensorQuantOverrides value as Python for onnxruntime: a QuantType, a numpy float32."""
+    if key == "quant_type":
+        return f"QuantType.{value}"
+    if key in ("rmin", "rmax"):
+        return f"np.float32({value!r})"
+    return repr(value)
+
+
+def _tensor(quantizer, pair: Pair) -> str:
+    """The tensor a fix is for: its quantizer's (a combined fix's first), else the layer's."""
+    if isinstance(quantizer, tuple):
+        quantizer = quantizer[0][1]
+    return pair.float_tensor if quantizer is None else quantizer.tensor
+
+
+def _matched(cause: str, quantizer: Quantizer) -> list[str]:
+    """The fixes for ``cause`` in ``quantizer``, smallest first (keeping in float aside)."""
+    if cause == "weights" and quantizer.dtype == "int32":  # a bias, on the grid of its inputs x weights
+        return ["float bias"]
+    if quantizer.part == "weights":
+        return ["per-channel weights"]
+    return ["percentile range", "16-bit"]
 
 
 def _kept(before: float, after: float, threshold: float) -> bool:
