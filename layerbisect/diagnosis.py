@@ -530,8 +530,9 @@ class _Work:
         combined = []
         for part in others[:1]:
             other_cause, other = _cause([part])
-            if other is not None:
-                combined = [("combined", ((matched[0], quantizer), (_matched(other_cause, other)[0], other)))]
+            second = [] if other is None else _matched(other_cause, other)
+            if matched and second:
+                combined = [("combined", ((matched[0], quantizer), (second[0], other)))]
         return [*((kind, quantizer) for kind in matched), *combined, ("keep in float", quantizer)]
 
     def _fix(self, candidate, pair: Pair, boundaries, layer: LayerComparison) -> Fix:
@@ -634,8 +635,8 @@ def _matched(cause: str, quantizer: Quantizer) -> list[str]:
     """The fixes for ``cause`` in ``quantizer``, smallest first (keeping in float aside)."""
     if cause == "weights" and quantizer.dtype == "int32":  # a bias, on the grid of its inputs x weights
         return ["float bias"]
-    if quantizer.part == "weights":
-        return ["per-channel weights"]
+    if quantizer.part == "weights":  # requantized from the float weights, where there are some
+        return [] if math.isnan(quantizer.excess) else ["per-channel weights"]
     return ["percentile range", "16-bit"]
 
 
