@@ -702,14 +702,13 @@ def _variant(float_proto, quant_proto, pair: Pair, *, keep: Iterable[str], const
     inputs = {q.output[0]: q for q in found["inputs"]}
     for name in pair.quant_nodes:
         node = nodes[name]
-        twin = next((float_nodes[n] for n in pair.float_nodes
-                     if n in float_nodes and float_nodes[n].op_type == node.op_type), None)
         for position, tensor in enumerate(node.input):
             if tensor in weights:
-                weight = _float_twin(twin, position, constants, graph)
-                if weight is None:
+                _, value = _float_weight(float_proto, pair, node, position, constants)
+                if value is None:
                     return None
-                node.input[position] = weight
+                node.input[position] = f"{tensor}__layerbisect_float"
+                graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), node.input[position]))
             dq = producer.get(tensor)
             if "inputs" not in keep and dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inputs:
                 node.input[position] = inputs[dq.input[0]].input[0]
@@ -724,28 +723,49 @@ def _variant(float_proto, quant_proto, pair: Pair, *, keep: Iterable[str], const
     return model
 
 
-def _float_twin(twin, position: int, constants, graph) -> str | None:
-    """The float model's constant read at ``position`` of ``twin``, added to ``graph``."""
-    from layerbisect.fallback import _float_constant
-
-    return _float_constant(twin, position, constants, graph)
-
-
 def _twin_weight(float_proto, quant_proto, pair: Pair, dq: onnx.NodeProto,
                  constants) -> tuple[str | None, np.ndarray | None]:
-    """The float model's name and value of the constant the DequantizeLinear ``dq`` stands for
-    (None, None where it has none: folded from a BatchNorm)."""
-    float_nodes = {node.name: node for node in float_proto.graph.node}
+    """The name and float value of the constant the DequantizeLinear ``dq`` stands for (see
+    ``_float_weight``)."""
     for name in pair.quant_nodes:
         node = next(n for n in quant_proto.graph.node if n.name == name)
-        if dq.output[0] not in node.input:
-            continue
-        position = list(node.input).index(dq.output[0])
-        twin = next((float_nodes[n] for n in pair.float_nodes
-                     if n in float_nodes and float_nodes[n].op_type == node.op_type), None)
-        if twin is not None and position < len(twin.input) and twin.input[position] in constants:
-            return twin.input[position], tensor_array(constants[twin.input[position]]).astype(np.float64)
+        if dq.output[0] in node.input:
+            return _float_weight(float_proto, pair, node, list(node.input).index(dq.output[0]), constants, dq)
     return None, None
+
+
+def _float_weight(float_proto, pair: Pair, node: onnx.NodeProto, position: int, constants,
+                  dq: onnx.NodeProto | None = None) -> tuple[str | None, np.ndarray | None]:
+    """The float value of what quantized ``node`` reads at ``position``, and its name as a
+    quantizer sees it: the float model's constant at the same input of the same operation; for
+    a Conv whose BatchNorm the quantizer folded into it (the float span holds the
+    BatchNormalization, the quantized one does not), the weight or bias folded from the float
+    ones, named as the quantized model names it. (None, None) where there is none."""
+    float_nodes = {n.name: n for n in float_proto.graph.node if n.name in pair.float_nodes}
+    twin = next((n for n in float_nodes.values() if n.op_type == node.op_type), None)
+    norms = [n for n in float_nodes.values() if n.op_type == "BatchNormalization"]
+    if twin is None or (norms and node.op_type == "BatchNormalization"):
+        norms = []
+    if twin is None:
+        return None, None
+    value = None
+    if position < len(twin.input) and twin.input[position] in constants:
+        value = tensor_array(constants[twin.input[position]]).astype(np.float64)
+    if not norms:
+        return (twin.input[position], value) if value is not None else (None, None)
+    if node.op_type != "Conv" or len(norms) != 1 or not all(name in constants for name in norms[0].input[1:5]):
+        return None, None
+    gamma, beta, mean, variance = (tensor_array(constants[name]).astype(np.float64) for name in norms[0].input[1:5])
+    epsilon = next((a.f for a in norms[0].attribute if a.name == "epsilon"), 1e-5)
+    factor = gamma / np.sqrt(variance + epsilon)
+    if position == 1 and value is not None:
+        value = value * factor.reshape(-1, *[1] * (value.ndim - 1))
+    elif position == 2:
+        value = ((0.0 if value is None else value) - mean) * factor + beta
+    else:
+        return None, None
+    name = dq.input[0].removesuffix("_quantized") if dq is not None else node.input[position]
+    return name, value
 
 
 def _weight_axis(pair: Pair, dq: onnx.NodeProto, model: onnx.ModelProto) -> int:

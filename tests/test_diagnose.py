@@ -272,3 +272,24 @@ def test_a_real_model_that_uint8_breaks_is_diagnosed_and_the_culprits_fix_verifi
     assert worst.layer.float_nodes == ("node_conv1d_4", "node_relu_3") and worst.recommended.kind == "combined"
     state = next(after for name, before, after in worst.recommended.outputs if name == "stateN")
     assert state > 0.8
+
+
+def test_weights_folded_from_a_batchnorm_are_compared_with_the_float_ones_folded():
+    """onnxruntime's pre-processing folds each BatchNorm into its Conv: the float twin of the
+    quantized weight is the float Conv's weight and BatchNorm folded, not the float Conv's."""
+    import tempfile
+
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    float_model, _ = models()
+    with tempfile.TemporaryDirectory() as folder:
+        onnx.save(float_model, f"{folder}/fp32.onnx")
+        quant_pre_process(f"{folder}/fp32.onnx", f"{folder}/pre.onnx", skip_symbolic_shape=True)
+        folded = quantize(onnx.load(f"{folder}/pre.onnx"), "qdq", activation_type="uint8")
+    assert "BatchNormalization" not in {node.op_type for node in folded.graph.node}
+    healthy = diagnose(float_model, folded, FEEDS, 0.99995, top=1).diagnosis.culprit
+    weights = next(part for part in healthy.parts if part.name == "weights")
+    assert weights.cosine > 0.9999 and weights.quantizers[0].excess < 2  # the folded float weights, rounded
+    culprit = diagnose(float_model, corrupt_weights(folded, "conv2"), FEEDS).diagnosis.culprit
+    assert culprit.layer.float_nodes == ("conv2", "bn2", "relu2") and culprit.cause == "weights"
+    assert culprit.recommended.kind == "per-channel weights" and culprit.recommended.repairs
