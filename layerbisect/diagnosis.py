@@ -419,8 +419,7 @@ class _Work:
     def __init__(self, float_proto, quant_proto, pairs, plan, samples, seed, providers, threshold, chosen,
                  outputs) -> None:
         self.float_proto, self.quant_proto, self.pairs = float_proto, quant_proto, pairs
-        self.plan, self.samples, self.seed, self.providers = plan, samples, seed, providers
-        self.threshold = threshold
+        self.samples, self.providers, self.threshold = samples, providers, threshold
         self.feeders = _feeders(float_proto, pairs)
         self.types = Segments(quant_proto).types
         self.float_constants = _constants(float_proto)
@@ -450,7 +449,10 @@ class _Work:
         return values
 
     def float_value(self, index: int, name: str) -> np.ndarray:
-        return self.float_values[index][name]
+        """The float value ``name`` on sample ``index``: the float model's, or for a graph input
+        of the quantized model, what it is fed."""
+        values = self.float_values[index]
+        return values[name] if name in values else self.feeds[index][1][name]
 
     def diagnose(self, layer: LayerComparison) -> Diagnosis:
         pair = self.pairs[layer.index]
@@ -466,7 +468,7 @@ class _Work:
             parts.append(Part(name, cosine, tuple(self._stats(name, node, pair) for node in members)))
         cause, quantizer = _cause(parts)
         candidates = self._candidates(cause, quantizer, parts)
-        fixes = tuple(self._fix(candidate, pair, boundaries, layer) for candidate in candidates)
+        fixes = tuple(self._fix(candidate, pair, boundaries) for candidate in candidates)
         diagnosis = Diagnosis(layer, everything, tuple(parts), cause, quantizer, fixes)
         best = diagnosis.recommended  # only its model is kept
         return replace(diagnosis, fixes=tuple(fix if fix is best else replace(fix, model=None) for fix in fixes))
@@ -535,7 +537,8 @@ class _Work:
                 combined = [("combined", ((matched[0], quantizer), (second[0], other)))]
         return [*((kind, quantizer) for kind in matched), *combined, ("keep in float", quantizer)]
 
-    def _fix(self, candidate, pair: Pair, boundaries, layer: LayerComparison) -> Fix:
+    def _fix(self, candidate, pair: Pair, boundaries: Sequence[Pair]) -> Fix:
+        """Apply ``candidate`` (a kind and its quantizer), run the model with it, and judge it."""
         kind, quantizer = candidate
         self.fixes_tried += 1
         model, description, precision, overrides, exclude, options = self._fixed(kind, quantizer, pair)
@@ -812,10 +815,8 @@ def _cause(parts: Sequence[Part]) -> tuple[str, Quantizer | None]:
     worst = min(measured, key=lambda part: part.cosine)
     if not worst.quantizers:
         return worst.name if worst.name == "weights" else "resolution", None
-    if worst.name == "weights":
-        return "weights", min(worst.quantizers, key=lambda q: q.cosine)
-    quantizer = max(worst.quantizers, key=lambda q: q.clipped + (1 - q.clip_energy))
-    return quantizer.reason, quantizer
+    quantizer = min(worst.quantizers, key=lambda q: q.cosine)  # the one that alters its values most
+    return ("weights" if worst.name == "weights" else quantizer.reason), quantizer
 
 
 def _activation_quantizer(model: onnx.ModelProto, pair: Pair, quantizer: Quantizer) -> onnx.NodeProto:
