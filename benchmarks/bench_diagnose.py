@@ -1,9 +1,10 @@
 """Benchmark: what ``layerbisect.diagnose`` costs on top of the plain report.
 
 The diagnosis of a layer runs its variants (only the weights, only the inputs, only the
-output quantized) on the isolated layer alone, never the model; the whole models run once per
-sample for the float values and the quantized model's cosines before any fix, and once per
-sample for each candidate fix. The issue's bound: at most two runs of the model per candidate
+output quantized) on the isolated layer alone, never the model; the float model runs once per
+sample for the float values, and the quantized model with each candidate fix once per
+sample (the quantized model's cosines before any fix are the report's).
+The issue's bound: at most two runs of the model per candidate
 fix. This prints, per case, the model runs and isolated-layer runs counted, the model runs per
 candidate fix and sample, and the diagnosis's wall time against the plain report's (median of
 ``--repeat``), in this process, sessions included.
@@ -92,9 +93,9 @@ def main() -> None:
         p, e = statistics.median(plain), statistics.median(extra)
         print(f"{name:8} {len(d.layers):>6} {d.fixes_tried:>5} {d.model_runs:>10} {per_fix:>7.2f} {d.layer_runs:>10} "
               f"{p:>8.2f} {e:>11.2f} {e / p:>6.2f}")
-    print("model runs: whole-model runs of the diagnosis over all samples (float and quantized once each, "
-          "each fix once, per sample); per fix: model runs per candidate fix and sample (at most 2); "
-          "ratio: diagnosis time / plain report time")
+    print("model runs: whole-model runs of the diagnosis over all samples (the float model and each fix once "
+          "per sample; the quantized model's cosines are the report's); per fix: model runs per candidate fix "
+          "and sample (at most 2); ratio: diagnosis time / plain report time")
 
 
 if __name__ == "__main__":

@@ -24,9 +24,9 @@ from the quantized model's own quantizers and the float model's values on the sa
   model output's cosine before and after. A fix that does not verify is reported as failing
   and never recommended.
 
-Cost: the float model and the quantized model run once per sample for the whole diagnosis,
-and each candidate fix once per sample; the variants run the isolated layer alone
-(``layer_runs``), never the model.
+Cost: the float model runs once per sample for the whole diagnosis (the quantized model's
+cosines before any fix are the report's), and each candidate fix once per sample; the
+variants run the isolated layer alone (``layer_runs``), never the model.
 
 >>> report = diagnose("fp32.onnx", "int8_qdq.onnx", inputs)  # doctest: +SKIP
 >>> report.diagnosis.culprit.cause, report.diagnosis.culprit.recommended.kind  # doctest: +SKIP
@@ -232,8 +232,9 @@ class Diagnosis:
 class Diagnoses:
     """The diagnosis of a report: ``layers`` worst own cosine first, ``culprit`` the diagnosis
     of the report's culprit (its first bad layer when the error is introduced there), and what
-    it cost: ``model_runs`` runs of a whole model (float, quantized, one per fix, each per
-    sample), ``layer_runs`` runs of an isolated layer alone."""
+    it cost: ``model_runs`` runs of a whole model (the float model, and each fix, once per
+    sample; the quantized model too where the report did not measure a layer or output),
+    ``layer_runs`` runs of an isolated layer alone."""
 
     layers: tuple[Diagnosis, ...]
     culprit: Diagnosis | None
@@ -382,7 +383,7 @@ def diagnose(
                 f"the report's layer #{layer.index} {layer.float_tensor!r} is not this alignment's: give the "
                 "report find_first_bad_layer made from these two models (without ort_optimized)")
     work = _Work(float_proto, quant_proto, pairs, plan, samples, seed, providers, threshold,
-                 [layer.index for layer in chosen], report.outputs)
+                 [layer.index for layer in chosen], report)
     diagnoses = [work.diagnose(layer) for layer in chosen]
     culprit_layer = report.culprit or (report.first_bad if report.first_bad_cause == "introduced" else None)
     culprit = next((d for d in diagnoses if culprit_layer is not None and d.layer.index == culprit_layer.index), None)
@@ -417,7 +418,8 @@ class _Work:
     """One diagnosis: the models, the samples and their float values, and what was run."""
 
     def __init__(self, float_proto, quant_proto, pairs, plan, samples, seed, providers, threshold, chosen,
-                 outputs) -> None:
+                 report: Report) -> None:
+        """``report`` is the quantized model's, on the same samples: the cosines before any fix."""
         self.float_proto, self.quant_proto, self.pairs = float_proto, quant_proto, pairs
         self.samples, self.providers, self.threshold = samples, providers, threshold
         self.feeders = _feeders(float_proto, pairs)
@@ -426,13 +428,14 @@ class _Work:
         self.model_runs = self.layer_runs = self.fixes_tried = 0
         self.feeds = [plan.feeds(sample, seed) for sample in samples]
         by_tensor = {p.float_tensor: p for p in pairs}
-        self.outputs = [(name, by_tensor[tensor]) for name, tensor in outputs if tensor in by_tensor]
+        self.outputs = [(name, by_tensor[tensor]) for name, tensor in report.outputs if tensor in by_tensor]
+        self.reported = {layer.index: layer.cosine for layer in report.layers}
         self.read = [*(pairs[i] for i in chosen), *(p for _, p in self.outputs)]
         fed = [pairs[b] for i in chosen for b in self.feeders[i]]
         wanted = {name for p in [*self.read, *fed] for name in (p.float_tensor, p.float_readout.tensor, p.float_output)}
         self.float_values = self._run(float_proto, sorted(wanted - {i.name for i in float_proto.graph.input}),
                                       "float model", float_side=True)
-        self._before: list[dict[str, np.ndarray]] | None = None
+        self._before: list[dict[str, np.ndarray]] | None = None  # run where the report did not measure
 
     def _run(self, model, names, role, float_side=False) -> list[dict[str, np.ndarray]]:
         """Run ``model`` (whole, its inputs fed) once per sample, reading ``names``."""
@@ -543,25 +546,33 @@ class _Work:
         self.fixes_tried += 1
         model, description, precision, overrides, exclude, options = self._fixed(kind, quantizer, pair)
         reads = [pair, *(p for _, p in self.outputs)]
-        if self._before is None:
-            self._before = self._run(self.quant_proto, [_readable(self.quant_proto, self.quant_proto, p).tensor
-                                                        for p in self.read], "quantized model")
-        layer_before = self._cosine(self.quant_proto, self._before, pair)
+        layer_before = self.before(pair)
         try:
             after = self._run(model, [_readable(self.quant_proto, model, p).tensor for p in reads], "fixed model")
         except LayerbisectError as exc:  # a fix this onnxruntime cannot run fails
-            outs = tuple((name, self._cosine(self.quant_proto, self._before, p), math.nan) for name, p in self.outputs)
+            outs = tuple((name, self.before(p), math.nan) for name, p in self.outputs)
             return Fix(kind, f"{description} ({exc})", _tensor(quantizer, pair),
                        layer_before, math.nan, math.nan, outs, False, False, precision, exclude, overrides, options)
         layer_after = self._cosine(model, after, pair)
         isolated_after = self._own_cosine(model, pair, boundaries)
-        outs = tuple((name, self._cosine(self.quant_proto, self._before, p), self._cosine(model, after, p))
+        outs = tuple((name, self.before(p), self._cosine(model, after, p))
                      for name, p in self.outputs)
         verified = isolated_after >= self.threshold and all(_kept(before, after_, self.threshold)
                                                             for _, before, after_ in outs)
         repairs = verified and layer_after >= self.threshold and all(a >= self.threshold for _, _, a in outs)
         return Fix(kind, description, _tensor(quantizer, pair), layer_before,
                    layer_after, isolated_after, outs, verified, repairs, precision, exclude, overrides, options, model)
+
+    def before(self, pair: Pair) -> float:
+        """The cosine of ``pair`` in the quantized model: the report's, where it measured it
+        (the same samples, the same readout), else measured once, running the model."""
+        index = self.pairs.index(pair)
+        if index in self.reported:
+            return self.reported[index]
+        if self._before is None:
+            self._before = self._run(self.quant_proto, [_readable(self.quant_proto, self.quant_proto, p).tensor
+                                                        for p in self.read], "quantized model")
+        return self._cosine(self.quant_proto, self._before, pair)
 
     def _cosine(self, model, values, pair: Pair) -> float:
         read = _readable(self.quant_proto, model, pair)

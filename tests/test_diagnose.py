@@ -190,9 +190,11 @@ def test_the_diagnosis_costs_at_most_two_model_runs_per_candidate_fix():
     float_model, _ = models()
     report = diagnose(float_model, planted("saturation"), FEEDS)
     diagnosis = report.diagnosis
-    # the float model and the quantized model once each, and each fix once, per sample
-    assert diagnosis.model_runs == len(FEEDS) * (2 + diagnosis.fixes_tried)
+    # the float model once and each fix once, per sample; the quantized model's cosines are the report's
+    assert diagnosis.model_runs == len(FEEDS) * (1 + diagnosis.fixes_tried)
     assert diagnosis.model_runs <= 2 * diagnosis.fixes_tried * len(FEEDS)
+    fix = diagnosis.culprit.fixes[0]  # the before cosines, measured by the report
+    assert fix.layer_before == report.first_bad.cosine and fix.outputs[0][1] == report.layers[-1].cosine
 
 
 def test_the_report_renders_the_diagnosis_everywhere():
@@ -293,3 +295,14 @@ def test_weights_folded_from_a_batchnorm_are_compared_with_the_float_ones_folded
     culprit = diagnose(float_model, corrupt_weights(folded, "conv2"), FEEDS).diagnosis.culprit
     assert culprit.layer.float_nodes == ("conv2", "bn2", "relu2") and culprit.cause == "weights"
     assert culprit.recommended.kind == "per-channel weights" and culprit.recommended.repairs
+
+
+def test_a_bisected_report_is_diagnosed_running_the_quantized_model_for_what_it_did_not_measure():
+    float_model, _ = models()
+    broken = planted("saturation")
+    report = find_first_bad_layer(float_model, broken, FEEDS, strategy="bisect")
+    assert len(report.layers) < report.aligned and "y" not in {layer.float_tensor for layer in report.layers}
+    diagnosis = diagnose(float_model, broken, FEEDS, report=report).diagnosis
+    assert diagnosis.culprit.cause == "saturation" and diagnosis.culprit.recommended.repairs
+    assert diagnosis.model_runs == len(FEEDS) * (2 + diagnosis.fixes_tried)  # the quantized model once more
+    assert diagnosis.culprit.recommended.outputs[0][1] < THRESHOLD
