@@ -140,7 +140,8 @@ class Session:
             }
             if self.renamed:
                 self.session, self._buffers = _create(model, _options(), providers, self.renamed, buffers)
-        except Exception:
+        except Exception as failed:
+            exc = failed
             if original is not None:
                 try:
                     _create(original, _options(), providers)
