@@ -137,7 +137,8 @@ def prepare(
     isolated_model, cuts = None, ()
     isolated_run = [n for n in quant_names if n not in quant_starts]
     if boundaries is not None and isolated_run:
-        cut_model, cuts = cut(quant_model.extract(isolated_run, quant_starts), boundaries, quant_model.types, unfed)
+        cut_model, cuts = cut(quant_model.extract(isolated_run, quant_starts, detached=True), boundaries,
+                              quant_model.types, unfed)
         fed = {**quant_starts, **{c.name: c.dtype for c in cuts}}
         isolated_model = Segments(cut_model).extract(isolated_run, fed)
     float_names = tuple(dict.fromkeys([*(p.float_tensor for p in [*pairs, *(boundaries or ())]),
@@ -145,8 +146,8 @@ def prepare(
     float_run = [n for n in dict.fromkeys([*float_names, *saves[0]]) if n not in float_starts]
     return Measurement(
         pairs=tuple(pairs),
-        float_model=float_model.extract(float_run, float_starts) if float_run else None,
-        quant_model=quant_model.extract(quant_run, quant_starts) if quant_run else None,
+        float_model=float_model.extract(float_run, float_starts, detached=True) if float_run else None,
+        quant_model=quant_model.extract(quant_run, quant_starts, detached=True) if quant_run else None,
         isolated_model=isolated_model,
         cuts=cuts,
         float_names=float_names,

@@ -39,11 +39,11 @@ class Segments:
     """The nodes of ``model`` indexed once, to cut out any number of segments quickly.
 
     ``model`` is never modified; a segment shares nothing with it (nodes and initializers
-    are copied, only those the segment needs), but for its large in-memory weights
-    (``DETACHED`` bytes or more): a segment holds a placeholder of each (``run.placeholder``),
-    and ``buffers`` the arrays, read once, which sessions take without a copy. Copying them
-    into every segment, then serializing each for onnxruntime, cost MiniLM's scan 0.25 s of
-    its 0.7 s.
+    are copied, only those the segment needs). Extracted ``detached``, a segment holds a
+    placeholder (``run.placeholder``) of each large in-memory weight (``DETACHED`` bytes or
+    more) instead, and ``buffers`` the arrays, read once, which sessions take without a copy
+    (``run.Session(..., buffers=)``). Copying them into every segment, then serializing each
+    for onnxruntime, cost MiniLM's scan 0.25 s of its 0.7 s.
     """
 
     def __init__(self, model: onnx.ModelProto) -> None:
@@ -98,10 +98,13 @@ class Segments:
         ]
         return tuple(sorted(crossing, key=lambda name: self.producer[name]))
 
-    def extract(self, outputs: Sequence[str], starts: Mapping[str, np.dtype]) -> onnx.ModelProto:
+    def extract(
+        self, outputs: Sequence[str], starts: Mapping[str, np.dtype], *, detached: bool = False
+    ) -> onnx.ModelProto:
         """A model computing ``outputs`` from ``starts`` (values fed as inputs, by name and
         dtype) and the model's own inputs, with only the nodes and initializers it needs.
-        Inputs the segment does not read are left out; the caller feeds what it declares."""
+        Inputs the segment does not read are left out; the caller feeds what it declares.
+        ``detached``: large weights as placeholders of ``buffers``."""
         source = self.model.graph
         missing = [name for name in outputs if name in starts]
         if missing:
@@ -117,7 +120,8 @@ class Segments:
         graph.name = source.name
         graph.node.extend(source.node[i] for i in kept)
         graph.initializer.extend(
-            placeholder(init) if init.name in self.buffers else init for init in source.initializer if init.name in read
+            placeholder(init) if detached and init.name in self.buffers else init
+            for init in source.initializer if init.name in read
         )
         graph.sparse_initializer.extend(init for init in source.sparse_initializer if init.values.name in read)
         initializers = {init.name for init in graph.initializer}
