@@ -52,7 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "--data-loader-script")
     try:
         from layerbisect.command import run
-
+    except LayerbisectError as exc:  # no onnxruntime installed
+        print(f"layerbisect: error: {exc}", file=sys.stderr)
+        return 2
+    try:
         return run(args)
     except KeyboardInterrupt:
         print("layerbisect: interrupted", file=sys.stderr)

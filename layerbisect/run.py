@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper, numpy_helper
 from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
@@ -18,6 +17,14 @@ from layerbisect.errors import LayerbisectError, first_line
 from layerbisect.inputs import Feeds
 from layerbisect.load import BASEPATH, external_folder, tensor_nbytes
 from layerbisect.options import DEFAULT_PROVIDERS
+
+try:
+    import onnxruntime as ort
+except ImportError:  # layerbisect requires no distribution of it: the user picks one
+    raise LayerbisectError(
+        "layerbisect runs models with onnxruntime, and none is installed: pip install 'layerbisect[cpu]' "
+        "(or onnxruntime, onnxruntime-gpu, onnxruntime-directml or onnxruntime-openvino)"
+    ) from None
 
 # A serialized protobuf must stay under 2 GiB: past this size, initializers go to onnxruntime
 # as separate buffers instead of inside the model, all but the small ones (shapes, scales),
