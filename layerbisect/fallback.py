@@ -145,8 +145,9 @@ def keep_in_float(
     ``providers`` is an order of preference, as for ``find_first_bad_layer``. On long runs a
     bar counts the repaired models tried (after those of loading and alignment), unless ``quiet``.
 
-    >>> fix = keep_in_float("model_fp32.onnx", "model_int8_qdq.onnx", inputs)  # doctest: +SKIP
-    >>> fix.nodes_to_exclude  # doctest: +SKIP
+    >>> from layerbisect import demo
+    >>> fix = keep_in_float(*demo.files(), inputs=demo.image())
+    >>> fix.nodes_to_exclude
     ('conv2',)
     """
     check_threshold(threshold)
@@ -408,6 +409,11 @@ def _bypassable(model: onnx.ModelProto) -> Callable[[Pair], bool]:
     dequantized = {node.output[0] for node in model.graph.node if node.op_type == "DequantizeLinear"}
     inputs = {node.name: node.input for node in model.graph.node}
     return lambda pair: any(t in dequantized for n in pair.quant_nodes for t in inputs.get(n, ()))
+
+
+def _carried(quant_model: onnx.ModelProto, tensor: str) -> str:
+    """The float tensor that carries ``tensor`` on (see ``_carriers``); else ``tensor`` itself."""
+    return _carriers(quant_model).get(tensor, tensor)
 
 
 def _carriers(quant_model: onnx.ModelProto) -> dict[str, str]:
