@@ -64,6 +64,7 @@ def _run(args: argparse.Namespace) -> int:
                 inputs=inputs,
                 threshold=args.threshold,
                 shapes=dict(args.shape),
+                past_length=args.past_length,
                 seed=args.seed,
                 providers=args.providers,
                 ort_optimized=args.ort_optimized,
