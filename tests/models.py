@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 OPSET = 17
 IR_VERSION = 8
 
-__all__ = ["make_cnn", "make_transformer", "make_bert", "make_decoder", "make_llama", "quantize", "corrupt_weights", "quant_node_for",
+__all__ = ["make_cnn", "make_transformer", "make_bert", "make_decoder", "make_llama", "quantize", "int4_weights", "corrupt_weights", "quant_node_for",
            "weight_initializer_of", "random_inputs", "weight_only_int8", "float16"]
 
 
@@ -566,6 +566,29 @@ def quantize(
                 nodes_to_exclude=nodes_to_exclude or [],
             )
         return onnx.load(dst)
+
+
+def int4_weights(
+    model: onnx.ModelProto, *, symmetric: bool = False, block_size: int = 32, quant_format: str = "QOperator",
+    embeddings: bool = False,
+) -> onnx.ModelProto:
+    """``model`` with its MatMul weights in int4 blocks by onnxruntime's MatMulNBitsQuantizer:
+    com.microsoft MatMulNBits ("QOperator"; zero points only when asymmetric) or blocked
+    DequantizeLinear of int4 initializers ("QDQ"); with ``embeddings``, the embedding table's
+    Gather too, as a GatherBlockQuantized (QOperator only, blocks along the hidden axis)."""
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=block_size, is_symmetric=symmetric, quant_format=QuantFormat[quant_format],
+        op_types_to_quantize=("MatMul", "Gather") if embeddings else ("MatMul",),
+    )
+    with _quiet():
+        quantizer = MatMulNBitsQuantizer(copy, algo_config=config)
+        quantizer.process()
+    return quantizer.model.model
 
 
 _QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
