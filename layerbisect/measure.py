@@ -65,6 +65,7 @@ class Measurement:
     seed: int
     providers: tuple[str, ...]
     originals: tuple[onnx.ModelProto, onnx.ModelProto] | None  # to word a load failure
+    by_token: frozenset[str] = frozenset()  # the float model's outputs, compared by token too (``compare_pairs``)
     key: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -154,6 +155,7 @@ def prepare(
         seed=seed,
         providers=tuple(providers),
         originals=(float_model.model, quant_model.model),
+        by_token=frozenset(output.name for output in float_model.model.graph.output),
     )
 
 
@@ -303,8 +305,7 @@ def _measure_chunk(measurement: Measurement, items: list, session_of) -> tuple[l
         quant_saved.append(_kept(quant_values, measurement.quant_saves, session))
         quant_bytes = max(quant_bytes, _fresh_bytes(quant_values, start[1], quant_saved[-1]))
         problems.append({})
-        cumulative.append(compare_pairs(measurement.pairs, values, quant_values, problems[-1],
-                                        _declared_outputs(measurement)))
+        cumulative.append(compare_pairs(measurement.pairs, values, quant_values, problems[-1], measurement.by_token))
         del quant_values
     runs += session is not None
     del session
@@ -382,11 +383,6 @@ def compare_pairs(
                 metrics = replace(metrics, token_cosine=float(cosines[worst]), worst_token=worst)
         outcomes.append(metrics)
     return tuple(outcomes)
-
-
-def _declared_outputs(measurement: Measurement) -> frozenset[str]:
-    """The outputs the float model declares (compared by token too, where they have 3 axes)."""
-    return frozenset(o.name for o in measurement.originals[0].graph.output) if measurement.originals else frozenset()
 
 
 def _resolution(readout: Readout) -> float:
