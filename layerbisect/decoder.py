@@ -32,11 +32,15 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
 from layerbisect.errors import LayerbisectError
+
+if TYPE_CHECKING:  # inputs.py plans with this module: no import at run time
+    from layerbisect.inputs import InputSpec
 
 # a KV-cache decoder's generated step when no shape says otherwise: one sequence of 8 tokens
 # after 8 past positions (small enough for any model, long enough that every token attends
@@ -119,124 +123,162 @@ def vocabularies(model: onnx.ModelProto) -> dict[str, int]:
     return found
 
 
+@dataclass(frozen=True)
+class _Parts:
+    """The inputs playing each part, and the axes along which each holds a size: the batch,
+    the current tokens, the past positions (``axes``, by part: (spec, axis) pairs)."""
+
+    tokens: tuple
+    masks: tuple
+    positions: tuple
+    pasts: tuple
+    flags: tuple
+
+    @classmethod
+    def of(cls, specs: Sequence[InputSpec], vocabulary: Mapping[str, int]) -> _Parts:
+        def integer(spec: InputSpec) -> bool:
+            return spec.dtype.kind in "iu"
+
+        return cls(
+            tokens=tuple(s for s in specs if s.name in vocabulary or (s.name == "input_ids" and integer(s))),
+            masks=tuple(s for s in specs if "attention_mask" in s.name.lower() and len(s.shape) == 2),
+            positions=tuple(s for s in specs if re.search(r"position_ids|cache_position", s.name, re.I) and integer(s)),
+            pasts=tuple(s for s in specs if _is_past(s)),
+            flags=tuple(s for s in specs if s.name == "use_cache_branch" and s.dtype.kind == "b"),
+        )
+
+    def axes(self) -> dict[str, list[tuple[InputSpec, int]]]:
+        sequences = [*self.tokens, *self.positions]
+        return {
+            "batch": [(s, 0) for s in [*sequences, *self.masks, *self.pasts] if len(s.shape) >= 2],
+            "tokens": [(s, len(s.shape) - 1) for s in sequences],
+            "past": [(s, axis) for s in self.pasts for axis in [_past_axis(s)] if axis is not None],
+            "total": [(s, 1) for s in self.masks],
+        }
+
+    def roles(self) -> dict[str, tuple[str, ...]]:
+        """What each axis of a token, position or mask input counts."""
+        roles = {s.name: ("batch",) * (len(s.shape) - 1) + ("tokens",) for s in [*self.tokens, *self.positions]}
+        roles.update({s.name: ("batch", "total") for s in self.masks})
+        return roles
+
+
 def plan_text_inputs(
-    specs: Sequence, vocabulary: Mapping[str, int], shapes: Mapping[str, Sequence[int]],
+    specs: Sequence[InputSpec], vocabulary: Mapping[str, int], shapes: Mapping[str, Sequence[int]],
     past_length: int | None = None,
 ) -> TextInputs:
-    """Plan the generated values of the language-model inputs among ``specs`` (``InputSpec``
-    values, each name once): ``vocabulary`` gives the token-id inputs and their vocabulary
-    sizes (``vocabularies``), ``shapes`` the shapes given, ``past_length`` the number of past
+    """Plan the generated values of the language-model inputs among ``specs`` (each name
+    once): ``vocabulary`` gives the token-id inputs and their vocabulary sizes
+    (``vocabularies``), ``shapes`` the shapes given, ``past_length`` the number of past
     positions (None: from ``shapes``, else ``DEFAULT_PAST`` for a KV-cache decoder).
     Models without such inputs get an empty plan."""
-    by_name = {spec.name: spec for spec in specs}
-    tokens = [s for s in specs if s.name in vocabulary or (s.name == "input_ids" and s.dtype.kind in "iu")]
-    masks = [s for s in specs if "attention_mask" in s.name.lower() and len(s.shape) == 2]
-    positions = [s for s in specs if re.search(r"position_ids|cache_position", s.name, re.I) and s.dtype.kind in "iu"]
-    pasts = [s for s in specs if _is_past(s)]
-    flags = [s for s in specs if s.name == "use_cache_branch" and s.dtype.kind == "b"]
-    if past_length is not None and not pasts:
+    parts = _Parts.of(specs, vocabulary)
+    if past_length is not None and not parts.pasts:
         raise LayerbisectError(
             f"past_length={past_length} is given, but neither model declares a past key/value input "
-            f"(past_key_values.*, past_key, past_value, ...; the inputs are {sorted(by_name)}): leave it out"
+            f"(past_key_values.*, past_key, past_value, ...; the inputs are {sorted(s.name for s in specs)}): "
+            "leave it out"
         )
-    if not (tokens or masks or positions or pasts):
+    if not (parts.tokens or parts.masks or parts.positions or parts.pasts):
         return TextInputs({}, {}, {}, ())
+    by_name = {spec.name: spec for spec in specs}
     given = {name: tuple(int(d) for d in shape) for name, shape in shapes.items() if name in by_name}
-    named: dict[str, int] = {}  # dimension name -> size, from the shapes given
+    named: dict[str, int] = {}  # dimension name -> size: from the shapes given, then from the parts' sizes
     for name, shape in given.items():
         for dim, size in zip(by_name[name].shape, shape):
             if isinstance(dim, str):
                 named.setdefault(dim, size)
-    decoder = bool(pasts)
-    axes = {  # role -> [(spec, axis)] along which it has that size
-        "batch": [(s, 0) for s in [*tokens, *masks, *pasts] + [p for p in positions if len(p.shape) == 2]],
-        "tokens": [(s, len(s.shape) - 1) for s in [*tokens, *positions]],
-        "past": [(s, axis) for s in pasts for axis in [_past_axis(s)] if axis is not None],
-    }
+    axes = parts.axes()
+    sizes = _sizes(parts, axes, given, named, past_length)
+    for role, entries in axes.items():
+        for spec, axis in entries:  # other inputs using a name these axes declare get its size
+            if isinstance(spec.shape[axis], str) and sizes[role] is not None:
+                named.setdefault(spec.shape[axis], sizes[role])
+    past = sizes["past"]
+    fills = {spec.name: Fill("tokens", vocabulary.get(spec.name) or 10) for spec in parts.tokens}
+    fills.update({spec.name: Fill("ones") for spec in parts.masks})
+    fills.update({spec.name: Fill("positions", start=past or 0) for spec in parts.positions})
+    fills.update({spec.name: Fill("flag", int(bool(past))) for spec in parts.flags})
+    out_shapes: dict[str, tuple[int, ...]] = dict(given)
+    missing: dict[str, str] = {}
+    roles, batch_dims = parts.roles(), {spec.shape[0] for spec, _ in axes["batch"]}
+    for spec in specs:
+        if spec.name in given:
+            continue
+        past_axis = _past_axis(spec) if spec in parts.pasts else None
+        shape = _shape(spec, roles.get(spec.name), past_axis, sizes, named, batch_dims)
+        if shape is not None:
+            out_shapes[spec.name] = shape
+        elif spec in parts.pasts:
+            missing[spec.name] = _past_message(spec, sizes["batch"] or 1, past or 0)
+    notes = (_note(parts, sizes, vocabulary, out_shapes),) if parts.pasts else ()
+    return TextInputs(out_shapes, fills, missing, notes)
 
-    def size(role: str, default: int | None) -> int | None:
+
+def _sizes(parts: _Parts, axes, given, named, past_length: int | None) -> dict[str, int | None]:
+    """The batch, the tokens, the past and the total (past + tokens) the generated inputs take:
+    as given (by an input's shape or a dimension's name), else as declared, else (for a
+    KV-cache decoder) the defaults. A mask's given length tells the past."""
+
+    def size(role: str) -> int | None:
         for spec, axis in axes[role]:
-            dim = spec.shape[axis] if axis < len(spec.shape) else None
-            if spec.name in given and axis < len(given[spec.name]):
+            dim = spec.shape[axis]
+            if spec.name in given:
                 return given[spec.name][axis]
             if isinstance(dim, int):
                 return dim
             if isinstance(dim, str) and dim in named:
                 return named[dim]
-        return default
+        return None
 
-    batch = size("batch", DEFAULT_BATCH if decoder else None)
-    count = size("tokens", DEFAULT_TOKENS if decoder and axes["tokens"] else None)
-    given_past = size("past", None)
-    if past_length is not None and given_past is not None and given_past != past_length:
+    decoder = bool(parts.pasts)
+    batch, count, declared_past = size("batch"), size("tokens"), size("past")
+    batch = DEFAULT_BATCH if batch is None and decoder else batch
+    count = DEFAULT_TOKENS if count is None and decoder and axes["tokens"] else count
+    if past_length is not None and declared_past is not None and declared_past != past_length:
         raise LayerbisectError(
-            f"past_length={past_length} but the past inputs hold {given_past} positions (as given in shapes= "
+            f"past_length={past_length} but the past inputs hold {declared_past} positions (as given in shapes= "
             "or declared): give one of the two"
         )
-    past = past_length if past_length is not None else given_past
-    for mask in masks:  # a mask given tells the past, or must agree with it
-        if mask.name in given and count is not None:
-            total = given[mask.name][1]
-            past = total - count if past is None and total >= count else past
-            if past is not None and total != past + count:
-                raise LayerbisectError(
-                    f"input {mask.name!r} is given {total} positions, but the past ({past}) and the tokens "
-                    f"({count}) make {past + count}: an attention mask covers the past and the current tokens"
-                )
-    if past is None and decoder:
-        past = DEFAULT_PAST
-    sizes = {"batch": batch, "tokens": count, "past": past,
-             "total": None if past is None or count is None else past + count}
-    for role, entries in [*axes.items(), ("total", [(mask, 1) for mask in masks])]:
-        for spec, axis in entries:  # other inputs using a name these axes declare get its size
-            dim = spec.shape[axis] if axis < len(spec.shape) else None
-            if isinstance(dim, str) and sizes[role] is not None:
-                named.setdefault(dim, sizes[role])
-    out_shapes: dict[str, tuple[int, ...]] = dict(given)
-    missing: dict[str, str] = {}
-    fills: dict[str, Fill] = {}
-    for spec in tokens:
-        high = vocabulary.get(spec.name)
-        fills[spec.name] = Fill("tokens", high) if high else Fill("tokens", 10)
-    fills.update({spec.name: Fill("ones") for spec in masks})
-    fills.update({spec.name: Fill("positions", start=past or 0) for spec in positions})
-    fills.update({spec.name: Fill("flag", int(bool(past))) for spec in flags})
-    roles = {**{s.name: ("batch", "tokens") for s in tokens}, **{s.name: ("batch", "total") for s in masks}}
-    roles.update({s.name: ("batch",) * (len(s.shape) - 1) + ("tokens",) for s in positions})
-    for spec in specs:
-        if spec.name in given:
-            continue
-        shape = _shape(spec, roles.get(spec.name), _past_axis(spec) if spec in pasts else None, sizes, named,
-                       batch_dims={s.shape[0] for s, _ in axes["batch"]})
-        if shape is not None:
-            out_shapes[spec.name] = shape
-        elif spec in pasts:
-            missing[spec.name] = _past_message(spec, batch or 1, past or 0)
-    notes = []
-    if decoder:
-        tokens_of = "" if count is None else f" of {count} token{'s' if count != 1 else ''}"
-        head = (f"inputs generated for a KV-cache decoder: {batch} sequence{'s' if batch != 1 else ''}{tokens_of} "
-                f"after {past} past position{'s' if past != 1 else ''}")
-        parts = [f"{spec.name} below its vocabulary of {fills[spec.name].high}" if spec.name in vocabulary else
-                 f"{spec.name} below 10 (no embedding table tells the vocabulary)" for spec in tokens]
-        parts += [f"{spec.name} all ones" for spec in masks]
-        parts += [f"{spec.name} {past}..{past + count - 1}" for spec in positions if count is not None]
-        shaped = [s for s in pasts if s.name in out_shapes]
-        if shaped:
-            parts.append(f"{len(shaped)} past key/value input{'s' if len(shaped) != 1 else ''} of shape "
-                         f"{list(out_shapes[shaped[0].name])}")
-        notes.append(f"{head} ({'; '.join(parts)}); past_length= (--past-length) and shapes= (--shape) choose others")
-    return TextInputs(out_shapes, fills, missing, tuple(notes))
+    past = past_length if past_length is not None else declared_past
+    total = size("total")
+    if total is not None and count is not None:  # a mask's length tells the past, or must agree with it
+        past = total - count if past is None and total >= count else past
+        if past is not None and total != past + count:
+            raise LayerbisectError(
+                f"input {axes['total'][0][0].name!r} is given {total} positions, but the past ({past}) and the "
+                f"tokens ({count}) make {past + count}: an attention mask covers the past and the current tokens"
+            )
+    past = DEFAULT_PAST if past is None and decoder else past
+    return {"batch": batch, "tokens": count, "past": past,
+            "total": None if past is None or count is None else past + count}
 
 
-def _is_past(spec) -> bool:
+def _note(parts: _Parts, sizes, vocabulary: Mapping[str, int], shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """What a KV-cache decoder's generated inputs are."""
+    batch, count, past = sizes["batch"], sizes["tokens"], sizes["past"]
+    tokens_of = "" if count is None else f" of {count} token{'s' if count != 1 else ''}"
+    head = (f"inputs generated for a KV-cache decoder: {batch} sequence{'s' if batch != 1 else ''}{tokens_of} "
+            f"after {past} past position{'s' if past != 1 else ''}")
+    said = [f"{spec.name} below its vocabulary of {vocabulary[spec.name]}" if spec.name in vocabulary else
+            f"{spec.name} below 10 (no embedding table tells the vocabulary)" for spec in parts.tokens]
+    said += [f"{spec.name} all ones" for spec in parts.masks]
+    said += [f"{spec.name} {past}..{past + count - 1}" for spec in parts.positions if count is not None]
+    shaped = [spec for spec in parts.pasts if spec.name in shapes]
+    if shaped:
+        said.append(f"{len(shaped)} past key/value input{'s' if len(shaped) != 1 else ''} of shape "
+                    f"{list(shapes[shaped[0].name])}")
+    return f"{head} ({'; '.join(said)}); past_length= (--past-length) and shapes= (--shape) choose others"
+
+
+def _is_past(spec: InputSpec) -> bool:
     """A past key or value input of a decoder's own attention (not an encoder's cache)."""
     name = spec.name.lower()
     return ("past" in name and "encoder" not in name and len(spec.shape) >= 3
             and (spec.dtype.kind == "f" or spec.dtype.name == "bfloat16"))
 
 
-def _past_axis(spec) -> int | None:
+def _past_axis(spec: InputSpec) -> int | None:
     """The axis of a past input that counts past positions: the one whose name says "past",
     else the only dynamic axis after the first (the batch)."""
     dims = spec.shape
@@ -271,7 +313,7 @@ def _shape(spec, roles, past_axis, sizes, named, batch_dims) -> tuple[int, ...] 
     return tuple(shape)
 
 
-def _past_message(spec, batch: int, past: int) -> str:
+def _past_message(spec: InputSpec, batch: int, past: int) -> str:
     """Why a past input cannot be sized, and the shape to give."""
     axis = _past_axis(spec)
     example = [str(d) if isinstance(d, int) else str(batch) if i == 0 else str(past) if i == axis
