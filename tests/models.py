@@ -333,7 +333,7 @@ def make_decoder(seed: int = 0, hidden: int = 64, heads: int = 2) -> onnx.ModelP
 
 def make_llama(
     seed: int = 0, *, vocab: int = 96, hidden: int = 64, heads: int = 4, kv_heads: int = 2, layers: int = 2,
-    tied: bool = False,
+    tied: bool = False, attention: str = "decomposed",
 ) -> onnx.ModelProto:
     """A Llama-architecture decoder with a KV cache, as ``torch.onnx.export`` writes one from
     Hugging Face's LlamaForCausalLM: input_ids, attention_mask [batch, total] and position_ids
@@ -347,7 +347,13 @@ def make_llama(
     appended to the past, grouped-query heads repeated (Expand), a causal and padding mask
     from position_ids and attention_mask, o_proj and the residual, a SwiGLU MLP (gate_proj,
     up_proj, SiLU, down_proj). Then norm and lm_head (the embedding's weight when ``tied``).
-    Weights are initializers named as in Hugging Face (``model.layers.0.self_attn.q_proj.weight``)."""
+    Weights are initializers named as in Hugging Face (``model.layers.0.self_attn.q_proj.weight``).
+
+    ``attention="gqa"``: the same weights, each layer's attention as onnxruntime-genai's model
+    builder writes it, one com.microsoft GroupQueryAttention of the projections (rotary
+    embeddings from cos/sin caches, the past appended, the heads repeated, the causal mask
+    from seqlens_k = sum(attention_mask) - 1 and the total length); position_ids is then
+    declared and not read."""
     g = _Graph(seed)
     d = hidden // heads
     ffn = 2 * hidden
@@ -390,6 +396,14 @@ def make_llama(
         return node("Add", [node("Mul", [x, cos], f"{name}.x_cos"), node("Mul", [rotated, sin], f"{name}.rot_sin")],
                     f"{name}.rope")
 
+    def mlp(p: str, x: str) -> str:
+        h = rms_norm(p + "post_attention_layernorm", x)
+        gate = linear(p + "mlp.gate_proj", h, hidden, ffn)
+        silu = node("Mul", [gate, node("Sigmoid", [gate], p + "mlp.sigmoid")], p + "mlp.silu")
+        up = linear(p + "mlp.up_proj", h, hidden, ffn)
+        return node("Add", [x, linear(p + "mlp.down_proj", node("Mul", [silu, up], p + "mlp.glu"), ffn, hidden)],
+                    p + "residual_mlp")
+
     # embeddings, rotary tables (shared by the layers) and the mask
     embedding = (g.rng.standard_normal((vocab, hidden)) * 0.5).astype(np.float32)
     x = node("Gather", [const("model.embed_tokens.weight", embedding), "input_ids"], "model.embed_tokens")
@@ -411,6 +425,13 @@ def make_llama(
                              const("rope.ax1c", np.array([1], np.int64))], "rope.sin")
     total = node("Gather", [node("Shape", ["attention_mask"], "mask.shape"), const("mask.axis1", np.int64(1))],
                  "mask.total")
+    if attention == "gqa":
+        seqlens = node("Cast", [node("Sub", [node("ReduceSum", ["attention_mask", const("gqa.axes", np.array([1], np.int64))],
+                                                  "gqa.lengths", keepdims=0), const("gqa.one", np.int64(1))],
+                                     "gqa.last")], "gqa.seqlens_k", to=TensorProto.INT32)
+        total_length = node("Cast", [total], "gqa.total_length", to=TensorProto.INT32)
+        angles = np.arange(2048, dtype=np.float32)[:, None] * inv_freq.reshape(1, -1)
+        cos_cache, sin_cache = const("gqa.cos_cache", np.cos(angles)), const("gqa.sin_cache", np.sin(angles))
     keys = node("Range", [const("mask.start", np.int64(0)), total, const("mask.step", np.int64(1))], "mask.keys")
     queries = node("Unsqueeze", ["position_ids", const("mask.axes_q", np.array([1, 3], np.int64))], "mask.queries")
     causal = node("LessOrEqual", [keys, queries], "mask.causal")
@@ -427,21 +448,31 @@ def make_llama(
     for i in range(layers):
         p = f"model.layers.{i}."
         h = rms_norm(p + "input_layernorm", x)
-        q = rotary(p + "self_attn.q_rot", heads_of(p + "self_attn.q", linear(p + "self_attn.q_proj", h, hidden, hidden),
-                                                   heads))
-        k = rotary(p + "self_attn.k_rot", heads_of(p + "self_attn.k",
-                                                   linear(p + "self_attn.k_proj", h, hidden, kv_heads * d), kv_heads))
-        v = heads_of(p + "self_attn.v", linear(p + "self_attn.v_proj", h, hidden, kv_heads * d), kv_heads)
         past_k, past_v, present_k, present_v = (f"past_key_values.{i}.key", f"past_key_values.{i}.value",
                                                 f"present.{i}.key", f"present.{i}.value")
-        node("Concat", [past_k, k], present_k, axis=2)
-        node("Concat", [past_v, v], present_v, axis=2)
         for name in (past_k, past_v):
             inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT,
                                                         ["batch_size", kv_heads, "past_sequence_length", d]))
         for name in (present_k, present_v):
             outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT,
                                                          ["batch_size", kv_heads, "total_sequence_length", d]))
+        if attention == "gqa":
+            projections = [linear(p + f"self_attn.{n}_proj", h, hidden, size)
+                           for n, size in (("q", hidden), ("k", kv_heads * d), ("v", kv_heads * d))]
+            g.nodes.append(helper.make_node(
+                "GroupQueryAttention", [*projections, past_k, past_v, seqlens, total_length, cos_cache, sin_cache],
+                [p + "self_attn.gqa", present_k, present_v], name=p + "self_attn.gqa", domain="com.microsoft",
+                num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0, scale=1 / math.sqrt(d)))
+            x = node("Add", [x, linear(p + "self_attn.o_proj", p + "self_attn.gqa", hidden, hidden)], p + "residual_attn")
+            x = mlp(p, x)
+            continue
+        q = rotary(p + "self_attn.q_rot", heads_of(p + "self_attn.q", linear(p + "self_attn.q_proj", h, hidden, hidden),
+                                                   heads))
+        k = rotary(p + "self_attn.k_rot", heads_of(p + "self_attn.k",
+                                                   linear(p + "self_attn.k_proj", h, hidden, kv_heads * d), kv_heads))
+        v = heads_of(p + "self_attn.v", linear(p + "self_attn.v_proj", h, hidden, kv_heads * d), kv_heads)
+        node("Concat", [past_k, k], present_k, axis=2)
+        node("Concat", [past_v, v], present_v, axis=2)
 
         def repeated(name: str, value: str) -> str:
             if repeat == 1:
@@ -461,18 +492,20 @@ def make_llama(
         merged = node("Reshape", [node("Transpose", [attended], p + "self_attn.av_t", perm=[0, 2, 1, 3]),
                                   const(p + "self_attn.merge", np.array([0, 0, hidden], np.int64))], p + "self_attn.merged")
         x = node("Add", [x, linear(p + "self_attn.o_proj", merged, hidden, hidden)], p + "residual_attn")
-        h = rms_norm(p + "post_attention_layernorm", x)
-        gate = linear(p + "mlp.gate_proj", h, hidden, ffn)
-        silu = node("Mul", [gate, node("Sigmoid", [gate], p + "mlp.sigmoid")], p + "mlp.silu")
-        up = linear(p + "mlp.up_proj", h, hidden, ffn)
-        x = node("Add", [x, linear(p + "mlp.down_proj", node("Mul", [silu, up], p + "mlp.glu"), ffn, hidden)],
-                 p + "residual_mlp")
+        x = mlp(p, x)
     h = rms_norm("model.norm", x)
     lm_head = np.ascontiguousarray(embedding.T) if tied else (g.rng.standard_normal((hidden, vocab)) / math.sqrt(hidden))
     g.nodes.append(helper.make_node("MatMul", [h, const("lm_head.weight", lm_head.astype(np.float32))], ["logits"],
                                     name="lm_head"))
+    if attention == "gqa":  # the decomposed attention's rotary tables and mask: computed, read by nothing
+        used = {name for n in g.nodes for name in n.input}
+        while any(all(out not in used for out in n.output) for n in g.nodes if n.output[0] != "logits"):
+            g.nodes = [n for n in g.nodes if n.output[0] == "logits" or any(out in used for out in n.output)]
+            used = {name for n in g.nodes for name in n.input}
+        g.inits = [i for i in g.inits if i.name in used]
     graph = helper.make_graph(g.nodes, "llama", inputs, outputs, g.inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=IR_VERSION)
+    opsets = [helper.make_opsetid("", 18)] + ([helper.make_opsetid("com.microsoft", 1)] if attention == "gqa" else [])
+    return helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION)
 
 
 def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:

@@ -211,3 +211,38 @@ def test_int4_after_the_fusions_pairs_and_a_shuffled_block_before_a_rotary_embed
     node = next(n.name for n in quant.graph.node if n.output[0] == "model.layers.0.self_attn.k_proj")
     faulty = find_first_bad_layer(llama, shuffled(quant, node), threshold=THRESHOLD)
     assert faulty.culprit.float_nodes == ("model.layers.0.self_attn.k_proj",) and faulty.first_bad_cause == "introduced"
+
+
+def test_a_tied_lm_head_pairs_with_its_int4_blocks_and_a_shuffled_one_is_named():
+    """The lm_head reading the embedding's table, transposed (tie_word_embeddings), with the
+    table itself in GatherBlockQuantized blocks and the head in MatMulNBits blocks."""
+    tied = make_llama(tied=True)
+    table = numpy_helper.to_array(next(i for i in tied.graph.initializer if i.name == "model.embed_tokens.weight"))
+    head = numpy_helper.to_array(next(i for i in tied.graph.initializer if i.name == "lm_head.weight"))
+    assert np.array_equal(table.T, head)
+    quant = int4_weights(tied, embeddings=True)
+    clean = find_first_bad_layer(tied, quant, threshold=THRESHOLD)
+    paired_exactly(clean, quant)
+    assert clean.first_bad is None
+    node = next(n.name for n in quant.graph.node if n.output[0] == "logits")
+    faulty = find_first_bad_layer(tied, shuffled(quant, node), threshold=THRESHOLD)
+    assert faulty.culprit.float_nodes == ("lm_head",) and faulty.first_bad_cause == "introduced"
+
+
+@pytest.mark.parametrize("target", ["model.layers.0.self_attn.k_proj", "model.layers.1.self_attn.o_proj",
+                                    "model.layers.1.mlp.up_proj"])
+def test_a_group_query_attention_decoder_in_int4_pairs_its_weighted_layers_and_names_a_shuffled_one(llama, target):
+    """onnxruntime-genai's model builder form: each layer's attention one GroupQueryAttention
+    (rotary embeddings, the past appended, the heads repeated and the mask, all inside),
+    weights in int4 blocks. Every weighted layer pairs and a fault in any is named; the fused
+    attention itself (about 40 float operations, three outputs, against one operation) is not
+    paired yet, so the presents and the attention's values are not compared."""
+    gqa = make_llama(attention="gqa")
+    assert sum(node.op_type == "GroupQueryAttention" for node in gqa.graph.node) == 2
+    quant = int4_weights(gqa)
+    clean = find_first_bad_layer(llama, quant, threshold=THRESHOLD)
+    assert clean.weighted == clean.weighted_paired == 15 and clean.first_bad is None
+    assert all(layer.quant_tensor == layer.float_tensor for layer in clean.layers)
+    node = next(n.name for n in quant.graph.node if n.output[0] == target)
+    faulty = find_first_bad_layer(llama, shuffled(quant, node), threshold=THRESHOLD)
+    assert faulty.culprit.float_nodes == (target,) and faulty.first_bad_cause == "introduced"
