@@ -65,6 +65,34 @@ class DataFile:
         return tensor
 
 
+def qdq_layer(i: int, current: str, w, activation, data: DataFile, broken: bool) -> tuple[list, list]:
+    """The nodes and initializers of layer ``i`` of an int8 QDQ MatMul+Relu model reading
+    ``current``: activation quantized with the range of ``activation`` (its float input),
+    ``w`` per output channel, the int8 weights negated when ``broken``."""
+    import numpy as np
+    from onnx import helper
+
+    w_scale = (np.abs(w).max(axis=0) / 127).astype(np.float32)  # per output channel
+    w_int8 = np.clip(np.rint(w / w_scale), -127, 127).astype(np.int8)
+    if broken:
+        w_int8 = -w_int8
+    a_scale = np.array(np.abs(activation).max() / 127, np.float32)
+    inits = [
+        data.tensor(f"w{i}_q", w_int8), data.tensor(f"w{i}_scale", w_scale),
+        data.tensor(f"w{i}_zp", np.zeros(w.shape[1], np.int8)),
+        data.tensor(f"a{i}_scale", a_scale), data.tensor(f"a{i}_zp", np.array(0, np.int8)),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", [current, f"a{i}_scale", f"a{i}_zp"], [f"q{i}"], name=f"q{i}"),
+        helper.make_node("DequantizeLinear", [f"q{i}", f"a{i}_scale", f"a{i}_zp"], [f"dq{i}"], name=f"dq{i}"),
+        helper.make_node("DequantizeLinear", [f"w{i}_q", f"w{i}_scale", f"w{i}_zp"], [f"w{i}_dq"],
+                         name=f"dqw{i}", axis=1),
+        helper.make_node("MatMul", [f"dq{i}", f"w{i}_dq"], [f"mm{i}"], name=f"mm{i}"),
+        helper.make_node("Relu", [f"mm{i}"], [f"relu{i}"], name=f"relu{i}"),
+    ]
+    return nodes, inits
+
+
 def build(folder: str, layers: int, fault: int) -> dict:
     """Write float.onnx and quant.onnx (with float.data and quant.data) into ``folder``."""
     import numpy as np
@@ -83,24 +111,9 @@ def build(folder: str, layers: int, fault: int) -> dict:
             helper.make_node("MatMul", [current, f"w{i}"], [f"mm{i}"], name=f"mm{i}"),
             helper.make_node("Relu", [f"mm{i}"], [f"relu{i}"], name=f"relu{i}"),
         ]
-        w_scale = (np.abs(w).max(axis=0) / 127).astype(np.float32)  # per output channel
-        w_int8 = np.clip(np.rint(w / w_scale), -127, 127).astype(np.int8)
-        if i == fault:
-            w_int8 = -w_int8
-        a_scale = np.array(np.abs(activation).max() / 127, np.float32)
-        quant_inits += [
-            quant_data.tensor(f"w{i}_q", w_int8), quant_data.tensor(f"w{i}_scale", w_scale),
-            quant_data.tensor(f"w{i}_zp", np.zeros(WIDTH, np.int8)),
-            quant_data.tensor(f"a{i}_scale", a_scale), quant_data.tensor(f"a{i}_zp", np.array(0, np.int8)),
-        ]
-        quant_nodes += [
-            helper.make_node("QuantizeLinear", [current, f"a{i}_scale", f"a{i}_zp"], [f"q{i}"], name=f"q{i}"),
-            helper.make_node("DequantizeLinear", [f"q{i}", f"a{i}_scale", f"a{i}_zp"], [f"dq{i}"], name=f"dq{i}"),
-            helper.make_node("DequantizeLinear", [f"w{i}_q", f"w{i}_scale", f"w{i}_zp"], [f"w{i}_dq"],
-                             name=f"dqw{i}", axis=1),
-            helper.make_node("MatMul", [f"dq{i}", f"w{i}_dq"], [f"mm{i}"], name=f"mm{i}"),
-            helper.make_node("Relu", [f"mm{i}"], [f"relu{i}"], name=f"relu{i}"),
-        ]
+        nodes, inits = qdq_layer(i, current, w, activation, quant_data, broken=i == fault)
+        quant_nodes += nodes
+        quant_inits += inits
         activation, current = np.maximum(activation @ w, 0), f"relu{i}"
     float_data.file.close()
     quant_data.file.close()

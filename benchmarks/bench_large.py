@@ -39,7 +39,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_scan  # noqa: E402  (peak RSS readings, child processes, bytecode)
-from bench_external import DataFile  # noqa: E402  (external data written a tensor at a time)
+from bench_external import DataFile, qdq_layer  # noqa: E402  (external data a tensor at a time, QDQ layers)
 
 BATCH = 1
 MODES = ("floor", "layerbisect")
@@ -73,25 +73,9 @@ def build(folder: str, width: int, layers: int, kind: str) -> dict:
             other_inits.append(other_data.tensor(f"w{i}", w))
             other_nodes += float_nodes[-2:]
         else:
-            w_scale = (np.abs(w).max(axis=0) / 127).astype(np.float32)
-            w_int8 = np.clip(np.rint(w / w_scale), -127, 127).astype(np.int8)
-            if i == fault:
-                w_int8 = -w_int8
-            a_scale = np.array(np.abs(activation).max() / 127, np.float32)
-            other_inits += [
-                other_data.tensor(f"w{i}_q", w_int8), other_data.tensor(f"w{i}_scale", w_scale),
-                other_data.tensor(f"w{i}_zp", np.zeros(width, np.int8)),
-                other_data.tensor(f"a{i}_scale", a_scale), other_data.tensor(f"a{i}_zp", np.array(0, np.int8)),
-            ]
-            other_nodes += [
-                helper.make_node("QuantizeLinear", [current, f"a{i}_scale", f"a{i}_zp"], [f"q{i}"], name=f"q{i}"),
-                helper.make_node("DequantizeLinear", [f"q{i}", f"a{i}_scale", f"a{i}_zp"], [f"dq{i}"],
-                                 name=f"dq{i}"),
-                helper.make_node("DequantizeLinear", [f"w{i}_q", f"w{i}_scale", f"w{i}_zp"], [f"w{i}_dq"],
-                                 name=f"dqw{i}", axis=1),
-                helper.make_node("MatMul", [f"dq{i}", f"w{i}_dq"], [f"mm{i}"], name=f"mm{i}"),
-                helper.make_node("Relu", [f"mm{i}"], [f"relu{i}"], name=f"relu{i}"),
-            ]
+            nodes, inits = qdq_layer(i, current, w, activation, other_data, broken=i == fault)
+            other_nodes += nodes
+            other_inits += inits
             activation = np.maximum(activation @ w, 0)
         current = f"relu{i}"
         del w

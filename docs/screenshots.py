@@ -1,6 +1,6 @@
 """Regenerate docs/model-explorer.png, the screenshot the README and docs/quickstart.md show.
 
-Builds the quick start's models (examples/quickstart.py: a CNN, its QDQ int8 copy with conv2
+Builds the quick start's models (layerbisect.demo: a CNN, its QDQ int8 copy with conv2
 broken), runs layerbisect, writes the Model Explorer overlays, starts Model Explorer's local
 server on a free port with both models and the cosine overlay on each, takes a screenshot of
 the page in headless chromium, and stops the server. Needs the optional packages
@@ -26,12 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from layerbisect import demo, find_first_bad_layer
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "examples"))
-
-import quickstart  # noqa: E402  (examples/ is not a package)
-
-from layerbisect import find_first_bad_layer  # noqa: E402
 
 SCREENSHOT = ROOT / "docs" / "model-explorer.png"
 SERVER = """
@@ -64,8 +61,8 @@ def page_url(float_path: Path, int8_path: Path, overlays: Path, port: int) -> st
     config.add_node_data_from_path(str(overlays / "quant_cosine.json"), model_name=int8_path.name)
     data = json.loads(urllib.parse.unquote(config.to_url_param_value()))
     # the web app's own URL state: the graph's one layer (the ONNX graph) expanded, conv2 selected
-    data["uiState"] = {"paneStates": [{"deepestExpandedGroupNodeIds": ["quickstart_cnn"], "selectedNodeId": "conv2",
-                                       "selectedGraphId": "quickstart_cnn", "selectedCollectionLabel": "",
+    data["uiState"] = {"paneStates": [{"deepestExpandedGroupNodeIds": ["demo_cnn"], "selectedNodeId": "conv2",
+                                       "selectedGraphId": "demo_cnn", "selectedCollectionLabel": "",
                                        "widthFraction": 1}]}
     return f"http://localhost:{port}/?data={urllib.parse.quote(json.dumps(data))}"
 
@@ -134,7 +131,7 @@ def main() -> None:
         raise SystemExit("chromium not found: pass --chromium PATH")
     with tempfile.TemporaryDirectory(prefix="layerbisect-shot-") as tmp:
         folder = Path(tmp)
-        float_path, int8_path = quickstart.save_models(folder)
+        float_path, int8_path = demo.save(folder)
         image = {"x": np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)}
         report = find_first_bad_layer(float_path, int8_path, inputs=image, threshold=0.98, quiet=True)
         overlays = folder / "overlays"

@@ -1,9 +1,10 @@
 """layerbisect: find the layer where a quantized or optimized ONNX model stops agreeing with
 its float original.
 
->>> from layerbisect import find_first_bad_layer
->>> report = find_first_bad_layer("model_fp32.onnx", "model_int8.onnx")  # doctest: +SKIP
->>> print(report)  # doctest: +SKIP
+>>> from layerbisect import demo, find_first_bad_layer
+>>> report = find_first_bad_layer(*demo.files(), inputs=demo.image())
+>>> print(report.verdict)  # doctest: +ELLIPSIS
+FAIL: first layer below cosine 0.98 is #2 Conv 'conv2' (cosine -0.99..., SQNR -6.0 dB), error introduced there; ...
 
 The modules, in the order a comparison goes through them:
 
@@ -17,7 +18,8 @@ The modules, in the order a comparison goes through them:
 - search: ``search`` (plain predicates), driven by ``find`` (the public function);
 - report: ``assemble`` (the one place a ``Report`` is built, for every side), ``report``
   (the records), ``summary``, ``text``, ``render``, ``explorer``;
-- around them: ``fallback`` (keep in float), ``cli``/``command``, ``errors``, ``files``,
+- around them: ``fallback`` (keep in float), ``diagnosis`` (why a layer breaks, which fix
+  repairs it), ``cli``/``command``, ``errors``, ``files``,
   ``options``, ``progress``.
 
 The public names are imported when first used (PEP 562): ``import layerbisect`` does not load
@@ -33,20 +35,22 @@ from typing import TYPE_CHECKING, Any
 from layerbisect.errors import LayerbisectError
 
 if TYPE_CHECKING:
+    from layerbisect.diagnosis import Diagnoses, diagnose
     from layerbisect.fallback import FloatFallback, keep_in_float
     from layerbisect.find import find_first_bad_layer
     from layerbisect.report import LayerComparison, Report
     from layerbisect.simulate import simulated
 
 _MODULES = {
+    "Diagnoses": "layerbisect.diagnosis", "diagnose": "layerbisect.diagnosis",
     "FloatFallback": "layerbisect.fallback", "keep_in_float": "layerbisect.fallback",
     "find_first_bad_layer": "layerbisect.find", "LayerComparison": "layerbisect.report",
     "Report": "layerbisect.report", "simulated": "layerbisect.simulate",
 }
 
 __all__ = [
-    "FloatFallback", "LayerComparison", "LayerbisectError", "Report", "find_first_bad_layer",
-    "keep_in_float", "simulated",
+    "Diagnoses", "FloatFallback", "LayerComparison", "LayerbisectError", "Report", "diagnose",
+    "find_first_bad_layer", "keep_in_float", "simulated",
 ]
 __version__ = "0.1.0"
 

@@ -9,11 +9,6 @@ measurements (NaN/Inf, all-zero and faint values, left-out pairs, unrelated weig
 declared outputs, both models' summaries and the nodes around the first bad layer. How the
 first bad layer came to fail (``Cause``) is the caller's to say: only a side that can be fed
 the float model's values measures isolated error.
-
->>> report = build_report(layers(alignment.pairs, measured), 0.98, float_side=Side(proto, "fp32.onnx"),
-...                       quant_side=Side(quant, "int8.onnx"), float_graph=graph, alignment=alignment,
-...                       run=Run(samples=1, executions=2, peak_bytes=0, providers=("CPUExecutionProvider",),
-...                               seed=0))  # doctest: +SKIP
 """
 
 from __future__ import annotations

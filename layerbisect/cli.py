@@ -45,12 +45,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give --inputs or --data-loader-script, not both")
     if args.batched and args.inputs is None:
         parser.error("--batched needs --inputs FILE.npz (whose arrays carry a leading sample axis)")
+    if args.diagnose and args.no_isolated:
+        parser.error("--diagnose needs the isolated error: leave out --no-isolated")
     if args.max_samples is not None and args.inputs is None and args.data_loader_script is None:
         parser.error("--max-samples applies to a dataset: --inputs FOLDER, --inputs FILE.npz --batched or "
                      "--data-loader-script")
     try:
         from layerbisect.command import run
-
+    except LayerbisectError as exc:  # no onnxruntime installed
+        print(f"layerbisect: error: {exc}", file=sys.stderr)
+        return 2
+    try:
         return run(args)
     except KeyboardInterrupt:
         print("layerbisect: interrupted", file=sys.stderr)
@@ -149,6 +154,13 @@ def _parser() -> argparse.ArgumentParser:
         "--keep-float", metavar="PATH.json",
         help="find the layers of a QDQ model to keep in float and write them (with "
         "onnxruntime's nodes_to_exclude) as JSON",
+    )
+    parser.add_argument(
+        "--diagnose", action="store_true",
+        help="for the culprit and the worst layers of a QDQ model: which quantizer breaks each "
+        "(weights, inputs, output), why (saturation or resolution), and which fix repairs it (a "
+        "percentile range, 16-bit, per-channel weights, float), each verified by running the "
+        "model with it; in the report, its JSON and HTML",
     )
     parser.add_argument(
         "--repaired-model", metavar="PATH.onnx",

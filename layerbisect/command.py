@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import ContextManager
 
 from layerbisect.datasets import Dataset, read_samples
+from layerbisect.diagnosis import diagnose
 from layerbisect.errors import LayerbisectError, SampleError
 from layerbisect.explorer import FILES as EXPLORER_FILES
 from layerbisect.fallback import keep_in_float
@@ -76,6 +77,10 @@ def _run(args: argparse.Namespace) -> int:
                 isolated=not args.no_isolated,
                 executor=executor,
             )
+        if args.diagnose:
+            report = diagnose(args.float_model, quant_model, inputs, args.threshold, report=report,
+                              shapes=dict(args.shape), seed=args.seed, providers=args.providers,
+                              allow_swapped=args.allow_swapped)
         if args.json not in (None, STDOUT):
             write_text(args.json, report.to_json() + "\n", reads=report.sources)
             _wrote(args, args.json)
@@ -155,6 +160,8 @@ def _quantized_side(args: argparse.Namespace):
     """The quantized model given, or the format to simulate."""
     if (args.simulate is not None or Path(args.quant_model).is_dir()) and (args.keep_float or args.repaired_model):
         raise LayerbisectError("--keep-float and --repaired-model need a quantized .onnx model")
+    if (args.simulate is not None or Path(args.quant_model).is_dir()) and args.diagnose:
+        raise LayerbisectError("--diagnose needs a quantized .onnx model (QDQ), not a simulated format or dumps")
     return args.quant_model if args.simulate is None else simulated(args.simulate)
 
 

@@ -33,8 +33,12 @@ Layouts read:
   the float traces are read, shaped (batch, channels, height, width), named by their dataId's
   layer and ordered by layerId. Fixed-point traces alone are refused: they carry no scale.
 
->>> folder = DumpFolder("dump/")  # doctest: +SKIP
->>> report = find_first_bad_layer("float.onnx", folder, inputs=sample)  # doctest: +SKIP
+>>> import tempfile
+>>> from layerbisect import demo, find_first_bad_layer
+>>> folder = DumpFolder(demo.dump(tempfile.mkdtemp()))  # the demo int8 model's tensors, as .npy
+>>> report = find_first_bad_layer(demo.float_model(), folder, inputs=demo.image())
+>>> report.first_bad.float_nodes[-1], report.first_bad.quant_tensor
+('conv2', 'conv2')
 """
 
 from __future__ import annotations
@@ -123,8 +127,10 @@ class DumpFolder:
     whatever the feeds (they must be the feeds the dump was made from). See the module
     docstring for the layouts; ``map`` names the JSON map when the folder holds several.
 
-    >>> DumpFolder("dump/")({})["conv1"].shape  # doctest: +SKIP
-    (1, 8, 16, 16)
+    >>> import tempfile
+    >>> from layerbisect import demo
+    >>> DumpFolder(demo.dump(tempfile.mkdtemp()))({})["conv1"].shape
+    (1, 16, 32, 32)
     """
 
     single_run = True

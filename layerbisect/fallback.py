@@ -147,8 +147,9 @@ def keep_in_float(
     inputs, as for ``find_first_bad_layer``. On long runs a
     bar counts the repaired models tried (after those of loading and alignment), unless ``quiet``.
 
-    >>> fix = keep_in_float("model_fp32.onnx", "model_int8_qdq.onnx", inputs)  # doctest: +SKIP
-    >>> fix.nodes_to_exclude  # doctest: +SKIP
+    >>> from layerbisect import demo
+    >>> fix = keep_in_float(*demo.files(), inputs=demo.image())
+    >>> fix.nodes_to_exclude
     ('conv2',)
     """
     check_threshold(threshold)

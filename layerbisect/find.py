@@ -131,8 +131,9 @@ def find_first_bad_layer(
     alignment, the passes, the samples of each pass) show on long runs when tqdm is installed,
     unless ``quiet`` (docs/api.md#progress).
 
-    >>> report = find_first_bad_layer("model_fp32.onnx", "model_int8.onnx")  # doctest: +SKIP
-    >>> report.first_bad.float_nodes, report.first_bad_cause  # doctest: +SKIP
+    >>> from layerbisect import demo  # a float CNN and its int8 copy, conv2 broken
+    >>> report = find_first_bad_layer(*demo.files(), inputs=demo.image())
+    >>> report.first_bad.float_nodes, report.first_bad_cause
     (('conv2',), 'introduced')
     """
     check_threshold(threshold)

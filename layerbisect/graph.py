@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from layerbisect.load import tensor_array
+from layerbisect.load import tensor_array, tensor_nbytes
 from layerbisect.vocabulary import INTERMEDIATES, MASK_INPUTS, MASK_OUTPUTS, ROLES
 
 ValueRef = tuple[str, int]
@@ -242,7 +242,7 @@ def inferred_types(
         graph=onnx.GraphProto(
             node=[stand_in for node in graph.node for stand_in in _shape_stand_ins(node, dims)],
             output=graph.output, value_info=graph.value_info,
-            initializer=[_shape_only(init) if init.ByteSize() > LARGE_INITIALIZER else init
+            initializer=[_shape_only(init) if tensor_nbytes(init) > LARGE_INITIALIZER else init
                          for init in graph.initializer],
         ),
     )

@@ -65,6 +65,9 @@ class Measurement:
     seed: int
     providers: tuple[str, ...]
     originals: tuple[onnx.ModelProto, onnx.ModelProto] | None  # to word a load failure
+    buffers: tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]] = ({}, {})
+    """The data of the large weights of the float and the quantized models, out of the
+    segments (``segment.DETACHED``); the cut model reads the quantized model's."""
     by_token: frozenset[str] = frozenset()  # the float model's outputs, compared by token too (``compare_pairs``)
     key: str = field(default_factory=lambda: uuid.uuid4().hex)
 
@@ -135,7 +138,8 @@ def prepare(
     isolated_model, cuts = None, ()
     isolated_run = [n for n in quant_names if n not in quant_starts]
     if boundaries is not None and isolated_run:
-        cut_model, cuts = cut(quant_model.extract(isolated_run, quant_starts), boundaries, quant_model.types, unfed)
+        cut_model, cuts = cut(quant_model.extract(isolated_run, quant_starts, detached=True), boundaries,
+                              quant_model.types, unfed)
         fed = {**quant_starts, **{c.name: c.dtype for c in cuts}}
         isolated_model = Segments(cut_model).extract(isolated_run, fed)
     float_names = tuple(dict.fromkeys([*(p.float_tensor for p in [*pairs, *(boundaries or ())]),
@@ -143,8 +147,8 @@ def prepare(
     float_run = [n for n in dict.fromkeys([*float_names, *saves[0]]) if n not in float_starts]
     return Measurement(
         pairs=tuple(pairs),
-        float_model=float_model.extract(float_run, float_starts) if float_run else None,
-        quant_model=quant_model.extract(quant_run, quant_starts) if quant_run else None,
+        float_model=float_model.extract(float_run, float_starts, detached=True) if float_run else None,
+        quant_model=quant_model.extract(quant_run, quant_starts, detached=True) if quant_run else None,
         isolated_model=isolated_model,
         cuts=cuts,
         float_names=float_names,
@@ -155,6 +159,7 @@ def prepare(
         seed=seed,
         providers=tuple(providers),
         originals=(float_model.model, quant_model.model),
+        buffers=(float_model.buffers, quant_model.buffers),
         by_token=frozenset(output.name for output in float_model.model.graph.output),
     )
 
@@ -256,7 +261,8 @@ def _session(measurement: Measurement, role: int) -> Session | None:
     model = (measurement.float_model, measurement.quant_model, measurement.isolated_model)[role]
     originals = measurement.originals or (None, None)
     original = originals[0] if role == 0 else originals[1]
-    return None if model is None else Session(model, ROLES[role], measurement.providers, original)
+    buffers = measurement.buffers[0] if role == 0 else measurement.buffers[1]
+    return None if model is None else Session(model, ROLES[role], measurement.providers, original, buffers)
 
 
 def _sessions(measurement: Measurement) -> tuple:

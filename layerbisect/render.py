@@ -105,6 +105,7 @@ def html_fragment(report: Report) -> str:
         f'<div class="lb lb-report">{STYLE}<h2 class="{verdict_class}">{escape(report.verdict)}</h2>',
         f"<p>{escape(report.summary_line())}</p>",
         chart_svg(report),
+        _diagnosis_section(report),
         _neighbourhood_section(report),
         _layer_table(report),
         _models_section(report),
@@ -149,6 +150,37 @@ def _layer_table(report: Report) -> str:
             + f"<td>{escape(layer.evidence)}</td></tr>"
         )
     return "".join(rows) + "</tbody></table></details>"
+
+
+def _diagnosis_section(report: Report) -> str:
+    """Per diagnosed layer: a bar per part (its cosine alone), why, and the fixes tried."""
+    if report.diagnosis is None or not report.diagnosis.layers:
+        return ""
+    blocks = ["<h3>Diagnosis</h3>"]
+    for diagnosis in report.diagnosis.layers:
+        layer, width = diagnosis.layer, 320
+        bars = "".join(
+            f'<text x="0" y="{18 * i + 13}" font-size="12">{escape(part.name)}</text>'
+            f'<rect x="80" y="{18 * i + 3}" height="12" width="{width * (part.cosine if part.cosine > 0 else 0):.0f}"'
+            f' fill="{RED if not part.cosine >= report.threshold else BLUE}"/>'
+            f'<text x="{90 + width}" y="{18 * i + 13}" font-size="12">{number(part.cosine, 4)}</text>'
+            for i, part in enumerate(diagnosis.parts)
+        )
+        height = 18 * len(diagnosis.parts) + 6
+        chart = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{160 + width}" height="{height}"'
+                 f' role="img" aria-label="cosine of each part alone">{bars}</svg>')
+        why = "".join(f"<li>{escape(q.describe())}</li>" for part in diagnosis.parts for q in part.quantizers)
+        fixes = "".join(f"<li>{escape(fix.describe())}</li>" for fix in diagnosis.fixes)
+        best = diagnosis.recommended
+        blocks.append(
+            f"<p><b>#{layer.index} {escape(layer.op_type)} {escape('+'.join(layer.float_nodes))}</b>: own cosine "
+            f"{number(diagnosis.isolated_cosine, 4)}, cause <b>{escape(diagnosis.cause)}</b>; only one part "
+            f"quantized:</p>{chart}<ul>{why}</ul><p>Fixes, each run:</p><ul>{fixes}</ul>"
+            f"<p>Recommended: {escape(best.description) if best else 'none verifies'}</p>"
+        )
+    if report.diagnosis.recommended():
+        blocks.append(f"<pre>{escape(report.diagnosis.pasteable())}</pre>")
+    return "".join(blocks)
 
 
 def _models_section(report: Report) -> str:
@@ -447,6 +479,8 @@ def echo(report: Report, stream: IO[str] | None = None, quiet: bool = False) -> 
             pass
         else:
             Console(file=stream).print(report)
+            if report.diagnosis is not None:
+                print(f"\n{report.diagnosis}", file=stream)
             return
     print(report, file=stream)
 
@@ -459,6 +493,13 @@ def dataframe(report: Report) -> Any:
          "passes": layer.passes(report.threshold)}
         for layer in report.layers
     ]
+    if report.diagnosis is not None:  # the cause and the recommended fix of each diagnosed layer
+        diagnosed = {d.layer.index: d for d in report.diagnosis.layers}
+        for row in rows:
+            found = diagnosed.get(row["index"])
+            fix = None if found is None else found.recommended
+            row["cause"] = None if found is None else found.cause
+            row["fix"] = None if fix is None else fix.kind
     return pandas.DataFrame(rows).set_index("index")
 
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from os import PathLike
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from layerbisect.text import number, plural, shortened
 from layerbisect.weights import UNRELATED_WEIGHTS
+
+if TYPE_CHECKING:
+    from layerbisect.diagnosis import Diagnoses
 
 
 @dataclass(frozen=True, repr=False)
@@ -138,7 +141,8 @@ class Report:
     channel by channel (1.0 for the same weights quantized, rescaled or folded; NaN where
     nothing could be compared). Below 0.5 the verdict says the weights share nothing.
     ``sources`` are the files the report was made from (model files and their external data),
-    which ``save_html`` refuses to write over.
+    which ``save_html`` refuses to write over. ``diagnosis`` is set by ``layerbisect.diagnose``:
+    why the culprit and the worst layers break and which verified fix repairs each.
 
     ``repr(report)`` is one line (the verdict's head, the layers, the first bad one);
     ``print(report)`` gives the table, and a notebook the HTML report.
@@ -172,6 +176,7 @@ class Report:
     weighted_paired: int = 0
     weight_agreement: float = math.nan
     sources: tuple[str, ...] = ()
+    diagnosis: Diagnoses | None = None
 
     def __bool__(self) -> bool:
         return self.first_bad is None
@@ -245,6 +250,8 @@ class Report:
             cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
             lines.append("  ".join(cells).rstrip())
         lines.extend(f"note: {note}" for note in self.notes)
+        if self.diagnosis is not None:
+            lines += ["", *self.diagnosis.lines()]
         return "\n".join(lines)
 
     def summary_line(self) -> str:
@@ -286,7 +293,9 @@ class Report:
         """Write ``to_html()`` to ``path``; the file opens offline in any browser. A path that
         is one of ``sources`` is refused (``LayerbisectError``).
 
-        >>> report.save_html("report.html")  # doctest: +SKIP
+        >>> import os, tempfile
+        >>> from layerbisect import demo
+        >>> demo.report().save_html(os.path.join(tempfile.mkdtemp(), "report.html"))
         """
         from layerbisect.files import write_text
 
@@ -301,7 +310,10 @@ class Report:
         ``onnx.ModelProto`` (or path) of a model the report was made from in memory. Files of
         ``sources`` are refused. See ``layerbisect.explorer``.
 
-        >>> report.to_model_explorer("overlays/")  # doctest: +SKIP
+        >>> import tempfile
+        >>> from layerbisect import demo
+        >>> [path.name for path in demo.report().to_model_explorer(tempfile.mkdtemp())][:2]
+        ['float_cosine.json', 'float_isolated_cosine.json']
         """
         from layerbisect.explorer import write_overlays
 
@@ -318,7 +330,9 @@ class Report:
     def to_dataframe(self) -> Any:
         """One row per layer as a pandas DataFrame indexed by layer index (needs pandas).
 
-        >>> report.to_dataframe().query("not passes")[["float_nodes", "cosine"]]  # doctest: +SKIP
+        >>> from layerbisect import demo
+        >>> demo.report().to_dataframe().query("not passes")["float_nodes"].iloc[0]
+        'conv2'
         """
         from layerbisect.render import dataframe
 
@@ -327,7 +341,9 @@ class Report:
     def plot(self) -> Any:
         """A matplotlib Figure of cosine and SQNR per layer (needs matplotlib).
 
-        >>> report.plot().savefig("layers.png")  # doctest: +SKIP
+        >>> import os, tempfile
+        >>> from layerbisect import demo
+        >>> demo.report().plot().savefig(os.path.join(tempfile.mkdtemp(), "layers.png"))
         """
         from layerbisect.render import figure
 
@@ -335,8 +351,13 @@ class Report:
 
     def to_dict(self) -> dict:
         """Everything in the report as plain Python values (floats may be inf or nan)."""
-        data = asdict(self)
+        data = asdict(replace(self, diagnosis=None))  # the diagnosis says itself what it holds
         data["passed"] = self.first_bad is None
+        if self.diagnosis is not None:  # the culprit's diagnosis is the first bad layer's answer
+            data["diagnosis"] = self.diagnosis.to_dict()
+            if data["first_bad"] is not None:
+                layers = data["diagnosis"]["layers"]
+                data["first_bad"]["diagnosis"] = data["diagnosis"]["culprit"] or (layers[0] if layers else None)
         data["verdict"] = self.verdict
         return data
 

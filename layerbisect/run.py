@@ -3,27 +3,34 @@
 from __future__ import annotations
 
 import functools
-import math
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper, numpy_helper
 from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
 from layerbisect.errors import LayerbisectError, first_line
 from layerbisect.inputs import Feeds
-from layerbisect.load import BASEPATH, external_folder
+from layerbisect.load import BASEPATH, external_folder, tensor_nbytes
 from layerbisect.options import DEFAULT_PROVIDERS
+
+try:
+    import onnxruntime as ort
+except ImportError:  # layerbisect requires no distribution of it: the user picks one
+    raise LayerbisectError(
+        "layerbisect runs models with onnxruntime, and none is installed: pip install 'layerbisect[cpu]' "
+        "(or onnxruntime, onnxruntime-gpu, onnxruntime-directml or onnxruntime-openvino)"
+    ) from None
 
 # A serialized protobuf must stay under 2 GiB: past this size, initializers go to onnxruntime
 # as separate buffers instead of inside the model, all but the small ones (shapes, scales),
 # which onnxruntime's shape inference reads from the model.
 PROTO_LIMIT = (2 << 30) - (64 << 20)
+BUFFER = "layerbisect-buffer"  # the location of a placeholder: its data is a buffer handed over
 DETACHABLE = 1 << 10
 AS_FLOAT = "__layerbisect_as_float"
 # Where onnxruntime finds the external data of a model given as bytes.
@@ -120,8 +127,10 @@ class Session:
         role: str,
         providers: Sequence[str] = DEFAULT_PROVIDERS,
         original: onnx.ModelProto | None = None,
+        buffers: Mapping[str, np.ndarray] | None = None,
     ) -> None:
-        """``original`` is the model before exposing: on failure, it tells whose fault it is."""
+        """``original`` is the model before exposing: on failure, it tells whose fault it is.
+        ``buffers`` hold the data of the model's placeholders (``placeholder``), by name."""
         self.role = role
         unknown = [p for p in providers if p not in ort.get_available_providers()]
         if unknown:
@@ -130,15 +139,16 @@ class Session:
                 f"available: {', '.join(ort.get_available_providers())}"
             )
         try:
-            self.session, self._buffers = _create(model, _options(), providers)
+            self.session, self._buffers = _create(model, _options(), providers, buffers=buffers)
             # onnxruntime cannot hand bfloat16 to numpy: such outputs are read through a Cast.
             self.renamed = {
                 out.name: out.name + AS_FLOAT
                 for out in self.session.get_outputs() if out.type == "tensor(bfloat16)"
             }
             if self.renamed:
-                self.session, self._buffers = _create(model, _options(), providers, self.renamed)
-        except Exception:
+                self.session, self._buffers = _create(model, _options(), providers, self.renamed, buffers)
+        except Exception as failed:
+            exc = failed
             if original is not None:
                 try:
                     _create(original, _options(), providers)
@@ -202,12 +212,16 @@ def _create(
     options: ort.SessionOptions,
     providers: Sequence[str],
     as_float: dict[str, str] | None = None,
+    buffers: Mapping[str, np.ndarray] | None = None,
 ):
     """A session, and the buffers it reads its large initializers from (to keep alive).
 
-    ``as_float`` maps outputs to new outputs that hold them cast to float32.
+    ``as_float`` maps outputs to new outputs that hold them cast to float32; ``buffers`` hold
+    the data of the model's placeholders.
     """
-    model, folder, buffers = _for_onnxruntime(model)
+    model, folder, detached = _for_onnxruntime(model)
+    held = {init.name for init in model.graph.initializer if _is_placeholder(init)}
+    buffers = {**{name: array for name, array in (buffers or {}).items() if name in held}, **detached}
     if folder:
         options.add_session_config_entry(EXTERNAL_FOLDER, folder)
     if buffers:
@@ -229,7 +243,7 @@ def _for_onnxruntime(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str, dict
     buffers. Otherwise ``model`` itself is returned: nothing is copied.
     """
     graph = model.graph
-    on_disk = [init for init in graph.initializer if uses_external_data(init)]
+    on_disk = [init for init in graph.initializer if uses_external_data(init) and not _is_placeholder(init)]
     large = _size(model) >= PROTO_LIMIT
     if not on_disk and not large:
         return model, "", {}
@@ -237,11 +251,13 @@ def _for_onnxruntime(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str, dict
     buffers: dict[str, np.ndarray] = {}
     initializers = []
     for init in graph.initializer:
-        if uses_external_data(init):
+        if _is_placeholder(init):
+            pass
+        elif uses_external_data(init):
             init = _relative_to(init, folder)
-        elif large and init.ByteSize() >= DETACHABLE:
+        elif large and tensor_nbytes(init) >= DETACHABLE:
             buffers[init.name] = numpy_helper.to_array(init)
-            init = _placeholder(init)
+            init = placeholder(init)
         initializers.append(init)
     light_graph = onnx.GraphProto(
         name=graph.name, node=graph.node, input=graph.input, output=graph.output,
@@ -272,33 +288,28 @@ def _relative_to(init: onnx.TensorProto, folder: str) -> onnx.TensorProto:
 
 def weight_bytes(model: onnx.ModelProto) -> int:
     """Bytes of the data of ``model``'s initializers, those kept in external files included."""
-    total = 0
-    for init in model.graph.initializer:
-        if not uses_external_data(init):
-            total += init.ByteSize()
-            continue
-        try:
-            itemsize = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
-        except (KeyError, TypeError, ValueError):  # a type numpy lacks: count a byte an element
-            itemsize = 1
-        total += math.prod(init.dims) * itemsize
-    return total
+    return sum(tensor_nbytes(init) for init in model.graph.initializer)
 
 
 def _size(model: onnx.ModelProto) -> int:
     """About the serialized size of ``model``: that of its initializers and nodes (protobuf
     cannot measure a model over 2 GiB as a whole)."""
     graph = model.graph
-    return sum(t.ByteSize() for t in graph.initializer) + sum(n.ByteSize() for n in graph.node)
+    return weight_bytes(model) + sum(n.ByteSize() for n in graph.node)
 
 
-def _placeholder(init: onnx.TensorProto) -> onnx.TensorProto:
-    """An initializer without data, which onnxruntime fills from an external initializer."""
+def _is_placeholder(init: onnx.TensorProto) -> bool:
+    return init.data_location == onnx.TensorProto.EXTERNAL and any(
+        entry.key == "location" and entry.value == BUFFER for entry in init.external_data)
+
+
+def placeholder(init: onnx.TensorProto) -> onnx.TensorProto:
+    """An initializer without data, which onnxruntime fills from a buffer of that name."""
     tensor = onnx.TensorProto(
         name=init.name, data_type=init.data_type, dims=init.dims,
         data_location=onnx.TensorProto.EXTERNAL,
     )
-    tensor.external_data.add(key="location", value="layerbisect-buffer")
+    tensor.external_data.add(key="location", value=BUFFER)
     return tensor
 
 

@@ -260,8 +260,11 @@ class Simulated:
     >>> import layerbisect
     >>> layerbisect.simulated("ap_fixed<16,8>")
     simulated('ap_fixed<16,8>')
-    >>> report = layerbisect.find_first_bad_layer("float.onnx", layerbisect.simulated("int8"),
-    ...                                           inputs=samples)  # doctest: +SKIP
+    >>> from layerbisect import demo
+    >>> report = layerbisect.find_first_bad_layer(demo.float_model(), layerbisect.simulated("int8"),
+    ...                                           inputs=demo.image())
+    >>> report.quant_model
+    'simulated int8'
     """
 
     format: Format
@@ -285,8 +288,10 @@ class Simulated:
         does to the values over ``samples`` (None: one seeded random sample). Integer formats
         take their ranges from the samples.
 
-        >>> simulation = simulated("ap_fixed<16,8>").build("float.onnx")  # doctest: +SKIP
-        >>> onnx.save(simulation.model, "float_ap_fixed_16_8.onnx")  # doctest: +SKIP
+        >>> import os, tempfile
+        >>> from layerbisect import demo
+        >>> simulation = simulated("ap_fixed<16,8>").build(demo.float_model())
+        >>> onnx.save(simulation.model, os.path.join(tempfile.mkdtemp(), "float_ap_fixed_16_8.onnx"))
         """
         proto = load_model(float_model, role="float model")
         lower_ir_version(proto, "float model")  # the report notes it, when setup loads the float model again

@@ -21,9 +21,14 @@ Only cumulative error is measured: a source cannot be fed the float model's valu
 The pairs are measured and reported by the code that measures and reports a model's
 (``measure.compare_pairs``, ``assemble.build_report``).
 
->>> def simulator(feeds):  # a vendor simulator wrapped in a function
-...     return {"conv1": run_vendor(feeds)["conv1_out"]}  # doctest: +SKIP
->>> report = find_first_bad_layer("float.onnx", simulator, inputs=sample)  # doctest: +SKIP
+>>> import onnxruntime as ort
+>>> from layerbisect import demo, find_first_bad_layer
+>>> session = ort.InferenceSession(demo.quantized_model().SerializeToString())
+>>> def simulator(feeds):  # a vendor's simulator wrapped in a function: here, onnxruntime
+...     return {"y": session.run(["y"], dict(feeds))[0]}  # the values it can give, by name
+>>> report = find_first_bad_layer(demo.float_model(), simulator, inputs=demo.image())
+>>> [(layer.float_nodes[-1], layer.passes(0.98)) for layer in report.layers]  # the whole model, one span
+[('fc', False)]
 """
 
 from __future__ import annotations
@@ -140,7 +145,12 @@ def compare_source(
     value (integers dequantized with the graph's scale and zero point). The pairs are measured
     and reported as a model's are (``measure.compare_pairs``, ``assemble.build_report``).
 
-    >>> report = compare_source("float.onnx", DumpFolder("dump/"), [sample])  # doctest: +SKIP
+    >>> import tempfile
+    >>> from layerbisect import demo
+    >>> folder = DumpFolder(demo.dump(tempfile.mkdtemp()))
+    >>> compare_source(demo.float_model(), folder, [demo.image()]).first_bad.quant_tensor
+    'conv2'
+
     """
     proto = load_model(float_model, role="float model")
     lowered = lower_ir_version(proto, "float model")

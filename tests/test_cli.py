@@ -303,3 +303,27 @@ def test_the_progress_bar_gets_the_count_where_it_is_known(models, dataset, monk
         totals.append(count) or samples))
     main([str(models["float"]), str(models["broken"]), *(a.replace("@", f"{folder}/") for a in feeds), "--quiet"])
     assert totals == [total]
+
+
+WITHOUT_ONNXRUNTIME = "import sys; sys.modules['onnxruntime'] = None; "  # as if none were installed
+
+
+def test_without_onnxruntime_the_package_imports_and_a_comparison_says_what_to_install(models):
+    """layerbisect requires no onnxruntime distribution (the cpu, gpu, directml and openvino
+    extras pick one): without any, it imports, and the first comparison says what to install."""
+    fp32, int8 = models["float"], models["broken"]
+    script = WITHOUT_ONNXRUNTIME + (
+        "import layerbisect\n"
+        "try:\n"
+        f"    layerbisect.find_first_bad_layer({str(fp32)!r}, {str(int8)!r})\n"
+        "except layerbisect.LayerbisectError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert "none is installed: pip install 'layerbisect[cpu]'" in out and "onnxruntime-gpu" in out
+    cli = WITHOUT_ONNXRUNTIME + f"sys.argv = ['layerbisect', {str(fp32)!r}, {str(int8)!r}]; " \
+        "from layerbisect.cli import main; sys.exit(main())"
+    result = subprocess.run([sys.executable, "-c", cli], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("layerbisect: error: layerbisect runs models with onnxruntime, and none is "
+                                    "installed") and result.stderr.count("\n") == 1

@@ -21,6 +21,7 @@ from models import (
     quant_node_for,
     quantize,
     random_inputs,
+    scaled_columns,
 )
 
 
@@ -135,19 +136,7 @@ def quiet_logging():
 def scaled_weight(model: onnx.ModelProto, node_name: str, factor: float) -> onnx.ModelProto:
     """A copy with the float weight (input 1) of node ``node_name`` multiplied by ``factor``
     on its first half of columns: a fault no rescaling explains."""
-    return scaled_weight_at(model, node_name, 1, factor)
-
-
-def scaled_weight_at(model: onnx.ModelProto, node_name: str, position: int, factor: float) -> onnx.ModelProto:
-    """``scaled_weight`` for the initializer read at input ``position``."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    node = next(n for n in copy.graph.node if n.name == node_name)
-    init = next(i for i in copy.graph.initializer if i.name == node.input[position])
-    values = numpy_helper.to_array(init).copy()
-    values[..., : values.shape[-1] // 2] *= factor
-    init.CopyFrom(numpy_helper.from_array(values, init.name))
-    return copy
+    return scaled_columns(model, node_name, 1, factor)
 
 
 # The true correspondence, by construction: each fused op of the optimized graph and the float
@@ -234,7 +223,7 @@ def test_bert_embeddings_and_attention_mask_fused_by_the_optimizer_pair_and_a_fa
     assert all(floats == (quant,) for quant, floats in spans.items())  # the rest: same names
     assert report.coverage == 1.0 and (report.weighted, report.weighted_paired) == (6, 6)
     assert report.first_bad is None and min(layer.cosine for layer in report.layers) > 0.9999
-    faulty = find_first_bad_layer(float_model, scaled_weight_at(optimized, fault, position, -1.0), inputs)
+    faulty = find_first_bad_layer(float_model, scaled_columns(optimized, fault, position, -1.0), inputs)
     assert faulty.first_bad.quant_nodes[-1] == fault and faulty.first_bad_cause == "introduced"
     assert faulty.culprit == faulty.first_bad
     assert [layer.float_nodes for layer in faulty.layers] == [layer.float_nodes for layer in report.layers]

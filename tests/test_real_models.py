@@ -21,7 +21,7 @@ from layerbisect import find_first_bad_layer, keep_in_float
 from layerbisect.fallback import bypass
 from layerbisect.find import setup
 
-from models import corrupt_weights, output_cosines, quant_node_for, quantization_left, quantize
+from models import corrupt_weights, output_cosines, quant_node_for, quantization_left, quantize, scaled_columns
 from real_models import (
     ModelUnavailable,
     audio_sample,
@@ -215,19 +215,6 @@ def _minilm_transformers_optimized() -> onnx.ModelProto:
         logging.disable(logging.NOTSET)
 
 
-def _scaled_columns(model: onnx.ModelProto, node_name: str, position: int, factor: float) -> onnx.ModelProto:
-    """A copy whose initializer read at ``position`` by node ``node_name`` has its first half
-    of last-axis entries multiplied by ``factor``: a fault no rescaling explains."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    node = next(n for n in copy.graph.node if n.name == node_name)
-    init = next(i for i in copy.graph.initializer if i.name == node.input[position])
-    values = numpy_helper.to_array(init).copy()
-    values[..., : values.shape[-1] // 2] *= factor
-    init.CopyFrom(numpy_helper.from_array(values, init.name))
-    return copy
-
-
 @pytest.mark.parametrize("fault,position,factor,float_end", [
     (PLANTED, 1, -1.0, PLANTED),  # an FFN MatMul
     ("Attention_1", 1, 0.2, minilm_node("layer.1/attention/self/Reshape_3")),  # packed Q, K, V
@@ -242,7 +229,7 @@ def test_minilm_after_the_transformers_optimizer_pairs_every_op_and_names_the_fa
     clean = find_first_bad_layer(minilm(), optimized, SAMPLES, quiet=True)
     assert clean.coverage == 1.0 and (clean.weighted, clean.weighted_paired) == (18, 18)
     assert clean.first_bad is None and min(layer.cosine for layer in clean.layers) > 0.9999
-    report = find_first_bad_layer(minilm(), _scaled_columns(optimized, fault, position, factor), SAMPLES, quiet=True)
+    report = find_first_bad_layer(minilm(), scaled_columns(optimized, fault, position, factor), SAMPLES, quiet=True)
     show(f"MiniLM after the transformers optimizer, {fault} corrupted", report)
     assert report.first_bad.float_nodes[-1] == float_end and report.first_bad.quant_nodes[-1] == fault
     assert report.first_bad_cause == "introduced" and report.culprit == report.first_bad
