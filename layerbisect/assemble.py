@@ -77,7 +77,8 @@ def layer(pair: Pair, index: int, totals: Totals, position: int) -> LayerCompari
         cosine_worst=cumulative.cosine_worst, cosine_p10=cumulative.cosine_p10,
         worst_sample=cumulative.worst_sample, nonfinite=cumulative.nonfinite,
         float_nonfinite=cumulative.reference_nonfinite, float_zero=cumulative.degenerate, faint=cumulative.faint,
-        evidence=pair.evidence,
+        evidence=pair.evidence, worst_token=cumulative.worst_token,
+        token_cosine=math.nan if math.isnan(cumulative.token_cosine) else cumulative.token_cosine,
         isolated_cosine=isolated.cosine if isolated.samples else math.nan,
         isolated_sqnr_db=isolated.sqnr_db if isolated.samples else math.nan,
     )

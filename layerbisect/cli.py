@@ -113,6 +113,10 @@ def _parser() -> argparse.ArgumentParser:
         "--shape", metavar="NAME=D0,D1,...", action="append", default=[], type=_shape,
         help="full shape of an input with dynamic dimensions, for random inputs (repeatable)",
     )
+    parser.add_argument(
+        "--past-length", metavar="N", type=int, default=None,
+        help="past positions of a KV-cache decoder's random inputs (default 8; 0: no past)",
+    )
     parser.add_argument("--threshold", type=float, default=0.98, help="cosine threshold (default 0.98)")
     parser.add_argument("--seed", type=int, default=0, help="seed of random inputs (default 0)")
     parser.add_argument(

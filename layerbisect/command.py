@@ -65,6 +65,7 @@ def _run(args: argparse.Namespace) -> int:
                 inputs=inputs,
                 threshold=args.threshold,
                 shapes=dict(args.shape),
+                past_length=args.past_length,
                 seed=args.seed,
                 providers=args.providers,
                 ort_optimized=args.ort_optimized,
@@ -175,8 +176,8 @@ def _keep_float(args: argparse.Namespace, inputs: dict | Dataset | None) -> None
     repaired model only when it repairs (a model that does not is no suggestion)."""
     fallback = keep_in_float(
         args.float_model, args.quant_model, inputs=inputs, threshold=args.threshold,
-        shapes=dict(args.shape), seed=args.seed, providers=args.providers, allow_swapped=args.allow_swapped,
-        quiet=args.quiet,
+        shapes=dict(args.shape), past_length=args.past_length, seed=args.seed, providers=args.providers,
+        allow_swapped=args.allow_swapped, quiet=args.quiet,
     )
     print(fallback, file=sys.stderr)
     if args.keep_float:

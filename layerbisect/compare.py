@@ -67,7 +67,8 @@ class Metrics:
     signal-to-quantization-noise ratio in dB (inf when equal); ``nonfinite`` counts elements
     where ``actual`` holds NaN/Inf and ``reference`` does not; when it is non-zero, ``cosine``
     and ``sqnr_db`` are NaN, which never passes a threshold. ``reference_nonfinite`` counts
-    elements where the reference itself holds NaN/Inf: they are left out of every metric.
+    elements where the reference itself holds NaN/Inf and ``actual`` not the same infinity
+    (both -inf, as an additive attention mask, agree); NaN/Inf are left out of every metric.
     ``degenerate`` is set when the two differ while the reference is all zeros: no direction
     to compare with. ``faint`` when they differ while the reference's root mean square is below
     half the ``resolution`` ``compare`` was given (the quantized tensor's step): most values
@@ -83,6 +84,8 @@ class Metrics:
     reference_nonfinite: int = 0
     degenerate: bool = False
     faint: bool = False
+    token_cosine: float = math.nan  # the worst position's cosine, where compared by token (``token_cosines``)
+    worst_token: int = -1  # that position, flattened over the leading axes ([batch, seq] of logits)
 
 
 def compare(reference: Values, actual: Values, resolution: float = 0.0) -> Metrics:
@@ -168,11 +171,14 @@ def _held(square_sum: float, values: Values) -> bool:
 
 
 def _finite_part(ref: np.ndarray, act: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """The elements finite in both; how many are NaN/Inf in ``act`` alone; how many in ``ref``."""
+    """The elements finite in both; how many are NaN/Inf in ``act`` alone; how many in ``ref``
+    where ``act`` is not the same infinity (an additive attention mask's -inf, which both
+    models compute, is agreement, not a broken reference)."""
     ref, act = ref.astype(np.float64), act.astype(np.float64)
     finite_ref, finite_act = np.isfinite(ref), np.isfinite(act)
     both = finite_ref & finite_act
-    return ref[both], act[both], int(np.count_nonzero(finite_ref & ~finite_act)), int(np.count_nonzero(~finite_ref))
+    broken = ~finite_ref & (ref != act)
+    return ref[both], act[both], int(np.count_nonzero(finite_ref & ~finite_act)), int(np.count_nonzero(broken))
 
 
 def _cosine(ref_square: float, act_square: float, product: float) -> float:
@@ -199,6 +205,24 @@ def _max_abs(error: np.ndarray) -> float:
     return float(np.max(np.abs(error))) if error.size else 0.0
 
 
+def token_cosines(reference: Values, actual: Values) -> np.ndarray:
+    """The cosine at each position of ``[..., features]`` values (a language model's logits
+    ``[batch, seq, vocab]``: one per token), flattened over the leading axes; positions where
+    either holds NaN/Inf are NaN.
+
+    >>> token_cosines(np.array([[[1.0, 0.0], [0.0, 2.0]]]), np.array([[[1.0, 0.0], [1.0, 1.0]]])).round(4)
+    array([1.    , 0.7071])
+    """
+    ref, act = (_whole(v).astype(np.float64) for v in (_flat(reference), _flat(actual)))
+    width = reference.shape[-1] if reference.shape else 1
+    ref, act = ref.reshape(-1, width), act.reshape(-1, width)
+    with np.errstate(invalid="ignore", over="ignore"):
+        ref_square, act_square = np.einsum("ij,ij->i", ref, ref), np.einsum("ij,ij->i", act, act)
+        product = np.einsum("ij,ij->i", ref, act)
+    return np.array([_cosine(r, a, p) if math.isfinite(r + a + p) else math.nan
+                     for r, a, p in zip(ref_square, act_square, product)])
+
+
 class Aggregate:
     """Running summary of one layer's metrics over samples, holding no tensors (only each
     sample's cosine, a float, for the percentile). ``samples`` counts the samples folded in,
@@ -220,6 +244,8 @@ class Aggregate:
         self.max_abs = 0.0
         self.nonfinite = self.reference_nonfinite = self.degenerate = self.faint = 0
         self._cosines: list[float] = []
+        self.token_cosine = math.nan  # the worst token's cosine over samples, where compared by token
+        self.worst_token = (-1, -1)  # (sample, position) of that token
 
     def add(self, metrics: Metrics) -> None:
         """Fold in the metrics of the next sample; a degenerate one is only counted."""
@@ -238,6 +264,8 @@ class Aggregate:
         self.max_abs = max(self.max_abs, metrics.max_abs)
         self.nonfinite += metrics.nonfinite
         self.reference_nonfinite += metrics.reference_nonfinite
+        if not math.isnan(metrics.token_cosine) and not metrics.token_cosine >= self.token_cosine:
+            self.token_cosine, self.worst_token = metrics.token_cosine, (self.samples - 1, metrics.worst_token)
 
     @property
     def cosine(self) -> float:

@@ -43,7 +43,7 @@ from layerbisect.graph import outer_scope_reads
 from layerbisect.inputs import Sample, reusable, samples_of
 from layerbisect.load import ModelLike, tensor_array, with_data
 from layerbisect.measure import Saved, Totals, measure, prepare
-from layerbisect.options import DEFAULT_PROVIDERS, check_threshold
+from layerbisect.options import DEFAULT_PROVIDERS, check_past_length, check_threshold
 from layerbisect.progress import steps
 from layerbisect.report import LayerComparison
 from layerbisect.run import usable_providers
@@ -134,6 +134,7 @@ def keep_in_float(
     threshold: float = 0.98,
     *,
     shapes: Mapping[str, Sequence[int]] | None = None,
+    past_length: int | None = None,
     seed: int = 0,
     providers: str | Sequence[str] = DEFAULT_PROVIDERS,
     allow_swapped: bool = False,
@@ -142,7 +143,8 @@ def keep_in_float(
     """Find a small set of layers of a QDQ model to keep in float so that the repaired model
     passes: every aligned layer reaches ``threshold`` (cosine with the float model, mean over
     samples), judged as ``find_first_bad_layer`` judges it on the same inputs.
-    ``providers`` is an order of preference, as for ``find_first_bad_layer``. On long runs a
+    ``providers`` is an order of preference, and ``past_length`` a decoder's past for random
+    inputs, as for ``find_first_bad_layer``. On long runs a
     bar counts the repaired models tried (after those of loading and alignment), unless ``quiet``.
 
     >>> from layerbisect import demo
@@ -153,7 +155,8 @@ def keep_in_float(
     check_threshold(threshold)
     providers, _ = usable_providers(providers)
     float_proto, quant_proto, plan, _, alignment, *_ = setup(
-        float_model, quant_model, shapes=shapes, providers=providers, allow_swapped=allow_swapped, quiet=quiet
+        float_model, quant_model, shapes=shapes, providers=providers, allow_swapped=allow_swapped, quiet=quiet,
+        past_length=check_past_length(past_length),
     )
     if not any(node.op_type == "DequantizeLinear" for node in quant_proto.graph.node):
         raise LayerbisectError("keeping layers in float needs a QDQ model (QuantizeLinear/DequantizeLinear pairs)")

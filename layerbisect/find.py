@@ -19,6 +19,7 @@ from onnx import helper
 from layerbisect import assemble
 from layerbisect.align import Alignment, Pair, align
 from layerbisect.cost import cheapest, estimates
+from layerbisect.decoder import vocabularies
 from layerbisect.errors import NO_SAMPLES, LayerbisectError, SampleError
 from layerbisect.files import sources
 from layerbisect.fusion import changed, counterparts, fusion_note
@@ -26,7 +27,7 @@ from layerbisect.graph import build_graph, inferred_types
 from layerbisect.inputs import InputPlan, Sample, plan_inputs, reusable, samples_of
 from layerbisect.load import ModelLike, declared_inputs, load_model, subgraph_notes
 from layerbisect.measure import Saved, Totals, available_memory, measure, prepare
-from layerbisect.options import DEFAULT_PROVIDERS, check_strategy, check_threshold, memory_size
+from layerbisect.options import DEFAULT_PROVIDERS, check_past_length, check_strategy, check_threshold, memory_size
 from layerbisect.progress import Steps, progress, steps
 from layerbisect.report import LayerComparison, Report
 from layerbisect.run import lower_ir_version, skipped_providers_note, usable_providers
@@ -74,6 +75,7 @@ def find_first_bad_layer(
     threshold: float = 0.98,
     *,
     shapes: Mapping[str, Sequence[int]] | None = None,
+    past_length: int | None = None,
     seed: int = 0,
     providers: str | Sequence[str] = DEFAULT_PROVIDERS,
     ort_optimized: bool = False,
@@ -94,7 +96,10 @@ def find_first_bad_layer(
     feeds returning named tensors, compared for cumulative error only.
     ``inputs`` is one sample (a dict of input name -> array), several (a list or any iterable
     of such dicts), or None for one seeded random sample; ``shapes`` gives the full shape of
-    inputs with dynamic dimensions when inputs are random. A layer's cosine is its mean over
+    inputs with dynamic dimensions when inputs are random; a language model's random inputs
+    agree with one another (token ids below the vocabulary, an attention mask of ones, position
+    ids after the past, past keys and values of ``past_length`` positions, 8 by default for a
+    KV-cache decoder, 0 for none: docs/api.md#language-models). A layer's cosine is its mean over
     samples. ``ort_optimized=True`` compares the graph onnxruntime actually runs for the
     quantized model (after its fusions), to find errors that appear only after fusion. A float
     model that holds quantization while the quantized one does not is refused as swapped,
@@ -129,6 +134,9 @@ def find_first_bad_layer(
     (('conv2',), 'introduced')
     """
     check_threshold(threshold)
+    past_length = check_past_length(past_length)
+    if past_length is not None and inputs is not None:
+        raise LayerbisectError("past_length sizes generated inputs; the inputs given hold their own past: leave it out")
     strategy = check_strategy(strategy)
     memory_budget = None if memory_budget is None else memory_size(memory_budget)
     providers, missing = usable_providers(providers)
@@ -146,7 +154,7 @@ def find_first_bad_layer(
                 "computed here, and are compared as they come (cumulative error only); leave it out"
             )
         report = compare_source(float_model, source, samples, threshold, shapes=shapes, seed=seed,
-                                providers=providers, quiet=quiet, quant_graph=quant_graph)
+                                providers=providers, quiet=quiet, quant_graph=quant_graph, past_length=past_length)
         return replace(report, notes=(*provider_notes, *report.notes))
     if quant_graph is not None:
         raise LayerbisectError(
@@ -158,7 +166,7 @@ def find_first_bad_layer(
         quant_model = quant_model.build(float_model, samples, shapes=shapes, seed=seed, providers=providers)
     float_proto, quant_proto, plan, float_graph, alignment, load_notes, given = setup(
         float_model, quant_model, shapes=shapes, providers=providers, ort_optimized=ort_optimized,
-        allow_swapped=allow_swapped, quiet=quiet,
+        allow_swapped=allow_swapped, quiet=quiet, past_length=past_length,
     )
     pairs = alignment.pairs
     budget = memory_budget if memory_budget is not None else min(available_memory() // 2, DEFAULT_BUDGET_CAP)
@@ -214,7 +222,7 @@ def find_first_bad_layer(
     first_bad = assemble.first_bad(records, threshold)
     culprit = _culprit(records, first_bad, threshold)
     cause = _cause(first_bad, culprit, threshold)
-    notes = [*provider_notes, *load_notes, *plan.notes,
+    notes = [*provider_notes, *load_notes, *plan.notes, *(plan.generated_notes if inputs is None else ()),
              *subgraph_notes(float_proto, "float model"),
              *subgraph_notes(quant_proto, "quantized model")]
     if given is not None:  # onnxruntime's optimized graph: the layers it computes otherwise
@@ -391,6 +399,7 @@ def setup(
     ort_optimized: bool = False,
     allow_swapped: bool = False,
     quiet: bool = False,
+    past_length: int | None = None,
 ) -> Setup:
     """Load both models, plan their inputs and align their values (the static part), with a
     bar over each of the two on long runs, unless ``quiet``.
@@ -415,7 +424,8 @@ def setup(
             quant_proto = load_model(ort_optimized_model(quant_proto, "quantized model", providers),
                                      role="quantized model")
             bar.advance()
-    plan = plan_inputs(declared_inputs(float_proto), declared_inputs(quant_proto), shapes)
+    plan = plan_inputs(declared_inputs(float_proto), declared_inputs(quant_proto), shapes, past_length=past_length,
+                       vocabulary={**vocabularies(quant_proto), **vocabularies(float_proto)})
     with steps(ALIGN_STEPS, "step", quiet=quiet, desc="aligning: the float graph") as bar:
         float_graph = build_graph(float_proto)
         bar.advance("aligning: the quantized graph")

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from layerbisect.decoder import Fill, plan_text_inputs
 from layerbisect.errors import LayerbisectError
 
 Feeds = dict[str, np.ndarray]
@@ -70,6 +71,11 @@ class InputPlan:
     shapes: Mapping[str, Sequence[int]]
     notes: tuple[str, ...]
     aliases: Mapping[str, str]  # quantized model's input name -> float model's input name
+    # a language model's generated inputs (``layerbisect.decoder``): how token ids, masks and
+    # positions are filled, the inputs that cannot be sized (why), and what generated inputs are
+    fills: Mapping[str, Fill] = field(default_factory=dict)
+    missing: Mapping[str, str] = field(default_factory=dict)
+    generated_notes: tuple[str, ...] = ()
 
     def feeds(self, sample: Mapping[str, object] | None, seed: int) -> tuple[Feeds, Feeds]:
         """Return (float feeds, quantized feeds) for one sample, or random ones if None."""
@@ -131,7 +137,9 @@ class InputPlan:
             if spec.name in self.aliases:
                 feeds[spec.name] = feeds[self.aliases[spec.name]]
             elif spec.name not in feeds:
-                feeds[spec.name] = _random_array(spec, self.shapes.get(spec.name), rng)
+                if spec.name in self.missing and spec.name not in self.shapes:
+                    raise LayerbisectError(self.missing[spec.name])
+                feeds[spec.name] = _random_array(spec, self.shapes.get(spec.name), rng, self.fills.get(spec.name))
         return feeds
 
 
@@ -155,10 +163,16 @@ def plan_inputs(
     float_specs: Sequence[InputSpec],
     quant_specs: Sequence[InputSpec],
     shapes: Mapping[str, Sequence[int]] | None = None,
+    *,
+    past_length: int | None = None,
+    vocabulary: Mapping[str, int] | None = None,
 ) -> InputPlan:
     """Check that the two models' inputs can be fed together and say how.
 
     ``shapes`` gives the full shape of inputs with dynamic dimensions (used for random feeds).
+    A language model's token ids, attention mask, position ids and past keys and values are
+    generated to agree (``layerbisect.decoder``): ``vocabulary`` gives the token-id inputs'
+    vocabulary sizes, ``past_length`` the past positions of a KV-cache decoder.
     """
     shapes = dict(shapes or {})
     float_names = {s.name for s in float_specs}
@@ -207,7 +221,10 @@ def plan_inputs(
             f"input {spec.name!r} is permuted between NHWC ({spec.describe()}, float model) "
             f"and NCHW ({other.describe()}, quantized model)"
         )
-    return InputPlan(tuple(float_specs), tuple(quant_specs), shapes, tuple(notes), aliases)
+    distinct = [*float_specs, *(spec for spec in quant_specs if spec.name not in float_names)]
+    text = plan_text_inputs(distinct, vocabulary or {}, shapes, past_length)
+    return InputPlan(tuple(float_specs), tuple(quant_specs), {**text.shapes, **shapes}, tuple(notes), aliases,
+                     text.fills, text.missing, text.notes)
 
 
 def _compatible(a: tuple[Dim, ...], b: tuple[Dim, ...]) -> bool:
@@ -249,7 +266,7 @@ def _adapt(array: np.ndarray, spec: InputSpec, other: InputSpec | None) -> np.nd
     return np.ascontiguousarray(array.transpose(perm))
 
 
-def _random_array(spec: InputSpec, shape: Sequence[int] | None, rng: np.random.Generator):
+def _random_array(spec: InputSpec, shape: Sequence[int] | None, rng: np.random.Generator, fill: Fill | None = None):
     if shape is None:
         if any(not isinstance(d, int) for d in spec.shape):
             raise LayerbisectError(_dynamic_message(spec))
@@ -259,6 +276,8 @@ def _random_array(spec: InputSpec, shape: Sequence[int] | None, rng: np.random.G
         raise LayerbisectError(
             f"shape {list(shape)} given for input {spec.name!r} does not fit {spec.describe()}"
         )
+    if fill is not None:
+        return fill.array(shape, spec.dtype, rng)
     if _is_float(spec.dtype):
         return rng.standard_normal(shape).astype(spec.dtype)
     if spec.dtype.kind == "b":

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 from layerbisect.align import Pair
-from layerbisect.compare import Aggregate, Metrics, Quantized, compare
+from layerbisect.compare import Aggregate, Metrics, Quantized, compare, token_cosines
 from layerbisect.errors import LayerbisectError, SampleError
 from layerbisect.graph import Readout
 from layerbisect.inputs import InputPlan
@@ -68,6 +68,7 @@ class Measurement:
     buffers: tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]] = ({}, {})
     """The data of the large weights of the float and the quantized models, out of the
     segments (``segment.DETACHED``); the cut model reads the quantized model's."""
+    by_token: frozenset[str] = frozenset()  # the float model's outputs, compared by token too (``compare_pairs``)
     key: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -159,6 +160,7 @@ def prepare(
         providers=tuple(providers),
         originals=(float_model.model, quant_model.model),
         buffers=(float_model.buffers, quant_model.buffers),
+        by_token=frozenset(output.name for output in float_model.model.graph.output),
     )
 
 
@@ -309,7 +311,7 @@ def _measure_chunk(measurement: Measurement, items: list, session_of) -> tuple[l
         quant_saved.append(_kept(quant_values, measurement.quant_saves, session))
         quant_bytes = max(quant_bytes, _fresh_bytes(quant_values, start[1], quant_saved[-1]))
         problems.append({})
-        cumulative.append(compare_pairs(measurement.pairs, values, quant_values, problems[-1]))
+        cumulative.append(compare_pairs(measurement.pairs, values, quant_values, problems[-1], measurement.by_token))
         del quant_values
     runs += session is not None
     del session
@@ -361,10 +363,14 @@ def _kept(values: dict, names: Sequence[str], session: Session | None) -> dict[s
     }
 
 
-def compare_pairs(pairs, float_values, quant_values, problems: dict) -> tuple[Metrics | None, ...]:
+def compare_pairs(
+    pairs, float_values, quant_values, problems: dict, by_token: frozenset[str] = frozenset()
+) -> tuple[Metrics | None, ...]:
     """Metrics of every pair, None where it cannot be compared (the reason goes to
     ``problems``, by position): the one way a pair's values are compared, whatever the
-    quantized side computed them (a model's pass, a tensor source). On this thread: once
+    quantized side computed them (a model's pass, a tensor source). Pairs of the float
+    tensors ``by_token`` (the model's outputs) of shape ``[batch, seq, features]`` also get
+    their worst token's cosine (``compare.token_cosines``), a few dot products per token. On this thread: once
     compare summed with BLAS dots, spreading pairs over threads made it slower on a 2-core
     machine (by 15% with 2 threads, 40% with 4)."""
     outcomes = []
@@ -375,7 +381,13 @@ def compare_pairs(pairs, float_values, quant_values, problems: dict) -> tuple[Me
             problems[index] = "not a float tensor"
         elif reference.shape != actual.shape and not _rows_merged(reference.shape, actual.shape):
             problems[index] = f"shapes differ: {reference.shape} vs {actual.shape}"
-        outcomes.append(None if index in problems else compare(reference, actual, _resolution(pair.quant_readout)))
+        metrics = None if index in problems else compare(reference, actual, _resolution(pair.quant_readout))
+        if metrics is not None and pair.float_tensor in by_token and len(reference.shape) == 3:
+            cosines = token_cosines(reference, actual)
+            if not np.isnan(cosines).all():
+                worst = int(np.nanargmin(cosines))
+                metrics = replace(metrics, token_cosine=float(cosines[worst]), worst_token=worst)
+        outcomes.append(metrics)
     return tuple(outcomes)
 
 

@@ -59,6 +59,20 @@ def check_strategy(strategy: object) -> str:
     return str(strategy)
 
 
+def check_past_length(past_length: object) -> int | None:
+    """A KV-cache decoder's number of past positions for generated inputs: None (the default,
+    ``decoder.DEFAULT_PAST``) or 0 (no past: empty past tensors) and more.
+
+    >>> check_past_length(0), check_past_length(None)
+    (0, None)
+    """
+    if past_length is None:
+        return None
+    if isinstance(past_length, bool) or not isinstance(past_length, numbers.Integral) or past_length < 0:
+        raise LayerbisectError(f"past_length must be a whole number, 0 or more, got {past_length!r}")
+    return int(past_length)
+
+
 def check_workers(workers: object, name: str = "workers") -> int:
     """A count of worker processes: 0 (none) or more."""
     if isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 0:

@@ -37,8 +37,11 @@ class LayerComparison:
     float model's are finite; ``float_nonfinite`` the NaN/Inf values of the float model itself,
     left out of the metrics (the reference is broken there, so the layer is not judged).
     ``isolated_cosine``/``isolated_sqnr_db`` measure the layer fed the float model's own values
-    at its inputs: the error it adds by itself (NaN where not measured). ``index`` is the
-    layer's position among all aligned layers. Its ``repr`` is one line (``describe()``).
+    at its inputs: the error it adds by itself (NaN where not measured). For a declared output
+    of shape ``[batch, seq, features]`` (a language model's logits), ``token_cosine`` is the
+    lowest cosine of one position (one token's logits) over samples, ``worst_token`` its
+    (sample, position flattened over batch and seq); NaN and (-1, -1) for other layers.
+    ``index`` is the layer's position among all aligned layers. Its ``repr`` is one line (``describe()``).
     """
 
     index: int
@@ -62,6 +65,8 @@ class LayerComparison:
     float_nonfinite: int = 0
     float_zero: int = 0
     faint: int = 0
+    token_cosine: float = math.nan
+    worst_token: tuple[int, int] = (-1, -1)
 
     @property
     def judged(self) -> bool:
@@ -187,7 +192,7 @@ class Report:
         """One line saying whether a layer fails, which, and how the outputs fare."""
         by_tensor = {layer.float_tensor: layer for layer in self.layers}
         outputs = "; ".join(
-            f"output {name!r} cosine {number(by_tensor[tensor].cosine, 4)}"
+            f"output {name!r} cosine {number(by_tensor[tensor].cosine, 4)}{self._worst_token(by_tensor[tensor])}"
             for name, tensor in self.outputs if tensor in by_tensor
         )
         if self.first_bad is None:
@@ -215,6 +220,14 @@ class Report:
             head += (f"; only {self.weighted_paired} of {self.weighted} weighted layers paired one for one "
                      "(a fault in the others is placed only to the region holding them)")
         return head
+
+    def _worst_token(self, layer: LayerComparison) -> str:
+        """`` (worst token 0.91, position 5)`` for an output compared by token, else nothing."""
+        if math.isnan(layer.token_cosine):
+            return ""
+        sample, position = layer.worst_token
+        where = f"position {position}" + ("" if self.samples == 1 else f" of sample {sample}")
+        return f" (worst token {number(layer.token_cosine, 4)}, {where})"
 
     def __repr__(self) -> str:
         head = "PASS" if self.first_bad is None else f"FAIL, first bad {self.first_bad.describe()}"

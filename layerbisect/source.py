@@ -48,6 +48,7 @@ import onnx
 from layerbisect import assemble
 from layerbisect.align import FUSABLE, Alignment, Pair, align
 from layerbisect.compare import Aggregate
+from layerbisect.decoder import vocabularies
 from layerbisect.dumps import DumpFolder, sanitise
 from layerbisect.errors import NO_SAMPLES, LayerbisectError, first_line
 from layerbisect.expose import expose
@@ -134,6 +135,7 @@ def compare_source(
     providers: Sequence[str] = DEFAULT_PROVIDERS,
     quiet: bool = False,
     quant_graph: ModelLike | None = None,
+    past_length: int | None = None,
 ) -> Report:
     """Compare the float model's values with the tensors ``source`` returns for each sample
     (None: seeded random inputs), pairing them at the first sample; see the module docstring.
@@ -158,7 +160,7 @@ def compare_source(
     names = None if alignment is None else _dumped_names(alignment, quant_proto)
     values = _float_values(graph)
     specs = declared_inputs(proto)
-    plan = plan_inputs(specs, specs, shapes)
+    plan = plan_inputs(specs, specs, shapes, past_length=past_length, vocabulary=vocabularies(proto))
     session = Session(expose(proto, [v.tensor for v in values], prune=True), "float model", providers, proto)
     samples = _checked_samples(source, samples)
     inputs = {name for spec in specs for name in (spec.name, sanitise(spec.name))}  # fed, not compared
@@ -201,7 +203,8 @@ def compare_source(
         float_graph=graph, alignment=_alignment(graph, pairs, alignment),
         run=assemble.Run(samples=totals.samples, executions=totals.executions, peak_bytes=totals.peak_bytes,
                          providers=tuple(providers), seed=seed),
-        notes=[*lowered, *_notes(readings)], problems=totals.problems.values(), generated=generated,
+        notes=[*lowered, *(plan.generated_notes if generated else ()), *_notes(readings)],
+        problems=totals.problems.values(), generated=generated,
         sources=sources(float_model, proto, getattr(source, "path", None), quant_graph),
     )
 

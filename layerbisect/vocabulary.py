@@ -18,6 +18,7 @@ ROLES = {
     "MatMulIntegerToFloat": "MatMul",
     "DynamicQuantizeMatMul": "MatMul",
     "MatMulNBits": "MatMul",  # int4/int8 weight-only blocks (onnxruntime's int4 quantizer, LLM builders)
+    "GatherBlockQuantized": "Gather",  # int4 blocks of an embedding table (the same quantizer, LLM builders)
     "QGemm": "Gemm",
     "QLinearAdd": "Add",
     "QLinearMul": "Mul",
@@ -58,6 +59,9 @@ INTERMEDIATES = {
 MASK_INPUTS = {
     "Attention": (3,), "QAttention": (5,), "MultiHeadAttention": (4,), "GroupQueryAttention": (5, 6),
     "EmbedLayerNormalization": (7,), "QEmbedLayerNormalization": (7,),
+    # position ids, which RotaryEmbedding reads to index its cos/sin caches where a float graph
+    # computes cos and sin from them (inv_freq @ positions, or a Gather of its own tables)
+    "RotaryEmbedding": (1,),
 }
 # Outputs from which on a fused operator passes such a mask on: EmbedLayerNormalization's
 # mask index (output 1; its optional embedding sum, output 2, is then no value either).

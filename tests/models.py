@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 OPSET = 17
 IR_VERSION = 8
 
-__all__ = ["make_cnn", "make_transformer", "make_bert", "make_decoder", "quantize", "corrupt_weights", "quant_node_for",
+__all__ = ["make_cnn", "make_transformer", "make_bert", "make_decoder", "make_llama", "quantize", "int4_weights", "corrupt_weights", "quant_node_for",
            "weight_initializer_of", "random_inputs", "weight_only_int8", "float16"]
 
 
@@ -331,6 +331,183 @@ def make_decoder(seed: int = 0, hidden: int = 64, heads: int = 2) -> onnx.ModelP
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
 
 
+def make_llama(
+    seed: int = 0, *, vocab: int = 96, hidden: int = 64, heads: int = 4, kv_heads: int = 2, layers: int = 2,
+    tied: bool = False, attention: str = "decomposed",
+) -> onnx.ModelProto:
+    """A Llama-architecture decoder with a KV cache, as ``torch.onnx.export`` writes one from
+    Hugging Face's LlamaForCausalLM: input_ids, attention_mask [batch, total] and position_ids
+    in, past_key_values.<i>.key/value [batch, kv_heads, past, head] of each layer in;
+    logits [batch, seq, vocab] and present.<i>.key/value out.
+
+    Per layer ``layers.<i>.``: RMSNorm (Pow, ReduceMean, Add eps, Sqrt, Div 1 by it, Mul,
+    Mul weight; onnxruntime's optimizer fuses it into SimplifiedLayerNormalization), q/k/v_proj,
+    rotary embeddings computed on the fly from position_ids (inv_freq @ positions, Concat,
+    Cos/Sin; rotate_half by Slices of the half size read from the shape), the keys and values
+    appended to the past, grouped-query heads repeated (Expand), a causal and padding mask
+    from position_ids and attention_mask, o_proj and the residual, a SwiGLU MLP (gate_proj,
+    up_proj, SiLU, down_proj). Then norm and lm_head (the embedding's weight when ``tied``).
+    Weights are initializers named as in Hugging Face (``model.layers.0.self_attn.q_proj.weight``).
+
+    ``attention="gqa"``: the same weights, each layer's attention as onnxruntime-genai's model
+    builder writes it, one com.microsoft GroupQueryAttention of the projections (rotary
+    embeddings from cos/sin caches, the past appended, the heads repeated, the causal mask
+    from seqlens_k = sum(attention_mask) - 1 and the total length); position_ids is then
+    declared and not read."""
+    g = _Graph(seed)
+    d = hidden // heads
+    ffn = 2 * hidden
+
+    def node(op: str, inputs: list[str], name: str, **attrs) -> str:
+        g.nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
+        return name
+
+    def const(name: str, value) -> str:
+        return g.const(name, np.asarray(value))
+
+    def linear(name: str, x: str, fin: int, fout: int, weight: np.ndarray | None = None) -> str:
+        if weight is None:
+            weight = (g.rng.standard_normal((fin, fout)) / math.sqrt(fin)).astype(np.float32)
+        return node("MatMul", [x, const(f"{name}.weight", weight)], name)
+
+    def rms_norm(name: str, x: str) -> str:
+        mean = node("ReduceMean", [node("Pow", [x, const(f"{name}.two", np.float32(2))], f"{name}.pow"),
+                                   const(f"{name}.axes", np.array([-1], np.int64))], f"{name}.mean", keepdims=1)
+        root = node("Sqrt", [node("Add", [mean, const(f"{name}.eps", np.float32(1e-6))], f"{name}.add_eps")],
+                    f"{name}.sqrt")
+        inverse = node("Div", [const(f"{name}.one", np.float32(1)), root], f"{name}.inv")
+        weight = (1 + 0.1 * g.rng.standard_normal(hidden)).astype(np.float32)
+        return node("Mul", [node("Mul", [x, inverse], f"{name}.normed"), const(f"{name}.weight", weight)], name)
+
+    def heads_of(name: str, x: str, count: int) -> str:
+        shaped = node("Reshape", [x, const(f"{name}.shape", np.array([0, 0, count, d], np.int64))], f"{name}.view")
+        return node("Transpose", [shaped], f"{name}.t", perm=[0, 2, 1, 3])
+
+    def rotary(name: str, x: str) -> str:
+        half = node("Div", [node("Gather", [node("Shape", [x], f"{name}.shape"), const(f"{name}.last", np.int64(3))],
+                                 f"{name}.dim"), const(f"{name}.two", np.int64(2))], f"{name}.half")
+        upper = node("Unsqueeze", [half, const(f"{name}.ax0", np.array([0], np.int64))], f"{name}.half_end")
+        lower = node("Unsqueeze", [half, const(f"{name}.ax0b", np.array([0], np.int64))], f"{name}.half_start")
+        x1 = node("Slice", [x, const(f"{name}.zero", np.array([0], np.int64)), upper,
+                            const(f"{name}.axes", np.array([3], np.int64))], f"{name}.x1")
+        x2 = node("Slice", [x, lower, const(f"{name}.end", np.array([2**62], np.int64)),
+                            const(f"{name}.axes_b", np.array([3], np.int64))], f"{name}.x2")
+        rotated = node("Concat", [node("Neg", [x2], f"{name}.neg"), x1], f"{name}.rotate_half", axis=-1)
+        return node("Add", [node("Mul", [x, cos], f"{name}.x_cos"), node("Mul", [rotated, sin], f"{name}.rot_sin")],
+                    f"{name}.rope")
+
+    def mlp(p: str, x: str) -> str:
+        h = rms_norm(p + "post_attention_layernorm", x)
+        gate = linear(p + "mlp.gate_proj", h, hidden, ffn)
+        silu = node("Mul", [gate, node("Sigmoid", [gate], p + "mlp.sigmoid")], p + "mlp.silu")
+        up = linear(p + "mlp.up_proj", h, hidden, ffn)
+        return node("Add", [x, linear(p + "mlp.down_proj", node("Mul", [silu, up], p + "mlp.glu"), ffn, hidden)],
+                    p + "residual_mlp")
+
+    # embeddings, rotary tables (shared by the layers) and the mask
+    embedding = (g.rng.standard_normal((vocab, hidden)) * 0.5).astype(np.float32)
+    x = node("Gather", [const("model.embed_tokens.weight", embedding), "input_ids"], "model.embed_tokens")
+    inv_freq = (1.0 / 10000 ** (np.arange(0, d, 2, dtype=np.float32) / d)).reshape(1, d // 2, 1)
+    batch = node("Gather", [node("Shape", ["input_ids"], "rope.ids_shape"), const("rope.axis0", np.int64(0))],
+                 "rope.batch")
+    expand_to = node("Concat", [node("Unsqueeze", [batch, const("rope.ax0", np.array([0], np.int64))], "rope.batch1"),
+                                const("rope.tail", np.array([1, 1], np.int64))], "rope.expand_shape", axis=0)
+    freq = node("Expand", [const("model.rotary_emb.inv_freq", inv_freq.astype(np.float32)), expand_to],
+                "rope.inv_freq_expanded")
+    positions = node("Cast", [node("Unsqueeze", ["position_ids", const("rope.ax1", np.array([1], np.int64))],
+                                   "rope.positions")], "rope.positions_f", to=TensorProto.FLOAT)
+    freqs = node("Transpose", [node("MatMul", [freq, positions], "rope.freqs")], "rope.freqs_t", perm=[0, 2, 1])
+    emb = node("Concat", [freqs, freqs], "rope.emb", axis=-1)
+    scaling = const("rope.scaling", np.float32(1))
+    cos = node("Unsqueeze", [node("Mul", [node("Cos", [emb], "rope.cos_raw"), scaling], "rope.cos_scaled"),
+                             const("rope.ax1b", np.array([1], np.int64))], "rope.cos")
+    sin = node("Unsqueeze", [node("Mul", [node("Sin", [emb], "rope.sin_raw"), scaling], "rope.sin_scaled"),
+                             const("rope.ax1c", np.array([1], np.int64))], "rope.sin")
+    total = node("Gather", [node("Shape", ["attention_mask"], "mask.shape"), const("mask.axis1", np.int64(1))],
+                 "mask.total")
+    if attention == "gqa":
+        seqlens = node("Cast", [node("Sub", [node("ReduceSum", ["attention_mask", const("gqa.axes", np.array([1], np.int64))],
+                                                  "gqa.lengths", keepdims=0), const("gqa.one", np.int64(1))],
+                                     "gqa.last")], "gqa.seqlens_k", to=TensorProto.INT32)
+        total_length = node("Cast", [total], "gqa.total_length", to=TensorProto.INT32)
+        angles = np.arange(2048, dtype=np.float32)[:, None] * inv_freq.reshape(1, -1)
+        cos_cache, sin_cache = const("gqa.cos_cache", np.cos(angles)), const("gqa.sin_cache", np.sin(angles))
+    keys = node("Range", [const("mask.start", np.int64(0)), total, const("mask.step", np.int64(1))], "mask.keys")
+    queries = node("Unsqueeze", ["position_ids", const("mask.axes_q", np.array([1, 3], np.int64))], "mask.queries")
+    causal = node("LessOrEqual", [keys, queries], "mask.causal")
+    padding = node("Unsqueeze", [node("Cast", ["attention_mask"], "mask.bool", to=TensorProto.BOOL),
+                                 const("mask.axes_p", np.array([1, 2], np.int64))], "mask.padding")
+    mask = node("Where", [node("And", [causal, padding], "mask.allowed"), const("mask.open", np.float32(0)),
+                          const("mask.closed", np.float32(-1e9))], "mask.additive")
+
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
+              helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", vocab])]
+    repeat = heads // kv_heads
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        h = rms_norm(p + "input_layernorm", x)
+        past_k, past_v, present_k, present_v = (f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+                                                f"present.{i}.key", f"present.{i}.value")
+        for name in (past_k, past_v):
+            inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT,
+                                                        ["batch_size", kv_heads, "past_sequence_length", d]))
+        for name in (present_k, present_v):
+            outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT,
+                                                         ["batch_size", kv_heads, "total_sequence_length", d]))
+        if attention == "gqa":
+            projections = [linear(p + f"self_attn.{n}_proj", h, hidden, size)
+                           for n, size in (("q", hidden), ("k", kv_heads * d), ("v", kv_heads * d))]
+            g.nodes.append(helper.make_node(
+                "GroupQueryAttention", [*projections, past_k, past_v, seqlens, total_length, cos_cache, sin_cache],
+                [p + "self_attn.gqa", present_k, present_v], name=p + "self_attn.gqa", domain="com.microsoft",
+                num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0, scale=1 / math.sqrt(d)))
+            x = node("Add", [x, linear(p + "self_attn.o_proj", p + "self_attn.gqa", hidden, hidden)], p + "residual_attn")
+            x = mlp(p, x)
+            continue
+        q = rotary(p + "self_attn.q_rot", heads_of(p + "self_attn.q", linear(p + "self_attn.q_proj", h, hidden, hidden),
+                                                   heads))
+        k = rotary(p + "self_attn.k_rot", heads_of(p + "self_attn.k",
+                                                   linear(p + "self_attn.k_proj", h, hidden, kv_heads * d), kv_heads))
+        v = heads_of(p + "self_attn.v", linear(p + "self_attn.v_proj", h, hidden, kv_heads * d), kv_heads)
+        node("Concat", [past_k, k], present_k, axis=2)
+        node("Concat", [past_v, v], present_v, axis=2)
+
+        def repeated(name: str, value: str) -> str:
+            if repeat == 1:
+                return value
+            grown = node("Expand", [node("Unsqueeze", [value, const(f"{name}.ax", np.array([2], np.int64))],
+                                         f"{name}.unsqueeze"), const(f"{name}.rep", np.array([1, 1, repeat, 1, 1],
+                                                                                            np.int64))], f"{name}.expand")
+            return node("Reshape", [grown, const(f"{name}.shape", np.array([0, heads, -1, d], np.int64))], name)
+
+        keys_all = repeated(p + "self_attn.repeat_k", present_k)
+        values_all = repeated(p + "self_attn.repeat_v", present_v)
+        scores = node("Mul", [node("MatMul", [q, node("Transpose", [keys_all], p + "self_attn.k_T", perm=[0, 1, 3, 2])],
+                                   p + "self_attn.qk"), const(p + "self_attn.scale", np.float32(1 / math.sqrt(d)))],
+                      p + "self_attn.qk_scaled")
+        probs = node("Softmax", [node("Add", [scores, mask], p + "self_attn.masked")], p + "self_attn.softmax", axis=-1)
+        attended = node("MatMul", [probs, values_all], p + "self_attn.av")
+        merged = node("Reshape", [node("Transpose", [attended], p + "self_attn.av_t", perm=[0, 2, 1, 3]),
+                                  const(p + "self_attn.merge", np.array([0, 0, hidden], np.int64))], p + "self_attn.merged")
+        x = node("Add", [x, linear(p + "self_attn.o_proj", merged, hidden, hidden)], p + "residual_attn")
+        x = mlp(p, x)
+    h = rms_norm("model.norm", x)
+    lm_head = np.ascontiguousarray(embedding.T) if tied else (g.rng.standard_normal((hidden, vocab)) / math.sqrt(hidden))
+    g.nodes.append(helper.make_node("MatMul", [h, const("lm_head.weight", lm_head.astype(np.float32))], ["logits"],
+                                    name="lm_head"))
+    if attention == "gqa":  # the decomposed attention's rotary tables and mask: computed, read by nothing
+        used = {name for n in g.nodes for name in n.input}
+        while any(all(out not in used for out in n.output) for n in g.nodes if n.output[0] != "logits"):
+            g.nodes = [n for n in g.nodes if n.output[0] == "logits" or any(out in used for out in n.output)]
+            used = {name for n in g.nodes for name in n.input}
+        g.inits = [i for i in g.inits if i.name in used]
+    graph = helper.make_graph(g.nodes, "llama", inputs, outputs, g.inits)
+    opsets = [helper.make_opsetid("", 18)] + ([helper.make_opsetid("com.microsoft", 1)] if attention == "gqa" else [])
+    return helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION)
+
+
 def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded standard-normal float32 feeds for the model's declared inputs
     (dynamic or unknown dims become 1)."""
@@ -435,6 +612,29 @@ def quantize(
                 nodes_to_exclude=nodes_to_exclude or [],
             )
         return onnx.load(dst)
+
+
+def int4_weights(
+    model: onnx.ModelProto, *, symmetric: bool = False, block_size: int = 32, quant_format: str = "QOperator",
+    embeddings: bool = False,
+) -> onnx.ModelProto:
+    """``model`` with its MatMul weights in int4 blocks by onnxruntime's MatMulNBitsQuantizer:
+    com.microsoft MatMulNBits ("QOperator"; zero points only when asymmetric) or blocked
+    DequantizeLinear of int4 initializers ("QDQ"); with ``embeddings``, the embedding table's
+    Gather too, as a GatherBlockQuantized (QOperator only, blocks along the hidden axis)."""
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=block_size, is_symmetric=symmetric, quant_format=QuantFormat[quant_format],
+        op_types_to_quantize=("MatMul", "Gather") if embeddings else ("MatMul",),
+    )
+    with _quiet():
+        quantizer = MatMulNBitsQuantizer(copy, algo_config=config)
+        quantizer.process()
+    return quantizer.model.model
 
 
 _QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}

@@ -33,8 +33,10 @@ def test_zeros_are_defined():
 def test_nan_and_inf_are_counted_not_raised():
     m = compare(np.array([1.0, 2.0, 3.0]), np.array([1.0, np.nan, np.inf]))
     assert m.nonfinite == 2 and math.isnan(m.cosine)
-    same = compare(np.array([1.0, np.inf]), np.array([1.0, np.inf]))
-    assert same.nonfinite == 0 and same.reference_nonfinite == 1 and same.cosine == 1.0
+    same = compare(np.array([1.0, -np.inf]), np.array([1.0, -np.inf]))  # an additive mask's -inf, in both
+    assert same.nonfinite == 0 and same.reference_nonfinite == 0 and same.cosine == 1.0
+    other = compare(np.array([1.0, -np.inf]), np.array([1.0, np.inf]))
+    assert other.nonfinite == 0 and other.reference_nonfinite == 1
     broken = compare(np.array([1.0, np.nan, 2.0]), np.array([1.0, 5.0, 2.0]))  # the reference's own NaN
     assert (broken.nonfinite, broken.reference_nonfinite) == (0, 1) and broken.cosine == 1.0
 
