@@ -106,14 +106,18 @@ def _untangled(pairs: list[tuple[str, str]], fa, qa, weights: dict) -> dict[str,
                 weights[node] = standardized(attrs[node])
         return _score(fa[f], qa[q], weights[f], weights[q])
 
-    pairs = [(f, q, score(f, q)) for f, q in pairs]
-    for i in range(len(pairs)):
-        for j in range(i + 1, min(i + SIBLINGS, len(pairs))):
-            (f, q, a), (g, r, b) = pairs[i], pairs[j]
+    scored: list[tuple[str, str, float]] = []
+    for f, q in pairs:
+        found = score(f, q)
+        assert found is not None, "anchor pairs are of one kind and one weight shape"
+        scored.append((f, q, found))
+    for i in range(len(scored)):
+        for j in range(i + 1, min(i + SIBLINGS, len(scored))):
+            (f, q, a), (g, r, b) = scored[i], scored[j]
             c, d = score(f, r), score(g, q)
             if c is not None and d is not None and c + d > a + b + UNRELATED_WEIGHTS:
-                pairs[i], pairs[j] = (f, r, c), (g, q, d)
-    return {f: (q, agreement) for f, q, agreement in pairs}
+                scored[i], scored[j] = (f, r, c), (g, q, d)
+    return {f: (q, agreement) for f, q, agreement in scored}
 
 
 def _columns(i: int, rows: int, columns: int, band: int) -> range:

@@ -19,8 +19,9 @@ import itertools
 import math
 import types
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 
@@ -47,7 +48,7 @@ def read_samples(args: argparse.Namespace) -> Sample | Dataset | None:
     return {**_archive(Path(args.inputs)), **overrides}
 
 
-class Dataset:
+class Dataset(Iterable[Sample]):
     """Samples read one at a time, each with ``overrides`` (the ``--input`` arrays) on top."""
 
     def __init__(self, overrides: Sample, limit: int | None) -> None:
@@ -58,7 +59,7 @@ class Dataset:
         raise NotImplementedError
 
 
-class NpzFolder(Dataset, Sequence):
+class NpzFolder(Dataset, Sequence[Sample]):
     """A folder of ``.npz`` files, one sample each, in the order of their names."""
 
     def __init__(self, folder: Path, overrides: Sample, limit: int | None) -> None:
@@ -72,14 +73,20 @@ class NpzFolder(Dataset, Sequence):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> Sample:
+    @overload
+    def __getitem__(self, index: int) -> Sample: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Sample]: ...
+    def __getitem__(self, index: int | slice) -> Sample | list[Sample]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(len(self))[index]]
         return {**_archive(self.files[index]), **self.overrides}
 
     def describe(self, index: int) -> str:
         return f"--inputs {self.files[index]} (sample {index})"
 
 
-class BatchedNpz(Dataset, Sequence):
+class BatchedNpz(Dataset, Sequence[Sample]):
     """One ``.npz`` file whose arrays all carry a leading sample axis of one length, streamed
     a sample at a time from the file."""
 
@@ -99,18 +106,28 @@ class BatchedNpz(Dataset, Sequence):
                 f"{', '.join(f'{name} {count}' for name, count in rows.items())}; give each array one row per sample"
             )
         count = next(iter(rows.values()), 0)
-        self.count = count if limit is None else min(count, limit)
+        self.length = count if limit is None else min(count, limit)  # not ``count``: Sequence's method
 
     def __len__(self) -> int:
-        return self.count
+        return self.length
 
-    def __getitem__(self, index: int) -> Sample:
+    @overload
+    def __getitem__(self, index: int) -> Sample: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Sample]: ...
+    def __getitem__(self, index: int | slice) -> Sample | list[Sample]:
+        if isinstance(index, slice):
+            positions = range(len(self))[index]
+            wanted = set(positions)  # read in one pass over the file, up to the last one wanted
+            read = {i: sample for i, sample in enumerate(itertools.islice(self, max(wanted, default=-1) + 1))
+                    if i in wanted}
+            return [read[i] for i in positions]
         return next(itertools.islice(self, range(len(self))[index], None))
 
     def __iter__(self) -> Iterator[Sample]:
         with zipfile.ZipFile(self.path) as archive:
             streams = {member[:-4]: self._open(archive, member) for member in archive.namelist()}
-            for _ in range(self.count):
+            for _ in range(self.length):
                 sample = {}
                 for name, (stream, shape, dtype) in streams.items():
                     row = bytearray(stream.read(math.prod(shape[1:]) * dtype.itemsize))

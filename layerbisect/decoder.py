@@ -110,8 +110,10 @@ def vocabularies(model: onnx.ModelProto) -> dict[str, int]:
     inputs = {info.name for info in graph.input} - set(dims)
     found: dict[str, int] = {}
     for node in graph.node:
-        ids, table, attribute = _EMBEDDINGS.get(node.op_type, (None, None, None))
-        if ids is None or len(node.input) <= max(ids, table) or node.input[table] not in dims:
+        if node.op_type not in _EMBEDDINGS:
+            continue
+        ids, table, attribute = _EMBEDDINGS[node.op_type]
+        if len(node.input) <= max(ids, table) or node.input[table] not in dims:
             continue
         axis = next((a.i for a in node.attribute if a.name == attribute), 0)
         shape = dims[node.input[table]]
@@ -191,9 +193,11 @@ def plan_text_inputs(
     axes = parts.axes()
     sizes = _sizes(parts, axes, given, named, past_length)
     for role, entries in axes.items():
+        role_size = sizes[role]
         for spec, axis in entries:  # other inputs using a name these axes declare get its size
-            if isinstance(spec.shape[axis], str) and sizes[role] is not None:
-                named.setdefault(spec.shape[axis], sizes[role])
+            dim = spec.shape[axis]
+            if isinstance(dim, str) and role_size is not None:
+                named.setdefault(dim, role_size)
     past = sizes["past"]
     fills = {spec.name: Fill("tokens", vocabulary.get(spec.name) or 10) for spec in parts.tokens}
     fills.update({spec.name: Fill("ones") for spec in parts.masks})
@@ -206,9 +210,9 @@ def plan_text_inputs(
         if spec.name in given:
             continue
         past_axis = _past_axis(spec) if spec in parts.pasts else None
-        shape = _shape(spec, roles.get(spec.name), past_axis, sizes, named, batch_dims)
-        if shape is not None:
-            out_shapes[spec.name] = shape
+        full = _shape(spec, roles.get(spec.name), past_axis, sizes, named, batch_dims)
+        if full is not None:
+            out_shapes[spec.name] = full
         elif spec in parts.pasts:
             missing[spec.name] = _past_message(spec, sizes["batch"] or 1, past or 0)
     notes = (_note(parts, sizes, vocabulary, out_shapes),) if parts.pasts else ()

@@ -179,7 +179,8 @@ def find_first_bad_layer(
     input_shapes = {name: array.shape for name, array in first_feeds[0].items()}
     # samples stream: only a pass holds them, a few at a time (and, with ort_optimized, the
     # first one's quantized feeds, for the optimized graph's check)
-    first_feeds = first_feeds[1] if given is not None else None
+    first_quant_feeds = first_feeds[1] if given is not None else None
+    del first_feeds
     del first
     sizes, quant_sizes = _value_bytes(float_proto, pairs, input_shapes)
     feeders = _feeders(float_proto, pairs) if isolated else [() for _ in pairs]
@@ -226,7 +227,7 @@ def find_first_bad_layer(
              *subgraph_notes(float_proto, "float model"),
              *subgraph_notes(quant_proto, "quantized model")]
     if given is not None:  # onnxruntime's optimized graph: the layers it computes otherwise
-        notes.append(_fusions(float_graph, given, quant_proto, pairs, first_feeds, groups, passes,
+        notes.append(_fusions(float_graph, given, quant_proto, pairs, first_quant_feeds, groups, passes,
                               seed=seed, providers=providers, budget=budget))
     if isinstance(quant_model, Simulation):
         notes += quant_model.notes([first_bad, culprit])
@@ -249,7 +250,11 @@ class _Passes:
     """Runs the passes of one search over the samples and keeps what each measured: for each
     pair measured, the totals of its pass and its position there."""
 
-    def __init__(self, pairs, segments, feeders, plan, samples, count, *, seed, providers, executor, quiet, save_limit):
+    def __init__(
+        self, pairs: Sequence[Pair], segments: tuple[Segments, Segments], feeders: Sequence[Sequence[int]],
+        plan: InputPlan, samples: Iterable, count: int | None, *, seed: int, providers: Sequence[str],
+        executor: Executor | None, quiet: bool, save_limit: float,
+    ) -> None:
         """``count`` is the number of samples, None when not known before they are read."""
         self.pairs, self.segments, self.feeders, self.plan, self.samples = pairs, segments, feeders, plan, samples
         self.count = count

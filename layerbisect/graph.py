@@ -115,7 +115,8 @@ class Readout:
     def dequantize(self, array: np.ndarray) -> np.ndarray:
         """Return ``array`` as float values in the float model's layout: dequantized (unless
         already float), then permuted by ``perm`` (unless its rank does not fit)."""
-        values = array if self.scale is None or np.issubdtype(array.dtype, np.floating) else self._scaled(array)
+        scale = self.scale
+        values = array if scale is None or np.issubdtype(array.dtype, np.floating) else self._scaled(array, scale)
         if self.perm is None or values.ndim != len(self.perm):
             return values
         return np.ascontiguousarray(values.transpose(self.perm))
@@ -127,8 +128,8 @@ class Readout:
             return array
         return np.ascontiguousarray(array.transpose(np.argsort(self.perm)))
 
-    def _scaled(self, array: np.ndarray) -> np.ndarray:
-        scale, zero_point = self.scale, self.zero_point
+    def _scaled(self, array: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        zero_point = self.zero_point
         if scale.ndim == 1 and scale.size > 1 and array.ndim > 1:
             shape = [1] * array.ndim
             shape[self.axis] = -1
@@ -322,8 +323,9 @@ class _Builder:
         names = [*node.input, *outer_scope_reads(node)]  # If/Loop/Scan bodies read outer values
         inputs = [self.source.get(name, CONST) if name else CONST for name in names]
         for position in MASK_INPUTS.get(node.op_type, ()):
-            if position < len(inputs) and isinstance(inputs[position], tuple):
-                self.mask_reads.append(inputs[position])
+            read = inputs[position] if position < len(inputs) else None
+            if isinstance(read, tuple):
+                self.mask_reads.append(read)
                 inputs[position] = MASK
         data = [ref for ref in inputs if isinstance(ref, tuple)]
         if not data or node.op_type in SHAPE_OPS:
@@ -452,17 +454,20 @@ class _Builder:
             raw = self._value(node.input[0])
             if raw is None:
                 return None
-            if _attr(node, "block_size"):
-                return _blocked(raw, self._const(node, 1), self._const(node, 2), _axis(node), _attr(node, "block_size"))
+            block = _attr(node, "block_size")
+            if block:
+                return _blocked(raw, self._const(node, 1), self._const(node, 2), _axis(node), block)
             readout = Readout(name, self._const(node, 1), self._const(node, 2), _axis(node))
             return readout.dequantize(raw) if readout.scale is not None else raw
         if node is None or depth >= FOLD_DEPTH or node.op_type not in {"Cast", *FOLDED}:
             return None
-        operands = [self._value(operand, depth + 1) for operand in node.input]
-        if any(operand is None for operand in operands):
+        values = [self._value(operand, depth + 1) for operand in node.input]
+        operands = [value for value in values if value is not None]
+        if len(operands) < len(values):
             return None
         if node.op_type == "Cast":
-            return operands[0].astype(helper.tensor_dtype_to_np_dtype(_attr(node, "to")))
+            to = _attr(node, "to")
+            return None if to is None else operands[0].astype(helper.tensor_dtype_to_np_dtype(to))
         return FOLDED[node.op_type](*operands)
 
     def _weight(self, name: str) -> tuple[np.ndarray, Readout] | None:

@@ -77,8 +77,9 @@ class InputPlan:
     missing: Mapping[str, str] = field(default_factory=dict)
     generated_notes: tuple[str, ...] = ()
 
-    def feeds(self, sample: Mapping[str, object] | None, seed: int) -> tuple[Feeds, Feeds]:
-        """Return (float feeds, quantized feeds) for one sample, or random ones if None."""
+    def feeds(self, sample: object, seed: int) -> tuple[Feeds, Feeds]:
+        """Return (float feeds, quantized feeds) for one sample (a mapping of input name ->
+        array, as the caller gave it: anything else is an error), or random ones if None."""
         if sample is None:
             sample = self._random(seed)
         elif not isinstance(sample, Mapping):
@@ -266,12 +267,14 @@ def _adapt(array: np.ndarray, spec: InputSpec, other: InputSpec | None) -> np.nd
     return np.ascontiguousarray(array.transpose(perm))
 
 
-def _random_array(spec: InputSpec, shape: Sequence[int] | None, rng: np.random.Generator, fill: Fill | None = None):
-    if shape is None:
-        if any(not isinstance(d, int) for d in spec.shape):
+def _random_array(spec: InputSpec, given: Sequence[int] | None, rng: np.random.Generator,
+                  fill: Fill | None = None) -> np.ndarray:
+    if given is None:
+        static = [d for d in spec.shape if isinstance(d, int)]
+        if len(static) < len(spec.shape):
             raise LayerbisectError(_dynamic_message(spec))
-        shape = spec.shape
-    shape = tuple(int(d) for d in shape)
+        given = static
+    shape = tuple(int(d) for d in given)
     if any(d < 0 for d in shape) or not _compatible(spec.shape, shape):
         raise LayerbisectError(
             f"shape {list(shape)} given for input {spec.name!r} does not fit {spec.describe()}"

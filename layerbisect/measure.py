@@ -135,7 +135,8 @@ def prepare(
     quant_starts = start.dtypes(1) if start else {}
     quant_names = tuple(dict.fromkeys(p.quant_tensor for p in pairs))
     quant_run = [n for n in dict.fromkeys([*quant_names, *saves[1]]) if n not in quant_starts]
-    isolated_model, cuts = None, ()
+    isolated_model: onnx.ModelProto | None = None
+    cuts: tuple[Cut, ...] = ()
     isolated_run = [n for n in quant_names if n not in quant_starts]
     if boundaries is not None and isolated_run:
         cut_model, cuts = cut(quant_model.extract(isolated_run, quant_starts, detached=True), boundaries,
@@ -300,11 +301,14 @@ def _measure_chunk(measurement: Measurement, items: list, session_of) -> tuple[l
                                                                           *measurement.float_saves])
                     for (f, _), start in zip(feeds, starts)]
     float_saved = [_kept(values, measurement.float_saves, session) for values in float_values]
-    runs = session is not None
+    runs = int(session is not None)
     float_bytes = sum(_fresh_bytes(v, start[0], saved) for v, start, saved in zip(float_values, starts, float_saved))
     del session
     session = session_of(1)
-    cumulative, problems, quant_saved, quant_bytes = [], [], [], 0
+    cumulative: list[tuple[Metrics | None, ...]] = []
+    problems: list[dict[int, str]] = []
+    quant_saved: list[dict[str, np.ndarray]] = []
+    quant_bytes = 0
     for values, (_, q), start in zip(float_values, feeds, starts):
         quant_values = _run(session, measurement.quant_model, q, start[1],
                             [*measurement.quant_names, *measurement.quant_saves])

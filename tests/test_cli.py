@@ -4,6 +4,7 @@ import json
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 
 import numpy as np
 import onnx
@@ -12,6 +13,7 @@ import pytest
 import layerbisect
 import layerbisect.find
 from layerbisect.cli import main
+from layerbisect.datasets import BatchedNpz, NpzFolder
 
 from models import corrupt_weights, make_cnn, quantize, random_inputs
 
@@ -83,6 +85,7 @@ def test_help_and_usage_errors_import_neither_onnx_nor_numpy():
     code = """if True:
         import sys
         from layerbisect.cli import main
+from layerbisect.datasets import BatchedNpz, NpzFolder
         for argv in (["--help"], ["--version"], ["one.onnx"]):
             try:
                 main(argv)
@@ -251,6 +254,17 @@ def test_max_samples_keeps_the_first(models, dataset, capsys, feeds):
                         *(a.replace("@", f"{folder}/") for a in feeds)], capsys)
     api = layerbisect.find_first_bad_layer(models["float"], models["broken"], samples[:2])
     assert data["samples"] == 2 and data["layers"][2]["cosine"] == api.layers[2].cosine
+
+
+def test_a_folder_and_a_batched_file_are_sequences_that_slice(dataset):
+    folder, samples = dataset
+    for data in (NpzFolder(folder / "samples", {}, None), BatchedNpz(folder / "batch.npz", {}, 3)):
+        assert len(data) == 3 and isinstance(data, Sequence)
+        np.testing.assert_array_equal(data[-1]["x"], samples[2]["x"])
+        backwards = data[::-2]  # samples 2 and 0, in that order
+        assert len(backwards) == 2 and data[3:] == []
+        np.testing.assert_array_equal(backwards[0]["x"], samples[2]["x"])
+        np.testing.assert_array_equal(backwards[1]["x"], samples[0]["x"])
 
 
 def test_a_folder_is_read_again_for_each_pass_of_a_bisection(models, dataset, capsys):
