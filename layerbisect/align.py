@@ -606,7 +606,8 @@ class _Aligner:
             roots.append((root, _compose(root_perm, perm)))
             read_as_mapped = read_as_mapped and root_perm is None
         key = tuple(sorted(root for root, _ in roots))
-        found, views = [], []
+        found: list[tuple[str, Perm]] = []
+        views: list[tuple[str, Perm]] = []
         for role in ROLE_ALIASES.get(attrs["role"], (attrs["role"],)):
             for match in self.index.get((role, key), ()):
                 if match in self.claimed:
@@ -759,7 +760,8 @@ class _Aligner:
         operations, each its input's only reader, and Transposes the other graph lacks. A
         Relu or Clip may share its input: onnxruntime removes one whose QuantizeLinear clamps
         anyway, and the values before and after it stand for one quantized value here."""
-        chain, node = [], value[0]
+        chain: list[str] = []
+        node = value[0]
         while len(chain) < MAX_REGION:
             attrs = self.fa[node]
             sources = {src for src in attrs["sources"] if src[0] not in self.float_only_inputs}

@@ -138,6 +138,7 @@ def build_report(
             "model it was made from"
         )
     float_proto, quant_proto = float_side.proto, quant_side.proto
+    assert float_proto is not None, "the float side is always a model; only a tensor source may have none"
     quant_summary = None if quant_proto is None else summarize(quant_proto, quant_side.graph_label or quant_side.label)
     return Report(
         layers=records, first_bad=bad, threshold=float(threshold), samples=run.samples,

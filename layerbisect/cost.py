@@ -94,7 +94,7 @@ class _Layout:
     def pieces(self, pieces: Sequence[Sequence[int]], end: int) -> tuple[float, ...]:
         """The pieces in order, each resumed after the last, up to the one holding layer
         ``end`` (all of them when ``end`` is past the last layer)."""
-        total = (0.0, 0.0, 0.0, 0.0)
+        total: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)
         for piece in pieces:
             total = _plus(total, self.priced(piece[0], piece, self.isolated))
             if piece[-1] >= end:
@@ -105,8 +105,9 @@ class _Layout:
         """The probes towards a first bad layer at ``end``, one a pass, each resumed after the
         last passing one; then the last pass, or, with isolated error once a probe failed, the
         pieces up to the earliest failing probe."""
-        total = (0.0, 0.0, 0.0, 0.0)
-        start, failing = 0, []
+        total: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)
+        start = 0
+        failing: list[int] = []
 
         def check(indices: Sequence[int], final: bool) -> dict[int, bool]:
             nonlocal total, start

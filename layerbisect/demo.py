@@ -107,7 +107,8 @@ def files() -> tuple[str, str]:
     """The two models saved once in a temporary folder, removed when Python exits."""
     folder = tempfile.mkdtemp(prefix="layerbisect-demo-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    return tuple(str(path) for path in save(folder))
+    float_path, int8_path = save(folder)
+    return str(float_path), str(int8_path)
 
 
 @functools.lru_cache(maxsize=1)

@@ -288,8 +288,12 @@ def _qnn_results(path: Path) -> list[Path]:
         return []
     if QNN_RESULT.fullmatch(path.name) and any(path.rglob("*.raw")):
         return [path]
-    return sorted((p for p in path.iterdir() if p.is_dir() and QNN_RESULT.fullmatch(p.name)),
-                  key=lambda p: int(QNN_RESULT.fullmatch(p.name).group(1)))
+    numbered = {}  # result folder -> its N
+    for p in path.iterdir():
+        match = QNN_RESULT.fullmatch(p.name)
+        if match and p.is_dir():
+            numbered[p] = int(match.group(1))
+    return sorted(numbered, key=numbered.__getitem__)
 
 
 def _qnn(path: Path, layout: str) -> list[DumpedTensor]:
@@ -310,8 +314,8 @@ def _qnn(path: Path, layout: str) -> list[DumpedTensor]:
 
 def _tidl(path: Path, info_path: str | PathLike | None) -> list[DumpedTensor]:
     """The float traces of a TIDL trace folder, named and ordered by its layer_info table."""
-    traces = [(TIDL_TRACE.fullmatch(f.name), f) for f in path.iterdir()]
-    traces = [(m, f) for m, f in traces if m is not None]
+    named = [(TIDL_TRACE.fullmatch(f.name), f) for f in path.iterdir()]
+    traces = [(m, f) for m, f in named if m is not None]
     floats = [(m, f) for m, f in traces if m.group(7)]
     if not floats:
         raise LayerbisectError(

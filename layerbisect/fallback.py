@@ -201,6 +201,7 @@ def keep_in_float(
         found, _ = bisect_first_failing(
             lambda ks, final: {k: not repairs(candidates[: k + 1]) for k in ks}, len(candidates)
         )
+        assert found is not None, "the whole list repairs: its last prefix does"
         end = found + 1
         latest, _ = bisect_first_failing(  # then the latest start that still repairs
             lambda ks, final: {k: repairs(candidates[k:end]) for k in ks}, end

@@ -161,11 +161,12 @@ def find_first_bad_layer(
             "quant_graph names the graph a tensor source's tensors come from; with a quantized "
             "model, leave it out (the model is its own graph)"
         )
+    quantized: ModelLike | Simulation = quant_model
     if isinstance(quant_model, Simulated):
         samples = reusable(samples)  # the ranges are observed over them, then they are compared
-        quant_model = quant_model.build(float_model, samples, shapes=shapes, seed=seed, providers=providers)
+        quantized = quant_model.build(float_model, samples, shapes=shapes, seed=seed, providers=providers)
     float_proto, quant_proto, plan, float_graph, alignment, load_notes, given = setup(
-        float_model, quant_model, shapes=shapes, providers=providers, ort_optimized=ort_optimized,
+        float_model, quantized, shapes=shapes, providers=providers, ort_optimized=ort_optimized,
         allow_swapped=allow_swapped, quiet=quiet, past_length=past_length,
     )
     pairs = alignment.pairs
@@ -229,12 +230,12 @@ def find_first_bad_layer(
     if given is not None:  # onnxruntime's optimized graph: the layers it computes otherwise
         notes.append(_fusions(float_graph, given, quant_proto, pairs, first_quant_feeds, groups, passes,
                               seed=seed, providers=providers, budget=budget))
-    if isinstance(quant_model, Simulation):
-        notes += quant_model.notes([first_bad, culprit])
+    if isinstance(quantized, Simulation):
+        notes += quantized.notes([first_bad, culprit])
     return assemble.build_report(
         records, threshold,
         float_side=assemble.Side(float_proto, assemble.label(float_model)),
-        quant_side=assemble.Side(quant_proto, assemble.label(quant_model)),
+        quant_side=assemble.Side(quant_proto, assemble.label(quantized)),
         float_graph=float_graph, alignment=alignment,
         run=assemble.Run(samples=passes.totals[0].samples, executions=sum(t.executions for t in passes.totals),
                          peak_bytes=max(t.peak_bytes for t in passes.totals), providers=tuple(providers), seed=seed,
@@ -242,7 +243,7 @@ def find_first_bad_layer(
         cause=assemble.Cause(culprit, cause,
                              _contributors(records, first_bad, culprit) if cause == "accumulated" else ()),
         notes=notes, problems=[why for totals in passes.totals for why in totals.problems.values()],
-        generated=inputs is None, sources=sources(float_model, quant_model, float_proto, quant_proto),
+        generated=inputs is None, sources=sources(float_model, quantized, float_proto, quant_proto),
     )
 
 
@@ -397,7 +398,7 @@ class Setup(NamedTuple):
 
 def setup(
     float_model: ModelLike,
-    quant_model: ModelLike,
+    quant_model: ModelLike | Simulation,
     *,
     shapes: Mapping[str, Sequence[int]] | None = None,
     providers: Sequence[str] = DEFAULT_PROVIDERS,
@@ -416,7 +417,8 @@ def setup(
     with steps(2 + ort_optimized, "model", quiet=quiet, desc="loading the float model") as bar:
         float_proto = load_model(float_model, role="float model")
         bar.advance("loading the quantized model")
-        quant_proto = load_model(quant_model if simulation is None else simulation.model, role="quantized model")
+        quant_proto = load_model(quant_model.model if isinstance(quant_model, Simulation) else quant_model,
+                                 role="quantized model")
         bar.advance("optimizing the quantized model" if ort_optimized else None)
         log.info("loaded the float model (%d nodes) and the quantized model (%d nodes)",
                  len(float_proto.graph.node), len(quant_proto.graph.node))
@@ -434,9 +436,13 @@ def setup(
     with steps(ALIGN_STEPS, "step", quiet=quiet, desc="aligning: the float graph") as bar:
         float_graph = build_graph(float_proto)
         bar.advance("aligning: the quantized graph")
-        quant_graph = None if simulation else build_graph(quant_proto)
-        bar.advance("aligning: pairing layers")
-        alignment = simulation.alignment(float_graph) if simulation else align(float_graph, quant_graph)
+        if simulation is not None:  # the float graph, simulated: no graph of its own
+            bar.advance("aligning: pairing layers")
+            alignment = simulation.alignment(float_graph)
+        else:
+            quant_graph = build_graph(quant_proto)
+            bar.advance("aligning: pairing layers")
+            alignment = align(float_graph, quant_graph)
         bar.advance()
     log.info("aligned %d of %d float operations (%d layers); %d of %d weighted layers paired",
              alignment.float_ops - len(alignment.unaligned), alignment.float_ops, len(alignment.pairs),

@@ -280,7 +280,7 @@ class _Builder:
                 self.consumers.setdefault(name, []).append(node)
         self.source: dict[str, ValueRef | str] = {}
         self.mask_reads: list[ValueRef] = []
-        self.graph = nx.DiGraph()
+        self.graph: nx.DiGraph = nx.DiGraph()
 
     def build(self) -> nx.DiGraph:
         for init in self.graph_proto.initializer:

@@ -153,8 +153,9 @@ def _fitted(shape: tuple[int, ...], target: tuple[int | None, ...]) -> tuple[int
     """The shape to feed a value of ``shape`` as a tensor of ``target``: ``target`` where all
     of it is known and holds as many elements; the value's leading dimensions merged into one
     where ``target`` has fewer dimensions (the 2-D view a Gemm reads); else ``shape``."""
-    if None not in target and math.prod(target) == math.prod(shape):
-        return target
+    known = tuple(d for d in target if d is not None)
+    if len(known) == len(target) and math.prod(known) == math.prod(shape):
+        return known
     if 2 <= len(target) < len(shape):
         return (-1, *shape[len(shape) - len(target) + 1:])
     return shape

@@ -47,7 +47,7 @@ def memory_size(value: object, name: str = "memory_budget") -> int:
 
 def check_threshold(threshold: object) -> float:
     """A cosine threshold in (0, 1] (numpy scalars are numbers, booleans are not)."""
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 < threshold <= 1.0:
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 < float(threshold) <= 1.0:
         raise LayerbisectError(f"threshold must be in (0, 1], got {threshold!r}")
     return float(threshold)
 

@@ -385,10 +385,10 @@ def chart_svg(report: Report, width: int = 960) -> str:
 
 def _marks(report: Report) -> list[tuple[str, LayerComparison, str]]:
     """The layers to mark: the first bad one, and the culprit when it is another layer."""
-    marks = [("first bad", report.first_bad, RED)]
+    marks = [] if report.first_bad is None else [("first bad", report.first_bad, RED)]
     if report.culprit is not None and not _same(report.culprit, report.first_bad):
         marks.append(("culprit", report.culprit, ORANGE))
-    return [mark for mark in marks if mark[1] is not None]
+    return marks
 
 
 def _axes(label, y0, panel, x0, x1, ticks, y_of, count, x_of) -> str:

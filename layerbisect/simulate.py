@@ -84,6 +84,9 @@ class Format:
     @property
     def step(self) -> float:
         """The value of one unit in the last place (fixed point only)."""
+        if self.fraction is None:
+            raise LayerbisectError(f"{self.name} has no fixed step, range or grid: its scale is chosen per "
+                                   "tensor from the observed range; ask a fixed-point format (ap_fixed<W,I>)")
         return math.ldexp(1.0, -self.fraction)
 
     @property

@@ -157,7 +157,7 @@ def compare_source(
     graph = build_graph(proto)
     quant_proto = None if quant_graph is None else load_model(quant_graph, role="quantized graph")
     alignment = None if quant_proto is None else align(graph, build_graph(quant_proto))
-    names = None if alignment is None else _dumped_names(alignment, quant_proto)
+    names = None if alignment is None or quant_proto is None else _dumped_names(alignment, quant_proto)
     values = _float_values(graph)
     specs = declared_inputs(proto)
     plan = plan_inputs(specs, specs, shapes, past_length=past_length, vocabulary=vocabularies(proto))
@@ -171,8 +171,9 @@ def compare_source(
         generated |= sample is None
         feeds, _ = plan.feeds(sample, seed)
         reference = session.run(feeds, [v.tensor for v in values])
-        if readings is None and callable(getattr(source, "expect", None)):
-            source.expect(_expected(values, reference, names))
+        expect = getattr(source, "expect", None)  # optional (see TensorSource)
+        if readings is None and callable(expect):
+            expect(_expected(values, reference, names))
         produced = {k: v for k, v in _call(source, feeds).items() if k not in inputs}
         totals.peak_bytes = max(totals.peak_bytes, _nbytes(reference) + _nbytes(produced))
         if readings is None:
@@ -396,11 +397,13 @@ def _fused_with(graph: nx.DiGraph) -> dict[str, tuple[str, dict[int, tuple[str, 
     for node, attrs in graph.nodes(data=True):
         if attrs["kind"] != "op" or not attrs["outputs"]:
             continue
-        after, value = [], (node, 0)
+        after: list[str] = []
+        value = (node, 0)
         while len(after) < FUSED_CHAIN and alone(value):
             value = (readers[value][0], 0)
             after.append(graph.nodes[value[0]]["outputs"][0])
-        before, current = [], node
+        before: list[str] = []
+        current = node
         while len(before) < FUSED_CHAIN and foldable(current) and alone(graph.nodes[current]["sources"][0]):
             current = graph.nodes[current]["sources"][0][0]
             if graph.nodes[current]["kind"] != "op":
@@ -511,8 +514,8 @@ def _measure(readings: Sequence[Reading], reference: Mapping[str, np.ndarray], p
         if position in refused:
             why = refused[position]
             problems[index] = why if why == assemble.NOT_FLOAT else f"{readings[index].match.key!r}: {why}"
-        elif outcomes[position] is not None:
-            totals.cumulative[index].add(outcomes[position])
+        elif (metrics := outcomes[position]) is not None:
+            totals.cumulative[index].add(metrics)
             totals.shapes[index] = tuple(np.shape(reference[readings[index].match.float_tensor]))
     for index, why in problems.items():
         totals.problems.setdefault(index, why)
@@ -530,7 +533,9 @@ def _reported_pairs(graph: nx.DiGraph, values: Sequence[_Value], readings: Seque
     """The pairs as the report shows them: the alignment's own (pairing by structure), else
     each float value's span (see ``_span``) against the source's tensor."""
     if alignment is not None:
-        return [reading.pair for reading in readings]
+        aligned = [reading.pair for reading in readings if reading.pair is not None]
+        assert len(aligned) == len(readings), "pairing by structure gives every reading its pair"
+        return aligned
     by_tensor = {v.tensor: v for v in values}
     paired = {by_tensor[r.match.float_tensor].node for i, r in enumerate(readings)
               if assemble.comparable(totals, i)}

@@ -70,6 +70,12 @@ def test_values_below_the_step_fail_for_resolution():
     assert "resolution: 100.0% of non-zero values rounded to zero (step 0.0625)" in diagnosis(report)
 
 
+def test_a_format_scaled_per_tensor_has_no_fixed_step():
+    assert parse_format("ap_fixed<8,4>").step == 0.0625
+    with pytest.raises(LayerbisectError, match=r"int8 has no fixed step.*ask a fixed-point format"):
+        parse_format("int8").step
+
+
 def test_a_healthy_model_passes_at_ap_fixed_16_8():
     report = find_first_bad_layer(scaled_model(1.0), simulated("ap_fixed<16,8>"), inputs=samples())
     assert report.first_bad is None and report.coverage == 1.0
