@@ -85,7 +85,6 @@ def test_help_and_usage_errors_import_neither_onnx_nor_numpy():
     code = """if True:
         import sys
         from layerbisect.cli import main
-from layerbisect.datasets import BatchedNpz, NpzFolder
         for argv in (["--help"], ["--version"], ["one.onnx"]):
             try:
                 main(argv)
