@@ -30,9 +30,15 @@ load ``keep_in_float``'s module.
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 from layerbisect.errors import LayerbisectError
+
+# The progress log shows when asked for (``logging.getLogger("layerbisect").setLevel(logging.INFO)``,
+# the CLI's -v), not because a library configured the root logger at INFO: onnxruntime's int4
+# quantizer calls logging.basicConfig(level=INFO) when imported.
+logging.getLogger("layerbisect").setLevel(logging.WARNING)
 
 if TYPE_CHECKING:
     from layerbisect.diagnosis import Diagnoses, diagnose

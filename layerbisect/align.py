@@ -98,7 +98,7 @@ MOVES = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand", "C
 # 2-D view of a MatMul's input, a Reshape brings the leading dimensions back.
 VIEWS = {"Reshape", "Flatten"}
 SAME_WEIGHTS = 0.999  # weight fingerprints this similar are the same weights
-MAX_REGION = 32  # operations on one side of a region
+MAX_REGION = 48  # operations on one side of a region
 MAX_VISIT = 4 * MAX_REGION  # quantized operations one region search looks at
 MAX_TRIALS = MAX_VISIT  # ways to settle an operation's waiting inputs that are tried
 
@@ -340,7 +340,10 @@ class _Aligner:
         graph reads that mask in a fused operator's own form (``graph``'s ``mask_inputs``): the
         float graph's additive mask, which nothing there computes. Regions leave them out; they
         are compared with nothing (see ``_masks_accounted``)."""
-        quant_masks = self.qg.graph.get("mask_inputs", frozenset())
+        quant_masks = set(self.qg.graph.get("mask_inputs", frozenset()))
+        if quant_masks:  # and the inputs it declares but does not read (position ids, which a
+            # GroupQueryAttention reads as cos/sin caches of its own)
+            quant_masks |= {node for node in _ordered(self.qg, "input") if not self.qg.out_degree(node)}
         masks = {node for node in _ordered(self.fg, "input") if self.vmap.get((node, 0), ("",))[0] in quant_masks}
         inputs = set(masks)
         for node in _ordered(self.fg, "op"):
@@ -806,6 +809,7 @@ class _Aligner:
         settlements = []
         for end, (members, uses, perm) in self._quant_closure(frontier).items():
             if (uses != frontier.keys() or len(region) + len(members) < 3 or not _channel_move(perm)
+                    or any(self.trusted.get(member, region[-1]) not in region for member in members)
                     or not _shapes_agree(shape, self.qa[end]["shapes"][0], perm)
                     or _anchors(self.qa, members) > _anchors(self.fa, region)
                     or not self._region_weighted_fits(region)

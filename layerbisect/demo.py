@@ -71,8 +71,7 @@ def dump(folder: str | Path, sample: dict[str, np.ndarray] | None = None) -> Pat
     its tensors: the output of each operation but its quantization ones, written to
     ``folder`` as ``<name>.npy``; return ``folder``.
 
-    >>> import tempfile
-    >>> sorted(p.name for p in dump(tempfile.mkdtemp()).iterdir())[:4]
+    >>> sorted(p.name for p in dump(scratch()).iterdir())[:4]
     ['conv1.npy', 'conv2.npy', 'flat.npy', 'pool.npy']
     """
     from layerbisect.dumps import sanitise
@@ -102,12 +101,21 @@ def report() -> Report:
     return find_first_bad_layer(*files(), inputs=image(), quiet=True)
 
 
+def scratch() -> Path:
+    """A new empty folder, removed when Python exits: where the documentation's examples write.
+
+    >>> list(scratch().iterdir())
+    []
+    """
+    folder = Path(tempfile.mkdtemp(prefix="layerbisect-demo-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 @functools.lru_cache(maxsize=1)
 def files() -> tuple[str, str]:
     """The two models saved once in a temporary folder, removed when Python exits."""
-    folder = tempfile.mkdtemp(prefix="layerbisect-demo-")
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    float_path, int8_path = save(folder)
+    float_path, int8_path = save(scratch())
     return str(float_path), str(int8_path)
 
 

@@ -33,9 +33,8 @@ Layouts read:
   the float traces are read, shaped (batch, channels, height, width), named by their dataId's
   layer and ordered by layerId. Fixed-point traces alone are refused: they carry no scale.
 
->>> import tempfile
 >>> from layerbisect import demo, find_first_bad_layer
->>> folder = DumpFolder(demo.dump(tempfile.mkdtemp()))  # the demo int8 model's tensors, as .npy
+>>> folder = DumpFolder(demo.dump(demo.scratch()))  # the demo int8 model's tensors, as .npy
 >>> report = find_first_bad_layer(demo.float_model(), folder, inputs=demo.image())
 >>> report.first_bad.float_nodes[-1], report.first_bad.quant_tensor
 ('conv2', 'conv2')
@@ -127,9 +126,8 @@ class DumpFolder:
     whatever the feeds (they must be the feeds the dump was made from). See the module
     docstring for the layouts; ``map`` names the JSON map when the folder holds several.
 
-    >>> import tempfile
-    >>> from layerbisect import demo
-    >>> DumpFolder(demo.dump(tempfile.mkdtemp()))({})["conv1"].shape
+        >>> from layerbisect import demo
+    >>> DumpFolder(demo.dump(demo.scratch()))({})["conv1"].shape
     (1, 16, 32, 32)
     """
 

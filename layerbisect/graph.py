@@ -171,7 +171,8 @@ def _shape_stand_ins(node: onnx.NodeProto, dims: Mapping[str, Sequence[int]]) ->
     """For shape inference, an onnxruntime fusion as the standard operations whose outputs have
     the same shapes: FusedMatMul (untransposed) as MatMul, FusedConv as Conv, FusedGemm as Gemm,
     a Gelu as an Identity, SkipLayerNormalization's normalized value and residual sum as
-    Identities of its input, an Attention of square projections as an Identity of its input,
+    Identities of its input, an Attention of square projections, a GroupQueryAttention or
+    MultiHeadAttention of separate query, key and value as an Identity of its input (the query),
     EmbedLayerNormalization's embedding as the Gather of its word embeddings (``dims``: the
     initializers' shapes, which tell the square projections). Outputs with no
     stand-in (an attention's cache, a mask index) stay unknown; other operations are left as
@@ -192,13 +193,32 @@ def _shape_stand_ins(node: onnx.NodeProto, dims: Mapping[str, Sequence[int]]) ->
         "Gelu": (0,), "FastGelu": (0,), "QuickGelu": (0,), "BiasGelu": (0,), "RotaryEmbedding": (0,),
         "SkipLayerNormalization": (0, 3), "SkipSimplifiedLayerNormalization": (0, 3),
         "Attention": (0,) if _square_projections(node, dims) else (),
+        # with key and value given apart, the attention's value has the query's shape
+        "GroupQueryAttention": (0,) if len(inputs) > 2 and inputs[1] and inputs[2] else (),
+        "MultiHeadAttention": (0,) if len(inputs) > 2 and inputs[1] and inputs[2] else (),
     }
     if op in same_as_input:
         return [helper.make_node("Identity", inputs[:1], [outputs[i]])
                 for i in same_as_input[op] if i < len(outputs) and outputs[i]]
     if op == "EmbedLayerNormalization" and len(inputs) > 2:
         return [helper.make_node("Gather", [inputs[2], inputs[0]], outputs[:1])]
+    if op == "MatMulNBits" and _attr(node, "K") and _attr(node, "N"):  # a MatMul by a [K, N] weight (_stand_in_weights)
+        return [helper.make_node("MatMul", [inputs[0], _stand_in_weight(node)], outputs[:1])]
     return [node]
+
+
+def _stand_in_weight(node: onnx.NodeProto) -> str:
+    return f"{node.output[0]}#weight_shape"
+
+
+def _stand_in_weights(nodes: Sequence[onnx.NodeProto]) -> list[onnx.TensorProto]:
+    """Shape-only initializers that the stand-ins of ``_shape_stand_ins`` read: the [K, N]
+    weight of each MatMulNBits."""
+    return [
+        onnx.TensorProto(name=_stand_in_weight(node), data_type=onnx.TensorProto.FLOAT, dims=[k, n])
+        for node in nodes if node.op_type == "MatMulNBits" and node.domain == "com.microsoft"
+        for k, n in [(_attr(node, "K"), _attr(node, "N"))] if k and n
+    ]
 
 
 def _square_projections(attention: onnx.NodeProto, dims: Mapping[str, Sequence[int]]) -> bool:
@@ -243,8 +263,8 @@ def inferred_types(
         graph=onnx.GraphProto(
             node=[stand_in for node in graph.node for stand_in in _shape_stand_ins(node, dims)],
             output=graph.output, value_info=graph.value_info,
-            initializer=[_shape_only(init) if tensor_nbytes(init) > LARGE_INITIALIZER else init
-                         for init in graph.initializer],
+            initializer=[*(_shape_only(init) if tensor_nbytes(init) > LARGE_INITIALIZER else init
+                           for init in graph.initializer), *_stand_in_weights(graph.node)],
         ),
     )
     for info in graph.input:

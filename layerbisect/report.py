@@ -293,9 +293,9 @@ class Report:
         """Write ``to_html()`` to ``path``; the file opens offline in any browser. A path that
         is one of ``sources`` is refused (``LayerbisectError``).
 
-        >>> import os, tempfile
+        >>> import os
         >>> from layerbisect import demo
-        >>> demo.report().save_html(os.path.join(tempfile.mkdtemp(), "report.html"))
+        >>> demo.report().save_html(os.path.join(demo.scratch(), "report.html"))
         """
         from layerbisect.files import write_text
 
@@ -310,9 +310,8 @@ class Report:
         ``onnx.ModelProto`` (or path) of a model the report was made from in memory. Files of
         ``sources`` are refused. See ``layerbisect.explorer``.
 
-        >>> import tempfile
-        >>> from layerbisect import demo
-        >>> [path.name for path in demo.report().to_model_explorer(tempfile.mkdtemp())][:2]
+                >>> from layerbisect import demo
+        >>> [path.name for path in demo.report().to_model_explorer(demo.scratch())][:2]
         ['float_cosine.json', 'float_isolated_cosine.json']
         """
         from layerbisect.explorer import write_overlays
@@ -341,9 +340,9 @@ class Report:
     def plot(self) -> Any:
         """A matplotlib Figure of cosine and SQNR per layer (needs matplotlib).
 
-        >>> import os, tempfile
+        >>> import os
         >>> from layerbisect import demo
-        >>> demo.report().plot().savefig(os.path.join(tempfile.mkdtemp(), "layers.png"))
+        >>> demo.report().plot().savefig(os.path.join(demo.scratch(), "layers.png"))
         """
         from layerbisect.render import figure
 

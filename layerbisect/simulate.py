@@ -291,10 +291,10 @@ class Simulated:
         does to the values over ``samples`` (None: one seeded random sample). Integer formats
         take their ranges from the samples.
 
-        >>> import os, tempfile
+        >>> import os
         >>> from layerbisect import demo
         >>> simulation = simulated("ap_fixed<16,8>").build(demo.float_model())
-        >>> onnx.save(simulation.model, os.path.join(tempfile.mkdtemp(), "float_ap_fixed_16_8.onnx"))
+        >>> onnx.save(simulation.model, os.path.join(demo.scratch(), "float_ap_fixed_16_8.onnx"))
         """
         proto = load_model(float_model, role="float model")
         lower_ir_version(proto, "float model")  # the report notes it, when setup loads the float model again

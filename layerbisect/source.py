@@ -145,9 +145,8 @@ def compare_source(
     value (integers dequantized with the graph's scale and zero point). The pairs are measured
     and reported as a model's are (``measure.compare_pairs``, ``assemble.build_report``).
 
-    >>> import tempfile
-    >>> from layerbisect import demo
-    >>> folder = DumpFolder(demo.dump(tempfile.mkdtemp()))
+        >>> from layerbisect import demo
+    >>> folder = DumpFolder(demo.dump(demo.scratch()))
     >>> compare_source(demo.float_model(), folder, [demo.image()]).first_bad.quant_tensor
     'conv2'
 

@@ -16,7 +16,7 @@ from layerbisect.decoder import vocabularies
 from layerbisect.inputs import InputSpec, plan_inputs
 from layerbisect.load import declared_inputs
 
-from models import _quiet, int4_weights, make_bert, make_llama
+from models import _quiet, int4_weights, make_bert, make_llama, scaled_columns
 
 VOCAB, KV_HEADS, HEAD = 96, 2, 16
 PRESENTS = {f"present.{i}.{kv}" for i in range(2) for kv in ("key", "value")}
@@ -230,19 +230,29 @@ def test_a_tied_lm_head_pairs_with_its_int4_blocks_and_a_shuffled_one_is_named()
 
 
 @pytest.mark.parametrize("target", ["model.layers.0.self_attn.k_proj", "model.layers.1.self_attn.o_proj",
-                                    "model.layers.1.mlp.up_proj"])
-def test_a_group_query_attention_decoder_in_int4_pairs_its_weighted_layers_and_names_a_shuffled_one(llama, target):
+                                    "model.layers.1.mlp.up_proj", "gqa.sin_cache"])
+def test_a_group_query_attention_decoder_in_int4_pairs_every_op_and_names_a_fault(llama, target):
     """onnxruntime-genai's model builder form: each layer's attention one GroupQueryAttention
-    (rotary embeddings, the past appended, the heads repeated and the mask, all inside),
-    weights in int4 blocks. Every weighted layer pairs and a fault in any is named; the fused
-    attention itself (about 40 float operations, three outputs, against one operation) is not
-    paired yet, so the presents and the attention's values are not compared."""
+    (rotary embeddings from cos/sin caches, the past appended, the heads repeated and the mask
+    from seqlens_k, all inside), weights in int4 blocks. The float attention (36 operations,
+    from the heads' views to their merge) pairs with the GroupQueryAttention, the rotary and
+    mask values it computes from position_ids and attention_mask in its own form are compared
+    with nothing, and the o_proj after it (an anchor) stays its own layer; a fault in a weight
+    or in the rotary caches is named."""
     gqa = make_llama(attention="gqa")
     assert sum(node.op_type == "GroupQueryAttention" for node in gqa.graph.node) == 2
     quant = int4_weights(gqa)
     clean = find_first_bad_layer(llama, quant, threshold=THRESHOLD)
-    assert clean.weighted == clean.weighted_paired == 15 and clean.first_bad is None
-    assert all(layer.quant_tensor == layer.float_tensor for layer in clean.layers)
-    node = next(n.name for n in quant.graph.node if n.output[0] == target)
-    faulty = find_first_bad_layer(llama, shuffled(quant, node), threshold=THRESHOLD)
-    assert faulty.culprit.float_nodes == (target,) and faulty.first_bad_cause == "introduced"
+    assert clean.coverage == 1.0 and clean.weighted == clean.weighted_paired == 15 and clean.first_bad is None
+    attention = [layer for layer in clean.layers if layer.quant_nodes[-1].endswith(".self_attn.gqa")]
+    assert [layer.float_nodes[-1] for layer in attention] == [f"model.layers.{i}.self_attn.merged" for i in (0, 1)]
+    assert all(len(layer.float_nodes) == 36 for layer in attention)
+    assert all(layer.quant_tensor == layer.float_tensor for layer in clean.layers if layer not in attention)
+    if target == "gqa.sin_cache":
+        faulty_model = scaled_columns(quant, "model.layers.0.self_attn.gqa", 8, -1.0)
+        expected = ("model.layers.0.self_attn.gqa",)
+    else:
+        node = next(n.name for n in quant.graph.node if n.output[0] == target)
+        faulty_model, expected = shuffled(quant, node), (node,)
+    faulty = find_first_bad_layer(llama, faulty_model, threshold=THRESHOLD)
+    assert faulty.culprit.quant_nodes == expected and faulty.first_bad_cause == "introduced"
