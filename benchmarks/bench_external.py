@@ -93,11 +93,30 @@ def qdq_layer(i: int, current: str, w, activation, data: DataFile, broken: bool)
     return nodes, inits
 
 
-def build(folder: str, layers: int, fault: int) -> dict:
-    """Write float.onnx and quant.onnx (with float.data and quant.data) into ``folder``."""
+def save_models(folder: str, models: dict, width: int, batch: int, output: str) -> tuple[dict, str]:
+    """Write each of ``models`` (name -> (nodes, initializers)) as ``<name>.onnx`` in ``folder``
+    (input "x" [batch, width], output ``output``) and a seeded ``feeds.npz``; return the paths."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper
+
+    paths = {}
+    for name, (nodes, inits) in models.items():
+        graph = helper.make_graph(
+            nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, width])],
+            [helper.make_tensor_value_info(output, TensorProto.FLOAT, [batch, width])], inits,
+        )
+        paths[name] = os.path.join(folder, f"{name}.onnx")
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), paths[name])
+    feeds = os.path.join(folder, "feeds.npz")
+    np.savez(feeds, x=np.random.default_rng(1).standard_normal((batch, width)).astype(np.float32))
+    return paths, feeds
+
+
+def build(folder: str, layers: int, fault: int) -> dict:
+    """Write float.onnx and quant.onnx (with float.data and quant.data) into ``folder``."""
+    import numpy as np
+    from onnx import helper
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((BATCH, WIDTH)).astype(np.float32)
@@ -117,16 +136,8 @@ def build(folder: str, layers: int, fault: int) -> dict:
         activation, current = np.maximum(activation @ w, 0), f"relu{i}"
     float_data.file.close()
     quant_data.file.close()
-    paths = {}
-    for name, nodes, inits in (("float", float_nodes, float_inits), ("quant", quant_nodes, quant_inits)):
-        graph = helper.make_graph(
-            nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [BATCH, WIDTH])],
-            [helper.make_tensor_value_info(current, TensorProto.FLOAT, [BATCH, WIDTH])], inits,
-        )
-        paths[name] = os.path.join(folder, f"{name}.onnx")
-        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), paths[name])
-    feeds = os.path.join(folder, "feeds.npz")
-    np.savez(feeds, x=np.random.default_rng(1).standard_normal((BATCH, WIDTH)).astype(np.float32))
+    paths, feeds = save_models(folder, {"float": (float_nodes, float_inits), "quant": (quant_nodes, quant_inits)},
+                               WIDTH, BATCH, current)
     weights = sum(os.path.getsize(os.path.join(folder, f)) for f in ("float.data", "quant.data"))
     return {"float_path": paths["float"], "quant_path": paths["quant"], "feeds": feeds,
             "planted": f"mm{fault}", "weights_mb": weights / 2**20,

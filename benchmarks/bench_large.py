@@ -39,7 +39,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_scan  # noqa: E402  (peak RSS readings, child processes, bytecode)
-from bench_external import DataFile, qdq_layer  # noqa: E402  (external data a tensor at a time, QDQ layers)
+from bench_external import DataFile, qdq_layer, save_models  # noqa: E402  (external data, QDQ layers, files)
 
 BATCH = 1
 MODES = ("floor", "layerbisect")
@@ -52,8 +52,7 @@ LLAMA_THRESHOLD = 0.9
 def build(folder: str, width: int, layers: int, kind: str) -> dict:
     """Write float.onnx and other.onnx (with float.data and other.data) into ``folder``."""
     import numpy as np
-    import onnx
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     rng = np.random.default_rng(0)
     fault = layers // 2
@@ -81,16 +80,8 @@ def build(folder: str, width: int, layers: int, kind: str) -> dict:
         del w
     float_data.file.close()
     other_data.file.close()
-    paths = {}
-    for name, nodes, inits in (("float", float_nodes, float_inits), ("other", other_nodes, other_inits)):
-        graph = helper.make_graph(
-            nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [BATCH, width])],
-            [helper.make_tensor_value_info(current, TensorProto.FLOAT, [BATCH, width])], inits,
-        )
-        paths[name] = os.path.join(folder, f"{name}.onnx")
-        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), paths[name])
-    feeds = os.path.join(folder, "feeds.npz")
-    np.savez(feeds, x=np.random.default_rng(1).standard_normal((BATCH, width)).astype(np.float32))
+    paths, feeds = save_models(folder, {"float": (float_nodes, float_inits), "other": (other_nodes, other_inits)},
+                               width, BATCH, current)
     sizes = {name: os.path.getsize(os.path.join(folder, f"{name}.data")) / 2**20 for name in ("float", "other")}
     return {"float_path": paths["float"], "other_path": paths["other"], "feeds": feeds,
             "planted": f"mm{fault}", "sizes_mb": sizes}
