@@ -153,9 +153,11 @@ def _static(node, constants, graph) -> list[onnx.NodeProto] | None:
         scale = _bias_scale(node, triples, constants, beta=attrs["beta"].f if "beta" in attrs and op == "Gemm" else 1.0)
         if scale is None:
             return None
-        name = f"{node.name}__layerbisect_bias_scale"
-        graph.initializer.append(numpy_helper.from_array(scale, name))
-        dq = _dq(f"{node.name}__layerbisect_dq_bias", [node.input[bias], name], 0 if scale.size > 1 else None)
+        name = f"{node.name}__layerbisect_bias"
+        graph.initializer.extend([numpy_helper.from_array(scale, f"{name}_scale"),
+                                  numpy_helper.from_array(np.zeros(scale.shape, np.int32), f"{name}_zero_point")])
+        dq = _dq(f"{node.name}__layerbisect_dq_bias", [node.input[bias], f"{name}_scale", f"{name}_zero_point"],
+                 0 if scale.size > 1 else None)
         prefix.append(dq)
         inputs.append(dq.output[0])
     kept = [a for a in node.attribute if a.name not in dropped]
