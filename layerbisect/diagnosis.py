@@ -114,6 +114,9 @@ class Quantizer:
     """Whether the scale and zero point are computed from each input at run time
     (DynamicQuantizeLinear: uint8 over the input's own min and max, zero included): then
     ``scale`` is the largest over the samples and ``zero_point`` the first sample's."""
+    bulk_steps: float = math.nan
+    """For a dynamic quantizer, the steps of its grid that the values between the
+    ``PERCENTILES`` span (mean over samples): few where outliers set the range."""
 
     @property
     def reason(self) -> str:
@@ -133,7 +136,10 @@ class Quantizer:
         text = (f"{self.part} {self.tensor!r}: {grid}, represents [{self.range_min:.4g}, {self.range_max:.4g}] "
                 f"for float values in [{self.float_min:.4g}, {self.float_max:.4g}]; {self.clipped:.2%} clipped, "
                 f"clipping {self.clip_energy:.0%} of the error energy ({self.reason})")
-        if self.reason == "resolution":
+        if self.dynamic:
+            text += (f"; the values between percentiles {PERCENTILES[0]} and {PERCENTILES[1]} span "
+                     f"{self.bulk_steps:.3g} of its steps, the rest setting its range")
+        elif self.reason == "resolution":
             text += f"; the float values span {(self.float_max - self.float_min) / self.scale:.3g} steps"
         if self.part == "weights" and self.excess >= EXCESS_ERROR:
             text += (f"; the stored weights are not the float weights rounded (error {number(self.excess, 1)}x "
@@ -531,7 +537,7 @@ class _Work:
             variant = _variant(self.float_proto, self.quant_proto, pair, keep={name}, constants=self.float_constants)
             cosine = math.nan if variant is None else self._own_cosine(variant, pair, boundaries)
             parts.append(Part(name, cosine, tuple(self._stats(name, node, pair, boundaries) for node in members)))
-        cause, quantizer = _cause(parts)
+        cause, quantizer = _cause(parts, self.threshold)
         candidates = self._candidates(cause, quantizer, parts)
         fixes = tuple(self._fix(candidate, pair, boundaries) for candidate in candidates)
         diagnosis = Diagnosis(layer, everything, tuple(parts), cause, quantizer, fixes,
@@ -594,13 +600,15 @@ class _Work:
         uint8 over that value's own range (zero included), as onnxruntime computes it."""
         tensor = self._float_name(node.input[0], boundaries)
         values = [np.asarray(self.float_value(i, tensor), np.float64) for i in range(len(self.samples))]
-        grids = []
+        grids, bulk = [], []
         for value in values:
             low, high = min(float(value.min()), 0.0), max(float(value.max()), 0.0)
             scale = (high - low) / 255 if high > low else 1.0
             grids.append((np.array(scale), np.array(np.clip(np.rint(-low / scale), 0, 255), np.uint8)))
+            bottom, top = np.percentile(value, PERCENTILES)
+            bulk.append(float(top - bottom) / scale)
         stats = _range_stats(values, grids[0][0], grids[0][1], 1, grids)
-        return replace(stats, part="inputs", tensor=tensor, dynamic=True)
+        return replace(stats, part="inputs", tensor=tensor, dynamic=True, bulk_steps=float(np.mean(bulk)))
 
     def _float_name(self, tensor: str, boundaries: Sequence[Pair]) -> str:
         """The float model's name of the quantized model's value ``tensor`` that a layer reads:
@@ -701,8 +709,11 @@ class _Work:
             # nodes_to_exclude names the nodes of the model given to the quantizer: a QDQ model's
             # operations keep them; a QOperator or dynamic model's are renamed (conv2 -> conv2_quant)
             exclude = tuple(pair.quant_nodes) if self.form == "qdq" else tuple(pair.float_nodes)
-            return (bypass(self.float_proto, base, [pair]), f"keep {'+'.join(pair.float_nodes)} in float",
-                    "float", {}, exclude, {}, {})
+            model = bypass(self.float_proto, base, [pair])
+            # bypass reads past QuantizeLinear; a dynamic quantizer's input is read in float here
+            model = _variant(self.float_proto, model, pair, keep={"weights", "output"},
+                             constants=self.float_constants) or model
+            return model, f"keep {'+'.join(pair.float_nodes)} in float", "float", {}, exclude, {}, {}
         if kind == "float bias":
             dqs = [dq for dq in _quantizers(self.quant_proto, pair)["weights"] if _int(self.quant_proto,
                                                                                      dq.input[0]).dtype == np.int32]
@@ -717,7 +728,13 @@ class _Work:
             description = f"per-channel weights for {'+'.join(pair.float_nodes)} (requantized from the float weights)"
             if self.form == "qdq":
                 return model, description, f"{quantizer.dtype} per-channel", overrides, (), {}, {}
-            # quantize_static(QOperator) and quantize_dynamic take per-channel weights for all layers or none
+            # quantize_static(QOperator) and quantize_dynamic take per-channel weights for all layers or
+            # none, and requantize an int32 bias with the input's scale times the new weight scales:
+            # at int32's resolution, the float bias
+            biases = [dq.output[0] for dq in _quantizers(model, pair)["weights"]
+                      if _int(model, dq.input[0]).dtype == np.int32]
+            model = _variant(self.float_proto, model, pair, keep=PARTS, constants=self.float_constants,
+                             floated=biases) or model
             return (model, f"{description}; per_channel=True sets every layer's", f"{quantizer.dtype} per-channel",
                     {}, (), {}, {"per_channel": True})
         node = _activation_quantizer(self.quant_proto, pair, quantizer)
@@ -936,12 +953,18 @@ def _readable_pair(quant_proto: onnx.ModelProto, model: onnx.ModelProto, pair: P
     return replace(pair, quant_tensor=tensor, quant_readout=Readout(tensor, perm=pair.quant_readout.perm))
 
 
-def _cause(parts: Sequence[Part]) -> tuple[str, Quantizer | None]:
+def _cause(parts: Sequence[Part], threshold: float = math.inf) -> tuple[str, Quantizer | None]:
     """The part that errs most (lowest cosine alone) and, within it, the quantizer that errs
-    most: its reason is the cause."""
+    most: its reason is the cause. When every part alone reaches ``threshold`` (only together
+    do they break the layer) and stored weights are not the float weights rounded, the cause
+    is those weights: a weight scale off by a factor scales the layer's result, which a cosine
+    does not see, until the output's range clips it."""
     measured = [part for part in parts if not math.isnan(part.cosine)]
     if not measured:
         return "weights" if any(p.name == "weights" for p in parts) else "resolution", None
+    off = [q for part in parts if part.name == "weights" for q in part.quantizers if q.excess >= EXCESS_ERROR]
+    if off and all(part.cosine >= threshold for part in measured):
+        return "weights", off[0]  # the main weight first (see _quantizers)
     worst = min(measured, key=lambda part: part.cosine)
     if not worst.quantizers:
         return worst.name if worst.name == "weights" else "resolution", None
