@@ -115,8 +115,9 @@ class Quantizer:
     (DynamicQuantizeLinear: uint8 over the input's own min and max, zero included): then
     ``scale`` is the largest over the samples and ``zero_point`` the first sample's."""
     bulk_steps: float = math.nan
-    """For a dynamic quantizer, the steps of its grid that the values between the
-    ``PERCENTILES`` span (mean over samples): few where outliers set the range."""
+    """For a dynamic quantizer, the median magnitude of the non-zero values in steps of its grid
+    (mean over samples): half of them lie within that many steps of zero, few where outliers
+    set the range."""
 
     @property
     def reason(self) -> str:
@@ -137,8 +138,7 @@ class Quantizer:
                 f"for float values in [{self.float_min:.4g}, {self.float_max:.4g}]; {self.clipped:.2%} clipped, "
                 f"clipping {self.clip_energy:.0%} of the error energy ({self.reason})")
         if self.dynamic:
-            text += (f"; the values between percentiles {PERCENTILES[0]} and {PERCENTILES[1]} span "
-                     f"{self.bulk_steps:.3g} of its steps, the rest setting its range")
+            text += f"; half the non-zero values lie within {self.bulk_steps:.3g} steps of zero"
         elif self.reason == "resolution":
             text += f"; the float values span {(self.float_max - self.float_min) / self.scale:.3g} steps"
         if self.part == "weights" and self.excess >= EXCESS_ERROR:
@@ -605,8 +605,8 @@ class _Work:
             low, high = min(float(value.min()), 0.0), max(float(value.max()), 0.0)
             scale = (high - low) / 255 if high > low else 1.0
             grids.append((np.array(scale), np.array(np.clip(np.rint(-low / scale), 0, 255), np.uint8)))
-            bottom, top = np.percentile(value, PERCENTILES)
-            bulk.append(float(top - bottom) / scale)
+            nonzero = np.abs(value[value != 0])
+            bulk.append(float(np.median(nonzero)) / scale if nonzero.size else 0.0)
         stats = _range_stats(values, grids[0][0], grids[0][1], 1, grids)
         return replace(stats, part="inputs", tensor=tensor, dynamic=True, bulk_steps=float(np.mean(bulk)))
 
@@ -710,9 +710,11 @@ class _Work:
             # operations keep them; a QOperator or dynamic model's are renamed (conv2 -> conv2_quant)
             exclude = tuple(pair.quant_nodes) if self.form == "qdq" else tuple(pair.float_nodes)
             model = bypass(self.float_proto, base, [pair])
-            # bypass reads past QuantizeLinear; a dynamic quantizer's input is read in float here
-            model = _variant(self.float_proto, model, pair, keep={"weights", "output"},
-                             constants=self.float_constants) or model
+            if self.form != "qdq":  # bypass reads past a QuantizeLinear and twins of the same operation;
+                # here past a dynamic quantizer too, and a MatMul's weight from the Gemm it stands for
+                model = (_variant(self.float_proto, model, pair, keep={"output"}, constants=self.float_constants)
+                         or _variant(self.float_proto, model, pair, keep={"weights", "output"},
+                                     constants=self.float_constants) or model)
             return model, f"keep {'+'.join(pair.float_nodes)} in float", "float", {}, exclude, {}, {}
         if kind == "float bias":
             dqs = [dq for dq in _quantizers(self.quant_proto, pair)["weights"] if _int(self.quant_proto,
@@ -896,6 +898,12 @@ def _float_weight(float_proto, pair: Pair, node: onnx.NodeProto, position: int, 
     norms = [n for n in float_nodes.values() if n.op_type == "BatchNormalization"]
     if twin is None or (norms and node.op_type == "BatchNormalization"):
         norms = []
+    gemm = next((n for n in float_nodes.values() if n.op_type == "Gemm"), None)
+    if twin is None and gemm is not None and node.op_type == "MatMul" and position == 1 and gemm.input[1] in constants:
+        # quantize_dynamic writes a Gemm as a MatMul of its B, transposed when transB
+        value = tensor_array(constants[gemm.input[1]]).astype(np.float64)
+        transposed = any(a.name == "transB" and a.i for a in gemm.attribute)
+        return gemm.input[1], value.T if transposed else value
     if twin is None:
         return None, None
     value = None
