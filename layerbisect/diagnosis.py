@@ -1,4 +1,5 @@
-"""Why a layer breaks and which fix repairs it, verified (QDQ models).
+"""Why a layer breaks and which fix repairs it, verified (QDQ models, and QOperator and
+dynamic models in their QDQ form: ``layerbisect.qdqform``).
 
 For a layer whose own (isolated) error is below the threshold, three questions, answered
 from the quantized model's own quantizers and the float model's values on the samples:
@@ -23,6 +24,14 @@ from the quantized model's own quantizers and the float model's values on the sa
   is rebuilt in memory with that change and run on the samples, the layer's cosine and every
   model output's cosine before and after. A fix that does not verify is reported as failing
   and never recommended.
+
+A QOperator or dynamic model is diagnosed in its QDQ form (each integer operation written as
+DequantizeLinear -> float operation -> QuantizeLinear with the model's own scales, zero points
+and integers). A dynamic model's input quantizer (DynamicQuantizeLinear, uint8 over each
+input's own range) is a part of the layer reading it, measured per sample; nothing can set its
+range, so only keeping the layer in float is tried for it. QOperator operations take 8-bit
+integers and an int32 bias: no 16-bit and no float-bias candidate; per-channel weights are
+``per_channel=True`` there, as for ``quantize_dynamic``.
 
 Cost: the float model runs once per sample for the whole diagnosis (the quantized model's
 cosines before any fix are the report's), and each candidate fix once per sample; the
