@@ -55,7 +55,6 @@ _INTEGER = {"ConvInteger": "Conv", "MatMulInteger": "MatMul"}
 # operation between DequantizeLinear and QuantizeLinear with its scale and zero point is exact
 MOVES = frozenset({"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Expand",
                    "Gather", "Identity", "DepthToSpace", "SpaceToDepth"})
-REWRITTEN = (*_STATIC, "QLinearConcat", *_INTEGER, "MatMulIntegerToFloat", "DynamicQuantizeMatMul")
 
 
 def qdq_form(model: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[str, ...]]:

@@ -273,9 +273,13 @@ def test_an_outlier_activation_breaks_a_dynamic_layer_by_resolution_and_only_flo
     assert find_first_bad_layer(float_model, again, feeds, quiet=True)
 
 
-def test_the_json_of_a_dynamic_diagnosis_holds_its_format_cause_and_arguments():
+def test_a_dynamic_diagnosis_renders_everywhere_and_its_json_holds_its_format_cause_and_arguments():
     float_model, quant = dynamic_cnn()
-    data = json.loads(diagnose(float_model, corrupt_weights(quant, "conv2_quant"), FEEDS).to_json())
+    report = diagnose(float_model, corrupt_weights(quant, "conv2_quant"), FEEDS)
+    assert "<h3>Diagnosis</h3>" in report.to_html() and "per_channel=True" in report.to_html()
+    frame = report.to_dataframe()
+    assert frame.loc[3, "cause"] == "weights" and frame.loc[3, "fix"] == "per-channel weights"
+    data = json.loads(report.to_json())
     assert data["diagnosis"]["format"] == "dynamic" and data["diagnosis"]["arguments"] == {"per_channel": True}
     first = data["first_bad"]["diagnosis"]
     assert first["cause"] == "weights" and {p["name"] for p in first["parts"]} == {"weights", "inputs"}
