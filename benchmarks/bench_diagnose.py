@@ -13,6 +13,10 @@ Cases:
 
 - ``cnn``: the test CNN (tests/models.py make_cnn) quantized by onnxruntime to QDQ uint8, with
   conv2's output scale 20 times too small (saturation); 3 samples.
+- ``cnn-qop``: the same CNN quantized to QOperator uint8 (QLinearConv ...), the same fault
+  (diagnosed in its QDQ form); 3 samples.
+- ``cnn-dyn``: the same CNN quantized by quantize_dynamic, conv2's int8 weights replaced by
+  random integers; 3 samples.
 - ``silero``: silero-vad's if-less 16 kHz export, QDQ uint8 on 8 calibration chunks, no fault
   planted (its LSTM state collapses); 3 samples. Needs the ``integration`` extra.
 - ``ocr``: PP-OCRv4 det, QDQ uint8 per-tensor on 4 synthetic pages, no fault planted; 2 pages of
@@ -39,16 +43,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from layerbisect import diagnose, find_first_bad_layer  # noqa: E402
 
 import real_models  # noqa: E402
-from models import make_cnn, quantize, random_inputs  # noqa: E402
+from models import corrupt_weights, make_cnn, quantize, random_inputs  # noqa: E402
 
-CASES = ("cnn", "silero", "ocr")
+CASES = ("cnn", "cnn-qop", "cnn-dyn", "silero", "ocr")
 
 
 def case(name: str):
     """(float model, quantized model, samples) of a case; None when its package is missing."""
-    if name == "cnn":
+    if name == "cnn-dyn":
         float_model = make_cnn()
-        quant = quantize(float_model, "qdq", activation_type="uint8")
+        quant = corrupt_weights(quantize(float_model, "dynamic"), "conv2_quant")
+        return float_model, quant, [random_inputs(float_model, seed) for seed in range(3)]
+    if name in ("cnn", "cnn-qop"):
+        float_model = make_cnn()
+        quant = quantize(float_model, "qdq" if name == "cnn" else "qoperator", activation_type="uint8")
         init = next(i for i in quant.graph.initializer if i.name == "conv2_scale")
         init.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(init) * 0.05).astype(np.float32), init.name))
         return float_model, quant, [random_inputs(float_model, seed) for seed in range(3)]

@@ -157,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--diagnose", action="store_true",
-        help="for the culprit and the worst layers of a QDQ model: which quantizer breaks each "
+        help="for the culprit and the worst layers of a QDQ, QOperator or dynamic model: which quantizer breaks each "
         "(weights, inputs, output), why (saturation or resolution), and which fix repairs it (a "
         "percentile range, 16-bit, per-channel weights, float), each verified by running the "
         "model with it; in the report, its JSON and HTML",

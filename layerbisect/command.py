@@ -161,7 +161,7 @@ def _quantized_side(args: argparse.Namespace):
     if (args.simulate is not None or Path(args.quant_model).is_dir()) and (args.keep_float or args.repaired_model):
         raise LayerbisectError("--keep-float and --repaired-model need a quantized .onnx model")
     if (args.simulate is not None or Path(args.quant_model).is_dir()) and args.diagnose:
-        raise LayerbisectError("--diagnose needs a quantized .onnx model (QDQ), not a simulated format or dumps")
+        raise LayerbisectError("--diagnose needs a quantized .onnx model, not a simulated format or dumps")
     return args.quant_model if args.simulate is None else simulated(args.simulate)
 
 

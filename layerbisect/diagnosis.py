@@ -1,4 +1,5 @@
-"""Why a layer breaks and which fix repairs it, verified (QDQ models).
+"""Why a layer breaks and which fix repairs it, verified (QDQ models, and QOperator and
+dynamic models in their QDQ form: ``layerbisect.qdqform``).
 
 For a layer whose own (isolated) error is below the threshold, three questions, answered
 from the quantized model's own quantizers and the float model's values on the samples:
@@ -23,6 +24,14 @@ from the quantized model's own quantizers and the float model's values on the sa
   is rebuilt in memory with that change and run on the samples, the layer's cosine and every
   model output's cosine before and after. A fix that does not verify is reported as failing
   and never recommended.
+
+A QOperator or dynamic model is diagnosed in its QDQ form (each integer operation written as
+DequantizeLinear -> float operation -> QuantizeLinear with the model's own scales, zero points
+and integers). A dynamic model's input quantizer (DynamicQuantizeLinear, uint8 over each
+input's own range) is a part of the layer reading it, measured per sample; nothing can set its
+range, so only keeping the layer in float is tried for it. QOperator operations take 8-bit
+integers and an int32 bias: no 16-bit and no float-bias candidate; per-channel weights are
+``per_channel=True`` there, as for ``quantize_dynamic``.
 
 Cost: the float model runs once per sample for the whole diagnosis (the quantized model's
 cosines before any fix are the report's), and each candidate fix once per sample; the
@@ -54,6 +63,7 @@ from layerbisect.inputs import Sample, reusable, samples_of
 from layerbisect.isolate import cut
 from layerbisect.load import ModelLike, tensor_array
 from layerbisect.options import DEFAULT_PROVIDERS, check_threshold
+from layerbisect.qdqform import qdq_form
 from layerbisect.report import LayerComparison, Report
 from layerbisect.run import Session, usable_providers
 from layerbisect.segment import Segments
@@ -109,6 +119,14 @@ class Quantizer:
     cosine: float
     excess: float = math.nan
     outlier: str = ""
+    dynamic: bool = False
+    """Whether the scale and zero point are computed from each input at run time
+    (DynamicQuantizeLinear: uint8 over the input's own min and max, zero included): then
+    ``scale`` is the largest over the samples and ``zero_point`` the first sample's."""
+    bulk_steps: float = math.nan
+    """For a dynamic quantizer, the median magnitude of the non-zero values in steps of its grid
+    (mean over samples): half of them lie within that many steps of zero, few where outliers
+    set the range."""
 
     @property
     def reason(self) -> str:
@@ -123,10 +141,14 @@ class Quantizer:
         grid = f"{self.dtype} scale {self.scale:.4g} zero point {self.zero_point}"
         if self.channels > 1:
             grid = f"{self.dtype} per-channel ({self.channels}), largest scale {self.scale:.4g}"
+        if self.dynamic:
+            grid = f"{self.dtype} computed per input (dynamic: its own min and max), scale up to {self.scale:.4g}"
         text = (f"{self.part} {self.tensor!r}: {grid}, represents [{self.range_min:.4g}, {self.range_max:.4g}] "
                 f"for float values in [{self.float_min:.4g}, {self.float_max:.4g}]; {self.clipped:.2%} clipped, "
                 f"clipping {self.clip_energy:.0%} of the error energy ({self.reason})")
-        if self.reason == "resolution":
+        if self.dynamic:
+            text += f"; half the non-zero values lie within {self.bulk_steps:.3g} steps of zero"
+        elif self.reason == "resolution":
             text += f"; the float values span {(self.float_max - self.float_min) / self.scale:.3g} steps"
         if self.part == "weights" and self.excess >= EXCESS_ERROR:
             text += (f"; the stored weights are not the float weights rounded (error {number(self.excess, 1)}x "
@@ -155,8 +177,9 @@ class Fix:
     onnxruntime TensorQuantOverrides entry, ``quant_type`` by its QuantType name) and
     ``options`` (other ``extra_options`` of ``quantize_static``: ``QuantizeBias``) and
     ``precision`` (for vendor tools: "float", "uint16", "int8 per-channel", "float bias", ...)
-    say how to apply it when quantizing again; ``model`` is the quantized model with the fix (the
-    recommended fix's only)."""
+    say how to apply it when quantizing again, with ``arguments``; ``model`` is the quantized
+    model with the fix (the recommended fix's only; for a QOperator or dynamic model, its QDQ
+    form with the fix)."""
 
     kind: str
     description: str
@@ -173,6 +196,10 @@ class Fix:
     options: Mapping[str, object] = field(default_factory=dict)
     model: onnx.ModelProto | None = field(default=None, repr=False, compare=False)
     """The model with the fix, kept for the recommended fix only (None for the others)."""
+    arguments: Mapping[str, object] = field(default_factory=dict)
+    """Keyword arguments of ``quantize_static``/``quantize_dynamic`` the fix needs besides
+    those: ``per_channel=True`` for a QOperator or dynamic model (they take per-channel weights
+    for every layer or none)."""
 
     def describe(self) -> str:
         outs = ", ".join(f"{name!r} {before:.4f} -> {after:.4f}" for name, before, after in self.outputs)
@@ -193,6 +220,9 @@ class Diagnosis:
     cause: str
     quantizer: Quantizer | None
     fixes: tuple[Fix, ...]
+    note: str = ""
+    """What no quantization setting can change, where that limits the fixes (a dynamic
+    quantizer's range, 16-bit activations in a QOperator model); empty otherwise."""
 
     @property
     def recommended(self) -> Fix | None:
@@ -210,6 +240,7 @@ class Diagnosis:
         lines += [f"  only {part.name} quantized: cosine {number(part.cosine, 4)}" for part in self.parts]
         lines += [f"  {q.describe()}" for part in self.parts for q in part.quantizers]
         lines += [f"  fix {fix.describe()}" for fix in self.fixes]
+        lines += [f"  {self.note}"] if self.note else []
         best = self.recommended
         lines.append(f"  recommended: {best.description}" if best else "  no candidate fix verifies")
         return lines
@@ -244,6 +275,9 @@ class Diagnoses:
     layer_runs: int
     fixes_tried: int
     notes: tuple[str, ...] = ()
+    form: str = "qdq"
+    """How the model was quantized: "qdq", "qoperator" (quantize_static with
+    QuantFormat.QOperator) or "dynamic" (quantize_dynamic): what the pasteable settings are for."""
 
     def recommended(self) -> list[tuple[Diagnosis, Fix]]:
         """Each diagnosed layer with a verified fix, and that fix."""
@@ -283,6 +317,14 @@ class Diagnoses:
         }
         return {**options, "TensorQuantOverrides": overrides} if overrides else options
 
+    def arguments(self) -> dict[str, object]:
+        """Keyword arguments of ``quantize_static``/``quantize_dynamic`` the recommended fixes
+        need besides ``nodes_to_exclude`` and ``extra_options`` (``per_channel``)."""
+        arguments: dict[str, object] = {}
+        for _, fix in self.recommended():
+            arguments.update(fix.arguments)
+        return arguments
+
     def _options(self) -> dict[str, object]:
         """The extra_options of the recommended fixes other than TensorQuantOverrides."""
         options: dict[str, object] = {}
@@ -296,8 +338,15 @@ class Diagnoses:
         return [{"float_nodes": list(d.layer.float_nodes), "tensor": fix.tensor, "precision": fix.precision,
                  "cause": d.cause} for d, fix in self.recommended()]
 
+    @property
+    def quantizer_call(self) -> str:
+        """The onnxruntime call the pasteable settings are for."""
+        return {"qoperator": "quantize_static (quant_format=QuantFormat.QOperator)",
+                "dynamic": "quantize_dynamic"}.get(self.form, "quantize_static")
+
     def pasteable(self) -> str:
-        """Python to paste into a ``quantize_static`` call, and the vendor JSON."""
+        """Python to paste into a ``quantize_static`` (or, for a dynamic model,
+        ``quantize_dynamic``) call, and the vendor JSON."""
         lines = [f"    {key!r}: {value!r}," for key, value in self._options().items()]
         overrides = self.tensor_quant_overrides()
         if overrides:
@@ -307,7 +356,8 @@ class Diagnoses:
                                     + "}" for entry in entries)
                 lines.append(f"        {tensor!r}: [{written}],")
             lines.append("    },")
-        return (f"nodes_to_exclude={self.nodes_to_exclude()!r},\n"
+        arguments = "".join(f"{key}={value!r},\n" for key, value in self.arguments().items())
+        return (f"nodes_to_exclude={self.nodes_to_exclude()!r},\n{arguments}"
                 "extra_options={\n" + "".join(line + "\n" for line in lines) + "},\n"
                 f"# per-layer precision for vendor tools:\n{json.dumps(self.vendor_config(), indent=2)}")
 
@@ -319,7 +369,7 @@ class Diagnoses:
             lines += diagnosis.lines()
         lines += [f"note: {note}" for note in self.notes]
         if self.recommended():
-            lines += ["paste into quantize_static:", *self.pasteable().splitlines()]
+            lines += [f"paste into {self.quantizer_call}:", *self.pasteable().splitlines()]
         return lines
 
     def __str__(self) -> str:
@@ -332,6 +382,7 @@ class Diagnoses:
                 "layer_runs": self.layer_runs, "fixes_tried": self.fixes_tried, "notes": list(self.notes),
                 "nodes_to_exclude": self.nodes_to_exclude(),
                 "tensor_quant_overrides": self.tensor_quant_overrides(), "extra_options": self._options(),
+                "format": self.form, "arguments": self.arguments(),
                 "vendor_config": self.vendor_config()}
 
 
@@ -353,7 +404,8 @@ def diagnose(
     models and inputs), with ``diagnosis`` set: for its culprit and the ``top`` layers whose
     own (isolated) cosine is below ``threshold``, worst first (the largest own errors when the
     error accumulates), which quantizer breaks the layer, why, and which fix repairs it,
-    each fix verified by running the model with it. QDQ models only.
+    each fix verified by running the model with it. QDQ, QOperator and dynamic models (the
+    latter two diagnosed in their QDQ form, ``layerbisect.qdqform``).
 
     >>> report = diagnose("fp32.onnx", "int8_qdq.onnx", samples)  # doctest: +SKIP
     >>> print(report.diagnosis.pasteable())  # doctest: +SKIP
@@ -367,11 +419,12 @@ def diagnose(
         raise LayerbisectError(NO_SAMPLES)
     float_proto, quant_proto, plan, _, alignment, *_ = setup(
         float_model, quant_model, shapes=shapes, providers=providers, allow_swapped=allow_swapped)
-    if _operator_format(quant_proto) or not any(node.op_type == "DequantizeLinear" for node in quant_proto.graph.node):
+    form = _form(quant_proto)
+    if form is None:
         raise LayerbisectError(
-            "diagnosing a layer needs a QDQ model (QuantizeLinear/DequantizeLinear pairs); QOperator "
-            "(QLinearConv ...) and dynamic (MatMulInteger ...) models are not covered: quantize with "
-            "quant_format=QuantFormat.QDQ to diagnose")
+            "diagnosing a layer needs a quantized model: QuantizeLinear/DequantizeLinear pairs (QDQ), "
+            "QLinearConv ... (QOperator) or DynamicQuantizeLinear with MatMulInteger ... (dynamic); this one has "
+            "none: give the model onnxruntime.quantization made")
     if report is None:
         report = find_first_bad_layer(float_proto, quant_proto, samples, threshold, shapes=shapes, seed=seed,
                                       providers=providers, allow_swapped=True, quiet=quiet)
@@ -382,23 +435,46 @@ def diagnose(
             raise LayerbisectError(
                 f"the report's layer #{layer.index} {layer.float_tensor!r} is not this alignment's: give the "
                 "report find_first_bad_layer made from these two models (without ort_optimized)")
-    work = _Work(float_proto, quant_proto, pairs, plan, samples, seed, providers, threshold,
-                 [layer.index for layer in chosen], report)
+    notes: list[str] = []
+    work_proto = quant_proto
+    if form != "qdq":
+        work_proto, rewritten = qdq_form(quant_proto)
+        notes.append(f"{form} model diagnosed in its QDQ form: {len(rewritten)} operation(s) written as "
+                     "DequantizeLinear -> float operation -> QuantizeLinear with the model's own scales, zero points "
+                     "and integers; the fixes are verified on that form")
+        left = sorted({node.op_type for node in work_proto.graph.node
+                       if _form_of(node) not in (None, "qdq") and node.op_type != "DynamicQuantizeLinear"})
+        if left:
+            notes.append(f"not rewritten (no QDQ form here): {', '.join(left)}; a layer they compute has no parts")
+    work = _Work(float_proto, work_proto, pairs, plan, samples, seed, providers, threshold,
+                 [layer.index for layer in chosen], report, form)
     diagnoses = [work.diagnose(layer) for layer in chosen]
     culprit_layer = report.culprit or (report.first_bad if report.first_bad_cause == "introduced" else None)
     culprit = next((d for d in diagnoses if culprit_layer is not None and d.layer.index == culprit_layer.index), None)
-    notes = () if chosen else ("no layer adds error on its own: nothing to diagnose",)
+    if not chosen:
+        notes.append("no layer adds error on its own: nothing to diagnose")
     result = Diagnoses(
         layers=tuple(diagnoses), culprit=culprit, threshold=float(threshold), samples=len(samples),
-        model_runs=work.model_runs, layer_runs=work.layer_runs, fixes_tried=work.fixes_tried, notes=notes)
+        model_runs=work.model_runs, layer_runs=work.layer_runs, fixes_tried=work.fixes_tried, notes=tuple(notes),
+        form=form)
     return replace(report, diagnosis=result)
 
 
-def _operator_format(model: onnx.ModelProto) -> bool:
-    """Whether ``model`` computes in integers (QOperator QLinearConv ..., dynamic
-    MatMulInteger ...) rather than in float between QuantizeLinear/DequantizeLinear pairs."""
-    return any(node.op_type.startswith(("QLinear", "QGemm", "QAttention", "DynamicQuantize"))
-               or node.op_type.endswith("Integer") for node in model.graph.node)
+def _form(model: onnx.ModelProto) -> str | None:
+    """How ``model`` is quantized: "dynamic" (any activation quantized at run time), else
+    "qoperator" (any QLinearConv, QGemm ...), else "qdq"; None when it holds no quantizer."""
+    forms = {_form_of(node) for node in model.graph.node}
+    return next((form for form in ("dynamic", "qoperator", "qdq") if form in forms), None)
+
+
+def _form_of(node: onnx.NodeProto) -> str | None:
+    """The quantization ``node`` belongs to ("qdq", "qoperator", "dynamic"), if any."""
+    if node.op_type.startswith("DynamicQuantize") or node.op_type.endswith("Integer") \
+            or node.op_type == "MatMulIntegerToFloat":
+        return "dynamic"
+    if node.op_type.startswith(("QLinear", "QGemm", "QAttention", "QEmbed", "QOrdered")):
+        return "qoperator"
+    return "qdq" if node.op_type in ("QuantizeLinear", "DequantizeLinear") else None
 
 
 def _chosen(report: Report, threshold: float, top: int) -> list[LayerComparison]:
@@ -418,9 +494,10 @@ class _Work:
     """One diagnosis: the models, the samples and their float values, and what was run."""
 
     def __init__(self, float_proto, quant_proto, pairs, plan, samples, seed, providers, threshold, chosen,
-                 report: Report) -> None:
-        """``report`` is the quantized model's, on the same samples: the cosines before any fix."""
-        self.float_proto, self.quant_proto, self.pairs = float_proto, quant_proto, pairs
+                 report: Report, form: str = "qdq") -> None:
+        """``report`` is the quantized model's, on the same samples: the cosines before any fix;
+        ``quant_proto`` the quantized model in QDQ form, ``form`` how it was quantized."""
+        self.float_proto, self.quant_proto, self.pairs, self.form = float_proto, quant_proto, pairs, form
         self.samples, self.providers, self.threshold = samples, providers, threshold
         self.feeders = _feeders(float_proto, pairs)
         self.types = Segments(quant_proto).types
@@ -468,11 +545,12 @@ class _Work:
                 continue
             variant = _variant(self.float_proto, self.quant_proto, pair, keep={name}, constants=self.float_constants)
             cosine = math.nan if variant is None else self._own_cosine(variant, pair, boundaries)
-            parts.append(Part(name, cosine, tuple(self._stats(name, node, pair) for node in members)))
-        cause, quantizer = _cause(parts)
+            parts.append(Part(name, cosine, tuple(self._stats(name, node, pair, boundaries) for node in members)))
+        cause, quantizer = _cause(parts, self.threshold)
         candidates = self._candidates(cause, quantizer, parts)
         fixes = tuple(self._fix(candidate, pair, boundaries) for candidate in candidates)
-        diagnosis = Diagnosis(layer, everything, tuple(parts), cause, quantizer, fixes)
+        diagnosis = Diagnosis(layer, everything, tuple(parts), cause, quantizer, fixes,
+                              self._limits(cause, quantizer, fixes))
         best = diagnosis.recommended  # only its model is kept
         return replace(diagnosis, fixes=tuple(fix if fix is best else replace(fix, model=None) for fix in fixes))
 
@@ -494,8 +572,10 @@ class _Work:
             self.layer_runs += 1
         return aggregate.cosine
 
-    def _stats(self, part: str, node: onnx.NodeProto, pair: Pair) -> Quantizer:
+    def _stats(self, part: str, node: onnx.NodeProto, pair: Pair, boundaries: Sequence[Pair]) -> Quantizer:
         """What the quantizer ``node`` does to the float values it stands for."""
+        if node.op_type == "DynamicQuantizeLinear":
+            return self._dynamic_stats(node, boundaries)
         constants = {init.name: init for init in self.quant_proto.graph.initializer}
         scale = tensor_array(constants[node.input[1]]).astype(np.float64)
         zero_point = tensor_array(constants[node.input[2]]) if len(node.input) > 2 and node.input[2] else \
@@ -524,18 +604,57 @@ class _Work:
         values = [self.float_value(i, tensor) for i in range(len(self.samples))]
         return replace(_range_stats(values, scale, zero_point, axis), part=part, tensor=tensor)
 
+    def _dynamic_stats(self, node: onnx.NodeProto, boundaries: Sequence[Pair]) -> Quantizer:
+        """What a DynamicQuantizeLinear does to the float values it stands for: on each sample,
+        uint8 over that value's own range (zero included), as onnxruntime computes it."""
+        tensor = self._float_name(node.input[0], boundaries)
+        values = [np.asarray(self.float_value(i, tensor), np.float64) for i in range(len(self.samples))]
+        grids, bulk = [], []
+        for value in values:
+            low, high = min(float(value.min()), 0.0), max(float(value.max()), 0.0)
+            scale = (high - low) / 255 if high > low else 1.0
+            grids.append((np.array(scale), np.array(np.clip(np.rint(-low / scale), 0, 255), np.uint8)))
+            nonzero = np.abs(value[value != 0])
+            bulk.append(float(np.median(nonzero)) / scale if nonzero.size else 0.0)
+        stats = _range_stats(values, grids[0][0], grids[0][1], 1, grids)
+        return replace(stats, part="inputs", tensor=tensor, dynamic=True, bulk_steps=float(np.mean(bulk)))
+
+    def _float_name(self, tensor: str, boundaries: Sequence[Pair]) -> str:
+        """The float model's name of the quantized model's value ``tensor`` that a layer reads:
+        the float tensor of the layer before that makes it, else ``tensor`` (a graph input)."""
+        for pair in boundaries:
+            if tensor in (pair.quant_tensor, pair.quant_readout.tensor,
+                          _readable_pair(self.quant_proto, self.quant_proto, pair).quant_tensor):
+                return pair.float_tensor
+        return tensor
+
+    def _limits(self, cause: str, quantizer: Quantizer | None, fixes: Sequence[Fix]) -> str:
+        """What no setting can change about ``quantizer``, where that limits the fixes tried."""
+        if quantizer is None:
+            return ""
+        if quantizer.dynamic:
+            return ("no range or type can be set for a dynamic quantizer: quantize_dynamic quantizes each input to "
+                    "uint8 over its own min and max at run time; keeping the layer in float is the fix")
+        if self.form == "qoperator" and quantizer.part != "weights" and not any(
+                fix.verified for fix in fixes if fix.kind != "keep in float"):
+            return ("16-bit is not tried: QOperator operations take 8-bit integers (quant_format=QuantFormat.QDQ "
+                    "takes 16-bit activations)")
+        if self.form != "qdq" and quantizer.dtype == "int32":
+            return f"a {self.form} model's operations take an int32 bias: only keeping the layer in float frees it"
+        return ""
+
     def _candidates(self, cause: str, quantizer: Quantizer | None, parts: Sequence[Part]) -> list[tuple]:
         """The fixes to try, smallest first: those matched to the cause; both parts' first
         fixes together when another part is below the threshold alone too; keeping the layer
         in float."""
         if quantizer is None:
             return [("keep in float", None)]
-        matched = _matched(cause, quantizer)
+        matched = _matched(cause, quantizer, self.form)
         others = [part for part in parts if part.cosine < self.threshold and quantizer not in part.quantizers]
         combined = []
         for part in others[:1]:
             other_cause, other = _cause([part])
-            second = [] if other is None else _matched(other_cause, other)
+            second = [] if other is None else _matched(other_cause, other, self.form)
             if matched and second:
                 combined = [("combined", ((matched[0], quantizer), (second[0], other)))]
         return [*((kind, quantizer) for kind in matched), *combined, ("keep in float", quantizer)]
@@ -544,15 +663,15 @@ class _Work:
         """Apply ``candidate`` (a kind and its quantizer), run the model with it, and judge it."""
         kind, quantizer = candidate
         self.fixes_tried += 1
-        model, description, precision, overrides, exclude, options = self._fixed(kind, quantizer, pair)
+        model, description, precision, overrides, exclude, options, arguments = self._fixed(kind, quantizer, pair)
         reads = [pair, *(p for _, p in self.outputs)]
         layer_before = self.before(pair)
         try:
             after = self._run(model, [_readable(self.quant_proto, model, p).tensor for p in reads], "fixed model")
         except LayerbisectError as exc:  # a fix this onnxruntime cannot run fails
             outs = tuple((name, self.before(p), math.nan) for name, p in self.outputs)
-            return Fix(kind, f"{description} ({exc})", _tensor(quantizer, pair),
-                       layer_before, math.nan, math.nan, outs, False, False, precision, exclude, overrides, options)
+            return Fix(kind, f"{description} ({exc})", _tensor(quantizer, pair), layer_before, math.nan, math.nan,
+                       outs, False, False, precision, exclude, overrides, options, arguments=arguments)
         layer_after = self._cosine(model, after, pair)
         isolated_after = self._own_cosine(model, pair, boundaries)
         outs = tuple((name, self.before(p), self._cosine(model, after, p))
@@ -560,8 +679,8 @@ class _Work:
         verified = isolated_after >= self.threshold and all(_kept(before, after_, self.threshold)
                                                             for _, before, after_ in outs)
         repairs = verified and layer_after >= self.threshold and all(a >= self.threshold for _, _, a in outs)
-        return Fix(kind, description, _tensor(quantizer, pair), layer_before,
-                   layer_after, isolated_after, outs, verified, repairs, precision, exclude, overrides, options, model)
+        return Fix(kind, description, _tensor(quantizer, pair), layer_before, layer_after, isolated_after, outs,
+                   verified, repairs, precision, exclude, overrides, options, model, arguments)
 
     def before(self, pair: Pair) -> float:
         """The cosine of ``pair`` in the quantized model: the report's, where it measured it
@@ -583,18 +702,29 @@ class _Work:
 
     def _fixed(self, kind: str, quantizer, pair: Pair, base: onnx.ModelProto | None = None):
         """The model (``base``, by default the quantized model) with fix ``kind`` applied, its
-        description, the precision it gives, its TensorQuantOverrides, nodes to exclude and
-        other options. A "combined" fix's ``quantizer`` holds the fixes it combines."""
+        description, the precision it gives, its TensorQuantOverrides, nodes to exclude, other
+        options and keyword arguments. A "combined" fix's ``quantizer`` holds the fixes it
+        combines."""
         base = self.quant_proto if base is None else base
         if kind == "combined":
             (first, first_quantizer), (second, second_quantizer) = quantizer
-            model, text, precision, overrides, exclude, options = self._fixed(first, first_quantizer, pair, base)
-            model, more, other, more_overrides, _, more_options = self._fixed(second, second_quantizer, pair, model)
+            model, text, precision, overrides, exclude, options, arguments = self._fixed(
+                first, first_quantizer, pair, base)
+            model, more, other, more_overrides, _, more_options, more_arguments = self._fixed(
+                second, second_quantizer, pair, model)
             return (model, f"{text} and {more}", f"{precision} + {other}", {**overrides, **more_overrides}, exclude,
-                    {**options, **more_options})
+                    {**options, **more_options}, {**arguments, **more_arguments})
         if kind == "keep in float":
-            return (bypass(self.float_proto, base, [pair]), f"keep {'+'.join(pair.float_nodes)} in float",
-                    "float", {}, tuple(pair.quant_nodes), {})
+            # nodes_to_exclude names the nodes of the model given to the quantizer: a QDQ model's
+            # operations keep them; a QOperator or dynamic model's are renamed (conv2 -> conv2_quant)
+            exclude = tuple(pair.quant_nodes) if self.form == "qdq" else tuple(pair.float_nodes)
+            model = bypass(self.float_proto, base, [pair])
+            if self.form != "qdq":  # bypass reads past a QuantizeLinear and twins of the same operation;
+                # here past a dynamic quantizer too, and a MatMul's weight from the Gemm it stands for
+                model = (_variant(self.float_proto, model, pair, keep={"output"}, constants=self.float_constants)
+                         or _variant(self.float_proto, model, pair, keep={"weights", "output"},
+                                     constants=self.float_constants) or model)
+            return model, f"keep {'+'.join(pair.float_nodes)} in float", "float", {}, exclude, {}, {}
         if kind == "float bias":
             dqs = [dq for dq in _quantizers(self.quant_proto, pair)["weights"] if _int(self.quant_proto,
                                                                                      dq.input[0]).dtype == np.int32]
@@ -603,11 +733,21 @@ class _Work:
             if model is None:
                 model = base
             return (model, f"float bias for {'+'.join(pair.float_nodes)} (the int32 bias's scale is its input's "
-                    "times its weight's)", "float bias", {}, (), {"QuantizeBias": False})
+                    "times its weight's)", "float bias", {}, (), {"QuantizeBias": False}, {})
         if kind == "per-channel weights":
             model, overrides = _per_channel(self.float_proto, base, pair, self.float_constants)
-            return (model, f"per-channel weights for {'+'.join(pair.float_nodes)} (requantized from the float weights)",
-                    f"{quantizer.dtype} per-channel", overrides, (), {})
+            description = f"per-channel weights for {'+'.join(pair.float_nodes)} (requantized from the float weights)"
+            if self.form == "qdq":
+                return model, description, f"{quantizer.dtype} per-channel", overrides, (), {}, {}
+            # quantize_static(QOperator) and quantize_dynamic take per-channel weights for all layers or
+            # none, and requantize an int32 bias with the input's scale times the new weight scales:
+            # at int32's resolution, the float bias
+            biases = [dq.output[0] for dq in _quantizers(model, pair)["weights"]
+                      if _int(model, dq.input[0]).dtype == np.int32]
+            model = _variant(self.float_proto, model, pair, keep=PARTS, constants=self.float_constants,
+                             floated=biases) or model
+            return (model, f"{description}; per_channel=True sets every layer's", f"{quantizer.dtype} per-channel",
+                    {}, (), {}, {"per_channel": True})
         node = _activation_quantizer(self.quant_proto, pair, quantizer)
         values = np.concatenate([self.float_value(i, quantizer.tensor).ravel().astype(np.float64)
                                  for i in range(len(self.samples))])
@@ -626,7 +766,7 @@ class _Work:
         else:
             description = (f"{dtype.name} range [{low:.4g}, {high:.4g}] for {quantizer.tensor!r} (percentiles "
                            f"{PERCENTILES[0]}-{PERCENTILES[1]} of its float values)")
-        return model, description, dtype.name, {quantizer.tensor: entry}, (), {}
+        return model, description, dtype.name, {quantizer.tensor: entry}, (), {}, {}
 
 
 def _python(key: str, value: object) -> str:
@@ -645,13 +785,17 @@ def _tensor(quantizer, pair: Pair) -> str:
     return pair.float_tensor if quantizer is None else quantizer.tensor
 
 
-def _matched(cause: str, quantizer: Quantizer) -> list[str]:
-    """The fixes for ``cause`` in ``quantizer``, smallest first (keeping in float aside)."""
+def _matched(cause: str, quantizer: Quantizer, form: str = "qdq") -> list[str]:
+    """The fixes for ``cause`` in ``quantizer`` of a ``form`` model, smallest first (keeping in
+    float aside): none for a dynamic activation (its range is each input's own), no 16-bit
+    and no float bias for QOperator operations (8-bit integers, an int32 bias)."""
     if cause == "weights" and quantizer.dtype == "int32":  # a bias, on the grid of its inputs x weights
-        return ["float bias"]
+        return ["float bias"] if form == "qdq" else []
     if quantizer.part == "weights":  # requantized from the float weights, where there are some
         return [] if math.isnan(quantizer.excess) else ["per-channel weights"]
-    return ["percentile range", "16-bit"]
+    if quantizer.dynamic:
+        return []
+    return ["percentile range", "16-bit"] if form == "qdq" else ["percentile range"]
 
 
 def _kept(before: float, after: float, threshold: float) -> bool:
@@ -663,7 +807,9 @@ def _kept(before: float, after: float, threshold: float) -> bool:
 def _quantizers(model: onnx.ModelProto, pair: Pair) -> dict[str, list[onnx.NodeProto]]:
     """The quantizers of ``pair`` in a QDQ ``model``, by part: the DequantizeLinear of each
     constant its operations read (weights), the QuantizeLinear of each graph input they read
-    through a shell (inputs), the QuantizeLinear making its value (output)."""
+    through a shell and each DynamicQuantizeLinear whose result they read (inputs: a dynamic
+    quantizer is computed from the layer's own input), the QuantizeLinear making its value
+    (output)."""
     producer = {out: node for node in model.graph.node for out in node.output}
     constants = {init.name for init in model.graph.initializer}
     graph_inputs = {i.name for i in model.graph.input}
@@ -678,6 +824,8 @@ def _quantizers(model: onnx.ModelProto, pair: Pair) -> dict[str, list[onnx.NodeP
             if dq.input[0] in constants and _int(model, dq.input[0]).ndim >= 1:
                 found["weights"].append(dq)
             elif q is not None and q.op_type == "QuantizeLinear" and q.input[0] in graph_inputs:
+                found["inputs"].append(q)
+            elif q is not None and q.op_type == "DynamicQuantizeLinear" and q not in found["inputs"]:
                 found["inputs"].append(q)
     maker = producer.get(pair.quant_tensor)
     if maker is not None and maker.op_type == "QuantizeLinear":
@@ -732,8 +880,7 @@ def _variant(float_proto, quant_proto, pair: Pair, *, keep: Iterable[str], const
         value = _activate(graph, q.input[0], dropped, constants)
         for dq in [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] == q.output[0]]:
             dq.CopyFrom(helper.make_node("Identity", [value], [dq.output[0]], name=dq.name))
-        graph.node.remove(next(n for n in graph.node if n.name == q.name and n.output[0] == q.output[0]))
-    _drop_unread(graph)
+    _drop_unread(graph)  # with the output's QuantizeLinear, unless something else reads it
     return model
 
 
@@ -760,6 +907,12 @@ def _float_weight(float_proto, pair: Pair, node: onnx.NodeProto, position: int, 
     norms = [n for n in float_nodes.values() if n.op_type == "BatchNormalization"]
     if twin is None or (norms and node.op_type == "BatchNormalization"):
         norms = []
+    gemm = next((n for n in float_nodes.values() if n.op_type == "Gemm"), None)
+    if twin is None and gemm is not None and node.op_type == "MatMul" and position == 1 and gemm.input[1] in constants:
+        # quantize_dynamic writes a Gemm as a MatMul of its B, transposed when transB
+        value = tensor_array(constants[gemm.input[1]]).astype(np.float64)
+        transposed = any(a.name == "transB" and a.i for a in gemm.attribute)
+        return gemm.input[1], value.T if transposed else value
     if twin is None:
         return None, None
     value = None
@@ -817,12 +970,18 @@ def _readable_pair(quant_proto: onnx.ModelProto, model: onnx.ModelProto, pair: P
     return replace(pair, quant_tensor=tensor, quant_readout=Readout(tensor, perm=pair.quant_readout.perm))
 
 
-def _cause(parts: Sequence[Part]) -> tuple[str, Quantizer | None]:
+def _cause(parts: Sequence[Part], threshold: float = math.inf) -> tuple[str, Quantizer | None]:
     """The part that errs most (lowest cosine alone) and, within it, the quantizer that errs
-    most: its reason is the cause."""
+    most: its reason is the cause. When every part alone reaches ``threshold`` (only together
+    do they break the layer) and stored weights are not the float weights rounded, the cause
+    is those weights: a weight scale off by a factor scales the layer's result, which a cosine
+    does not see, until the output's range clips it."""
     measured = [part for part in parts if not math.isnan(part.cosine)]
     if not measured:
         return "weights" if any(p.name == "weights" for p in parts) else "resolution", None
+    off = [q for part in parts if part.name == "weights" for q in part.quantizers if q.excess >= EXCESS_ERROR]
+    if off and all(part.cosine >= threshold for part in measured):
+        return "weights", off[0]  # the main weight first (see _quantizers)
     worst = min(measured, key=lambda part: part.cosine)
     if not worst.quantizers:
         return worst.name if worst.name == "weights" else "resolution", None
@@ -862,14 +1021,17 @@ def _dequantized(stored: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, 
     return (stored.astype(np.float64) - zp) * s
 
 
-def _range_stats(values: Sequence[np.ndarray], scale: np.ndarray, zero_point: np.ndarray, axis: int) -> Quantizer:
+def _range_stats(values: Sequence[np.ndarray], scale: np.ndarray, zero_point: np.ndarray, axis: int,
+                 grids: Sequence[tuple[np.ndarray, np.ndarray]] | None = None) -> Quantizer:
     """Clipped share, clipping against rounding error, float and representable ranges of
-    quantizing ``values`` (one array per sample) with ``scale``/``zero_point``."""
+    quantizing ``values`` (one array per sample) with ``scale``/``zero_point``, or with each
+    sample's own (scale, zero point) in ``grids`` (a dynamic quantizer)."""
     lo, hi = _grid(zero_point.dtype)
     clipped = total = 0
     clip_energy = round_energy = product = square = rounded_square = 0.0
     low, high = math.inf, -math.inf
-    for value in values:
+    grids = [(scale, zero_point)] * len(values) if grids is None else grids
+    for value, (scale, zero_point) in zip(values, grids):
         x = np.asarray(value, np.float64)
         s = _broadcast(scale, x.ndim, axis)
         zp = _broadcast(zero_point.astype(np.float64), x.ndim, axis)
@@ -887,11 +1049,13 @@ def _range_stats(values: Sequence[np.ndarray], scale: np.ndarray, zero_point: np
         if x.size:
             low, high = min(low, float(x.min())), max(high, float(x.max()))
     energy = clip_energy + round_energy
-    bottom, top = (lo - zero_point.astype(np.float64)) * scale, (hi - zero_point.astype(np.float64)) * scale
+    bottom = min(float(np.min((lo - zp.astype(np.float64)) * s)) for s, zp in grids)
+    top = max(float(np.max((hi - zp.astype(np.float64)) * s)) for s, zp in grids)
+    scale, zero_point = grids[0]
     return Quantizer(
-        part="", tensor="", dtype=zero_point.dtype.name, scale=float(np.max(scale)),
+        part="", tensor="", dtype=zero_point.dtype.name, scale=max(float(np.max(s)) for s, _ in grids),
         zero_point=int(np.ravel(zero_point)[0]) if zero_point.size else 0, channels=int(scale.size),
-        float_min=low, float_max=high, range_min=float(np.min(bottom)), range_max=float(np.max(top)),
+        float_min=low, float_max=high, range_min=bottom, range_max=top,
         clipped=clipped / total if total else 0.0, clip_energy=clip_energy / energy if energy else 0.0,
         cosine=product / math.sqrt(square * rounded_square) if square and rounded_square else float(square == 0),
     )
