@@ -45,14 +45,17 @@ def float_model() -> onnx.ModelProto:
     return onnx.ModelProto.FromString(_float_bytes())
 
 
-def quantized_model(broken: str | None = BROKEN) -> onnx.ModelProto:
-    """The CNN quantized to int8 QDQ by onnxruntime, the int8 weights of the Conv ``broken``
-    negated (None: none); a new copy each call."""
-    model = onnx.ModelProto.FromString(_quantized_bytes())
+def quantized_model(broken: str | None = BROKEN, quant_format: str = "QDQ") -> onnx.ModelProto:
+    """The CNN quantized to int8 by onnxruntime, in ``quant_format`` ("QDQ", or "QOperator":
+    QLinearConv ...), the int8 weights of the Conv ``broken`` negated (None: none); a new copy
+    each call."""
+    model = onnx.ModelProto.FromString(_quantized_bytes(quant_format))
     if broken is not None:
-        conv = next(node for node in model.graph.node if node.name == broken)
-        dequantize = next(node for node in model.graph.node if node.output[0] == conv.input[1])
-        weight = next(init for init in model.graph.initializer if init.name == dequantize.input[0])
+        names = (broken, f"{broken}_quant")  # the QOperator quantizer renames the Conv
+        conv = next(node for node in model.graph.node if node.name in names)
+        weight_name = conv.input[3] if conv.op_type == "QLinearConv" else next(
+            node for node in model.graph.node if node.output[0] == conv.input[1]).input[0]
+        weight = next(init for init in model.graph.initializer if init.name == weight_name)
         weight.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(weight), weight.name))
     return model
 
@@ -157,8 +160,8 @@ def _float_bytes() -> bytes:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9).SerializeToString()
 
 
-@functools.lru_cache(maxsize=1)
-def _quantized_bytes() -> bytes:
+@functools.lru_cache(maxsize=2)
+def _quantized_bytes(quant_format: str) -> bytes:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Calibration(CalibrationDataReader):
@@ -175,7 +178,7 @@ def _quantized_bytes() -> bytes:
         with tempfile.TemporaryDirectory(prefix="layerbisect-demo-") as folder:
             float_path, int8_path = Path(folder, "fp32.onnx"), Path(folder, "int8.onnx")
             float_path.write_bytes(_float_bytes())
-            quantize_static(float_path, int8_path, Calibration(), quant_format=QuantFormat.QDQ,
+            quantize_static(float_path, int8_path, Calibration(), quant_format=getattr(QuantFormat, quant_format),
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
             return int8_path.read_bytes()
     finally:

@@ -37,9 +37,10 @@ Cost: the float model runs once per sample for the whole diagnosis (the quantize
 cosines before any fix are the report's), and each candidate fix once per sample; the
 variants run the isolated layer alone (``layer_runs``), never the model.
 
->>> report = diagnose("fp32.onnx", "int8_qdq.onnx", inputs)  # doctest: +SKIP
->>> report.diagnosis.culprit.cause, report.diagnosis.culprit.recommended.kind  # doctest: +SKIP
-('saturation', 'percentile range')
+>>> from layerbisect import demo  # conv2's int8 weights negated
+>>> report = diagnose(*demo.files(), demo.image())
+>>> report.diagnosis.culprit.cause, report.diagnosis.culprit.recommended.kind
+('weights', 'per-channel weights')
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import onnx
@@ -287,7 +289,7 @@ class Diagnoses:
         """onnxruntime ``nodes_to_exclude`` for the recommended keep-in-float fixes."""
         return list(dict.fromkeys(n for _, fix in self.recommended() for n in fix.nodes_to_exclude))
 
-    def tensor_quant_overrides(self) -> dict[str, list[dict[str, object]]]:
+    def tensor_quant_overrides(self) -> dict[str, list[dict[str, Any]]]:
         """The TensorQuantOverrides of the recommended fixes as plain values (``quant_type`` by
         its QuantType name), as the JSON holds them; ``extra_options`` gives them as
         onnxruntime takes them."""
@@ -303,8 +305,12 @@ class Diagnoses:
         as onnxruntime wants them) and any other option they need (``QuantizeBias``: False
         keeps every bias in float).
 
-        >>> quantize_static(fp32, out, reader, nodes_to_exclude=diagnosis.nodes_to_exclude(),
-        ...                 extra_options=diagnosis.extra_options())  # doctest: +SKIP
+        >>> from layerbisect import demo
+        >>> diagnosis = diagnose(*demo.files(), demo.image()).diagnosis
+        >>> diagnosis.nodes_to_exclude(), diagnosis.extra_options()
+        ([], {'TensorQuantOverrides': {'conv2.w': [{'axis': 0}]}})
+
+        which ``quantize_static(..., nodes_to_exclude=..., extra_options=...)`` takes as they are.
         """
         from onnxruntime.quantization import QuantType
 
@@ -407,8 +413,15 @@ def diagnose(
     each fix verified by running the model with it. QDQ, QOperator and dynamic models (the
     latter two diagnosed in their QDQ form, ``layerbisect.qdqform``).
 
-    >>> report = diagnose("fp32.onnx", "int8_qdq.onnx", samples)  # doctest: +SKIP
-    >>> print(report.diagnosis.pasteable())  # doctest: +SKIP
+    >>> from layerbisect import demo
+    >>> print(diagnose(*demo.files(), demo.image()).diagnosis.pasteable())  # doctest: +ELLIPSIS
+    nodes_to_exclude=[],
+    extra_options={
+        "TensorQuantOverrides": {
+            'conv2.w': [{'axis': 0}],
+        },
+    },
+    ...
     """
     check_threshold(threshold)
     if top < 1:
@@ -426,7 +439,8 @@ def diagnose(
             "QLinearConv ... (QOperator) or DynamicQuantizeLinear with MatMulInteger ... (dynamic); this one has "
             "none: give the model onnxruntime.quantization made")
     if report is None:
-        report = find_first_bad_layer(float_proto, quant_proto, samples, threshold, shapes=shapes, seed=seed,
+        given = [sample for sample in samples if sample is not None]  # None: a seeded random sample
+        report = find_first_bad_layer(float_proto, quant_proto, given or None, threshold, shapes=shapes, seed=seed,
                                       providers=providers, allow_swapped=True, quiet=quiet)
     pairs = alignment.pairs
     chosen = _chosen(report, threshold, top)
@@ -877,9 +891,9 @@ def _variant(float_proto, quant_proto, pair: Pair, *, keep: Iterable[str], const
     if "output" not in keep and found["output"]:
         q = found["output"][0]
         dropped = _dropped_activations(pair, nodes, float_nodes)
-        value = _activate(graph, q.input[0], dropped, constants)
+        activated = _activate(graph, q.input[0], dropped, constants)
         for dq in [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] == q.output[0]]:
-            dq.CopyFrom(helper.make_node("Identity", [value], [dq.output[0]], name=dq.name))
+            dq.CopyFrom(helper.make_node("Identity", [activated], [dq.output[0]], name=dq.name))
     _drop_unread(graph)  # with the output's QuantizeLinear, unless something else reads it
     return model
 
@@ -910,12 +924,12 @@ def _float_weight(float_proto, pair: Pair, node: onnx.NodeProto, position: int, 
     gemm = next((n for n in float_nodes.values() if n.op_type == "Gemm"), None)
     if twin is None and gemm is not None and node.op_type == "MatMul" and position == 1 and gemm.input[1] in constants:
         # quantize_dynamic writes a Gemm as a MatMul of its B, transposed when transB
-        value = tensor_array(constants[gemm.input[1]]).astype(np.float64)
+        b = tensor_array(constants[gemm.input[1]]).astype(np.float64)
         transposed = any(a.name == "transB" and a.i for a in gemm.attribute)
-        return gemm.input[1], value.T if transposed else value
+        return gemm.input[1], b.T if transposed else b
     if twin is None:
         return None, None
-    value = None
+    value: np.ndarray | None = None
     if position < len(twin.input) and twin.input[position] in constants:
         value = tensor_array(constants[twin.input[position]]).astype(np.float64)
     if not norms:

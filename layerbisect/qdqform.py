@@ -21,7 +21,10 @@ names in its QDQ form. The two compute the same values up to the integer kernels
 rounding (requantizing with a float multiplier, accumulating in int32). Operations not
 listed here (QAttention, QLinearWhere ...) stay as they are.
 
->>> qdq, rewritten = qdq_form(quantize_static_qoperator_model)  # doctest: +SKIP
+>>> from layerbisect import demo
+>>> qdq, rewritten = qdq_form(demo.quantized_model(quant_format="QOperator"))
+>>> rewritten[:2]
+('conv1_quant', 'conv2_quant')
 """
 
 from __future__ import annotations
@@ -62,8 +65,9 @@ def qdq_form(model: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[str, ...]]:
     QuantizeLinear/DequantizeLinear around float operations (see the module's docstring), and
     the names of the operations rewritten. ``model`` is not changed.
 
-    >>> qdq, rewritten = qdq_form(qoperator_model)  # doctest: +SKIP
-    >>> "QLinearConv" in {node.op_type for node in qdq.graph.node}  # doctest: +SKIP
+    >>> from layerbisect import demo
+    >>> qdq, rewritten = qdq_form(demo.quantized_model(quant_format="QOperator"))
+    >>> "QLinearConv" in {node.op_type for node in qdq.graph.node}
     False
     """
     copy = onnx.ModelProto()
@@ -149,14 +153,15 @@ def _static(node, constants, graph) -> list[onnx.NodeProto] | None:
         inputs.append(dq.output[0])
     bias = {"Conv": 8, "Gemm": 6}.get(op)
     if bias is not None and _at(node, bias):
-        scale = _bias_scale(node, triples, constants, beta=attrs["beta"].f if "beta" in attrs and op == "Gemm" else 1.0)
-        if scale is None:
+        bias_scale = _bias_scale(node, triples, constants,
+                                 beta=attrs["beta"].f if "beta" in attrs and op == "Gemm" else 1.0)
+        if bias_scale is None:
             return None
         name = f"{node.name}__layerbisect_bias"
-        graph.initializer.extend([numpy_helper.from_array(scale, f"{name}_scale"),
-                                  numpy_helper.from_array(np.zeros(scale.shape, np.int32), f"{name}_zero_point")])
+        graph.initializer.extend([numpy_helper.from_array(bias_scale, f"{name}_scale"),
+                                  numpy_helper.from_array(np.zeros(bias_scale.shape, np.int32), f"{name}_zero_point")])
         dq = _dq(f"{node.name}__layerbisect_dq_bias", [node.input[bias], f"{name}_scale", f"{name}_zero_point"],
-                 0 if scale.size > 1 else None)
+                 0 if bias_scale.size > 1 else None)
         prefix.append(dq)
         inputs.append(dq.output[0])
     kept = [a for a in node.attribute if a.name not in dropped]
@@ -164,7 +169,7 @@ def _static(node, constants, graph) -> list[onnx.NodeProto] | None:
     result = f"{node.output[0]}__qdq_result" if has_output else node.output[0]
     float_node = helper.make_node(op, inputs, [result], name=node.name)
     float_node.attribute.extend(kept)
-    if not has_output:
+    if output is None or not has_output:
         return [*prefix, float_node]
     q = helper.make_node("QuantizeLinear", [result, node.input[output[0]], _at(node, output[1])], [node.output[0]],
                          name=f"{node.name}__layerbisect_q")
@@ -202,7 +207,8 @@ def _integer(node, constants, producer, consumers, replaced: set[int]) -> list[o
     dynamic = producer.get(node.input[0])
     cast = _only(consumers.get(node.output[0], []), "Cast")
     mul = _only(consumers.get(cast.output[0], []), "Mul") if cast is not None else None
-    if dynamic is None or dynamic.op_type != "DynamicQuantizeLinear" or mul is None or node.input[1] not in constants:
+    if (dynamic is None or dynamic.op_type != "DynamicQuantizeLinear" or cast is None or mul is None
+            or node.input[1] not in constants):
         return None
     scales = producer.get(next(name for name in mul.input if name != cast.output[0]))
     if scales is None or scales.op_type != "Mul" or dynamic.output[1] not in scales.input:
