@@ -2,7 +2,7 @@
 
 Pure numpy. Metrics are defined for all-zero tensors; NaN and Inf are counted, not propagated
 into a crash. Large float32 tensors are summed a chunk at a time: each chunk's sums of squares
-by a float32 BLAS dot, the chunks in float64, for a relative error near 1e-7 at most, far below
+by a float32 BLAS dot, the chunks in float64, for a relative error of a few 1e-7 at most, far below
 what a threshold or a dB figure can tell, at a fifth of the cost of float64 throughout. Small
 tensors, other dtypes, and float32 data whose squares leave float32's range
 are summed in float64 (so the cosine of two positive scalars is exactly 1). Integers read with
@@ -159,7 +159,7 @@ def _pairwise_square_sum(x: np.ndarray) -> float:
 
 def _dot_square_sum(x: np.ndarray) -> float:
     """Sum of squares of float32 values: a BLAS dot, a fifth of the pairwise sum's cost, as
-    precise here (1e-8 to 1.4e-7 relative, as BLAS keeps many partial sums), and on one thread
+    precise here (1e-8 to 3.5e-7 relative by CPU, as BLAS keeps many partial sums), and on one thread
     (OpenBLAS's sdot took as long capped at one thread, busy machine or not)."""
     return float(np.dot(x, x))
 

@@ -25,6 +25,7 @@ from layerbisect.files import sources
 from layerbisect.fusion import changed, counterparts, fusion_note
 from layerbisect.graph import build_graph, inferred_types
 from layerbisect.inputs import InputPlan, Sample, plan_inputs, reusable, samples_of
+from layerbisect.kernels import saturation_note
 from layerbisect.load import ModelLike, declared_inputs, load_model, subgraph_notes
 from layerbisect.measure import Saved, Totals, available_memory, measure, prepare
 from layerbisect.options import DEFAULT_PROVIDERS, check_past_length, check_strategy, check_threshold, memory_size
@@ -232,6 +233,8 @@ def find_first_bad_layer(
                               seed=seed, providers=providers, budget=budget))
     if isinstance(quantized, Simulation):
         notes += quantized.notes([first_bad, culprit])
+    else:
+        notes += filter(None, [saturation_note(quant_proto, providers, first_bad.quant_nodes if first_bad else ())])
     return assemble.build_report(
         records, threshold,
         float_side=assemble.Side(float_proto, assemble.label(float_model)),

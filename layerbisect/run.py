@@ -78,6 +78,26 @@ def max_ir_version() -> int | None:
     return None
 
 
+@functools.cache
+def int8_products_saturate() -> bool:
+    """Whether onnxruntime's CPU kernels for 8-bit integer products (MatMulInteger, QLinearConv,
+    fused Q/DQ groups, ...) saturate on this machine: on x86 CPUs without VNNI they add each two
+    neighbouring uint8 x int8 products into an int16 first, which clips past 32767 (255 x 127
+    x 2 = 64770). Measured, not guessed from the CPU's name: one product that overflows int16.
+
+    >>> isinstance(int8_products_saturate(), bool)
+    True
+    """
+    a = helper.make_tensor_value_info("a", onnx.TensorProto.UINT8, [1, 2])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.INT32, [1, 1])
+    w = helper.make_tensor("w", onnx.TensorProto.INT8, [2, 1], [127, 127])
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "w"], ["y"])], "probe", [a], [y], [w])
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    session = ort.InferenceSession(probe.SerializeToString(), _options(), providers=["CPUExecutionProvider"])
+    (product,) = session.run(None, {"a": np.array([[255, 255]], np.uint8)})
+    return int(product[0, 0]) != 255 * 127 * 2
+
+
 def lower_ir_version(model: onnx.ModelProto, role: str) -> list[str]:
     """Lower, in place, the IR version of ``model`` (a private copy) when it is newer than this
     onnxruntime loads (the model was saved by a newer onnx); return the note saying so, if any.
@@ -179,7 +199,7 @@ def ort_optimized(model: onnx.ModelProto, role: str, providers: Sequence[str] = 
 
     onnxruntime writes it into a temporary folder, removed on return, on error and on Ctrl-C.
     """
-    options = _options()
+    options = _options(fuse_qdq=True)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     with tempfile.TemporaryDirectory(prefix="layerbisect-") as folder:
         path = Path(folder) / "optimized.onnx"
@@ -194,9 +214,16 @@ def ort_optimized(model: onnx.ModelProto, role: str, providers: Sequence[str] = 
         return onnx.load(str(path))
 
 
-def _options() -> ort.SessionOptions:
+def _options(fuse_qdq: bool = False) -> ort.SessionOptions:
+    """Options of every session. Unless ``fuse_qdq`` (``ort_optimized``), a model's Q/DQ groups
+    run as written (DequantizeLinear, the float op, QuantizeLinear), not fused into integer
+    kernels: onnxruntime fuses only groups whose inner tensors are not graph outputs, so which
+    fused depended on what a pass exposed, and on x86 CPUs without VNNI the fused kernels
+    saturate int8 products (``int8_products_saturate``), so values depended on the pass too."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if not fuse_qdq:
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
     # Idle worker threads would otherwise spin and take the cores the comparison needs.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # Without onnxruntime's arena, the memory of the values a pass reads out goes back to the

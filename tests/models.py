@@ -564,6 +564,7 @@ def quantize(
     seed: int = 0,
     num_samples: int = 128,
     nodes_to_exclude: list[str] | None = None,
+    reduce_range: bool = False,
 ) -> onnx.ModelProto:
     """Quantize ``model`` with onnxruntime.quantization and return it in memory.
 
@@ -572,7 +573,8 @@ def quantize(
     (quantize_dynamic; ``activation_type`` and ``seed`` unused). Types: "int8",
     "uint8", "int16", "uint16", and "int4" for weights; ORT accepts 16-bit and int4
     only for "qdq" and then bumps the model to opset 21 (standard-domain Q/DQ, no
-    contrib ops needed).
+    contrib ops needed). ``reduce_range``: 7-bit weights, which onnxruntime's int8 kernels compute
+    exactly on every CPU (full-range int8 weights clip on x86 without VNNI: layerbisect.kernels).
     """
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -590,7 +592,7 @@ def quantize(
         src, dst = os.path.join(tmp, "float.onnx"), os.path.join(tmp, "quant.onnx")
         onnx.save(model, src)
         if fmt == "dynamic":
-            quantize_dynamic(src, dst, per_channel=per_channel, weight_type=wtype)
+            quantize_dynamic(src, dst, per_channel=per_channel, weight_type=wtype, reduce_range=reduce_range)
         else:
             # Own random stream, disjoint from random_inputs(model, <int>) used for testing.
             rng = np.random.default_rng([0xCA1B, seed])
@@ -609,7 +611,7 @@ def quantize(
                 src, dst, _Reader(),
                 quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
                 per_channel=per_channel, activation_type=atype, weight_type=wtype,
-                nodes_to_exclude=nodes_to_exclude or [],
+                nodes_to_exclude=nodes_to_exclude or [], reduce_range=reduce_range,
             )
         return onnx.load(dst)
 

@@ -73,10 +73,12 @@ def test_first_failing():
     assert first_failing([True, False, False]) == 1
 
 
-@pytest.mark.parametrize("dtype,rel", [(np.float32, 1e-7), (np.float64, 1e-12)])
+@pytest.mark.parametrize("dtype,rel", [(np.float32, 1e-6), (np.float64, 1e-12)])
 @pytest.mark.parametrize("size", [1, 16_384, 65_535, 65_536, 200_001])
 def test_chunked_sums_match_a_direct_float64_computation(size, dtype, rel):
-    """Large float32 tensors are summed in float32 chunks (pairwise), anything else in float64."""
+    """Large float32 tensors are summed in float32 chunks (BLAS dots), anything else in float64.
+    The float32 sums' error depends on the CPU's dot kernel: up to 1.4e-7 relative on an AVX-512
+    machine, 3.5e-7 on an AVX2 one (the sum of squared errors, whose terms never cancel)."""
     rng = np.random.default_rng(size)
     ref = rng.standard_normal(size).astype(dtype)
     act = (ref + 0.1 * rng.standard_normal(size)).astype(dtype)

@@ -20,6 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from layerbisect import find_first_bad_layer, keep_in_float
 from layerbisect.fallback import bypass
 from layerbisect.find import setup
+from layerbisect.run import int8_products_saturate
 
 from models import corrupt_weights, output_cosines, quant_node_for, quantization_left, quantize, scaled_columns
 from real_models import (
@@ -88,31 +89,35 @@ def minilm() -> onnx.ModelProto:
 
 
 @lru_cache(maxsize=None)
-def _minilm_quant(fmt: str, per_channel: bool, padded_calibration: bool = False) -> onnx.ModelProto:
+def _minilm_quant(fmt: str, per_channel: bool, padded_calibration: bool = False, reduce_range: bool = False):
     calibration = CALIBRATION + [token_sample(200, padding=4)] if padded_calibration else CALIBRATION
-    return quantize(_cached_load(minilm_path()), fmt, per_channel=per_channel,
+    return quantize(_cached_load(minilm_path()), fmt, per_channel=per_channel, reduce_range=reduce_range,
                     calibration_inputs=None if fmt == "dynamic" else calibration)
 
 
-def minilm_quant(fmt: str, per_channel: bool = False, padded_calibration: bool = False) -> onnx.ModelProto:
+def minilm_quant(fmt: str, per_channel: bool = False, padded_calibration: bool = False,
+                 reduce_range: bool = False) -> onnx.ModelProto:
+    """``reduce_range``: 7-bit weights, which the MatMulInteger kernels of every CPU compute
+    exactly (full-range ones clip on x86 without VNNI: test_minilm_full_range_weights_...)."""
     minilm()  # skips when the package is missing
-    return _minilm_quant(fmt, per_channel, padded_calibration)
+    return _minilm_quant(fmt, per_channel, padded_calibration, reduce_range)
 
 
 @lru_cache(maxsize=None)
-def _minilm_faulted(fmt: str, per_channel: bool, float_node: str) -> onnx.ModelProto:
-    quant = _minilm_quant(fmt, per_channel)
+def _minilm_faulted(fmt: str, per_channel: bool, float_node: str, reduce_range: bool) -> onnx.ModelProto:
+    quant = _minilm_quant(fmt, per_channel, reduce_range=reduce_range)
     return corrupt_weights(quant, quant_node_for(quant, float_node, _cached_load(minilm_path())))
 
 
-def minilm_faulted(fmt: str, per_channel: bool, float_node: str) -> onnx.ModelProto:
+def minilm_faulted(fmt: str, per_channel: bool, float_node: str, reduce_range: bool = False) -> onnx.ModelProto:
     minilm()
-    return _minilm_faulted(fmt, per_channel, float_node)
+    return _minilm_faulted(fmt, per_channel, float_node, reduce_range)
 
 
 @lru_cache(maxsize=None)
 def _planted_report(**kwargs):
-    return find_first_bad_layer(minilm(), minilm_faulted("dynamic", True, PLANTED), SAMPLES, quiet=True, **kwargs)
+    faulted = minilm_faulted("dynamic", True, PLANTED, reduce_range=True)
+    return find_first_bad_layer(minilm(), faulted, SAMPLES, quiet=True, **kwargs)
 
 
 def planted_report(**kwargs):
@@ -129,8 +134,10 @@ def test_minilm_declares_token_ids_and_mask_with_dynamic_dims():
 
 
 def test_minilm_dynamic_int8_per_channel_aligns_every_layer_and_stays_above_threshold():
-    report = find_first_bad_layer(minilm(), minilm_quant("dynamic", per_channel=True), SAMPLES, quiet=True)
+    quant = minilm_quant("dynamic", per_channel=True, reduce_range=True)
+    report = find_first_bad_layer(minilm(), quant, SAMPLES, quiet=True)
     show("MiniLM dynamic int8 per-channel", report)
+    assert not [note for note in report.notes if "VNNI" in note]  # 7-bit weights: no kernel clips
     assert report.coverage == 1.0 and report.unaligned == ()
     assert len(report.layers) == 116 and report.strategy == "scan"
     # all 18 weight MatMuls (6 per layer) are dynamically quantized and paired with MatMulInteger
@@ -142,6 +149,19 @@ def test_minilm_dynamic_int8_per_channel_aligns_every_layer_and_stays_above_thre
     assert set(outputs) == EMBEDDINGS  # the int64 pass-through outputs are not compared
     for tensor in outputs.values():
         assert next(layer for layer in report.layers if layer.float_tensor == tensor).cosine > 0.99
+
+
+@pytest.mark.skipif(not int8_products_saturate(), reason="this CPU's int8 kernels compute exactly (VNNI, or not x86)")
+def test_minilm_full_range_weights_clip_in_this_cpus_kernels_and_the_report_says_so():
+    """On x86 without VNNI, MatMulInteger adds uint8 x int8 products in pairs into int16: with
+    full-range per-channel weights, the attention output projection of layer 0 clips (the same
+    model in 7-bit weights stays above the threshold everywhere: the test above)."""
+    report = find_first_bad_layer(minilm(), minilm_quant("dynamic", per_channel=True), SAMPLES, quiet=True)
+    bad = report.first_bad
+    assert bad.float_nodes == ("/model/model.0/auto_model/encoder/layer.0/attention/output/dense/MatMul",)
+    assert bad.cosine < 0.98 and report.first_bad_cause == "introduced"
+    note = next(note for note in report.notes if "without VNNI" in note)
+    assert "18 operations" in note and f"the first bad layer's '{bad.float_nodes[0]}_quant' among them" in note
 
 
 def test_minilm_dynamic_int8_per_tensor_drifts_below_threshold_with_no_single_culprit():
