@@ -31,7 +31,10 @@ and integers). A dynamic model's input quantizer (DynamicQuantizeLinear, uint8 o
 input's own range) is a part of the layer reading it, measured per sample; nothing can set its
 range, so only keeping the layer in float is tried for it. QOperator operations take 8-bit
 integers and an int32 bias: no 16-bit and no float-bias candidate; per-channel weights are
-``per_channel=True`` there, as for ``quantize_dynamic``.
+``per_channel=True`` there, as for ``quantize_dynamic``. A layer that onnxruntime's kernel
+breaks while its QDQ form holds (the own cosine of the model as given below the threshold, of
+its QDQ form above) breaks in the *kernel*: on x86 without VNNI the int8 products clip
+(``layerbisect.kernels``); 7-bit weights (``reduce_range=True``) are tried, then float.
 
 Cost: the float model runs once per sample for the whole diagnosis (the quantized model's
 cosines before any fix are the report's), and each candidate fix once per sample; the
@@ -67,11 +70,11 @@ from layerbisect.load import ModelLike, tensor_array
 from layerbisect.options import DEFAULT_PROVIDERS, check_threshold
 from layerbisect.qdqform import qdq_form
 from layerbisect.report import LayerComparison, Report
-from layerbisect.run import Session, usable_providers
+from layerbisect.run import Session, int8_products_saturate, usable_providers
 from layerbisect.segment import Segments
 from layerbisect.text import number
 
-CAUSES = ("weights", "saturation", "resolution")
+CAUSES = ("weights", "saturation", "resolution", "kernel")
 DEFAULT_TOP = 3  # layers diagnosed, worst isolated cosine first (the culprit always)
 # the range a percentile fix gives an activation: values beyond these percentiles clip
 PERCENTILES = (0.01, 99.99)
@@ -84,7 +87,8 @@ EXCESS_ERROR = 4.0
 # cosine a model output may lose to a verified fix (rounding elsewhere moves outputs this much:
 # 16-bit conv1 of the test CNN, 0.9995 -> 0.9993)
 OUTPUT_TOLERANCE = 1e-3
-FIX_KINDS = ("percentile range", "16-bit", "float bias", "per-channel weights", "combined", "keep in float")
+FIX_KINDS = ("percentile range", "16-bit", "float bias", "per-channel weights", "7-bit weights", "combined",
+             "keep in float")
 PARTS = ("weights", "inputs", "output")
 _CONTRIB = "com.microsoft"
 _WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
@@ -562,9 +566,16 @@ class _Work:
             parts.append(Part(name, cosine, tuple(self._stats(name, node, pair, boundaries) for node in members)))
         cause, quantizer = _cause(parts, self.threshold)
         candidates = self._candidates(cause, quantizer, parts)
+        note = ""
+        if self.form != "qdq" and layer.isolated_cosine < self.threshold <= everything:
+            # the layer's arithmetic, computed exactly, holds: onnxruntime's kernel breaks it
+            weights = next((part.quantizers[0] for part in parts if part.name == "weights" and part.quantizers), None)
+            cause, quantizer, note = "kernel", weights, self._kernel_note(layer.isolated_cosine, everything)
+            candidates = [("7-bit weights", weights)] if weights is not None else []
+            candidates.append(("keep in float", weights))
         fixes = tuple(self._fix(candidate, pair, boundaries) for candidate in candidates)
         diagnosis = Diagnosis(layer, everything, tuple(parts), cause, quantizer, fixes,
-                              self._limits(cause, quantizer, fixes))
+                              note or self._limits(cause, quantizer, fixes))
         best = diagnosis.recommended  # only its model is kept
         return replace(diagnosis, fixes=tuple(fix if fix is best else replace(fix, model=None) for fix in fixes))
 
@@ -641,6 +652,15 @@ class _Work:
                           _readable_pair(self.quant_proto, self.quant_proto, pair).quant_tensor):
                 return pair.float_tensor
         return tensor
+
+    def _kernel_note(self, given: float, exact: float) -> str:
+        """Why a layer of a QOperator or dynamic model breaks in onnxruntime's kernel only."""
+        why = ("this CPU's int8 kernels add uint8 x int8 products in pairs into int16, which clips past 32767 "
+               "(x86 without VNNI; layerbisect.kernels)" if int8_products_saturate() else
+               "onnxruntime's kernel computes it otherwise than its integers say")
+        return (f"onnxruntime computes this layer at own cosine {given:.4f}, its arithmetic computed exactly (its "
+                f"QDQ form) at {exact:.4f}: {why}; the fixes are verified on the QDQ form, which no CPU clips, "
+                "and 7-bit weights (255 x 64 x 2 fits an int16) are computed so by every kernel")
 
     def _limits(self, cause: str, quantizer: Quantizer | None, fixes: Sequence[Fix]) -> str:
         """What no setting can change about ``quantizer``, where that limits the fixes tried."""
@@ -739,6 +759,10 @@ class _Work:
                          or _variant(self.float_proto, model, pair, keep={"weights", "output"},
                                      constants=self.float_constants) or model)
             return model, f"keep {'+'.join(pair.float_nodes)} in float", "float", {}, exclude, {}, {}
+        if kind == "7-bit weights":
+            model = _seven_bit(base, pair)
+            return (model, f"7-bit weights for {'+'.join(pair.float_nodes)} (reduce_range=True sets every layer's)",
+                    "int8 7-bit", {}, (), {}, {"reduce_range": True})
         if kind == "float bias":
             dqs = [dq for dq in _quantizers(self.quant_proto, pair)["weights"] if _int(self.quant_proto,
                                                                                      dq.input[0]).dtype == np.int32]
@@ -1133,6 +1157,32 @@ def _per_channel(float_proto, quant_proto, pair: Pair, constants) -> tuple[onnx.
         overrides[name] = {"axis": axis}
     _drop_unread(graph)
     return model, overrides
+
+
+def _seven_bit(quant_proto: onnx.ModelProto, pair: Pair) -> onnx.ModelProto:
+    """A copy of ``quant_proto`` whose int8 weights of ``pair`` are on a 7-bit grid, as
+    ``reduce_range=True`` quantizes them: half the integers (rounded, within [-64, 64]) at twice
+    the scale, so that no two products of a uint8 input with them overflow an int16."""
+    model = onnx.ModelProto()
+    model.CopyFrom(quant_proto)
+    graph = model.graph
+    constants = {init.name: init for init in graph.initializer}
+    for dq in _weights(model, pair):
+        stored = _int(model, dq.input[0])
+        if stored.dtype != np.int8:
+            continue
+        scale = tensor_array(constants[dq.input[1]])
+        zero_point = tensor_array(constants[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] else \
+            np.zeros((), np.int8)
+        base = f"{dq.input[0]}__layerbisect_7bit"
+        graph.initializer.extend([
+            numpy_helper.from_array(np.clip(np.rint(stored / 2), -64, 64).astype(np.int8), base),
+            numpy_helper.from_array((scale * 2).astype(scale.dtype), f"{base}_scale"),
+            numpy_helper.from_array(np.rint(zero_point / 2).astype(np.int8), f"{base}_zero_point")])
+        node = next(n for n in graph.node if n.name == dq.name and n.output[0] == dq.output[0])
+        node.input[:] = [base, f"{base}_scale", f"{base}_zero_point"]
+    _drop_unread(graph)
+    return model
 
 
 def _requantized(quant_proto: onnx.ModelProto, q: onnx.NodeProto, low: float, high: float,

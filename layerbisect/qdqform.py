@@ -18,7 +18,8 @@ writes it (exact): every quantized activation is then read through a DequantizeL
 Each float operation keeps the name of the integer operation it replaces, and each tensor
 the rest of the graph reads keeps its name, so an alignment made on the model pairs the same
 names in its QDQ form. The two compute the same values up to the integer kernels' own
-rounding (requantizing with a float multiplier, accumulating in int32). Operations not
+rounding (requantizing with a float multiplier, accumulating in int32), and, on x86 CPUs
+without VNNI, their clipping of int8 products (``layerbisect.kernels``). Operations not
 listed here (QAttention, QLinearWhere ...) stay as they are.
 
 >>> from layerbisect import demo

@@ -95,3 +95,28 @@ def test_a_q_dq_models_values_do_not_depend_on_what_is_exposed():
     exposed.CopyFrom(quant)
     exposed.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in inner)
     np.testing.assert_array_equal(Session(exposed, "quantized model").run(feeds, ["y"])["y"], alone)
+
+
+def test_the_7_bit_fix_halves_a_layers_integers_at_twice_the_scale_as_reduce_range_does():
+    from layerbisect.diagnosis import _seven_bit
+    from layerbisect.find import setup
+    from layerbisect.qdqform import qdq_form
+
+    float_model = make_cnn()
+    form, _ = qdq_form(quantize(float_model, "qoperator"))
+    *_, alignment, _, _ = setup(float_model, form)
+    pair = next(p for p in alignment.pairs if p.float_nodes == ("conv2",))
+    fixed = _seven_bit(form, pair)
+
+    def weights(model):
+        constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+        dq = next(node for node in model.graph.node if node.op_type == "DequantizeLinear"
+                  and constants.get(node.input[0], np.zeros(0)).ndim == 4 and "conv2" in node.name)
+        stored, scale = constants[dq.input[0]], constants[dq.input[1]]
+        return stored, scale, stored.astype(np.float64) * scale
+
+    stored, scale, before = weights(form)
+    seven, doubled, after = weights(fixed)
+    assert np.abs(stored).max() > 64 >= np.abs(seven).max()
+    np.testing.assert_array_equal(doubled, 2 * scale)
+    assert np.abs(after - before).max() <= scale.max() * 1.0001  # half a 7-bit step

@@ -17,7 +17,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from layerbisect import find_first_bad_layer, keep_in_float
+from layerbisect import diagnose, find_first_bad_layer, keep_in_float
 from layerbisect.fallback import bypass
 from layerbisect.find import setup
 from layerbisect.run import int8_products_saturate
@@ -162,6 +162,21 @@ def test_minilm_full_range_weights_clip_in_this_cpus_kernels_and_the_report_says
     assert bad.cosine < 0.98 and report.first_bad_cause == "introduced"
     note = next(note for note in report.notes if "without VNNI" in note)
     assert "18 operations" in note and f"the first bad layer's '{bad.float_nodes[0]}_quant' among them" in note
+
+
+@pytest.mark.skipif(not int8_products_saturate(), reason="this CPU's int8 kernels compute exactly (VNNI, or not x86)")
+def test_minilm_clipped_in_the_kernel_is_diagnosed_as_the_kernel_and_7_bit_weights_repair_it():
+    """The layer's own arithmetic (its QDQ form) holds at 0.9997; onnxruntime's MatMulInteger
+    breaks it: the cause is the kernel, and the pasted reduce_range=True repairs the model."""
+    report = diagnose(minilm(), minilm_quant("dynamic", per_channel=True), SAMPLES)
+    culprit = report.diagnosis.culprit
+    assert culprit.layer.isolated_cosine < 0.98 <= culprit.isolated_cosine
+    assert culprit.cause == "kernel" and culprit.recommended.kind == "7-bit weights" and culprit.recommended.repairs
+    assert "this CPU's int8 kernels add uint8 x int8 products in pairs into int16" in culprit.note
+    assert report.diagnosis.arguments() == {"reduce_range": True}
+    repaired = find_first_bad_layer(minilm(), minilm_quant("dynamic", per_channel=True, reduce_range=True),
+                                    SAMPLES, quiet=True)
+    assert repaired.first_bad is None
 
 
 def test_minilm_dynamic_int8_per_tensor_drifts_below_threshold_with_no_single_culprit():
