@@ -46,7 +46,7 @@ Transposes past a Concat or element-wise operations (cancelling two across them)
 >>> x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
 >>> y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])
 >>> g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="r")], "g", [x], [y])
->>> from layerbisect.graph import build_graph
+>>> from layerbisect.graph import OpGraph, build_graph
 >>> graph = build_graph(helper.make_model(g))
 >>> [(p.float_tensor, p.quant_tensor) for p in align(graph, graph).pairs]
 [('y', 'y')]
@@ -57,15 +57,15 @@ from __future__ import annotations
 import heapq
 import math
 import statistics
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from itertools import islice, product, takewhile
 
-import networkx as nx
 import numpy as np
 
 from layerbisect.anchors import anchor_pairs
-from layerbisect.graph import FLOAT_DTYPES, Perm, Readout, ValueRef
-from layerbisect.weights import UNRELATED_WEIGHTS, channel_agreement
+from layerbisect.graph import FLOAT_DTYPES, Op, OpGraph, Perm, Readout, ValueRef
+from layerbisect.weights import UNRELATED_WEIGHTS, agreement, channel_agreement, output_channels, standardized_channels
 
 ACTIVATIONS = {
     "Relu", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish", "Sigmoid", "Tanh", "Elu", "Selu",
@@ -200,15 +200,15 @@ class _Block:
     quant_ops: tuple[str, ...]
 
 
-def align(float_graph: nx.DiGraph, quant_graph: nx.DiGraph) -> Alignment:
+def align(float_graph: OpGraph, quant_graph: OpGraph) -> Alignment:
     """Align the values of two graphs built by ``layerbisect.graph.build_graph``."""
     return _Aligner(float_graph, quant_graph).run()
 
 
 class _Aligner:
-    def __init__(self, float_graph: nx.DiGraph, quant_graph: nx.DiGraph) -> None:
+    def __init__(self, float_graph: OpGraph, quant_graph: OpGraph) -> None:
         self.fg, self.qg = float_graph, quant_graph
-        self.fa, self.qa = dict(float_graph.nodes(data=True)), dict(quant_graph.nodes(data=True))
+        self.fa, self.qa = dict(float_graph.ops()), dict(quant_graph.ops())
         self.vmap: dict[ValueRef, ValueRef] = {}
         self.layout: dict[ValueRef, Perm] = {}
         self.standing_for: dict[ValueRef, list[ValueRef]] = {}  # quantized value -> float values
@@ -222,7 +222,7 @@ class _Aligner:
         self.regions: dict[str, tuple[str, ...]] = {}
         self.float_siblings: dict[tuple, list[str]] = {}
         for node in _ordered(float_graph, "op"):
-            self.float_siblings.setdefault(_float_key(float_graph.nodes[node]), []).append(node)
+            self.float_siblings.setdefault(_float_key(float_graph.op(node)), []).append(node)
         self.quant_consumers = _consumers(quant_graph)
         self.float_consumers = _consumers(float_graph)
         self.baked: set[str] = set()
@@ -232,7 +232,7 @@ class _Aligner:
         self.anchors = anchor_pairs(float_graph, quant_graph)
         # roles that a quantized operation of another type stands for (LayerNormalization for
         # SkipLayerNormalization): a float operation of such a role may end a region
-        self.fused_roles = {a["role"] for a in self.qa.values() if a["kind"] == "op" and a["role"] != a["op_type"]}
+        self.fused_roles = {a.role for a in self.qa.values() if a.kind == "op" and a.role != a.op_type}
         # anchors whose weights agree: no other operation may take them
         self.trusted = {q: f for f, (q, agreement) in self.anchors.items() if agreement >= UNRELATED_WEIGHTS}
 
@@ -241,9 +241,9 @@ class _Aligner:
         self.float_masks = self._float_masks()
         for node in _ordered(self.qg, "op"):
             attrs = self.qa[node]
-            inputs = [(src, *self._root(src)) for src in attrs["sources"] if src[0] not in self.baked]
+            inputs = [(src, *self._root(src)) for src in attrs.sources if src[0] not in self.baked]
             self.quant_inputs[node] = inputs
-            self.index.setdefault((attrs["role"], tuple(sorted(root for _, root, _ in inputs))), []).append(node)
+            self.index.setdefault((attrs.role, tuple(sorted(root for _, root, _ in inputs))), []).append(node)
         float_ops = _ordered(self.fg, "op")
         for node in float_ops:
             if node not in self.evidence and not self._align_op(node):  # (a fused projection
@@ -261,7 +261,7 @@ class _Aligner:
             tuple(pair for pair, _, _ in spans), unaligned, len(float_ops),
             weighted=len(weighted), weighted_paired=len(matches),
             weight_agreement=statistics.median(agreements) if agreements else math.nan,
-            first_unpaired=next((self.fa[n]["name"] for n in weighted if n not in matches), None),
+            first_unpaired=next((self.fa[n].name for n in weighted if n not in matches), None),
         )
 
     def _align_pending(self, float_ops: list[str]) -> None:
@@ -279,7 +279,7 @@ class _Aligner:
         match, _ = self.anchors.get(node, (None, None))
         if match is None or match in self.claimed:
             return False
-        shapes = self.fa[node]["shapes"][0], self.qa[match]["shapes"][0]
+        shapes = self.fa[node].shapes[0], self.qa[match].shapes[0]
         if not (_shapes_agree(*shapes, None) or _rows_merged(*shapes)):
             return False
         self._fill_input(node, match)
@@ -292,12 +292,12 @@ class _Aligner:
         ``match`` reads. Both are read through the Reshapes or Flattens of a 2-D view, on either
         side. The anchor pins the region's end, so that a region between two pairs of anchors
         is one layer of its own, not a part of the next weighted one's."""
-        sources, quant_sources = self.fa[node]["sources"], self.qa[match]["sources"]
+        sources, quant_sources = self.fa[node].sources, self.qa[match].sources
         if len(sources) != 1 or len(quant_sources) != 1:
             return
         quant_values = [quant_sources[0]]
         while (op := quant_values[-1][0]) not in self.claimed and _is_view(self.qa[op]):
-            quant_values.append(self.qa[op]["sources"][0])
+            quant_values.append(self.qa[op].sources[0])
         value = sources[0]
         while value not in self.vmap and value[0] in self.pending:
             fits = [s for s in self._folding(value) + self._region_settlements(value)
@@ -307,7 +307,7 @@ class _Aligner:
                 return
             if not _is_view(self.fa[value[0]]):
                 return
-            value = self.fa[value[0]]["sources"][0]
+            value = self.fa[value[0]].sources[0]
 
     # Inputs and layouts
 
@@ -318,21 +318,21 @@ class _Aligner:
         rate, a flag, an attention mask): it and what is computed from it alone are left out
         of the structure that pairs operations.
         """
-        quant_inputs = {self.qa[n]["name"]: n for n in _ordered(self.qg, "input")}
+        quant_inputs = {self.qa[n].name: n for n in _ordered(self.qg, "input")}
         leftover = _ordered(self.fg, "input")
         for node in list(leftover):
-            match = quant_inputs.pop(self.fa[node]["name"], None)
+            match = quant_inputs.pop(self.fa[node].name, None)
             if match is not None:
                 self._map((node, 0), (match, 0), self._input_layout(node, match))
                 leftover.remove(node)
         for node, match in zip(leftover, list(quant_inputs.values())):
             self._map((node, 0), (match, 0), self._input_layout(node, match))
-            quant_inputs.pop(self.qa[match]["name"])
+            quant_inputs.pop(self.qa[match].name)
         self.float_only_inputs = {node for node in leftover if (node, 0) not in self.vmap}
         self.baked = set(quant_inputs.values())
         for node in _ordered(self.qg, "op"):  # and what is computed from such inputs alone (an
             # attention mask's (1 - mask) * -10000, which the other model does not compute)
-            if all(src[0] in self.baked for src in self.qa[node]["sources"]):
+            if all(src[0] in self.baked for src in self.qa[node].sources):
                 self.baked.add(node)
 
     def _float_masks(self) -> set[str]:
@@ -347,7 +347,7 @@ class _Aligner:
         masks = {node for node in _ordered(self.fg, "input") if self.vmap.get((node, 0), ("",))[0] in quant_masks}
         inputs = set(masks)
         for node in _ordered(self.fg, "op"):
-            sources = self.fa[node]["sources"]
+            sources = self.fa[node].sources
             if sources and all(src[0] in masks for src in sources) and not is_weighted(self.fa[node]):
                 masks.add(node)
         return masks - inputs
@@ -359,14 +359,14 @@ class _Aligner:
         accounted: set[str] = set()
         for node in reversed(_ordered(self.fg, "op")):
             if node in self.float_masks and node in self.pending:
-                outputs = range(len(self.fa[node]["outputs"]))
+                outputs = range(len(self.fa[node].outputs))
                 readers = {r for out in outputs for r in self.float_consumers.get((node, out), ())}
                 if any(r in accounted or (r not in self.float_masks and r not in self.pending) for r in readers):
                     accounted.add(node)
         return accounted
 
     def _input_layout(self, node: str, match: str) -> Perm:
-        return _input_layout(self.fa[node]["shapes"][0], self.qa[match]["shapes"][0])
+        return _input_layout(self.fa[node].shapes[0], self.qa[match].shapes[0])
 
     def _root(self, value: ValueRef) -> tuple[ValueRef, Perm]:
         """The quantized value that ``value`` is a transposition of (itself if none), and the
@@ -374,14 +374,14 @@ class _Aligner:
         chain = []
         while value not in self.roots:
             attrs = self.qa[value[0]]
-            if attrs["kind"] != "op" or not _is_transpose(attrs):
+            if attrs.kind != "op" or not _is_transpose(attrs):
                 self.roots[value] = (value, None)
                 break
             chain.append(value)
-            value = attrs["sources"][0]
+            value = attrs.sources[0]
         root, perm = self.roots[value]
         for step in reversed(chain):
-            perm = _compose(perm, self.qa[step[0]]["perm"])
+            perm = _compose(perm, self.qa[step[0]].perm)
             self.roots[step] = (root, perm)
         return self.roots[chain[0]] if chain else self.roots[value]
 
@@ -398,7 +398,7 @@ class _Aligner:
 
     def _sources(self, node: str) -> list[ValueRef]:
         """The values a float operation reads but those of inputs only the float model declares."""
-        return [src for src in self.fa[node]["sources"] if src[0] not in self.float_only_inputs]
+        return [src for src in self.fa[node].sources if src[0] not in self.float_only_inputs]
 
     def _align_op(self, node: str) -> bool:
         attrs = self.fa[node]
@@ -426,7 +426,7 @@ class _Aligner:
             return True
         if _is_transpose(attrs) and len(mapped) == 1:
             (value, perm), = mapped
-            self._map((node, 0), value, _compose(perm, attrs["perm"]))
+            self._map((node, 0), value, _compose(perm, attrs.perm))
             self.evidence[node] = "layout"
             return True
         if _is_view(attrs) and len(mapped) == 1 and self._restores_rows(node, mapped[0]):
@@ -441,10 +441,10 @@ class _Aligner:
         operation of a span (EmbedLayerNormalization for the embeddings' Gathers, their sum
         and its LayerNormalization; SkipLayerNormalization for a bias, a residual sum and a
         LayerNormalization). Whether it settled."""
-        role = self.fa[node]["role"]
-        if role not in self.fused_roles or len(self.fa[node]["outputs"]) != 1:
+        role = self.fa[node].role
+        if role not in self.fused_roles or len(self.fa[node].outputs) != 1:
             return False
-        found = [s for s in self._region_settlements((node, 0)) if self.qa[s.target[0][0]]["role"] == role]
+        found = [s for s in self._region_settlements((node, 0)) if self.qa[s.target[0][0]].role == role]
         if len(found) != 1:
             return False
         self._settle(found[0])
@@ -454,10 +454,10 @@ class _Aligner:
         """Whether the float view ``node`` (a Reshape or Flatten) brings back the shape of its
         input's counterpart ``target``, of which its input is a 2-D view (leading dimensions
         merged): the other graph computes without it."""
-        (quant_value, perm), (source,) = target, self.fa[node]["sources"]
-        quant_shape, shape = self.qa[quant_value[0]]["shapes"][quant_value[1]], self.fa[node]["shapes"][0]
+        (quant_value, perm), (source,) = target, self.fa[node].sources
+        quant_shape, shape = self.qa[quant_value[0]].shapes[quant_value[1]], self.fa[node].shapes[0]
         return (perm is None and shape is not None and _shapes_agree(shape, quant_shape, None)
-                and _rows_merged(quant_shape, self.fa[source[0]]["shapes"][source[1]]))
+                and _rows_merged(quant_shape, self.fa[source[0]].shapes[source[1]]))
 
     # Projections fused into one weighted operation, then split
 
@@ -467,13 +467,13 @@ class _Aligner:
         K and V fused into one MatMul), and ``node`` is one of those operations on either
         side: each Split output that pairs with one of them (an empty list if none does)."""
         attrs = self.fa[node]
-        matmul = attrs["role"] in ROLE_ALIASES["MatMul"]  # a Split of the last axis splits its columns
+        matmul = attrs.role in ROLE_ALIASES["MatMul"]  # a Split of the last axis splits its columns
         if not matmul or not is_weighted(attrs) or len(mapped) != 1 or mapped[0][1] is not None:
             return []
         root, perm = self._root(mapped[0][0])
         if perm is not None:
             return []
-        quant_readers = [q for role in ROLE_ALIASES[attrs["role"]] for q in self.index.get((role, (root,)), ())
+        quant_readers = [q for role in ROLE_ALIASES[attrs.role] for q in self.index.get((role, (root,)), ())
                          if q not in self.claimed and is_weighted(self.qa[q])]
         split = _split_after(self.fa, self.float_consumers, node)
         if split is not None:  # the float graph fuses: its Split's outputs pair with the quantized ends
@@ -512,18 +512,18 @@ class _Aligner:
         readers' roles it has where the node's are others (of two BatchNormalizations in a
         row, the quantized graph folded the first one, whatever else reads it, and kept the
         second)."""
-        role = self.fa[node]["role"]
-        readers = [r for r in self.float_consumers.get((node, 0), ()) if self.fa[r]["role"] == role]
+        role = self.fa[node].role
+        readers = [r for r in self.float_consumers.get((node, 0), ()) if self.fa[r].role == role]
         if len(readers) != 1 or role not in FUSABLE:
             return False
         (reader,) = readers
-        fingerprint = self.qa[match]["fingerprint"]
-        if fingerprint is None or self.fa[reader]["fingerprint"] is None:
+        fingerprint = self.qa[match].fingerprint
+        if fingerprint is None or self.fa[reader].fingerprint is None:
             roles = _reader_roles(self.qa, self.quant_consumers, match)
             return _reader_roles(self.fa, self.float_consumers, reader) == roles != _reader_roles(
                 self.fa, self.float_consumers, node)
-        theirs = _similarity(self.fa[reader]["fingerprint"], fingerprint)
-        return theirs > SAME_WEIGHTS and theirs > _similarity(self.fa[node]["fingerprint"], fingerprint) + 0.01
+        theirs = _similarity(self.fa[reader].fingerprint, fingerprint)
+        return theirs > SAME_WEIGHTS and theirs > _similarity(self.fa[node].fingerprint, fingerprint) + 0.01
 
     def _belongs_to_sibling(self, node: str, match: str) -> bool:
         """Whether ``match`` is rather the counterpart of an unpaired float sibling (same role,
@@ -543,11 +543,11 @@ class _Aligner:
         self.claimed.add(match)
         self.quant_span.setdefault(match, (match,))
         self.evidence[node] = evidence
-        for index in range(min(len(attrs["outputs"]), len(self.qa[match]["outputs"]))):
+        for index in range(min(len(attrs.outputs), len(self.qa[match].outputs))):
             self._map((node, index), (match, index), perm)
-        if attrs["bias"] and not self.qa[match]["bias"]:
+        if attrs.bias and not self.qa[match].bias:
             self._take_bias((match, 0))
-        if attrs["role"] in ANCHORS:
+        if attrs.role in ANCHORS:
             self._take_batchnorms(node, (match, 0))
 
     def _absorbed(self, node: str, sources: list[ValueRef]) -> bool:
@@ -559,10 +559,10 @@ class _Aligner:
         if self.evidence.get(source[0]) in (None, "fused", "layout") or len(self.float_consumers[source]) != 1:
             return False
         quant = self.qa[self.vmap[source][0]]
-        role = self.fa[node]["role"]
+        role = self.fa[node].role
         if role == "Add":
-            return quant["bias"] and not self.fa[source[0]]["bias"]
-        return role in ACTIVATIONS and quant["op_type"] in ACTIVATION_FUSIONS
+            return quant.bias and not self.fa[source[0]].bias
+        return role in ACTIVATIONS and quant.op_type in ACTIVATION_FUSIONS
 
     # Candidates
 
@@ -575,11 +575,11 @@ class _Aligner:
             return candidates, None
         # an operation of the role of the node's own reader is rather that reader's counterpart
         # (a Relu the quantized graph clamped away, then a Mul on both sides): not absorbed
-        readers = {self.fa[reader]["role"] for reader in self.float_consumers.get((node, 0), ())}
+        readers = {self.fa[reader].role for reader in self.float_consumers.get((node, 0), ())}
         for position, (source, (value, perm)) in enumerate(zip(self._sources(node), mapped)):
             view = self._view_back(source, value) if perm is None else None
             tail = [view] if view is not None else list(
-                takewhile(lambda op: self.qa[op]["role"] not in readers, self._tail(value)))
+                takewhile(lambda op: self.qa[op].role not in readers, self._tail(value)))
             for step, extended in enumerate(tail):
                 trial = mapped[:position] + [((extended, 0), perm)] + mapped[position + 1:]
                 candidates = self._candidates(node, trial)
@@ -594,10 +594,10 @@ class _Aligner:
         readers = self.quant_consumers.get(quant_value, ())
         if len(readers) != 1 or readers[0] in self.claimed or not _is_view(self.qa[readers[0]]):
             return None
-        shape = self.fa[value[0]]["shapes"][value[1]]
-        view = self.qa[readers[0]]["shapes"][0]
+        shape = self.fa[value[0]].shapes[value[1]]
+        view = self.qa[readers[0]].shapes[0]
         fits = shape is not None and view is not None and _shapes_agree(shape, view, None)
-        return readers[0] if fits and _rows_merged(shape, self.qa[quant_value[0]]["shapes"][quant_value[1]]) else None
+        return readers[0] if fits and _rows_merged(shape, self.qa[quant_value[0]].shapes[quant_value[1]]) else None
 
     def _candidates(self, node: str, mapped: list[Mapped]) -> list[tuple[str, Perm]]:
         """Unclaimed quantized operations that compute ``node`` from ``mapped`` (through
@@ -611,17 +611,17 @@ class _Aligner:
         key = tuple(sorted(root for root, _ in roots))
         found: list[tuple[str, Perm]] = []
         views: list[tuple[str, Perm]] = []
-        for role in ROLE_ALIASES.get(attrs["role"], (attrs["role"],)):
+        for role in ROLE_ALIASES.get(attrs.role, (attrs.role,)):
             for match in self.index.get((role, key), ()):
                 if match in self.claimed:
                     continue
                 fits, perm = self._layout_fits(attrs, self.qa[match], roots, self.quant_inputs[match], read_as_mapped)
                 if not fits or not self._keeps_anchors(node, match):
                     continue
-                shapes = attrs["shapes"][0], self.qa[match]["shapes"][0]
+                shapes = attrs.shapes[0], self.qa[match].shapes[0]
                 if _shapes_agree(*shapes, perm):
                     found.append((match, perm))
-                elif perm is None and attrs["role"] in VIEWS and _rows_merged(*shapes):
+                elif perm is None and attrs.role in VIEWS and _rows_merged(*shapes):
                     views.append((match, perm))  # one reshapes to the other's 2-D view
         return found or views
 
@@ -635,7 +635,7 @@ class _Aligner:
         return partner is None or agreement < UNRELATED_WEIGHTS or partner == match
 
     def _layout_fits(
-        self, attrs: dict, quant: dict, roots: list, inputs: list, read_as_mapped: bool
+        self, attrs: Op, quant: Op, roots: list, inputs: list, read_as_mapped: bool
     ) -> tuple[bool, Perm]:
         """Whether a quantized operation with ``inputs`` computes the float operation whose
         inputs are ``roots`` in the layouts they have, and the permutation of its output.
@@ -647,20 +647,20 @@ class _Aligner:
             chosen = position if position in options else options[0]
             free.remove(chosen)
             source, _, quant_perm = inputs[chosen]
-            shape = self.qa[source[0]]["shapes"][source[1]]
+            shape = self.qa[source[0]].shapes[source[1]]
             layouts.append((_compose(_inverse(quant_perm), perm), None if shape is None else len(shape)))
             read_as_mapped = read_as_mapped and quant_perm is None
-        if attrs["role"] == "Transpose":  # the same permutation of the same value, so that
+        if attrs.role == "Transpose":  # the same permutation of the same value, so that
             # Transposes that cancel out cannot stand for one the other graph lacks
-            return layouts[0][0] is None and attrs["perm"] is not None and quant["perm"] == attrs["perm"], None
-        if attrs["role"] in LAYOUT_FREE:  # with no quantized Transpose on the way, any layout
+            return layouts[0][0] is None and attrs.perm is not None and quant.perm == attrs.perm, None
+        if attrs.role in LAYOUT_FREE:  # with no quantized Transpose on the way, any layout
             # is the float graph's own Transposes, which an optimizer pushed past the operation
             return _common_layout(layouts, any_perm=read_as_mapped)
-        if attrs["role"] == "Concat":  # inputs in one layout join along the permuted axis (an
+        if attrs.role == "Concat":  # inputs in one layout join along the permuted axis (an
             # optimizer moves Transposes through a Concat); the output shapes tell which axis
             perms = {perm for perm, _ in layouts}
             return len(perms) == 1, next(iter(perms)) if len(perms) == 1 else None
-        expected = _compose(quant["layout"], _inverse(attrs["layout"]))
+        expected = _compose(quant.layout, _inverse(attrs.layout))
         return all(perm == expected for perm, _ in layouts), expected
 
     def _tail(self, value: ValueRef) -> list[str]:
@@ -672,7 +672,7 @@ class _Aligner:
                 break
             (nxt,) = consumers
             attrs = self.qa[nxt]
-            if nxt in self.claimed or attrs["role"] not in FUSABLE or len(attrs["sources"]) != 1:
+            if nxt in self.claimed or attrs.role not in FUSABLE or len(attrs.sources) != 1:
                 break
             chain.append(nxt)
             value = (nxt, 0)
@@ -690,14 +690,14 @@ class _Aligner:
     def _take_bias(self, value: ValueRef) -> None:
         """The float operation adds its bias inside; the quantized one leaves it to an Add."""
         tail = self._tail(value)
-        if tail and self.qa[tail[0]]["role"] == "Add":
+        if tail and self.qa[tail[0]].role == "Add":
             self._extend(value, tail[:1])
 
     def _take_batchnorms(self, node: str, value: ValueRef) -> None:
         """Where the quantized operation is followed by more BatchNormalizations in a row (each
         its input's only reader) than the float one, the float graph folded the first of them
         into its weights: the float operation's value is the last of those."""
-        quant = list(takewhile(lambda op: self.qa[op]["role"] == "BatchNormalization", self._tail(value)))
+        quant = list(takewhile(lambda op: self.qa[op].role == "BatchNormalization", self._tail(value)))
         extra = len(quant) - _batchnorms_after(self.fa, self.float_consumers, (node, 0))
         if extra > 0:
             self._extend(value, quant[:extra])
@@ -716,7 +716,7 @@ class _Aligner:
         perms = dict(candidates)
         names = list(perms)
         scores = sorted(
-            ((_similarity(self.fa[s]["fingerprint"], self.qa[q]["fingerprint"]), i, s, q)
+            ((_similarity(self.fa[s].fingerprint, self.qa[q].fingerprint), i, s, q)
              for i, s in enumerate(siblings) for q in names),
             key=lambda item: (-item[0], item[1]),
         )
@@ -728,7 +728,7 @@ class _Aligner:
                 if sibling == node:
                     return (match, perms[match]), "weights"
                 taken.update((sibling, match))
-        by_name = [_name_score(attrs["name"], self.qa[q]["name"]) for q in names]
+        by_name = [_name_score(attrs.name, self.qa[q].name) for q in names]
         if max(by_name) > 0 and by_name.count(max(by_name)) == 1:
             best = names[by_name.index(max(by_name))]
             return (best, perms[best]), "name"
@@ -767,14 +767,14 @@ class _Aligner:
         node = value[0]
         while len(chain) < MAX_REGION:
             attrs = self.fa[node]
-            sources = {src for src in attrs["sources"] if src[0] not in self.float_only_inputs}
+            sources = {src for src in attrs.sources if src[0] not in self.float_only_inputs}
             waiting = node in self.pending or node == value[0]
-            foldable = attrs["role"] in FUSABLE or _is_transpose(attrs)
+            foldable = attrs.role in FUSABLE or _is_transpose(attrs)
             if not waiting or not foldable or len(sources) != 1:
                 return []
             (source,) = sources
             shared = len(self.float_consumers[source]) > 1
-            if shared and attrs["role"] in FUSABLE - CLAMPS:
+            if shared and attrs.role in FUSABLE - CLAMPS:
                 return []
             chain.append(node)
             if source in self.vmap:
@@ -782,7 +782,7 @@ class _Aligner:
                 if not self._can_fold(chain, quant_value):
                     return []
                 for member in reversed(chain):
-                    perm = _compose(perm, self.fa[member]["perm"])
+                    perm = _compose(perm, self.fa[member].perm)
                 return [_Settlement(value, (quant_value, perm), tuple(reversed(chain)), ())]
             node = source[0]
         return []
@@ -791,8 +791,8 @@ class _Aligner:
         """Whether the quantized operation behind ``quant_value`` can hold what ``chain``
         computes: a constant added or subtracted needs a bias of its own (a MatMul has none,
         and what adds onnxruntime's fused bias is the next operation, SkipLayerNormalization)."""
-        adds = any(self.fa[member]["role"] in ("Add", "Sub") for member in chain)
-        return not adds or self.qa[quant_value[0]]["bias"]
+        adds = any(self.fa[member].role in ("Add", "Sub") for member in chain)
+        return not adds or self.qa[quant_value[0]].bias
 
     def _region_settlements(self, value: ValueRef) -> list[_Settlement]:
         """Settle ``value`` as the end of a region: the waiting float operations behind it,
@@ -805,18 +805,18 @@ class _Aligner:
             return []
         folded = self._folded_batchnorms(value[0], region)
         region = tuple(node for node in region if node not in folded)
-        shape = self.fa[value[0]]["shapes"][value[1]]
+        shape = self.fa[value[0]].shapes[value[1]]
         settlements = []
         for end, (members, uses, perm) in self._quant_closure(frontier).items():
             if (uses != frontier.keys() or len(region) + len(members) < 3 or not _channel_move(perm)
                     or any(self.trusted.get(member, region[-1]) not in region for member in members)
-                    or not _shapes_agree(shape, self.qa[end]["shapes"][0], perm)
+                    or not _shapes_agree(shape, self.qa[end].shapes[0], perm)
                     or _anchors(self.qa, members) > _anchors(self.fa, region)
                     or not self._region_weighted_fits(region)
                     or _moves_only(self.qa, members) != _moves_only(self.fa, region)
                     or not _sealed(self.qa, self.quant_consumers, end, members)):
                 continue
-            order = tuple(sorted(members, key=lambda n: self.qa[n]["order"]))
+            order = tuple(sorted(members, key=lambda n: self.qa[n].order))
             settlements.append(_Settlement(value, ((end, 0), perm), region, order, folded))
         return settlements
 
@@ -829,10 +829,10 @@ class _Aligner:
         layer), whatever the weights are, so that a corrupted Conv still pairs the same way."""
         folded = []
         for node in region:
-            if node == end or self.fa[node]["role"] != "BatchNormalization":
+            if node == end or self.fa[node].role != "BatchNormalization":
                 continue
-            source = self.fa[node]["sources"][0]
-            if source in self.vmap and self.fa[source[0]]["role"] in ANCHORS and len(self.float_consumers[source]) == 1:
+            source = self.fa[node].sources[0]
+            if source in self.vmap and self.fa[source[0]].role in ANCHORS and len(self.float_consumers[source]) == 1:
                 folded.append(node)
         return tuple(folded)
 
@@ -856,7 +856,7 @@ class _Aligner:
             region.add(current)
             if len(region) > MAX_REGION:
                 return None
-            for src in self.fa[current]["sources"]:
+            for src in self.fa[current].sources:
                 if src in self.vmap:
                     value, perm = self._mapped(src)
                     if frontier.setdefault(value, perm) != perm:
@@ -867,7 +867,7 @@ class _Aligner:
                     stack.append(src[0])
                 elif src[0] not in self.float_only_inputs:
                     return None
-        return tuple(sorted(region, key=lambda n: self.fa[n]["order"])), frontier
+        return tuple(sorted(region, key=lambda n: self.fa[n].order)), frontier
 
     def _quant_closure(self, frontier: dict[ValueRef, Perm]) -> dict[str, tuple[frozenset, frozenset, Perm]]:
         """Unclaimed quantized operations computed from ``frontier`` alone, in order, each with
@@ -875,14 +875,14 @@ class _Aligner:
         permutation from its output to the float model's layout (Transposes inside a region
         and channels-last operations are followed)."""
         closed: dict[str, tuple[frozenset, frozenset, Perm]] = {}
-        heap: list[tuple[int, str]] = []
+        heap: list[tuple[float, str]] = []
         seen: set[str] = set()
 
         def push_readers(value: ValueRef) -> None:
             for reader in self.quant_consumers.get(value, ()):
                 if reader not in seen and reader not in self.claimed:
                     seen.add(reader)
-                    heapq.heappush(heap, (self.qa[reader]["order"], reader))
+                    heapq.heappush(heap, (self.qa[reader].order, reader))
 
         for value in frontier:
             push_readers(value)
@@ -891,8 +891,8 @@ class _Aligner:
                 break
             _, op = heapq.heappop(heap)
             members, uses, layouts = {op}, set(), []
-            for src in self.qa[op]["sources"]:
-                shape = self.qa[src[0]]["shapes"][src[1]]
+            for src in self.qa[op].sources:
+                shape = self.qa[src[0]].shapes[src[1]]
                 rank = None if shape is None else len(shape)
                 if src in frontier:
                     uses.add(src)
@@ -907,7 +907,7 @@ class _Aligner:
                 fits, perm = _quant_layout(self.qa[op], layouts)
                 if fits and len(members) <= MAX_REGION:
                     closed[op] = (frozenset(members), frozenset(uses), perm)
-                    for index in range(len(self.qa[op]["outputs"])):
+                    for index in range(len(self.qa[op].outputs)):
                         push_readers((op, index))
         return closed
 
@@ -915,7 +915,7 @@ class _Aligner:
         value, float_ops, quant_ops = settlement.value, settlement.float_ops, settlement.quant_ops
         self.pending.difference_update(float_ops)
         for node in settlement.folded:
-            self._settle(_Settlement((node, 0), self._mapped(self.fa[node]["sources"][0]), (node,), ()))
+            self._settle(_Settlement((node, 0), self._mapped(self.fa[node].sources[0]), (node,), ()))
         if quant_ops:
             (end, _), _ = settlement.target
             self.claimed.update(quant_ops)
@@ -930,14 +930,14 @@ class _Aligner:
             self.evidence[node] = "fused"
             if _is_transpose(self.fa[node]):
                 self.evidence[node] = "layout"
-                perm = _compose(perm, _inverse(self.fa[node]["perm"]))
+                perm = _compose(perm, _inverse(self.fa[node].perm))
 
     def _settle_graph_ends(self, float_ops: list[str]) -> None:
         """Settle waiting float operations that nothing reads: a region ending where the
         quantized graph ends, or else folded into the operation before, if that one ends the
         quantized graph too (with no reader to verify it, a fold must end both graphs)."""
         for node in reversed(float_ops):
-            outputs = range(len(self.fa[node]["outputs"]))
+            outputs = range(len(self.fa[node].outputs))
             if node not in self.pending or any((node, i) in self.float_consumers for i in outputs):
                 continue
             value = (node, 0)
@@ -951,14 +951,14 @@ class _Aligner:
 
     def _same_output(self, value: ValueRef, quant_value: ValueRef) -> bool:
         """Whether the two values are declared outputs of their models at the same position."""
-        float_outputs, quant_outputs = self.fg.graph["outputs"], self.qg.graph["outputs"]
+        float_outputs, quant_outputs = self.fg.outputs, self.qg.outputs
         return value in float_outputs and quant_outputs[float_outputs.index(value):][:1] == (quant_value,)
 
     def _unread(self, op: str) -> bool:
         """Whether nothing reads the quantized node's outputs but Transposes left unread."""
         return all(
-            self.qa[reader]["role"] == "Transpose" and self._unread(reader)
-            for index in range(len(self.qa[op]["readouts"]))
+            self.qa[reader].role == "Transpose" and self._unread(reader)
+            for index in range(len(self.qa[op].readouts))
             for reader in self.quant_consumers.get((op, index), ())
         )
 
@@ -973,11 +973,11 @@ class _Aligner:
         matches = {}
         for _, span, quant in spans:
             weighted = [n for n in span if is_weighted(self.fa[n])]
-            anchors = [n for n in quant if self.qa[n]["role"] in ANCHORS]
+            anchors = [n for n in quant if self.qa[n].role in ANCHORS]
             if len(weighted) == len(anchors) == 1:
                 matches[weighted[0]] = anchors[0], channel_agreement(self.fa[weighted[0]], self.qa[anchors[0]])
                 continue
-            packed = [n for n in quant if self.qa[n]["weight_shape"] is not None]
+            packed = [n for n in quant if self.qa[n].weight_shape is not None]
             if len(weighted) > 1 and len(packed) == 1 and not anchors:
                 blocks = _packed_blocks(self.qa[packed[0]], [self.fa[n] for n in weighted])
                 for node, agreement in zip(weighted, blocks):
@@ -989,107 +989,107 @@ class _Aligner:
         its spans."""
         by_quant: dict[ValueRef, list[ValueRef]] = {}
         for float_value, quant_value in self.vmap.items():
-            if (self.fa[float_value[0]]["kind"] == "op" and self.qa[quant_value[0]]["kind"] == "op"
+            if (self.fa[float_value[0]].kind == "op" and self.qa[quant_value[0]].kind == "op"
                     and self.evidence[float_value[0]] != "layout"):
                 by_quant.setdefault(quant_value, []).append(float_value)
         pairs = []
         for quant_value, float_values in by_quant.items():
-            float_values.sort(key=lambda v: (self.fa[v[0]]["order"], v[1]))
+            float_values.sort(key=lambda v: (self.fa[v[0]].order, v[1]))
             last_value = float_values[-1]
             last_node, index = last_value
             last = self.fa[last_node]
-            float_readout = last["readouts"][index]
+            float_readout = last.readouts[index]
             if not _reads_float(last, index):
                 continue
             quant_node, quant_index = quant_value
-            quant_readout = self.qa[quant_node]["readouts"][quant_index]
+            quant_readout = self.qa[quant_node].readouts[quant_index]
             span = tuple(dict.fromkeys(
                 member for v in float_values for member in self.regions.get(v[0], (v[0],))
             ))
             evidence = self.evidence[last_node] if len(span) == 1 or last_node in self.regions else "fused"
-            pairs.append((last["order"], index, span, self.quant_span[quant_node], Pair(
-                float_nodes=tuple(self.fa[n]["name"] for n in span),
+            pairs.append((last.order, index, span, self.quant_span[quant_node], Pair(
+                float_nodes=tuple(self.fa[n].name for n in span),
                 float_tensor=float_readout.tensor,
-                quant_nodes=tuple(self.qa[n]["name"] for n in self.quant_span[quant_node]),
+                quant_nodes=tuple(self.qa[n].name for n in self.quant_span[quant_node]),
                 quant_tensor=quant_readout.tensor,
-                op_type=last["op_type"],
+                op_type=last.op_type,
                 evidence=evidence,
                 float_readout=float_readout,
                 quant_readout=_permuted(quant_readout, self.layout.get(last_value)),
-                float_output=last["outputs"][index],
+                float_output=last.outputs[index],
             )))
         pairs.sort(key=lambda item: item[:2])
         return [(pair, span, quant) for _, _, span, quant, pair in pairs]
 
 
-def is_weighted(attrs: dict) -> bool:
+def is_weighted(attrs: Op) -> bool:
     """Whether a graph node is a weighted operation: an anchor with a constant weight (a
     MatMul of two activations is none)."""
-    return attrs["kind"] == "op" and attrs["role"] in ANCHORS and attrs["fingerprint"] is not None
+    return attrs.kind == "op" and attrs.role in ANCHORS and attrs.fingerprint is not None
 
 
-def _reads_float(attrs: dict, index: int) -> bool:
+def _reads_float(attrs: Op, index: int) -> bool:
     """Whether an output of a float-graph operation is read as float values: a float tensor,
     or one its readout carries through a quantization shell, which ends in integers with
     their scale, or in float (a DequantizeLinear, an integer operator's Cast and rescaling
     Mul). A quantized model compared as the float side has such outputs."""
-    readout = attrs["readouts"][index]
-    return (attrs["dtypes"][index] in FLOAT_DTYPES | {None} or readout.scale is not None
-            or readout.tensor != attrs["outputs"][index])
+    readout = attrs.readouts[index]
+    return (attrs.dtypes[index] in FLOAT_DTYPES | {None} or readout.scale is not None
+            or readout.tensor != attrs.outputs[index])
 
 
 def _permuted(readout: Readout, perm: Perm) -> Readout:
     return readout if perm is None else replace(readout, perm=perm)
 
 
-def _ordered(graph: nx.DiGraph, kind: str) -> list[str]:
-    nodes = [n for n, attrs in graph.nodes(data=True) if attrs["kind"] == kind]
-    return sorted(nodes, key=lambda n: graph.nodes[n]["order"])
+def _ordered(graph: OpGraph, kind: str) -> list[str]:
+    nodes = [n for n, attrs in graph.ops() if attrs.kind == kind]
+    return sorted(nodes, key=lambda n: graph.op(n).order)
 
 
-def _float_key(attrs: dict) -> tuple:
-    return attrs["role"], tuple(sorted(attrs["sources"]))
+def _float_key(attrs: Op) -> tuple:
+    return attrs.role, tuple(sorted(attrs.sources))
 
 
-def _consumers(graph: nx.DiGraph) -> dict[ValueRef, list[str]]:
+def _consumers(graph: OpGraph) -> dict[ValueRef, list[str]]:
     consumers: dict[ValueRef, list[str]] = {}
-    for node, attrs in graph.nodes(data=True):
-        for source in dict.fromkeys(attrs["sources"]):
+    for node, attrs in graph.ops():
+        for source in dict.fromkeys(attrs.sources):
             consumers.setdefault(source, []).append(node)
     return consumers
 
 
-def _reader_roles(attrs: dict, consumers: dict, node: str) -> list[str]:
-    return sorted(attrs[reader]["role"] for reader in consumers.get((node, 0), ()))
+def _reader_roles(attrs: Mapping[str, Op], consumers: dict, node: str) -> list[str]:
+    return sorted(attrs[reader].role for reader in consumers.get((node, 0), ()))
 
 
-def _sealed(attrs: dict, consumers: dict, end: str, members) -> bool:
+def _sealed(attrs: Mapping[str, Op], consumers: dict, end: str, members) -> bool:
     """Whether every value of a region but its end is read inside the region only: a value
     read outside exists in the other graph too, and a region must not swallow it."""
     return all(
         reader in members
         for member in members if member != end
-        for index in range(len(attrs[member]["outputs"]))
+        for index in range(len(attrs[member].outputs))
         for reader in consumers.get((member, index), ())
     )
 
 
-def _batchnorms_after(attrs: dict, consumers: dict, value: ValueRef) -> int:
+def _batchnorms_after(attrs: Mapping[str, Op], consumers: dict, value: ValueRef) -> int:
     """How many BatchNormalizations read ``value`` in a row, each the previous one's output."""
     count = 0
     while True:
-        readers = [r for r in consumers.get(value, ()) if attrs[r]["role"] == "BatchNormalization"]
+        readers = [r for r in consumers.get(value, ()) if attrs[r].role == "BatchNormalization"]
         if not readers:
             return count
         count, value = count + 1, (readers[0], 0)
 
 
-def _anchors(attrs: dict, nodes) -> int:
-    return sum(attrs[n]["role"] in ANCHORS for n in nodes)
+def _anchors(attrs: Mapping[str, Op], nodes) -> int:
+    return sum(attrs[n].role in ANCHORS for n in nodes)
 
 
-def _moves_only(attrs: dict, nodes) -> bool:
-    return all(attrs[n]["role"] in MOVES for n in nodes)
+def _moves_only(attrs: Mapping[str, Op], nodes) -> bool:
+    return all(attrs[n].role in MOVES for n in nodes)
 
 
 def _disjoint(settlements: tuple[_Settlement, ...]) -> bool:
@@ -1099,33 +1099,40 @@ def _disjoint(settlements: tuple[_Settlement, ...]) -> bool:
     return len(ops) == len(set(ops))
 
 
-def _with_bias(attrs: dict, consumers: dict, op: str) -> tuple[str, ...]:
+def _with_bias(attrs: Mapping[str, Op], consumers: dict, op: str) -> tuple[str, ...]:
     """``op`` and the bias Add after it, if one alone reads it (an Add of a constant)."""
     readers = consumers.get((op, 0), ())
-    if len(readers) == 1 and attrs[readers[0]]["role"] == "Add" and len(attrs[readers[0]]["sources"]) == 1:
+    if len(readers) == 1 and attrs[readers[0]].role == "Add" and len(attrs[readers[0]].sources) == 1:
         return op, readers[0]
     return (op,)
 
 
-def _has_bias(attrs: dict, ops: tuple[str, ...]) -> bool:
-    return len(ops) > 1 or attrs[ops[0]]["bias"]
+def _has_bias(attrs: Mapping[str, Op], ops: tuple[str, ...]) -> bool:
+    return len(ops) > 1 or attrs[ops[0]].bias
 
 
-def _split_after(attrs: dict, consumers: dict, op: str) -> tuple[str, ...] | None:
+def _split_after(attrs: Mapping[str, Op], consumers: dict, op: str) -> tuple[str, ...] | None:
     """The weighted ``op``, its bias Add if any, and the Split of its last axis that alone
     reads them (into as many parts as it has outputs, each of a known size); None if not so."""
     ops = _with_bias(attrs, consumers, op)
     readers = consumers.get((ops[-1], 0), ())
-    if len(readers) != 1 or attrs[readers[0]]["role"] != "Split" or len(attrs[readers[0]]["sources"]) != 1:
+    if len(readers) != 1 or attrs[readers[0]].role != "Split" or len(attrs[readers[0]].sources) != 1:
         return None
-    shape, parts = attrs[op]["shapes"][0], attrs[readers[0]]["shapes"]
-    if shape is None or any(part is None or part[-1] is None or not _shapes_agree(shape[:-1], part[:-1], None)
-                            for part in parts):
+    shape, weight_shape = attrs[op].shapes[0], attrs[op].weight_shape
+    sizes = _last_sizes(attrs[readers[0]])
+    if shape is None or weight_shape is None or sizes is None or not all(
+            _shapes_agree(shape[:-1], part[:-1], None) for part in attrs[readers[0]].shapes if part is not None):
         return None
-    return (*ops, readers[0]) if sum(part[-1] for part in parts) == attrs[op]["weight_shape"][-1] else None
+    return (*ops, readers[0]) if sum(sizes) == weight_shape[-1] else None
 
 
-def _assign_blocks(fused_attrs: dict, chain: tuple[str, ...], attrs: dict, consumers: dict,
+def _last_sizes(op: Op) -> list[int] | None:
+    """The size of the last axis of each output of ``op``; None where one is unknown."""
+    sizes = [None if shape is None else shape[-1] for shape in op.shapes]
+    return None if any(size is None for size in sizes) else [int(size) for size in sizes if size is not None]
+
+
+def _assign_blocks(fused_attrs: Mapping[str, Op], chain: tuple[str, ...], attrs: Mapping[str, Op], consumers: dict,
                    singles: list[str]) -> list[tuple[int, tuple[str, ...]]]:
     """Which of the weighted operations ``singles`` (of the other graph) computes each output
     of the Split ending ``chain`` (``_split_after``): ``(output index, the single and its bias
@@ -1134,14 +1141,17 @@ def _assign_blocks(fused_attrs: dict, chain: tuple[str, ...], attrs: dict, consu
     the one output left takes the one single of its size left (a corrupted weight). Both add
     a bias, or neither."""
     fused, split = chain[0], chain[-1]
-    sizes = [part[-1] for part in fused_attrs[split]["shapes"]]
+    sizes, fused_shape = _last_sizes(fused_attrs[split]), fused_attrs[fused].weight_shape
+    if sizes is None or fused_shape is None:
+        return []
     starts = np.cumsum([0, *sizes[:-1]])
     ends = {single: _with_bias(attrs, consumers, single) for single in singles}
+    shapes = {single: attrs[single].weight_shape or () for single in singles}
     fitting = [single for single in singles if _has_bias(attrs, ends[single]) == _has_bias(fused_attrs, chain[:-1])
-               and attrs[single]["weight_shape"][:-1] == fused_attrs[fused]["weight_shape"][:-1]]
+               and shapes[single] and shapes[single][:-1] == fused_shape[:-1]]
     scores = sorted(
         ((agreement, index, single) for index, (start, size) in enumerate(zip(starts, sizes))
-         for single in fitting if attrs[single]["weight_shape"][-1] == size
+         for single in fitting if shapes[single][-1] == size
          if (agreement := _block_agreement(fused_attrs[fused], int(start), size, attrs[single])) is not None),
         key=lambda item: -item[0],
     )
@@ -1151,49 +1161,50 @@ def _assign_blocks(fused_attrs: dict, chain: tuple[str, ...], attrs: dict, consu
             taken[index] = single
     left = [index for index in range(len(sizes)) if index not in taken]
     if taken and len(left) == 1:
-        rest = [single for single in fitting if single not in taken.values()
-                and attrs[single]["weight_shape"][-1] == sizes[left[0]]]
+        rest = [single for single in fitting if single not in taken.values() and shapes[single][-1] == sizes[left[0]]]
         if len(rest) == 1:
             taken[left[0]] = rest[0]
     return sorted((index, ends[single]) for index, single in taken.items())
 
 
-def _packed_blocks(packed: dict, singles: list[dict]) -> list[float | None]:
+def _packed_blocks(packed: Op, singles: list[Op]) -> list[float | None]:
     """How well each of the weighted operations ``singles`` agrees with its block of the
     columns of ``packed``'s weight, which holds all of theirs side by side (an empty list
     where it does not: other rows, or other columns in all). Blocks are taken in the singles'
     order, the way onnxruntime packs Q, K and V."""
-    shape = packed["weight_shape"]
-    shapes = [single["weight_shape"] for single in singles]
-    fits = all(s is not None and tuple(s[:-1]) == tuple(shape[:-1]) for s in shapes)
-    if (not fits or len(shape) != 2 or sum(s[-1] for s in shapes) != shape[-1] or packed["fingerprint"] is None
-            or any(single["fingerprint"] is None for single in singles)):
+    shape = packed.weight_shape or ()
+    shapes = [single.weight_shape or () for single in singles]
+    fits = all(s and tuple(s[:-1]) == tuple(shape[:-1]) for s in shapes)
+    if (not fits or len(shape) != 2 or sum(s[-1] for s in shapes) != shape[-1] or packed.fingerprint is None
+            or any(single.fingerprint is None for single in singles)):
         return []
     starts = np.cumsum([0, *[s[-1] for s in shapes[:-1]]])
     return [_block_agreement(packed, int(start), s[-1], single) for start, s, single in zip(starts, shapes, singles)]
 
 
-def _block_agreement(fused: dict, start: int, size: int, single: dict) -> float | None:
+def _block_agreement(fused: Op, start: int, size: int, single: Op) -> float | None:
     """``weights.channel_agreement`` of ``single`` with the columns ``start`` to ``start +
     size`` of the weight of ``fused`` (both in MatMul orientation), over the rows both
     fingerprints hold."""
-    columns = fused["weight_shape"][-1]
-    rows = min(fused["fingerprint"].size // columns, single["fingerprint"].size // size)
-    block = fused["fingerprint"][: rows * columns].reshape(rows, columns)[:, start:start + size]
-    part = single["fingerprint"][: rows * size]
-    return channel_agreement({"fingerprint": block.ravel(), "weight_shape": (rows, size), "role": "MatMul"},
-                             {"fingerprint": part, "weight_shape": (rows, size), "role": "MatMul"})
+    if fused.weight_shape is None or fused.fingerprint is None or single.fingerprint is None:
+        return None
+    columns = fused.weight_shape[-1]
+    rows = min(fused.fingerprint.size // columns, single.fingerprint.size // size)
+    block = fused.fingerprint[: rows * columns].reshape(rows, columns)[:, start:start + size]
+    part = single.fingerprint[: rows * size]
+    x, y = (standardized_channels(output_channels(values, (rows, size), "MatMul")) for values in (block.ravel(), part))
+    return agreement(x, y)
 
 
-def _is_view(attrs: dict) -> bool:
+def _is_view(attrs: Op) -> bool:
     """Whether an operation is a Reshape or a Flatten of one value (its target shape, if
     computed, a constant): it keeps the values in their order."""
-    return attrs["role"] in VIEWS and len(attrs["sources"]) == 1
+    return attrs.role in VIEWS and len(attrs.sources) == 1
 
 
-def _is_transpose(attrs: dict) -> bool:
+def _is_transpose(attrs: Op) -> bool:
     """Whether an operation is a Transpose whose permutation is known."""
-    return attrs["role"] == "Transpose" and attrs["perm"] is not None
+    return attrs.role == "Transpose" and attrs.perm is not None
 
 
 def _common_layout(layouts: list[tuple[Perm, int | None]], any_perm: bool = False) -> tuple[bool, Perm]:
@@ -1209,14 +1220,14 @@ def _common_layout(layouts: list[tuple[Perm, int | None]], any_perm: bool = Fals
     return broadcast and (any_perm or _channel_move(perm)), perm
 
 
-def _quant_layout(quant: dict, layouts: list[tuple[Perm, int | None]]) -> tuple[bool, Perm]:
+def _quant_layout(quant: Op, layouts: list[tuple[Perm, int | None]]) -> tuple[bool, Perm]:
     """Whether a quantized operation computes what it stands for with inputs in these layouts
     (relative to the float model's), and the layout of its output."""
-    if quant["role"] == "Transpose":
-        return quant["perm"] is not None, _compose(_inverse(quant["perm"]), layouts[0][0])
-    if quant["role"] in LAYOUT_FREE:
+    if quant.role == "Transpose":
+        return quant.perm is not None, _compose(_inverse(quant.perm), layouts[0][0])
+    if quant.role in LAYOUT_FREE:
         return _common_layout(layouts)
-    return all(perm == quant["layout"] for perm, _ in layouts), quant["layout"]
+    return all(perm == quant.layout for perm, _ in layouts), quant.layout
 
 
 def _channel_move(perm: Perm) -> bool:

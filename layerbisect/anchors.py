@@ -27,6 +27,7 @@ from __future__ import annotations
 import networkx as nx
 import numpy as np
 
+from layerbisect.graph import Op, OpGraph
 from layerbisect.weights import UNRELATED_WEIGHTS, agreement, standardized
 
 # How far from the diagonal of the two sequences a weighted operation's counterpart may sit,
@@ -42,13 +43,13 @@ SIBLINGS = 3
 KINDS = {"Conv": "Conv", "ConvTranspose": "ConvTranspose", "MatMul": "MatMul", "Gemm": "MatMul"}
 
 
-def weighted_sequence(graph: nx.DiGraph) -> list[str]:
+def weighted_sequence(graph: OpGraph) -> list[str]:
     """The weighted operations of ``graph`` in topological order (ties in model order)."""
-    order = nx.lexicographical_topological_sort(graph, key=lambda n: graph.nodes[n]["order"])
-    return [n for n in order if _kind(graph.nodes[n]) is not None]
+    order = nx.lexicographical_topological_sort(graph, key=lambda n: graph.op(n).order)
+    return [n for n in order if _kind(graph.op(n)) is not None]
 
 
-def anchor_pairs(float_graph: nx.DiGraph, quant_graph: nx.DiGraph) -> dict[str, tuple[str, float]]:
+def anchor_pairs(float_graph: OpGraph, quant_graph: OpGraph) -> dict[str, tuple[str, float]]:
     """Each weighted float operation paired by an order-preserving assignment, with its
     quantized counterpart and their ``channel_agreement`` (0.0 where it cannot be computed).
 
@@ -60,8 +61,8 @@ def anchor_pairs(float_graph: nx.DiGraph, quant_graph: nx.DiGraph) -> dict[str, 
     (Q, K and V) come in another order.
     """
     fs, qs = weighted_sequence(float_graph), weighted_sequence(quant_graph)
-    fa, qa = float_graph.nodes, quant_graph.nodes
-    if len(fs) == len(qs) and all(_kind(fa[f]) == _kind(qa[q]) and fa[f]["weight_shape"] == qa[q]["weight_shape"]
+    fa, qa = dict(float_graph.ops()), dict(quant_graph.ops())
+    if len(fs) == len(qs) and all(_kind(fa[f]) == _kind(qa[q]) and fa[f].weight_shape == qa[q].weight_shape
                                   for f, q in zip(fs, qs)):
         # one for one, in order (what quantizers and optimizers leave): the only assignment
         # that keeps both orders and pairs every operation, siblings aside
@@ -127,18 +128,18 @@ def _columns(i: int, rows: int, columns: int, band: int) -> range:
     return range(max(0, centre - band), min(columns, centre + band + 1))
 
 
-def _kind(attrs: dict) -> str | None:
+def _kind(attrs: Op) -> str | None:
     """The kind of a weighted operation (a Gemm's is MatMul's); None for any other node."""
-    if attrs["kind"] != "op" or attrs["fingerprint"] is None:
+    if attrs.kind != "op" or attrs.fingerprint is None:
         return None
-    return KINDS.get(attrs["role"])
+    return KINDS.get(attrs.role)
 
 
-def _score(a: dict, b: dict, x: np.ndarray | None, y: np.ndarray | None) -> float | None:
+def _score(a: Op, b: Op, x: np.ndarray | None, y: np.ndarray | None) -> float | None:
     """How well two weighted operations pair, given their ``standardized`` weights: their
     agreement, 0.0 where it cannot be told; None when they cannot be one operation (another
     kind, another weight shape)."""
-    if _kind(a) != _kind(b) or a["weight_shape"] != b["weight_shape"]:
+    if _kind(a) != _kind(b) or a.weight_shape != b.weight_shape:
         return None
     found = agreement(x, y)
     return 0.0 if found is None else found

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 
-import networkx as nx
 import onnx
 
 from layerbisect.align import Alignment, Pair
 from layerbisect.errors import LayerbisectError
+from layerbisect.graph import OpGraph
 from layerbisect.measure import Totals
 from layerbisect.report import LayerComparison, Report, faint_notes, nonfinite_notes
 from layerbisect.search import first_failing
@@ -107,7 +107,7 @@ def build_report(
     *,
     float_side: Side,
     quant_side: Side,
-    float_graph: nx.DiGraph,
+    float_graph: OpGraph,
     alignment: Alignment,
     run: Run,
     cause: Cause = Cause(),
@@ -157,15 +157,15 @@ def build_report(
     )
 
 
-def outputs(graph: nx.DiGraph, model: onnx.ModelProto) -> tuple[tuple[str, str], ...]:
+def outputs(graph: OpGraph, model: onnx.ModelProto) -> tuple[tuple[str, str], ...]:
     """Each output ``model`` declares with the operation output holding it, seen through
     Identity and the like."""
     tensors = graph.graph["tensors"]
     found = []
     for output in model.graph.output:
         ref = tensors.get(output.name)
-        if ref is not None and graph.nodes[ref[0]]["kind"] == "op":
-            found.append((output.name, graph.nodes[ref[0]]["outputs"][ref[1]]))
+        if ref is not None and graph.op(ref[0]).kind == "op":
+            found.append((output.name, graph.op(ref[0]).outputs[ref[1]]))
     return tuple(found)
 
 

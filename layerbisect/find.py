@@ -11,7 +11,6 @@ from concurrent.futures import Executor
 from dataclasses import replace
 from typing import NamedTuple
 
-import networkx as nx
 import numpy as np
 import onnx
 from onnx import helper
@@ -23,7 +22,7 @@ from layerbisect.decoder import vocabularies
 from layerbisect.errors import NO_SAMPLES, LayerbisectError, SampleError
 from layerbisect.files import sources
 from layerbisect.fusion import changed, counterparts, fusion_note
-from layerbisect.graph import build_graph, inferred_types
+from layerbisect.graph import OpGraph, build_graph, inferred_types
 from layerbisect.inputs import InputPlan, Sample, plan_inputs, reusable, samples_of
 from layerbisect.kernels import saturation_note
 from layerbisect.load import ModelLike, declared_inputs, load_model, subgraph_notes
@@ -393,7 +392,7 @@ class Setup(NamedTuple):
     float_model: onnx.ModelProto
     quant_model: onnx.ModelProto
     inputs: InputPlan
-    float_graph: nx.DiGraph
+    float_graph: OpGraph
     alignment: Alignment
     notes: tuple[str, ...]
     given: onnx.ModelProto | None = None  # with ort_optimized: the quantized model as given

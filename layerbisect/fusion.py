@@ -16,11 +16,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-import networkx as nx
 import onnx
 
 from layerbisect.align import Pair, align
-from layerbisect.graph import build_graph
+from layerbisect.graph import OpGraph, build_graph
 from layerbisect.report import LayerComparison
 
 SHOWN = 10  # layers named in the note, at most; the others are counted
@@ -57,7 +56,7 @@ class Counterparts:
     only_given: tuple[str, ...] = ()  # layers of the model as given with no optimized counterpart
 
 
-def counterparts(float_graph: nx.DiGraph, given: onnx.ModelProto, pairs: Sequence[Pair]) -> Counterparts:
+def counterparts(float_graph: OpGraph, given: onnx.ModelProto, pairs: Sequence[Pair]) -> Counterparts:
     """Align the float model with ``given`` too, and pair each of ``pairs`` (the float model
     aligned with the optimized graph) with the value of ``given`` paired with the same float
     value."""

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import networkx as nx
@@ -140,20 +140,70 @@ class Readout:
         return (array.astype(np.float32) - zp) * scale.astype(np.float32)
 
 
-def build_graph(model: onnx.ModelProto) -> nx.DiGraph:
-    """Return the graph of operations of ``model`` (nodes named, shapes inferred if possible).
+@dataclass(frozen=True, eq=False)
+class Op:
+    """One node of the graph: a graph input (``kind`` "input") or an operation ("op").
 
-    Node attributes: ``kind`` ("input" or "op"), ``name``, ``op_type``, ``role``, ``order``
-    (position in the model), ``sources`` (the ValueRef of each data input, in input order),
-    ``readouts``, ``shapes`` and ``dtypes`` (one per output, None where unknown), ``fingerprint``
-    (a sample of the dequantized weight, in MatMul orientation for a Gemm with transB, or None),
-    ``weight_shape`` (that weight's shape in the same orientation, or None),
-    ``bias`` (whether the operation adds a bias inside itself), ``perm`` (a Transpose's
-    permutation; None for other operations and where unknown) and ``layout`` (for an operation
-    that computes channels-last, the permutation that brings its tensors to channels-first;
-    None otherwise). Graph attribute ``tensors`` maps each tensor name to its ValueRef;
-    ``outputs`` holds the ValueRef of each declared output, in order (None for a constant);
-    ``mask_inputs`` the graph inputs a fused operator reads as its attention mask.
+    ``name`` and ``op_type`` are the ONNX node's (an input's name; op type "Input"), ``role``
+    its float meaning (QLinearConv -> Conv), ``order`` its position in the model, ``sources``
+    the ValueRef of each data input, in input order, ``outputs`` the tensors it computes (an
+    input: itself), and per output its ``readouts``, ``shapes`` and ``dtypes`` (None where
+    unknown). ``fingerprint`` is a sample of the dequantized weight (in MatMul orientation for
+    a Gemm with transB) and ``weight_shape`` that weight's shape in the same orientation (both
+    None without one), ``bias`` whether the operation adds a bias inside itself, ``perm`` a
+    Transpose's permutation (None for other operations and where unknown) and ``layout``, for
+    an operation that computes channels-last, the permutation that brings its tensors to
+    channels-first."""
+
+    kind: str
+    name: str
+    op_type: str
+    role: str
+    order: float
+    sources: tuple[ValueRef, ...]
+    outputs: tuple[str, ...]
+    readouts: tuple[Readout, ...]
+    shapes: tuple[tuple[int | None, ...] | None, ...]
+    dtypes: tuple[int | None, ...]
+    fingerprint: np.ndarray | None = None
+    weight_shape: tuple | None = None
+    bias: bool = False
+    perm: Perm = None
+    layout: Perm = None
+
+
+class OpGraph(nx.DiGraph):
+    """The graph ``build_graph`` makes: networkx's, with each node's ``Op`` and what the whole
+    graph declares, typed. Subgraph views of it are OpGraphs too, sharing these."""
+
+    def op(self, node: str) -> Op:
+        """The ``Op`` of ``node``."""
+        return self.nodes[node]["op"]
+
+    def ops(self) -> Iterator[tuple[str, Op]]:
+        """Each node and its ``Op``, in insertion order (inputs, then operations in order)."""
+        for node, data in self.nodes(data=True):
+            yield node, data["op"]
+
+    @property
+    def tensors(self) -> Mapping[str, ValueRef]:
+        """The ValueRef of each tensor that holds a data value, by name."""
+        return self.graph["tensors"]
+
+    @property
+    def outputs(self) -> tuple[ValueRef | None, ...]:
+        """The ValueRef of each declared output, in order (None for a constant)."""
+        return self.graph["outputs"]
+
+    @property
+    def mask_inputs(self) -> frozenset[str]:
+        """The graph inputs a fused operator reads as its attention mask."""
+        return self.graph["mask_inputs"]
+
+
+def build_graph(model: onnx.ModelProto) -> OpGraph:
+    """Return the graph of operations of ``model`` (nodes named, shapes inferred if possible):
+    an ``Op`` per node (``OpGraph.op``), an edge from each operation to those reading it.
 
     An attention mask that a fused operator reads or passes on in its own form (a mask index,
     sequence lengths: ``vocabulary.MASK_INPUTS`` and ``MASK_OUTPUTS``) is no data value here,
@@ -300,28 +350,27 @@ class _Builder:
                 self.consumers.setdefault(name, []).append(node)
         self.source: dict[str, ValueRef | str] = {}
         self.mask_reads: list[ValueRef] = []
-        self.graph: nx.DiGraph = nx.DiGraph()
+        self.graph = OpGraph()
 
-    def build(self) -> nx.DiGraph:
+    def build(self) -> OpGraph:
         for init in self.graph_proto.initializer:
             self.source[init.name] = CONST
         for position, info in enumerate(self.graph_proto.input):
             if info.name in self.source:
                 continue
             node_id = f"input:{info.name}"
-            self.graph.add_node(
-                node_id, kind="input", name=info.name, op_type="Input", role="Input",
-                order=-len(self.graph_proto.input) + position, sources=(),
-                readouts=(Readout(info.name),), shapes=(self._shape(info.name),),
-                dtypes=(self._dtype(info.name),),
-                fingerprint=None, weight_shape=None, bias=False, perm=None, layout=None,
-            )
+            self.graph.add_node(node_id, op=Op(
+                kind="input", name=info.name, op_type="Input", role="Input",
+                order=-len(self.graph_proto.input) + position, sources=(), outputs=(info.name,),
+                readouts=(Readout(info.name),), shapes=(self._shape(info.name),), dtypes=(self._dtype(info.name),),
+            ))
             self.source[info.name] = (node_id, 0)
         for order, node in _topological(self.graph_proto.node):
             self._add(node, order)
-        for node_id, attrs in self.graph.nodes(data=True):
-            if attrs["kind"] == "op":
-                attrs["readouts"] = tuple(self._readout(out) for out in attrs["outputs"])
+        for node_id, op in list(self.graph.ops()):
+            if op.kind == "op":
+                readouts = tuple(self._readout(out) for out in op.outputs)
+                self.graph.nodes[node_id]["op"] = replace(op, readouts=readouts)
         self.graph.graph["tensors"] = {
             name: ref for name, ref in self.source.items() if isinstance(ref, tuple)
         }
@@ -334,7 +383,7 @@ class _Builder:
         graph input behind one value read at a ``MASK_INPUTS`` position."""
         found = set()
         for node, _ in self.mask_reads:
-            behind = {n for n in nx.ancestors(self.graph, node) | {node} if self.graph.nodes[n]["kind"] == "input"}
+            behind = {n for n in nx.ancestors(self.graph, node) | {node} if self.graph.op(n).kind == "input"}
             if len(behind) == 1:
                 found |= behind
         return frozenset(found)
@@ -369,25 +418,24 @@ class _Builder:
         if intermediate is not None and len(outputs) > intermediate[0] and outputs[intermediate[0]]:
             index, role = intermediate
             step = f"{node.name}#{role}"  # one onnx node, two operations: ids differ, names do not
-            self._add_op(step, node, order - 0.5, role, data, (outputs[index],), fingerprint=(None, None))
+            self._add_op(step, node, order - 0.5, role, data, (outputs[index],), weight=(None, None))
             data, outputs = [(step, 0)], outputs[:index]
         self._add_op(node.name, node, order, ROLES.get(node.op_type, node.op_type), data, outputs)
 
     def _add_op(self, node_id: str, node: onnx.NodeProto, order: float, role: str, data: list,
-                outputs: tuple[str, ...], fingerprint: tuple | None = None) -> None:
+                outputs: tuple[str, ...], weight: tuple[np.ndarray | None, tuple | None] | None = None) -> None:
         """Add the operation ``node_id``: ``node`` (or one step of it) computing ``outputs``
-        from the values ``data``, in the role ``role``."""
+        from the values ``data``, in the role ``role`` (``weight``: its fingerprint and weight
+        shape, when not ``node``'s)."""
         shapes = tuple(self._shape(out) for out in outputs)
-        fingerprint, weight_shape = self._fingerprint(node) if fingerprint is None else fingerprint
-        self.graph.add_node(
-            node_id, kind="op", name=node.name, op_type=node.op_type,
-            role=role, order=order, sources=tuple(data),
-            outputs=outputs, shapes=shapes,
-            dtypes=tuple(self._dtype(out) for out in outputs),
+        fingerprint, weight_shape = self._fingerprint(node) if weight is None else weight
+        self.graph.add_node(node_id, op=Op(
+            kind="op", name=node.name, op_type=node.op_type, role=role, order=order, sources=tuple(data),
+            outputs=outputs, readouts=(), shapes=shapes, dtypes=tuple(self._dtype(out) for out in outputs),
             fingerprint=fingerprint, weight_shape=weight_shape, bias=_has_input(node, BIAS_INPUT.get(node.op_type)),
             perm=self._perm(node, shapes[0]) if node.op_type == "Transpose" else None,
             layout=_channels_last(node, shapes[0]),
-        )
+        ))
         for src, _ in dict.fromkeys(data):
             self.graph.add_edge(src, node_id)
         for index, out in enumerate(outputs):

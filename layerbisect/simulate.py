@@ -35,7 +35,6 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import astuple, dataclass, field
 
-import networkx as nx
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -43,7 +42,7 @@ from onnx import TensorProto, helper, numpy_helper
 from layerbisect.align import Alignment, Pair, is_weighted
 from layerbisect.errors import NO_SAMPLES, LayerbisectError
 from layerbisect.expose import expose
-from layerbisect.graph import FLOAT_DTYPES, Readout, build_graph
+from layerbisect.graph import FLOAT_DTYPES, OpGraph, Readout, build_graph
 from layerbisect.inputs import Sample, plan_inputs
 from layerbisect.load import ModelLike, declared_inputs, load_model, with_data
 from layerbisect.report import LayerComparison
@@ -351,25 +350,25 @@ class Simulation:
     def __str__(self) -> str:
         return self.label
 
-    def alignment(self, float_graph: nx.DiGraph) -> Alignment:
+    def alignment(self, float_graph: OpGraph) -> Alignment:
         """Each float value paired with its simulated counterpart, known by construction."""
         pairs = []
         for node in sorted(
-            (n for n, a in float_graph.nodes(data=True) if a["kind"] == "op"),
-            key=lambda n: float_graph.nodes[n]["order"],
+            (n for n, a in float_graph.ops() if a.kind == "op"),
+            key=lambda n: float_graph.op(n).order,
         ):
-            attrs = float_graph.nodes[node]
-            for index, tensor in enumerate(attrs["outputs"]):
-                if attrs["dtypes"][index] not in FLOAT_DTYPES | {None}:
+            attrs = float_graph.op(node)
+            for index, tensor in enumerate(attrs.outputs):
+                if attrs.dtypes[index] not in FLOAT_DTYPES | {None}:
                     continue
                 quant = self.names.get(tensor, tensor)
                 pairs.append(Pair(
-                    float_nodes=(attrs["name"],), float_tensor=tensor, quant_nodes=(attrs["name"],),
-                    quant_tensor=quant, op_type=attrs["op_type"], evidence="structure",
+                    float_nodes=(attrs.name,), float_tensor=tensor, quant_nodes=(attrs.name,),
+                    quant_tensor=quant, op_type=attrs.op_type, evidence="structure",
                     float_readout=Readout(tensor), quant_readout=Readout(quant), float_output=tensor,
                 ))
-        ops = sum(1 for _, a in float_graph.nodes(data=True) if a["kind"] == "op")
-        weighted = sum(is_weighted(a) for _, a in float_graph.nodes(data=True))
+        ops = sum(1 for _, a in float_graph.ops() if a.kind == "op")
+        weighted = sum(is_weighted(a) for _, a in float_graph.ops())
         return Alignment(tuple(pairs), (), ops, weighted=weighted, weighted_paired=weighted, weight_agreement=1.0)
 
     def notes(self, layers: Iterable[LayerComparison | None]) -> list[str]:
@@ -445,15 +444,15 @@ class _Observer:
         return effects
 
 
-def _activations(graph: nx.DiGraph) -> list[str]:
+def _activations(graph: OpGraph) -> list[str]:
     """The float32 values to quantize: graph inputs, then operation outputs, in order."""
     float32 = TensorProto.FLOAT
-    tensors = [attrs["name"] for _, attrs in sorted(graph.nodes(data=True), key=lambda item: item[1]["order"])
-               if attrs["kind"] == "input" and attrs["dtypes"][0] == float32]
-    ops = (n for n, a in graph.nodes(data=True) if a["kind"] == "op")
-    for node in sorted(ops, key=lambda n: graph.nodes[n]["order"]):
-        attrs = graph.nodes[node]
-        tensors += [t for t, dtype in zip(attrs["outputs"], attrs["dtypes"]) if t and dtype == float32]
+    tensors = [attrs.name for _, attrs in sorted(graph.ops(), key=lambda item: item[1].order)
+               if attrs.kind == "input" and attrs.dtypes[0] == float32]
+    ops = (n for n, a in graph.ops() if a.kind == "op")
+    for node in sorted(ops, key=lambda n: graph.op(n).order):
+        attrs = graph.op(node)
+        tensors += [t for t, dtype in zip(attrs.outputs, attrs.dtypes) if t and dtype == float32]
     return list(dict.fromkeys(tensors))
 
 

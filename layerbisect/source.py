@@ -41,7 +41,6 @@ from os import PathLike
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-import networkx as nx
 import numpy as np
 import onnx
 
@@ -53,7 +52,7 @@ from layerbisect.dumps import DumpFolder, sanitise
 from layerbisect.errors import NO_SAMPLES, LayerbisectError, first_line
 from layerbisect.expose import expose
 from layerbisect.files import sources
-from layerbisect.graph import FLOAT_DTYPES, Readout, build_graph
+from layerbisect.graph import FLOAT_DTYPES, OpGraph, Readout, build_graph
 from layerbisect.inputs import Sample, plan_inputs
 from layerbisect.load import ModelLike, declared_inputs, load_model
 from layerbisect.measure import Totals, compare_pairs
@@ -221,7 +220,7 @@ class Reading:
     pair: Pair | None = None
 
 
-def _by_name(graph: nx.DiGraph, values: Sequence[_Value], reference: Mapping[str, np.ndarray],
+def _by_name(graph: OpGraph, values: Sequence[_Value], reference: Mapping[str, np.ndarray],
              produced: Mapping[str, np.ndarray]) -> list[Reading]:
     """The source's tensors paired with float values by name, data and order (``pair_tensors``)."""
     matches = pair_tensors([(v.tensor, reference[v.tensor]) for v in values], produced, _fused_with(graph))
@@ -371,7 +370,7 @@ def _choice(dumped: np.ndarray, named: str, near: Mapping[int, tuple[str, str]],
     return 0 if own >= MOVED_BELOW else None
 
 
-def _fused_with(graph: nx.DiGraph) -> dict[str, tuple[str, dict[int, tuple[str, str]]]]:
+def _fused_with(graph: OpGraph) -> dict[str, tuple[str, dict[int, tuple[str, str]]]]:
     """For each float value, its operation's type and the values a backend may dump under its
     name, with their op types, by offset (-1 the value before it, 1 the one after): along the
     chain of foldable operations around it (a BatchNormalization, an activation), each the
@@ -379,37 +378,37 @@ def _fused_with(graph: nx.DiGraph) -> dict[str, tuple[str, dict[int, tuple[str, 
     Backends name a fused result after its first operation (conv1 holding the Relu's value);
     onnxruntime's QDQ quantizer, dropping a Relu, gives the Relu's name to its input."""
     readers: dict[tuple, list[str]] = {}
-    for node, attrs in graph.nodes(data=True):
-        for source in dict.fromkeys(attrs["sources"]):
+    for node, attrs in graph.ops():
+        for source in dict.fromkeys(attrs.sources):
             readers.setdefault(source, []).append(node)
 
     def foldable(node: str) -> bool:
-        attrs = graph.nodes[node]
-        return attrs["kind"] == "op" and attrs["role"] in FUSABLE and len(set(attrs["sources"])) == 1
+        attrs = graph.op(node)
+        return attrs.kind == "op" and attrs.role in FUSABLE and len(set(attrs.sources)) == 1
 
     def alone(value: tuple) -> bool:  # the value's one reader is foldable
         return len(readers.get(value, ())) == 1 and foldable(readers[value][0])
 
-    kinds = {out: attrs["op_type"] for _, attrs in graph.nodes(data=True) if attrs["kind"] == "op"
-             for out in attrs["outputs"]}
+    kinds = {out: attrs.op_type for _, attrs in graph.ops() if attrs.kind == "op"
+             for out in attrs.outputs}
     around: dict[str, tuple[str, dict[int, tuple[str, str]]]] = {}
-    for node, attrs in graph.nodes(data=True):
-        if attrs["kind"] != "op" or not attrs["outputs"]:
+    for node, attrs in graph.ops():
+        if attrs.kind != "op" or not attrs.outputs:
             continue
         after: list[str] = []
         value = (node, 0)
         while len(after) < FUSED_CHAIN and alone(value):
             value = (readers[value][0], 0)
-            after.append(graph.nodes[value[0]]["outputs"][0])
+            after.append(graph.op(value[0]).outputs[0])
         before: list[str] = []
         current = node
-        while len(before) < FUSED_CHAIN and foldable(current) and alone(graph.nodes[current]["sources"][0]):
-            current = graph.nodes[current]["sources"][0][0]
-            if graph.nodes[current]["kind"] != "op":
+        while len(before) < FUSED_CHAIN and foldable(current) and alone(graph.op(current).sources[0]):
+            current = graph.op(current).sources[0][0]
+            if graph.op(current).kind != "op":
                 break
-            before.append(graph.nodes[current]["outputs"][0])
+            before.append(graph.op(current).outputs[0])
         near = {-step: t for step, t in enumerate(before, 1)} | {step: t for step, t in enumerate(after, 1)}
-        around[attrs["outputs"][0]] = (attrs["op_type"], {o: (t, kinds[t]) for o, t in near.items()})
+        around[attrs.outputs[0]] = (attrs.op_type, {o: (t, kinds[t]) for o, t in near.items()})
     return around
 
 
@@ -527,7 +526,7 @@ def _reading_pair(reading: Reading) -> Pair:
                 Readout(tensor), reading.readout, tensor)
 
 
-def _reported_pairs(graph: nx.DiGraph, values: Sequence[_Value], readings: Sequence[Reading], totals: Totals,
+def _reported_pairs(graph: OpGraph, values: Sequence[_Value], readings: Sequence[Reading], totals: Totals,
                     alignment: Alignment | None) -> list[Pair]:
     """The pairs as the report shows them: the alignment's own (pairing by structure), else
     each float value's span (see ``_span``) against the source's tensor."""
@@ -546,11 +545,11 @@ def _reported_pairs(graph: nx.DiGraph, values: Sequence[_Value], readings: Seque
     return pairs
 
 
-def _alignment(graph: nx.DiGraph, pairs: Sequence[Pair], alignment: Alignment | None) -> Alignment:
+def _alignment(graph: OpGraph, pairs: Sequence[Pair], alignment: Alignment | None) -> Alignment:
     """What the pairs cover of the float model: the alignment, less the pairs the source does
     not hold (their float operations then have no counterpart)."""
-    ops = [attrs["name"] for _, attrs in sorted(graph.nodes(data=True), key=lambda i: i[1]["order"])
-           if attrs["kind"] == "op"]
+    ops = [attrs.name for _, attrs in sorted(graph.ops(), key=lambda i: i[1].order)
+           if attrs.kind == "op"]
     covered = {node for pair in pairs for node in pair.float_nodes}
     if alignment is None:
         return Alignment(tuple(pairs), tuple(op for op in ops if op not in covered), len(ops))
@@ -559,16 +558,16 @@ def _alignment(graph: nx.DiGraph, pairs: Sequence[Pair], alignment: Alignment | 
     return replace(alignment, pairs=tuple(pairs), unaligned=tuple(op for op in ops if op in unaligned))
 
 
-def _span(graph: nx.DiGraph, node: str, paired: set[str]) -> tuple[str, ...]:
+def _span(graph: OpGraph, node: str, paired: set[str]) -> tuple[str, ...]:
     """The float operations a source tensor stands for: ``node`` and the chain of unpaired
     operations before it, each read by the next alone (what a backend fuses: conv+bn+relu)."""
     span = [node]
     while True:
-        sources = {src for src, _ in graph.nodes[span[0]]["sources"]}
+        sources = {src for src, _ in graph.op(span[0]).sources}
         previous = next(iter(sources)) if len(sources) == 1 else None
-        if (previous is None or graph.nodes[previous]["kind"] != "op" or previous in paired
+        if (previous is None or graph.op(previous).kind != "op" or previous in paired
                 or graph.out_degree(previous) != 1):
-            return tuple(graph.nodes[n]["name"] for n in span)
+            return tuple(graph.op(n).name for n in span)
         span.insert(0, previous)
 
 
@@ -582,15 +581,15 @@ def _notes(readings: Sequence[Reading]) -> list[str]:
     return notes
 
 
-def _float_values(graph: nx.DiGraph) -> list[_Value]:
+def _float_values(graph: OpGraph) -> list[_Value]:
     """Every float value an operation of the float model computes, in order."""
     values = []
-    for _, attrs in sorted(graph.nodes(data=True), key=lambda item: item[1]["order"]):
-        if attrs["kind"] != "op":
+    for _, attrs in sorted(graph.ops(), key=lambda item: item[1].order):
+        if attrs.kind != "op":
             continue
-        for tensor, dtype in zip(attrs["outputs"], attrs["dtypes"]):
+        for tensor, dtype in zip(attrs.outputs, attrs.dtypes):
             if tensor and dtype in FLOAT_DTYPES | {None}:
-                values.append(_Value(attrs["name"], attrs["op_type"], tensor))
+                values.append(_Value(attrs.name, attrs.op_type, tensor))
     return values
 
 

@@ -17,6 +17,8 @@ import math
 
 import numpy as np
 
+from layerbisect.graph import Op
+
 # Fewer values per channel say nothing: the absolute correlation of k random values is about
 # sqrt(2 / (pi (k - 1))), 0.27 at 10 values; at 2 it is always 1.
 MIN_CHANNEL_VALUES = 8
@@ -29,32 +31,32 @@ MIN_CHANNEL_VALUES = 8
 UNRELATED_WEIGHTS = 0.5
 
 
-def output_channels(attrs: dict) -> np.ndarray | None:
-    """The fingerprint of a weighted operation (a node of ``graph.build_graph``) as one row per
-    output channel, each holding that channel's weights within the fingerprint; None without a
-    weight, or with fewer than ``MIN_CHANNEL_VALUES`` of them per channel.
+def output_channels(fingerprint: np.ndarray | None, shape: tuple | None, role: str) -> np.ndarray | None:
+    """The ``fingerprint`` of a weighted operation (``graph.Op``: its weight's ``shape`` and its
+    ``role``) as one row per output channel, each holding that channel's weights within the
+    fingerprint; None without a weight, or with fewer than ``MIN_CHANNEL_VALUES`` of them per
+    channel.
 
     Conv weights are [out, in, kH, kW] (channels are rows), ConvTranspose [in, out, kH, kW],
     MatMul and Gemm [in, out] in the fingerprint's orientation (channels are columns). The
     fingerprint holds whole leading rows of the weight; a row it cuts short is left out.
     """
-    fingerprint, shape = attrs.get("fingerprint"), attrs.get("weight_shape")
     if fingerprint is None or shape is None or len(shape) < 2 or 0 in shape:
         return None
     row = math.prod(shape[1:])
     rows = min(shape[0], fingerprint.size // row)
     head = fingerprint[: rows * row].reshape(rows, *shape[1:])
-    if attrs["role"] == "Conv":
+    if role == "Conv":
         channels = head.reshape(rows, -1)
-    elif attrs["role"] == "ConvTranspose":
+    elif role == "ConvTranspose":
         channels = np.moveaxis(head, 1, 0).reshape(shape[1], -1)
     else:  # MatMul orientation: x @ W, the last axis holds the output channels
         channels = head.reshape(-1, shape[-1]).T
     return channels if channels.shape[1] >= MIN_CHANNEL_VALUES else None
 
 
-def channel_agreement(a: dict, b: dict) -> float | None:
-    """How much two weighted operations (nodes of ``graph.build_graph``) hold the same weights:
+def channel_agreement(a: Op, b: Op) -> float | None:
+    """How much two weighted operations (``graph.Op``) hold the same weights:
     the mean, over the output channels both fingerprints hold, of the absolute correlation of
     a channel's weights in one with the same channel's in the other. 1.0 for one weight
     rescaled, rounded or stored in another orientation; 0.09 to 0.15 for unrelated weights of the
@@ -64,10 +66,14 @@ def channel_agreement(a: dict, b: dict) -> float | None:
     return agreement(standardized(a), standardized(b))
 
 
-def standardized(attrs: dict) -> np.ndarray | None:
-    """``output_channels`` with each channel centred and scaled to norm 1 (a constant channel
-    left at zeros): what ``agreement`` compares, computed once for a node compared often."""
-    channels = output_channels(attrs)
+def standardized(op: Op) -> np.ndarray | None:
+    """``op``'s ``output_channels`` with each channel centred and scaled to norm 1 (a constant
+    channel left at zeros): what ``agreement`` compares, computed once for a node compared often."""
+    return standardized_channels(output_channels(op.fingerprint, op.weight_shape, op.role))
+
+
+def standardized_channels(channels: np.ndarray | None) -> np.ndarray | None:
+    """``channels`` (``output_channels``), each centred and scaled to norm 1."""
     if channels is None:
         return None
     centred = channels - channels.mean(axis=1, keepdims=True)

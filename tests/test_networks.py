@@ -142,8 +142,8 @@ def test_channel_agreement_ignores_scale_sign_offset_and_orientation_per_channel
     weight = rng.standard_normal((16, 10))
     scale = rng.uniform(0.2, 3.0, 10) * rng.choice([-1.0, 1.0], 10)  # per output channel
     rescaled = weight * scale + rng.standard_normal(10)  # and an offset per channel
-    fc = build_graph(linear(weight, gemm=False)).nodes["fc"]
-    assert channel_agreement(fc, build_graph(linear(rescaled, gemm=True)).nodes["fc"]) == pytest.approx(1.0)
-    other = build_graph(linear(rng.standard_normal((16, 10)), gemm=True)).nodes["fc"]
+    fc = build_graph(linear(weight, gemm=False)).op("fc")
+    assert channel_agreement(fc, build_graph(linear(rescaled, gemm=True)).op("fc")) == pytest.approx(1.0)
+    other = build_graph(linear(rng.standard_normal((16, 10)), gemm=True)).op("fc")
     assert channel_agreement(fc, other) < 0.5
-    assert channel_agreement(fc, build_graph(linear(weight[:, :8], gemm=False)).nodes["fc"]) is None  # 8 channels
+    assert channel_agreement(fc, build_graph(linear(weight[:, :8], gemm=False)).op("fc")) is None  # 8 channels

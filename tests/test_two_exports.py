@@ -269,11 +269,11 @@ def test_weight_only_int8_in_the_graph_pairs_by_its_dequantized_weights(name):
     inputs = random_inputs(model)
     np.testing.assert_allclose(run(int8, inputs), run(model, inputs), atol=1e-5)
     float_graph, int8_graph = build_graph(model), build_graph(int8)
-    assert not {"Cast", "Mul"} & {int8_graph.nodes[n]["op_type"] for n in int8_graph} - {
-        float_graph.nodes[n]["op_type"] for n in float_graph}  # the dequantization is no layer
-    weighted = [n for n in float_graph if is_weighted(float_graph.nodes[n])]
+    assert not {"Cast", "Mul"} & {int8_graph.op(n).op_type for n in int8_graph} - {
+        float_graph.op(n).op_type for n in float_graph}  # the dequantization is no layer
+    weighted = [n for n in float_graph if is_weighted(float_graph.op(n))]
     for node in weighted:  # the fingerprint is the dequantized weight
-        np.testing.assert_allclose(int8_graph.nodes[node]["fingerprint"], float_graph.nodes[node]["fingerprint"], rtol=1e-6)
+        np.testing.assert_allclose(int8_graph.op(node).fingerprint, float_graph.op(node).fingerprint, rtol=1e-6)
     alignment = align(float_graph, int8_graph)
     assert same_nodes_share(alignment) >= PAIRED and alignment.weighted_paired == len(weighted)
     assert alignment.weight_agreement > 0.999

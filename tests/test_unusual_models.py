@@ -290,10 +290,10 @@ def test_weights_read_from_files_fingerprint_as_in_memory(external, tmp_path, mo
               save_as_external_data=True, location="quant.data", size_threshold=0)
     for model, path in ((cnn(), folder / "float.onnx"), (quant, tmp_path / "quant.onnx")):
         in_memory, from_file = build_graph(load_model(model)), build_graph(load_model(path))
-        prints = [(n, a["fingerprint"]) for n, a in in_memory.nodes(data=True) if a["fingerprint"] is not None]
+        prints = [(n, op.fingerprint) for n, op in in_memory.ops() if op.fingerprint is not None]
         assert len(prints) >= 4  # three Conv and the Gemm at least
         for node, fingerprint in prints:
-            np.testing.assert_array_equal(from_file.nodes[node]["fingerprint"], fingerprint)
+            np.testing.assert_array_equal(from_file.op(node).fingerprint, fingerprint)
 
 
 @pytest.mark.parametrize("small", [SMALL_EXTERNAL, 0])
