@@ -9,7 +9,8 @@ FAIL: first layer below cosine 0.98 is #2 Conv 'conv2' (cosine -0.99..., SQNR -6
 The modules, in the order a comparison goes through them:
 
 - load: ``load`` (models), ``inputs`` and ``datasets`` (samples), ``graph`` (the graph view),
-  ``vocabulary``;
+  ``vocabulary``, and the ONNX facts written once: ``wiring`` (producers and consumers),
+  ``layouts`` (NCHW/NHWC permutations), ``kernels`` (integer kernels that clip);
 - the quantized side: a model, onnxruntime's fused graph (``run.ort_optimized``), the
   simulator (``simulate``), or a tensor source (``source``; dump folders in ``dumps``);
 - align: ``align``, ``anchors``, ``weights``;

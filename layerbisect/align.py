@@ -64,7 +64,8 @@ from itertools import islice, product, takewhile
 import numpy as np
 
 from layerbisect.anchors import anchor_pairs
-from layerbisect.graph import FLOAT_DTYPES, Op, OpGraph, Perm, Readout, ValueRef
+from layerbisect.graph import FLOAT_DTYPES, Op, OpGraph, Readout, ValueRef
+from layerbisect.layouts import Perm, channel_moves, compose, inverse
 from layerbisect.weights import UNRELATED_WEIGHTS, agreement, channel_agreement, output_channels, standardized_channels
 
 ACTIVATIONS = {
@@ -381,7 +382,7 @@ class _Aligner:
             value = attrs.sources[0]
         root, perm = self.roots[value]
         for step in reversed(chain):
-            perm = _compose(perm, self.qa[step[0]].perm)
+            perm = compose(perm, self.qa[step[0]].perm)
             self.roots[step] = (root, perm)
         return self.roots[chain[0]] if chain else self.roots[value]
 
@@ -426,7 +427,7 @@ class _Aligner:
             return True
         if _is_transpose(attrs) and len(mapped) == 1:
             (value, perm), = mapped
-            self._map((node, 0), value, _compose(perm, attrs.perm))
+            self._map((node, 0), value, compose(perm, attrs.perm))
             self.evidence[node] = "layout"
             return True
         if _is_view(attrs) and len(mapped) == 1 and self._restores_rows(node, mapped[0]):
@@ -606,7 +607,7 @@ class _Aligner:
         roots, read_as_mapped = [], True
         for value, perm in mapped:
             root, root_perm = self._root(value)
-            roots.append((root, _compose(root_perm, perm)))
+            roots.append((root, compose(root_perm, perm)))
             read_as_mapped = read_as_mapped and root_perm is None
         key = tuple(sorted(root for root, _ in roots))
         found: list[tuple[str, Perm]] = []
@@ -648,7 +649,7 @@ class _Aligner:
             free.remove(chosen)
             source, _, quant_perm = inputs[chosen]
             shape = self.qa[source[0]].shapes[source[1]]
-            layouts.append((_compose(_inverse(quant_perm), perm), None if shape is None else len(shape)))
+            layouts.append((compose(inverse(quant_perm), perm), None if shape is None else len(shape)))
             read_as_mapped = read_as_mapped and quant_perm is None
         if attrs.role == "Transpose":  # the same permutation of the same value, so that
             # Transposes that cancel out cannot stand for one the other graph lacks
@@ -660,7 +661,7 @@ class _Aligner:
             # optimizer moves Transposes through a Concat); the output shapes tell which axis
             perms = {perm for perm, _ in layouts}
             return len(perms) == 1, next(iter(perms)) if len(perms) == 1 else None
-        expected = _compose(quant.layout, _inverse(attrs.layout))
+        expected = compose(quant.layout, inverse(attrs.layout))
         return all(perm == expected for perm, _ in layouts), expected
 
     def _tail(self, value: ValueRef) -> list[str]:
@@ -782,7 +783,7 @@ class _Aligner:
                 if not self._can_fold(chain, quant_value):
                     return []
                 for member in reversed(chain):
-                    perm = _compose(perm, self.fa[member].perm)
+                    perm = compose(perm, self.fa[member].perm)
                 return [_Settlement(value, (quant_value, perm), tuple(reversed(chain)), ())]
             node = source[0]
         return []
@@ -930,7 +931,7 @@ class _Aligner:
             self.evidence[node] = "fused"
             if _is_transpose(self.fa[node]):
                 self.evidence[node] = "layout"
-                perm = _compose(perm, _inverse(self.fa[node].perm))
+                perm = compose(perm, inverse(self.fa[node].perm))
 
     def _settle_graph_ends(self, float_ops: list[str]) -> None:
         """Settle waiting float operations that nothing reads: a region ending where the
@@ -1224,7 +1225,7 @@ def _quant_layout(quant: Op, layouts: list[tuple[Perm, int | None]]) -> tuple[bo
     """Whether a quantized operation computes what it stands for with inputs in these layouts
     (relative to the float model's), and the layout of its output."""
     if quant.role == "Transpose":
-        return quant.perm is not None, _compose(_inverse(quant.perm), layouts[0][0])
+        return quant.perm is not None, compose(inverse(quant.perm), layouts[0][0])
     if quant.role in LAYOUT_FREE:
         return _common_layout(layouts)
     return all(perm == quant.layout for perm, _ in layouts), quant.layout
@@ -1234,21 +1235,7 @@ def _channel_move(perm: Perm) -> bool:
     """Whether ``perm`` is no permutation or moves channels between first and last."""
     if perm is None:
         return True
-    rank = len(perm)
-    return perm in ((0, rank - 1, *range(1, rank - 1)), (0, *range(2, rank), 1))
-
-
-def _compose(first: Perm, then: Perm) -> Perm:
-    """The permutation of transposing by ``first`` then by ``then`` (None for identity)."""
-    if first is None or then is None:
-        result = then if first is None else first
-    else:
-        result = tuple(first[axis] for axis in then)
-    return None if result is None or result == tuple(range(len(result))) else result
-
-
-def _inverse(perm: Perm) -> Perm:
-    return None if perm is None else tuple(sorted(range(len(perm)), key=perm.__getitem__))
+    return perm in channel_moves(len(perm))
 
 
 def _input_layout(float_shape: tuple | None, quant_shape: tuple | None) -> Perm:
@@ -1258,8 +1245,7 @@ def _input_layout(float_shape: tuple | None, quant_shape: tuple | None) -> Perm:
         return None
     if _shapes_agree(float_shape, quant_shape, None):
         return None
-    rank = len(quant_shape)
-    for perm in ((0, rank - 1, *range(1, rank - 1)), (0, *range(2, rank), 1)):
+    for perm in channel_moves(len(quant_shape)):
         if _shapes_agree(float_shape, quant_shape, perm):
             return perm
     return None

@@ -11,11 +11,12 @@ common subsequence of operations of one kind and one weight shape whose weights 
 and shape pair a weight that was changed (a fault) and the weights decide among alike ones.
 
 >>> import numpy as np
+>>> from layerbisect.graph import Op, OpGraph
 >>> def op(order, shape, seed):
 ...     w = np.random.default_rng(seed).standard_normal(shape)
-...     return dict(kind="op", role="MatMul", order=order, fingerprint=w.ravel(), weight_shape=shape, sources=())
->>> import networkx as nx
->>> a, b = nx.DiGraph(), nx.DiGraph()
+...     return {"op": Op("op", f"m{order}", "MatMul", "MatMul", order, (), (), (), (), (),
+...                      fingerprint=w.ravel(), weight_shape=shape)}
+>>> a, b = OpGraph(), OpGraph()
 >>> a.add_nodes_from([("a1", op(0, (8, 8), 1)), ("a2", op(1, (8, 16), 2)), ("a3", op(2, (16, 8), 3))])
 >>> b.add_nodes_from([("b1", op(0, (8, 16), 2)), ("b2", op(1, (16, 8), 9))])
 >>> sorted(anchor_pairs(a, b).items())

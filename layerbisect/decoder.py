@@ -38,6 +38,7 @@ import numpy as np
 import onnx
 
 from layerbisect.errors import LayerbisectError
+from layerbisect.wiring import producers
 
 if TYPE_CHECKING:  # inputs.py plans with this module: no import at run time
     from layerbisect.inputs import InputSpec
@@ -103,7 +104,7 @@ def vocabularies(model: onnx.ModelProto) -> dict[str, int]:
     """
     graph = model.graph
     dims = {init.name: tuple(init.dims) for init in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output}
+    made_by = producers(graph)
     for node in graph.node:  # a table read through its dequantization or a cast
         if node.op_type in ("DequantizeLinear", "Cast", "Identity") and node.input[0] in dims:
             dims.setdefault(node.output[0], dims[node.input[0]])
@@ -118,8 +119,8 @@ def vocabularies(model: onnx.ModelProto) -> dict[str, int]:
         axis = next((a.i for a in node.attribute if a.name == attribute), 0)
         shape = dims[node.input[table]]
         source = node.input[ids]
-        while source in producers and producers[source].op_type in _CARRIERS:
-            source = producers[source].input[0]
+        while source in made_by and made_by[source].op_type in _CARRIERS:
+            source = made_by[source].input[0]
         if source in inputs and -len(shape) <= axis < len(shape):
             found.setdefault(source, int(shape[axis]))
     return found

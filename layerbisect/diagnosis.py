@@ -73,6 +73,7 @@ from layerbisect.report import LayerComparison, Report
 from layerbisect.run import Session, int8_products_saturate, usable_providers
 from layerbisect.segment import Segments
 from layerbisect.text import number
+from layerbisect.wiring import produced, producers
 
 CAUSES = ("weights", "saturation", "resolution", "kernel")
 DEFAULT_TOP = 3  # layers diagnosed, worst isolated cosine first (the culprit always)
@@ -534,8 +535,8 @@ class _Work:
 
     def _run(self, model, names, role, float_side=False) -> list[dict[str, np.ndarray]]:
         """Run ``model`` (whole, its inputs fed) once per sample, reading ``names``."""
-        produced = {out for node in model.graph.node for out in node.output}
-        names = [n for n in dict.fromkeys(names) if n in produced]
+        made = produced(model.graph)
+        names = [n for n in dict.fromkeys(names) if n in made]
         session = Session(Segments(model).extract(names, {}), role, self.providers)
         declared = {i.name for i in session.session.get_inputs()}
         values = []
@@ -848,7 +849,7 @@ def _quantizers(model: onnx.ModelProto, pair: Pair) -> dict[str, list[onnx.NodeP
     through a shell and each DynamicQuantizeLinear whose result they read (inputs: a dynamic
     quantizer is computed from the layer's own input), the QuantizeLinear making its value
     (output)."""
-    producer = {out: node for node in model.graph.node for out in node.output}
+    producer = producers(model.graph)
     constants = {init.name for init in model.graph.initializer}
     graph_inputs = {i.name for i in model.graph.input}
     nodes = {node.name: node for node in model.graph.node}
@@ -895,7 +896,7 @@ def _variant(float_proto, quant_proto, pair: Pair, *, keep: Iterable[str], const
     model.CopyFrom(quant_proto)
     graph = model.graph
     found = _quantizers(model, pair)
-    producer = {out: node for node in graph.node for out in node.output}
+    producer = producers(graph)
     nodes = {node.name: node for node in graph.node}
     float_nodes = {node.name: node for node in float_proto.graph.node}
     weights = {dq.output[0] for dq in found["weights"]} if "weights" not in keep else floated
@@ -990,8 +991,8 @@ def _readable(quant_proto: onnx.ModelProto, model: onnx.ModelProto, pair: Pair) 
     it) as float: the DequantizeLinear output (or the Identity standing for it) carrying its
     quantized tensor on, else the tensor as the pair reads it."""
     carried = _carried(model, pair.quant_tensor)
-    produced = {out for node in model.graph.node for out in node.output}
-    if carried == pair.quant_tensor and pair.quant_tensor not in produced:
+    made = produced(model.graph)
+    if carried == pair.quant_tensor and pair.quant_tensor not in made:
         carried = _carried(quant_proto, pair.quant_tensor)
     if carried != pair.quant_tensor:
         return Readout(carried, perm=pair.quant_readout.perm)
@@ -1001,8 +1002,8 @@ def _readable(quant_proto: onnx.ModelProto, model: onnx.ModelProto, pair: Pair) 
 def _readable_pair(quant_proto: onnx.ModelProto, model: onnx.ModelProto, pair: Pair) -> Pair:
     """``pair`` as read in ``model``: its quantized tensor if still made there, else where it
     is carried on."""
-    produced = {out for node in model.graph.node for out in node.output} | {i.name for i in model.graph.input}
-    if pair.quant_tensor in produced:
+    made = produced(model.graph) | {i.name for i in model.graph.input}
+    if pair.quant_tensor in made:
         return pair
     tensor = _carried(quant_proto, pair.quant_tensor)
     return replace(pair, quant_tensor=tensor, quant_readout=Readout(tensor, perm=pair.quant_readout.perm))

@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from layerbisect.errors import LayerbisectError
+from layerbisect.layouts import permuted, to_channels_first, to_channels_last
 
 RKNN_MAP = "map_name_to_file.txt"
 LAYOUTS = ("NCHW", "NHWC")
@@ -79,7 +80,7 @@ class DumpedTensor:
         """The tensor as float32 values in NCHW layout."""
         array = self._load()
         if self.layout == "NHWC" and array.ndim >= 3:
-            array = np.transpose(array, (0, array.ndim - 1, *range(1, array.ndim - 1)))
+            array = np.transpose(array, to_channels_first(array.ndim))
         if self.scale is not None:
             array = self._dequantized(array)
         return np.ascontiguousarray(array)
@@ -183,7 +184,7 @@ def _shaped(tensor: DumpedTensor, expected: Mapping[str, tuple[int, ...]]) -> Du
     shape = expected.get(tensor.key) or expected.get(sanitise(tensor.key))
     if shape is None:
         return tensor
-    stored = tuple(shape[p] for p in (0, *range(2, len(shape)), 1)) if tensor.layout == "NHWC" and len(shape) >= 3 \
+    stored = permuted(shape, to_channels_last(len(shape))) if tensor.layout == "NHWC" and len(shape) >= 3 \
         else tuple(shape)
     if tensor.shape is None:
         return replace(tensor, shape=stored)

@@ -49,6 +49,7 @@ from layerbisect.report import LayerComparison
 from layerbisect.run import usable_providers
 from layerbisect.search import bisect_first_failing
 from layerbisect.segment import Segments
+from layerbisect.wiring import consumers, produced, producers
 
 FOLDED_INTO_WEIGHTS = {"BatchNormalization"}
 
@@ -258,10 +259,10 @@ def _read_in(carriers: Mapping[str, str], model: onnx.ModelProto, pairs: Sequenc
     """``pairs`` as read in ``model``, a bypass of the quantized model whose ``_carriers`` are
     given: a value kept in float has lost its QuantizeLinear, and is read where the
     DequantizeLinear that read it was (now an Identity)."""
-    produced = {out for node in model.graph.node for out in node.output} | {i.name for i in model.graph.input}
+    made = produced(model.graph) | {i.name for i in model.graph.input}
     read = []
     for pair in pairs:
-        if pair.quant_tensor not in produced:
+        if pair.quant_tensor not in made:
             tensor = carriers.get(pair.quant_tensor, pair.quant_tensor)
             pair = replace(pair, quant_tensor=tensor, quant_readout=replace(pair.quant_readout, tensor=tensor))
         read.append(pair)
@@ -279,11 +280,7 @@ def bypass(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, pairs: It
     model = onnx.ModelProto()
     model.CopyFrom(quant_model)
     graph = model.graph
-    producer = {o: node for node in graph.node for o in node.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    producer, readers = producers(graph), consumers(graph)
     initializers = {init.name for init in graph.initializer}
     unquantized = initializers | {i.name for i in graph.input} | {
         out for node in graph.node if node.op_type == "Constant" for out in node.output
@@ -311,12 +308,12 @@ def bypass(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, pairs: It
                         node.input[position] = weight
             dropped = _dropped_activations(pair, nodes, float_nodes) if name == pair.quant_nodes[-1] else []
             for output in node.output:  # the value goes on unquantized
-                quantizers = [c for c in consumers.get(output, []) if c.op_type == "QuantizeLinear"]
+                quantizers = [c for c in readers.get(output, []) if c.op_type == "QuantizeLinear"]
                 if not quantizers:
                     continue
                 value = _activate(graph, output, dropped, float_constants)
                 for q in quantizers:
-                    for dq in [c for c in consumers.get(q.output[0], []) if c.op_type == "DequantizeLinear"]:
+                    for dq in [c for c in readers.get(q.output[0], []) if c.op_type == "DequantizeLinear"]:
                         dq.CopyFrom(helper.make_node("Identity", [value], [dq.output[0]], name=dq.name))
     _drop_unread(graph)  # with the QuantizeLinear nodes that nothing reads any more
     return model

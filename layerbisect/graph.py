@@ -20,21 +20,20 @@ import heapq
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Optional
 
 import networkx as nx
 import numpy as np
 import onnx
 from onnx import helper
 
+from layerbisect.layouts import Perm, inverse, to_channels_first
 from layerbisect.load import tensor_array, tensor_nbytes
 from layerbisect.vocabulary import INTERMEDIATES, MASK_INPUTS, MASK_OUTPUTS, ROLES
+from layerbisect.wiring import consumers, producer_positions, producers
 
 ValueRef = tuple[str, int]
 """A value: (graph node id, output index). Graph inputs are nodes with a single output."""
 
-Perm = Optional[tuple[int, ...]]
-"""An axis permutation as ``numpy.transpose`` takes it; None where the layout is unchanged."""
 
 # Operators that compute in channels-last layout (NHWC), like any op with channels_last=1.
 CHANNELS_LAST_OPS = {"NhwcConv", "NhwcFusedConv", "NhwcMaxPool"}
@@ -126,7 +125,7 @@ class Readout:
         inverse of the permutation ``dequantize`` applies."""
         if self.perm is None or array.ndim != len(self.perm):
             return array
-        return np.ascontiguousarray(array.transpose(np.argsort(self.perm)))
+        return np.ascontiguousarray(array.transpose(inverse(self.perm)))
 
     def _scaled(self, array: np.ndarray, scale: np.ndarray) -> np.ndarray:
         zero_point = self.zero_point
@@ -341,13 +340,7 @@ class _Builder:
         self.constant_nodes = {
             node.output[0]: node for node in model.graph.node if node.op_type == "Constant"
         }
-        self.producer: dict[str, onnx.NodeProto] = {}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for node in model.graph.node:
-            for out in node.output:
-                self.producer[out] = node
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
+        self.producer, self.consumers = producers(model.graph), consumers(model.graph)
         self.source: dict[str, ValueRef | str] = {}
         self.mask_reads: list[ValueRef] = []
         self.graph = OpGraph()
@@ -684,7 +677,7 @@ def _oriented(shape: tuple, transposed: bool) -> tuple:
 def _topological(nodes) -> list[tuple[int, onnx.NodeProto]]:
     """``(position, node)`` in an order where every node follows what it reads, subgraphs'
     outer-scope reads included (files are sorted without them), and otherwise file order."""
-    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    producer = producer_positions(nodes)
     waits_on = [
         {producer[name] for name in [*node.input, *outer_scope_reads(node)] if name in producer} - {i}
         for i, node in enumerate(nodes)
@@ -742,5 +735,4 @@ def _channels_last(node: onnx.NodeProto, shape: tuple | None) -> Perm:
     """For an operation computing channels-last, the permutation from its layout to NCHW."""
     if node.op_type not in CHANNELS_LAST_OPS and _attr(node, "channels_last") != 1:
         return None
-    rank = len(shape) if shape is not None else 4
-    return (0, rank - 1, *range(1, rank - 1))
+    return to_channels_first(len(shape) if shape is not None else 4)

@@ -30,11 +30,12 @@ import numpy as np
 
 from layerbisect.decoder import Fill, plan_text_inputs
 from layerbisect.errors import LayerbisectError
+from layerbisect.layouts import to_channels_first, to_channels_last
 
 Feeds = dict[str, np.ndarray]
 Sample = Mapping[str, np.ndarray]
 Dim = int | str | None
-TO_NHWC, TO_NCHW = (0, 2, 3, 1), (0, 3, 1, 2)
+TO_NHWC, TO_NCHW = to_channels_last(4), to_channels_first(4)
 
 
 @dataclass(frozen=True)

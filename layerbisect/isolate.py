@@ -20,6 +20,7 @@ from onnx import helper
 from layerbisect.align import Pair
 from layerbisect.graph import Readout, inferred_types, known_shape
 from layerbisect.load import tensor_array
+from layerbisect.wiring import consumers, producers
 
 SHELL = {"QuantizeLinear", "DequantizeLinear"}
 CUT_SUFFIX = "__layerbisect_float"
@@ -80,11 +81,7 @@ def cut(
     graph = out.graph
     inferred = inferred_types(model) if types is None else types
     constants = {init.name: init for init in graph.initializer}
-    producer = {o: node for node in graph.node for o in node.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    producer, readers = producers(graph), consumers(graph)
     cuts: dict[str, Cut] = {}
     for pair in boundaries:
         keep = (unfed or {}).get(pair.float_tensor, frozenset())
@@ -98,7 +95,7 @@ def cut(
             if tensor in seen:
                 continue
             seen.add(tensor)
-            for node in consumers.get(tensor, []):
+            for node in readers.get(tensor, []):
                 # past the readout, a QuantizeLinear requantizes (a Relu the quantizer dropped
                 # clamps there): it reads the fed value. Passed through, its readers were fed
                 # the value it had not clamped (isolated cosine 0.9935 of a model with itself).
@@ -111,7 +108,7 @@ def cut(
                 name = tensor + CUT_SUFFIX
                 if name not in cuts:
                     params = readout if tensor == readout.tensor else replace(
-                        _qparams(tensor, producer, consumers, constants), perm=readout.perm)
+                        _qparams(tensor, producer, readers, constants), perm=readout.perm)
                     known = inferred.get(tensor)
                     dtype = _dtype(known) or _zero_point_dtype(params)
                     # a reader of the value before its shell reads it unrounded: where the float

@@ -38,6 +38,7 @@ from onnx import helper, numpy_helper
 
 from layerbisect.fallback import _drop_unread
 from layerbisect.load import tensor_array
+from layerbisect.wiring import consumers, producers
 
 _CONTRIB = "com.microsoft"
 # QOperator op -> float op, its (value, scale, zero point) input triples, the (scale, zero
@@ -75,11 +76,7 @@ def qdq_form(model: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[str, ...]]:
     copy.CopyFrom(model)
     graph = copy.graph
     constants = {init.name: init for init in graph.initializer}
-    producer = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    producer, readers = producers(graph), consumers(graph)
     rewritten: list[str] = []
     nodes: list[onnx.NodeProto] = []
     replaced: set[int] = set()  # the Cast and Mul after a ConvInteger/MatMulInteger rewritten
@@ -87,7 +84,7 @@ def qdq_form(model: onnx.ModelProto) -> tuple[onnx.ModelProto, tuple[str, ...]]:
     for node in graph.node:
         if id(node) in replaced:
             continue
-        replacement = _rewrite(node, constants, producer, consumers, graph, replaced)
+        replacement = _rewrite(node, constants, producer, readers, graph, replaced)
         if replacement is None and node.op_type in MOVES and node.input[0] in grids and len(node.output) == 1:
             replacement = _moved(node, grids[node.input[0]])
         if replacement is None:

@@ -31,6 +31,7 @@ from layerbisect.errors import LayerbisectError
 from layerbisect.graph import inferred_types, outer_scope_reads
 from layerbisect.load import tensor_nbytes
 from layerbisect.run import placeholder
+from layerbisect.wiring import produced, producer_positions
 
 DETACHED = 64 << 10  # bytes: a weight this large is held once, out of the segments (Segments)
 
@@ -50,7 +51,7 @@ class Segments:
         self.model = model
         graph = model.graph
         self.reads = [[*node.input, *outer_scope_reads(node)] for node in graph.node]
-        self.producer = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
+        self.producer = producer_positions(graph.node)
         self.readers: dict[str, set[int]] = {}
         for i, names in enumerate(self.reads):
             for name in names:
@@ -130,7 +131,7 @@ class Segments:
             helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), None)
             for name, dtype in starts.items() if name in read and name not in initializers
         )
-        made = {out for node in graph.node for out in node.output}
+        made = produced(graph)
         graph.value_info.extend(v for v in source.value_info if v.name in made and v.name not in outputs)
         declared = {v.name: v for v in [*source.output, *source.value_info]}
         for name in outputs:

@@ -47,6 +47,7 @@ from layerbisect.inputs import Sample, plan_inputs
 from layerbisect.load import ModelLike, declared_inputs, load_model, with_data
 from layerbisect.report import LayerComparison
 from layerbisect.run import DEFAULT_PROVIDERS, Session, lower_ir_version
+from layerbisect.wiring import producers
 
 ROUNDING = {"AP_RND": "half up", "AP_RND_CONV": "half to even", "AP_TRN": "floor"}
 OVERFLOW = {"AP_SAT": "saturate", "AP_WRAP": "wrap"}
@@ -466,7 +467,7 @@ def _simulated_model(
     model.CopyFrom(proto)
     graph = model.graph
     outputs = {output.name for output in graph.output}
-    producer = {out: node for node in graph.node for out in node.output}
+    producer = producers(graph)
     names = {t: t if t in outputs and t in producer else t + SUFFIX for t in grids}
     for node in graph.node:
         node.input[:] = [names.get(x, x) for x in node.input]

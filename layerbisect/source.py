@@ -54,6 +54,7 @@ from layerbisect.expose import expose
 from layerbisect.files import sources
 from layerbisect.graph import FLOAT_DTYPES, OpGraph, Readout, build_graph
 from layerbisect.inputs import Sample, plan_inputs
+from layerbisect.layouts import permuted, to_channels_first
 from layerbisect.load import ModelLike, declared_inputs, load_model
 from layerbisect.measure import Totals, compare_pairs
 from layerbisect.progress import progress
@@ -459,9 +460,8 @@ def _fit(shape: tuple[int, ...], float_shape: tuple[int, ...]) -> tuple[bool, tu
     NHWC -> NCHW permutation it then needs (None: none)."""
     if tuple(shape) == tuple(float_shape):
         return True, None
-    rank = len(shape)
-    perm = (0, rank - 1, *range(1, rank - 1))
-    if rank >= 3 and tuple(shape[p] for p in perm) == tuple(float_shape):
+    perm = to_channels_first(len(shape))
+    if len(shape) >= 3 and permuted(shape, perm) == tuple(float_shape):
         return True, perm
     return False, None
 

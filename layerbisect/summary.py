@@ -19,6 +19,7 @@ import onnx
 
 from layerbisect.report import GraphNode, ModelSummary
 from layerbisect.vocabulary import QUANTIZATION_OPS
+from layerbisect.wiring import consumer_positions, producer_positions
 
 # Operators that only carry a value along: crossing them does not count as a hop.
 CARRIERS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Identity", "Cast"}
@@ -62,11 +63,7 @@ def neighbourhood(
     kept, nearest first.
     """
     nodes = list(model.graph.node)
-    producers = {out: i for i, node in enumerate(nodes) for out in node.output if out}
-    consumers: dict[str, list[int]] = {}
-    for i, node in enumerate(nodes):
-        for name in node.input:
-            consumers.setdefault(name, []).append(i)
+    producers, consumers = producer_positions(nodes), consumer_positions(nodes)
     constants = {init.name for init in model.graph.initializer}
     wanted = set(centre)
     distance = {i: 0 for i, node in enumerate(nodes) if node.name in wanted}
