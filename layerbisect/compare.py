@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from layerbisect.grid import dequantize
+
 CHUNK = 1 << 16  # elements summed at a time
 FAST_SIZE = 1 << 14  # float32 tensors this large are summed in float32 (smaller ones cost nothing)
 
@@ -50,10 +52,7 @@ class Quantized:
 
     def dequantized(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """The float values, of the flattened elements ``start:stop`` (all by default)."""
-        chunk = self.values.reshape(-1)[start:stop].astype(np.float32)
-        chunk -= np.float32(self.zero_point)
-        chunk *= np.float32(self.scale)
-        return chunk
+        return dequantize(self.values.reshape(-1)[start:stop], np.asarray(self.scale), np.asarray(self.zero_point))
 
 
 Values = np.ndarray | Quantized

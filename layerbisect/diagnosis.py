@@ -64,6 +64,7 @@ from layerbisect.errors import NO_SAMPLES, LayerbisectError
 from layerbisect.fallback import _activate, _carried, _constants, _drop_unread, _dropped_activations, bypass
 from layerbisect.find import _feeders, find_first_bad_layer, setup
 from layerbisect.graph import Readout
+from layerbisect.grid import broadcastable, dequantize, integer_range, quantize
 from layerbisect.inputs import Sample, reusable, samples_of
 from layerbisect.isolate import cut
 from layerbisect.load import ModelLike, tensor_array
@@ -610,14 +611,14 @@ class _Work:
         if part == "weights":
             stored = tensor_array(constants[node.input[0]])
             twin_name, twin = _twin_weight(self.float_proto, self.quant_proto, pair, node, self.float_constants)
-            dequantized = _dequantized(stored, scale, zero_point, axis)
+            dequantized = dequantize(stored, scale, zero_point, axis, dtype=np.float64)
             values = [dequantized if twin is None else twin]
             stats = _range_stats(values, scale, zero_point, axis)
             excess = math.nan
             if twin is not None:
                 # rounding's error: of these weights rounded, at least a uniform error (weights
                 # lying on the grid already round without error)
-                rounded = _dequantized(_quantized(twin, scale, zero_point, axis), scale, zero_point, axis)
+                rounded = dequantize(quantize(twin, scale, zero_point, axis), scale, zero_point, axis, dtype=np.float64)
                 uniform = twin.size * float(np.mean(scale)) ** 2 / 12
                 expected = max(float(np.sum((twin - rounded) ** 2)), uniform)
                 actual = float(np.sum((twin - dequantized) ** 2))
@@ -1034,50 +1035,24 @@ def _activation_quantizer(model: onnx.ModelProto, pair: Pair, quantizer: Quantiz
     return next(q for q in members if quantizer.part == "output" or q.input[0] == quantizer.tensor)
 
 
-def _grid(dtype: np.dtype) -> tuple[int, int]:
-    info = np.iinfo(dtype)
-    return int(info.min), int(info.max)
-
-
-def _broadcast(param: np.ndarray, ndim: int, axis: int) -> np.ndarray:
-    if param.ndim == 1 and param.size > 1 and ndim > 1:
-        shape = [1] * ndim
-        shape[axis] = -1
-        return param.reshape(shape)
-    return param
-
-
-def _quantized(values: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int) -> np.ndarray:
-    lo, hi = _grid(zero_point.dtype)
-    s = _broadcast(scale.astype(np.float64), values.ndim, axis)
-    zp = _broadcast(zero_point.astype(np.float64), values.ndim, axis)
-    return np.clip(np.rint(values / s) + zp, lo, hi).astype(zero_point.dtype)
-
-
-def _dequantized(stored: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int) -> np.ndarray:
-    s = _broadcast(scale.astype(np.float64), stored.ndim, axis)
-    zp = _broadcast(zero_point.astype(np.float64), stored.ndim, axis)
-    return (stored.astype(np.float64) - zp) * s
-
-
 def _range_stats(values: Sequence[np.ndarray], scale: np.ndarray, zero_point: np.ndarray, axis: int,
                  grids: Sequence[tuple[np.ndarray, np.ndarray]] | None = None) -> Quantizer:
     """Clipped share, clipping against rounding error, float and representable ranges of
     quantizing ``values`` (one array per sample) with ``scale``/``zero_point``, or with each
     sample's own (scale, zero point) in ``grids`` (a dynamic quantizer)."""
-    lo, hi = _grid(zero_point.dtype)
+    lo, hi = integer_range(zero_point.dtype)
     clipped = total = 0
     clip_energy = round_energy = product = square = rounded_square = 0.0
     low, high = math.inf, -math.inf
     grids = [(scale, zero_point)] * len(values) if grids is None else grids
     for value, (scale, zero_point) in zip(values, grids):
         x = np.asarray(value, np.float64)
-        s = _broadcast(scale, x.ndim, axis)
-        zp = _broadcast(zero_point.astype(np.float64), x.ndim, axis)
+        s = broadcastable(scale, x.shape, axis)
+        zp = broadcastable(zero_point.astype(np.float64), x.shape, axis)
         # a value up to half a step beyond the grid's ends rounds to them: clipping starts there
         bottom, top = (lo - zp - 0.5) * s, (hi - zp + 0.5) * s
         inside = np.clip(x, bottom, top)
-        rounded = _dequantized(_quantized(inside, scale, zero_point, axis), scale, zero_point, axis)
+        rounded = dequantize(quantize(inside, scale, zero_point, axis), scale, zero_point, axis, dtype=np.float64)
         clipped += int(np.count_nonzero(x != inside))
         total += x.size
         clip_energy += float(np.sum((x - inside) ** 2))
@@ -1134,7 +1109,7 @@ def _per_channel(float_proto, quant_proto, pair: Pair, constants) -> tuple[onnx.
             continue
         stored = _int(model, dq.input[0])
         axis = _weight_axis(pair, dq, model) % twin.ndim
-        lo, hi = _grid(stored.dtype)
+        lo, hi = integer_range(stored.dtype)
         moved = np.moveaxis(twin, axis, 0).reshape(twin.shape[axis], -1)
         if stored.dtype.kind == "i":
             scale = np.maximum(np.abs(moved).max(axis=1), 1e-12) / hi
@@ -1144,7 +1119,7 @@ def _per_channel(float_proto, quant_proto, pair: Pair, constants) -> tuple[onnx.
             scale = np.maximum(high - low, 1e-12) / (hi - lo)
             zero_point = np.clip(np.rint(lo - low / scale), lo, hi).astype(stored.dtype)
         scale = scale.astype(np.float32)
-        values = _quantized(twin, scale.astype(np.float64), zero_point, axis)
+        values = quantize(twin, scale.astype(np.float64), zero_point, axis)
         base = f"{dq.input[0]}__layerbisect_per_channel"
         graph.initializer.extend([numpy_helper.from_array(values, base),
                                   numpy_helper.from_array(scale, f"{base}_scale"),
@@ -1195,7 +1170,7 @@ def _requantized(quant_proto: onnx.ModelProto, q: onnx.NodeProto, low: float, hi
     model = onnx.ModelProto()
     model.CopyFrom(quant_proto)
     graph = model.graph
-    lo, hi = _grid(dtype)
+    lo, hi = integer_range(dtype)
     scale = max(high - low, 1e-12) / (hi - lo)
     zero_point = int(np.clip(np.rint(lo - low / scale), lo, hi))
     if low == 0.0:

@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from layerbisect.errors import LayerbisectError
+from layerbisect.grid import dequantize
 from layerbisect.layouts import permuted, to_channels_first, to_channels_last
 
 RKNN_MAP = "map_name_to_file.txt"
@@ -114,12 +115,8 @@ class DumpedTensor:
     def _dequantized(self, array: np.ndarray) -> np.ndarray:
         scale = np.asarray(self.scale, dtype=np.float64)
         zero_point = np.asarray(self.zero_point or 0, dtype=np.float64)
-        if array.ndim >= 2:  # one value per channel (axis 1, NCHW)
-            shape = [1] * array.ndim
-            shape[1] = -1
-            scale = scale.reshape(shape) if scale.size > 1 else scale
-            zero_point = zero_point.reshape(shape) if zero_point.size > 1 else zero_point
-        return ((array.astype(np.float64) - zero_point) * scale).astype(np.float32)
+        # one value, or one per channel (axis 1, NCHW)
+        return dequantize(array, scale, zero_point, axis=1, dtype=np.float64).astype(np.float32)
 
 
 class DumpFolder:

@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from layerbisect.grid import dequantize, unpack
 from layerbisect.layouts import Perm, inverse, to_channels_first
 from layerbisect.load import tensor_array, tensor_nbytes
 from layerbisect.vocabulary import INTERMEDIATES, MASK_INPUTS, MASK_OUTPUTS, ROLES
@@ -115,7 +116,8 @@ class Readout:
         """Return ``array`` as float values in the float model's layout: dequantized (unless
         already float), then permuted by ``perm`` (unless its rank does not fit)."""
         scale = self.scale
-        values = array if scale is None or np.issubdtype(array.dtype, np.floating) else self._scaled(array, scale)
+        values = array if scale is None or np.issubdtype(array.dtype, np.floating) else \
+            dequantize(array, scale, self.zero_point, self.axis)
         if self.perm is None or values.ndim != len(self.perm):
             return values
         return np.ascontiguousarray(values.transpose(self.perm))
@@ -126,17 +128,6 @@ class Readout:
         if self.perm is None or array.ndim != len(self.perm):
             return array
         return np.ascontiguousarray(array.transpose(inverse(self.perm)))
-
-    def _scaled(self, array: np.ndarray, scale: np.ndarray) -> np.ndarray:
-        zero_point = self.zero_point
-        if scale.ndim == 1 and scale.size > 1 and array.ndim > 1:
-            shape = [1] * array.ndim
-            shape[self.axis] = -1
-            scale = scale.reshape(shape)
-            zero_point = zero_point.reshape(shape) if zero_point is not None else None
-        # in float32, as onnxruntime's DequantizeLinear computes it
-        zp = np.float32(0) if zero_point is None else zero_point.astype(np.float32)
-        return (array.astype(np.float32) - zp) * scale.astype(np.float32)
 
 
 @dataclass(frozen=True, eq=False)
@@ -516,10 +507,13 @@ class _Builder:
             if raw is None:
                 return None
             block = _attr(node, "block_size")
-            if block:
-                return _blocked(raw, self._const(node, 1), self._const(node, 2), _axis(node), block)
-            readout = Readout(name, self._const(node, 1), self._const(node, 2), _axis(node))
-            return readout.dequantize(raw) if readout.scale is not None else raw
+            scale = self._const(node, 1)
+            if block:  # each run of block elements along the axis has a scale of its own
+                if scale is None or scale.ndim != raw.ndim:
+                    return None
+                return dequantize(raw, scale, self._const(node, 2), _axis(node), block)
+            readout = Readout(name, scale, self._const(node, 2), _axis(node))
+            return readout.dequantize(raw) if scale is not None else raw
         if node is None or depth >= FOLD_DEPTH or node.op_type not in {"Cast", *FOLDED}:
             return None
         values = [self._value(operand, depth + 1) for operand in node.input]
@@ -589,15 +583,15 @@ class _Builder:
         rows = min(k, -(-FINGERPRINT_SIZE // n))
         used = -(-rows // block)
         data = np.asarray(packed[0]).reshape(n, blocks, -1)[:, :used].astype(np.int32)
-        values = _unpacked(data, bits).reshape(n, used, -1)[:, :, :block].astype(np.float64)
+        values = unpack(data, bits).reshape(n, used, -1)[:, :, :block].reshape(n, -1)
         zero_point = self._const(node, 3)
         if zero_point is None:
             zero_point = np.full((n, used), 2.0 ** (bits - 1))
         elif zero_point.dtype == np.uint8:  # packed like the weight
-            zero_point = _unpacked(zero_point.reshape(n, -1).astype(np.int32), bits).reshape(n, -1)
-        zero_point = zero_point.reshape(n, -1)[:, :used].astype(np.float64)
-        weight = (values - zero_point[..., None]) * scales.reshape(n, -1)[:, :used, None].astype(np.float64)
-        return weight.reshape(n, -1)[:, :rows].T.ravel()[:FINGERPRINT_SIZE]
+            zero_point = unpack(zero_point.reshape(n, -1).astype(np.int32), bits).reshape(n, -1)
+        weight = dequantize(values, scales.reshape(n, -1)[:, :used], zero_point.reshape(n, -1)[:, :used],
+                            axis=1, block=block, dtype=np.float64)
+        return weight[:, :rows].T.ravel()[:FINGERPRINT_SIZE]
 
     def _perm(self, node: onnx.NodeProto, shape: tuple | None) -> Perm:
         """A Transpose's permutation (reversed axes by default), or None if unknown."""
@@ -647,26 +641,6 @@ def _head(array: np.ndarray, readout: Readout, transposed: bool) -> np.ndarray:
             zero_point = None if zero_point is None else zero_point[: len(array)]
     values = Readout(readout.tensor, scale, zero_point, axis).dequantize(np.array(array))
     return values.ravel()[:FINGERPRINT_SIZE].astype(np.float64)
-
-
-def _blocked(raw: np.ndarray, scale: np.ndarray | None, zero_point: np.ndarray | None, axis: int,
-             block: int) -> np.ndarray | None:
-    """What a blocked DequantizeLinear (opset 21) computes: each run of ``block`` elements
-    along ``axis`` has a scale and a zero point of its own."""
-    if scale is None or scale.ndim != raw.ndim:
-        return None
-    axis %= raw.ndim
-
-    def spread(params: np.ndarray) -> np.ndarray:
-        return np.repeat(params, block, axis=axis).take(np.arange(raw.shape[axis]), axis=axis).astype(np.float32)
-
-    zero = np.float32(0) if zero_point is None else spread(zero_point)
-    return (raw.astype(np.float32) - zero) * spread(scale)
-
-
-def _unpacked(data: np.ndarray, bits: int) -> np.ndarray:
-    """Integers packed ``8 // bits`` to a byte, low bits first: one more axis, of each byte's."""
-    return (data[..., None] >> (bits * np.arange(8 // bits))) & ((1 << bits) - 1)
 
 
 def _oriented(shape: tuple, transposed: bool) -> tuple:

@@ -19,6 +19,7 @@ from onnx import helper
 
 from layerbisect.align import Pair
 from layerbisect.graph import Readout, inferred_types, known_shape
+from layerbisect.grid import quantize
 from layerbisect.load import tensor_array
 from layerbisect.wiring import consumers, producers
 
@@ -50,16 +51,8 @@ class Cut:
             value = value.reshape(_fitted(value.shape, self.shape))
         if self.dtype.kind not in "iu" or self.readout.scale is None:
             return value.astype(self.dtype, copy=False)
-        scale, zero_point = self.readout.scale, self.readout.zero_point
-        if scale.ndim == 1 and scale.size > 1 and value.ndim > 1:
-            shape = [1] * value.ndim
-            shape[self.readout.axis] = -1
-            scale = scale.reshape(shape)
-            zero_point = None if zero_point is None else zero_point.reshape(shape)
-        zp = 0 if zero_point is None else zero_point.astype(np.float64)
-        info = np.iinfo(self.dtype)
-        quantized = np.rint(value.astype(np.float64) / scale) + zp
-        return np.clip(quantized, info.min, info.max).astype(self.dtype)
+        zero_point = np.zeros((), self.dtype) if self.readout.zero_point is None else self.readout.zero_point
+        return quantize(value, self.readout.scale, zero_point.astype(self.dtype, copy=False), self.readout.axis)
 
 
 def cut(
