@@ -165,7 +165,7 @@ def find_first_bad_layer(
     if isinstance(quant_model, Simulated):
         samples = reusable(samples)  # the ranges are observed over them, then they are compared
         quantized = quant_model.build(float_model, samples, shapes=shapes, seed=seed, providers=providers)
-    float_proto, quant_proto, plan, float_graph, alignment, load_notes, given = setup(
+    float_proto, quant_proto, plan, float_graph, alignment, load_notes, given, quant_types = setup(
         float_model, quantized, shapes=shapes, providers=providers, ort_optimized=ort_optimized,
         allow_swapped=allow_swapped, quiet=quiet, past_length=past_length,
     )
@@ -183,7 +183,7 @@ def find_first_bad_layer(
     first_quant_feeds = first_feeds[1] if given is not None else None
     del first_feeds
     del first
-    sizes, quant_sizes = _value_bytes(float_proto, pairs, input_shapes)
+    sizes, quant_sizes = _value_bytes(float_proto, float_graph.types, pairs, input_shapes)
     feeders = _feeders(float_proto, pairs) if isolated else [() for _ in pairs]
     footprint = _Footprint(sizes, quant_sizes, feeders, isolated)
     everything = list(range(len(pairs)))
@@ -206,7 +206,8 @@ def find_first_bad_layer(
     log.info("strategy %s: %s", strategy, "one pass per probe" if strategy == "bisect" else
              f"{len(groups)} pass(es) over the samples")
     passes = _Passes(
-        pairs, (Segments(float_proto), Segments(quant_proto)), feeders, plan, samples, 1 if single else count,
+        pairs, (Segments(float_proto, float_graph.types), Segments(quant_proto, quant_types)), feeders, plan, samples,
+        1 if single else count,
         seed=seed, providers=providers, executor=executor, quiet=quiet, save_limit=budget / 4,
     )
     # one sample: a bar over the passes (several samples have theirs over the samples, each pass)
@@ -396,6 +397,7 @@ class Setup(NamedTuple):
     alignment: Alignment
     notes: tuple[str, ...]
     given: onnx.ModelProto | None = None  # with ort_optimized: the quantized model as given
+    quant_types: Mapping[str, onnx.TypeProto] | None = None  # the quantized graph's (none simulated)
 
 
 def setup(
@@ -470,7 +472,8 @@ def setup(
             "no layer of the float model could be paired with the quantized model: do the two "
             "models compute the same network, from the same inputs?"
         )
-    return Setup(float_proto, quant_proto, plan, float_graph, alignment, notes, given)
+    return Setup(float_proto, quant_proto, plan, float_graph, alignment, notes, given,
+                 None if simulation is not None else quant_graph.types)
 
 
 def _check_direction(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto) -> None:
@@ -534,11 +537,13 @@ def _feeders(model: onnx.ModelProto, pairs: Sequence[Pair]) -> list[tuple[int, .
     return feeders
 
 
-def _value_bytes(model: onnx.ModelProto, pairs: Sequence[Pair], input_shapes: Mapping) -> tuple[list[int], list[int]]:
+def _value_bytes(model: onnx.ModelProto, types: Mapping[str, onnx.TypeProto], pairs: Sequence[Pair],
+                 input_shapes: Mapping) -> tuple[list[int], list[int]]:
     """Estimated bytes of each pair's float value and of its quantized value, from shapes
-    inferred for these inputs. A quantized value with a scale is read as integers: of its zero
-    point's type, else 8-bit."""
-    types = inferred_types(model, input_shapes)
+    inferred for these inputs (``types``, inferred for the declared ones, where they are these).
+    A quantized value with a scale is read as integers: of its zero point's type, else 8-bit."""
+    if any(spec.shape != tuple(input_shapes.get(spec.name, ())) for spec in declared_inputs(model)):
+        types = inferred_types(model, input_shapes)
     sizes, quant_sizes = [], []
     for pair in pairs:
         typ = types.get(pair.float_tensor)

@@ -190,8 +190,13 @@ class OpGraph(nx.DiGraph):
         """The graph inputs a fused operator reads as its attention mask."""
         return self.graph["mask_inputs"]
 
+    @property
+    def types(self) -> Mapping[str, onnx.TypeProto]:
+        """The type of every tensor of the model that shape inference could tell."""
+        return self.graph["types"]
 
-def build_graph(model: onnx.ModelProto) -> OpGraph:
+
+def build_graph(model: onnx.ModelProto, types: Mapping[str, onnx.TypeProto] | None = None) -> OpGraph:
     """Return the graph of operations of ``model`` (nodes named, shapes inferred if possible):
     an ``Op`` per node (``OpGraph.op``), an edge from each operation to those reading it.
 
@@ -203,8 +208,11 @@ def build_graph(model: onnx.ModelProto) -> OpGraph:
     Values computed from shapes alone (Shape, and what follows from it without other data) are
     constants here: a Reshape whose target shape one exporter computes and another folds reads
     the same data either way.
+
+    ``types`` are ``inferred_types(model)``, where the caller has them already (default:
+    inferred here); the graph keeps them (``OpGraph.types``).
     """
-    return _Builder(model).build()
+    return _Builder(model, types).build()
 
 
 def _shape_stand_ins(node: onnx.NodeProto, dims: Mapping[str, Sequence[int]]) -> list[onnx.NodeProto]:
@@ -324,8 +332,8 @@ def inferred_types(
 
 
 class _Builder:
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.types = inferred_types(model)
+    def __init__(self, model: onnx.ModelProto, types: Mapping[str, onnx.TypeProto] | None) -> None:
+        self.types = inferred_types(model) if types is None else types
         self.graph_proto = model.graph
         self.initializers = {init.name: init for init in model.graph.initializer}
         self.constant_nodes = {
@@ -360,6 +368,7 @@ class _Builder:
         }
         self.graph.graph["outputs"] = tuple(self.source.get(info.name) for info in self.graph_proto.output)
         self.graph.graph["mask_inputs"] = self._mask_inputs()
+        self.graph.graph["types"] = self.types
         return self.graph
 
     def _mask_inputs(self) -> frozenset[str]:

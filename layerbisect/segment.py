@@ -47,8 +47,10 @@ class Segments:
     for onnxruntime, cost MiniLM's scan 0.25 s of its 0.7 s.
     """
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, types: Mapping[str, onnx.TypeProto] | None = None) -> None:
         self.model = model
+        if types is not None:  # inferred already (OpGraph.types)
+            self.types = types
         graph = model.graph
         self.reads = [[*node.input, *outer_scope_reads(node)] for node in graph.node]
         self.producer = producer_positions(graph.node)
@@ -66,7 +68,7 @@ class Segments:
         }
 
     @cached_property
-    def types(self) -> dict[str, onnx.TypeProto]:
+    def types(self) -> Mapping[str, onnx.TypeProto]:
         """The type of each value of the model that shape inference can tell (inferred once)."""
         return inferred_types(self.model)
 

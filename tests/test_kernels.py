@@ -104,7 +104,7 @@ def test_the_7_bit_fix_halves_a_layers_integers_at_twice_the_scale_as_reduce_ran
 
     float_model = make_cnn()
     form, _ = qdq_form(quantize(float_model, "qoperator"))
-    *_, alignment, _, _ = setup(float_model, form)
+    alignment = setup(float_model, form).alignment
     pair = next(p for p in alignment.pairs if p.float_nodes == ("conv2",))
     fixed = _seven_bit(form, pair)
 
