@@ -138,13 +138,13 @@ def child(mode: str, info: dict) -> dict:
     result: dict = {"baseline_rss_mb": bench_scan._vm("VmRSS")}
     phases: dict[str, float] = {}
     t0 = time.perf_counter()
-    import layerbisect.find as lbfind
     import layerbisect.measure as lbmeasure
+    import layerbisect.pipeline as lbpipeline
     from layerbisect import find_first_bad_layer
 
     phases["import"] = time.perf_counter() - t0
     rss_marks: dict[str, float] = {"import": bench_scan._vm("VmRSS")}
-    bench_scan._instrument(lbfind, phases, rss_marks)
+    bench_scan._instrument(lbpipeline, phases, rss_marks)
     bench_scan._instrument(lbmeasure, phases, rss_marks)
     report = find_first_bad_layer(info["float_path"], info["quant_path"], inputs=feeds, strategy="scan", quiet=True)
     bad, culprit = report.first_bad, report.culprit

@@ -224,13 +224,13 @@ def child(mode: str, info: dict) -> dict:
         result["outputs"] = [o[0].shape for o in outputs]
 
     elif mode == "layerbisect":
-        import layerbisect.find as lbfind
         import layerbisect.measure as lbmeasure
+        import layerbisect.pipeline as lbpipeline
         from layerbisect import find_first_bad_layer
 
         phases["import"] = time.perf_counter() - t0
         rss_marks: dict[str, float] = {"import": _vm("VmRSS")}
-        _instrument(lbfind, phases, rss_marks)
+        _instrument(lbpipeline, phases, rss_marks)
         _instrument(lbmeasure, phases, rss_marks)
         report = find_first_bad_layer(info["float_path"], info["quant_path"], inputs=feeds)
         bad = report.first_bad
@@ -305,7 +305,7 @@ def _prod(shape) -> int:
 
 
 def _instrument(module, phases: dict[str, float], rss_marks: dict[str, float]) -> None:
-    """Wrap what ``module`` (layerbisect.find, layerbisect.measure) calls with timers (a few
+    """Wrap what ``module`` (layerbisect.pipeline, layerbisect.measure) calls with timers (a few
     hundred calls: negligible cost).
 
     ``rss_marks`` gets the highest resident size seen right after each phase.

@@ -52,7 +52,7 @@ MARK = "@@BENCH_SEARCH@@"
 CALIBRATION_SAMPLES = 2
 FAULT_DEPTH = 0.75  # the planted Conv: first Conv of the block this far down
 GOAL_WALL, GOAL_RSS, GOAL_SMALL_WALL = 3.0, 2.0, 3.0
-HUGE_BUDGET = 1 << 40  # no limit from the budget: a scan then runs in pieces of layerbisect.find.SCAN_PIECE
+HUGE_BUDGET = 1 << 40  # no limit from the budget: a scan then runs in pieces of layerbisect.footprint.SCAN_PIECE
 SMALL_SIZES = ("small", "medium")
 
 
@@ -174,9 +174,10 @@ def _instrument(phases: dict[str, float], passes: list[dict], stats: dict) -> No
     ``phases`` gets seconds per phase; ``passes`` one record per model-running pass (a scan
     piece, a bisection probe, the isolated pass); ``stats`` the number of aligned pairs.
     """
-    import layerbisect.find as lbfind
     import layerbisect.isolate as lbisolate
     import layerbisect.measure as lbmeasure
+    import layerbisect.passes as lbpasses
+    import layerbisect.pipeline as lbpipeline
     from layerbisect.run import Session
 
     def add(label: str, seconds: float) -> None:
@@ -204,13 +205,13 @@ def _instrument(phases: dict[str, float], passes: list[dict], stats: dict) -> No
         ("summarize", "report: summaries, neighbourhood"),
         ("neighbourhood", "report: summaries, neighbourhood"),
     ]:
-        timed(lbfind, name, label)
+        timed(lbpipeline, name, label)
     timed(lbmeasure.Segments, "extract", "pass: extract segments")
     timed(lbmeasure, "cut", "pass: cut (isolated model)")
     timed(lbmeasure, "compare", "pass: compare (metrics)")
     timed(lbisolate.Cut, "feed", "pass: feeds for cuts")
 
-    align = lbfind.align
+    align = lbpipeline.align
 
     @functools.wraps(align)
     def align_wrapper(*args, **kwargs):
@@ -220,7 +221,7 @@ def _instrument(phases: dict[str, float], passes: list[dict], stats: dict) -> No
         stats["aligned"] = len(out.pairs)
         return out
 
-    lbfind.align = align_wrapper
+    lbpipeline.align = align_wrapper
 
     def session_wrapper(fn, kind):
         @functools.wraps(fn)
@@ -236,7 +237,7 @@ def _instrument(phases: dict[str, float], passes: list[dict], stats: dict) -> No
     Session.__init__ = session_wrapper(Session.__init__, "session creation")
     Session.run = session_wrapper(Session.run, "run")
 
-    prepare = lbfind.prepare
+    prepare = lbpasses.prepare
 
     @functools.wraps(prepare)
     def prepare_wrapper(float_model, quant_model, pairs, boundaries, *args, **kwargs):
@@ -257,9 +258,9 @@ def _instrument(phases: dict[str, float], passes: list[dict], stats: dict) -> No
         })
         return measurement
 
-    lbfind.prepare = prepare_wrapper
+    lbpasses.prepare = prepare_wrapper
 
-    measure = lbfind.measure
+    measure = lbpasses.measure
 
     @functools.wraps(measure)
     def measure_wrapper(*args, **kwargs):
@@ -276,7 +277,7 @@ def _instrument(phases: dict[str, float], passes: list[dict], stats: dict) -> No
                       rss_mb=bench_scan._vm("VmRSS"), hwm_mb=bench_scan._vm("VmHWM"))
         return totals, saved
 
-    lbfind.measure = measure_wrapper
+    lbpasses.measure = measure_wrapper
 
 
 # --------------------------------------------------------------------------- parent

@@ -16,7 +16,11 @@ The modules, in the order a comparison goes through them:
 - align: ``align``, ``anchors``, ``weights``;
 - measure: ``expose``, ``segment``, ``isolate``, ``run`` (the only onnxruntime importer),
   ``measure``, ``compare`` (the metrics);
-- search: ``search`` (plain predicates), driven by ``find`` (the public function);
+- search: ``footprint`` (the memory plan: what a pass holds, the pieces that fit), ``cost``
+  (each strategy's estimate), ``passes`` (scan and bisection, a pass at a time), ``search``
+  (plain predicates);
+- ``pipeline`` (load, plan inputs, align: the static part every entry point starts from) and
+  ``find`` (the public function, which strings it all together);
 - report: ``assemble`` (the one place a ``Report`` is built, for every side), ``report``
   (the records), ``summary``, ``text``, ``render``, ``explorer``;
 - around them: ``fallback`` (keep in float), ``diagnosis`` (why a layer breaks, which fix

@@ -6,9 +6,9 @@ dumps each yield an ``Alignment`` (the pairs, what found no counterpart, the wei
 and, per measured pair, its ``Totals`` over the samples. From those, ``layers`` makes the
 records and ``build_report`` the report: the first bad layer, the notes that come from the
 measurements (NaN/Inf, all-zero and faint values, left-out pairs, unrelated weights), the
-declared outputs, both models' summaries and the nodes around the first bad layer. How the
-first bad layer came to fail (``Cause``) is the caller's to say: only a side that can be fed
-the float model's values measures isolated error.
+declared outputs, both models' summaries and the nodes around the first bad layer. ``cause``
+tells how the first bad layer came to fail, from isolated error, which only a side that can
+be fed the float model's values measures (the others give an empty ``Cause``).
 """
 
 from __future__ import annotations
@@ -65,6 +65,21 @@ class Cause:
     culprit: LayerComparison | None = None
     first_bad_cause: str | None = None
     contributors: tuple[LayerComparison, ...] = ()
+
+
+def cause(records: Sequence[LayerComparison], first_bad: LayerComparison | None, threshold: float) -> Cause:
+    """How ``first_bad`` came to fail, from the records' isolated cosines: where the error
+    starts (the culprit), whether it is introduced there, inherited or accumulated, and, when
+    accumulated, the layers that add the most.
+
+    >>> from layerbisect import demo, find_first_bad_layer
+    >>> report = find_first_bad_layer(*demo.files(), inputs=demo.image(), quiet=True)
+    >>> cause(report.layers, report.first_bad, 0.98).first_bad_cause
+    'introduced'
+    """
+    culprit = _culprit(records, first_bad, threshold)
+    how = _cause(first_bad, culprit, threshold)
+    return Cause(culprit, how, _contributors(records, first_bad, culprit) if how == "accumulated" else ())
 
 
 def layer(pair: Pair, index: int, totals: Totals, position: int) -> LayerComparison:
@@ -181,3 +196,40 @@ def label(model: object) -> str:
     if isinstance(model, (str, PathLike)):
         return str(Path(model))
     return getattr(model, "label", None) or getattr(model, "__name__", None) or type(model).__name__
+
+
+def _cause(first_bad: LayerComparison | None, culprit: LayerComparison | None, threshold: float) -> str | None:
+    """How the first bad layer came to fail (see docs/concepts.md): "introduced" there, when its
+    own (isolated) cosine is below the threshold; "inherited" from the culprit, an earlier layer
+    whose own cosine is; "accumulated" when no layer up to it is below the threshold on its own.
+    None when isolated error was not measured."""
+    if first_bad is None or math.isnan(first_bad.isolated_cosine):
+        return None
+    if not first_bad.isolated_cosine >= threshold:
+        return "introduced"
+    return "inherited" if culprit is not None else "accumulated"
+
+
+def _culprit(layers, first_bad, threshold) -> LayerComparison | None:
+    """Up to the first bad layer, the earliest judged layer whose isolated cosine is below the
+    threshold: where the error starts. None when no layer is bad, or none is on its own."""
+    if first_bad is None:
+        return None
+    return next((layer for layer in _up_to(layers, first_bad) if not layer.isolated_cosine >= threshold), None)
+
+
+def _contributors(layers, first_bad, culprit, count: int = 3) -> tuple[LayerComparison, ...]:
+    """When the error accumulates (a first bad layer, no culprit), the ``count`` layers up to
+    the first bad one that add the most error on their own, the most first; only those adding
+    at least a tenth of the most (the others are rounding: isolated cosines of 1.0000)."""
+    if first_bad is None or culprit is not None:
+        return ()
+    ranked = sorted(_up_to(layers, first_bad), key=lambda layer: layer.isolated_cosine)[:count]
+    most = 1.0 - ranked[0].isolated_cosine if ranked else 0.0
+    return tuple(layer for layer in ranked if 1.0 - layer.isolated_cosine >= most / 10 and most > 0)
+
+
+def _up_to(layers, first_bad) -> list[LayerComparison]:
+    """The judged layers up to and including the first bad one whose isolated error is known."""
+    return [layer for layer in layers
+            if layer.index <= first_bad.index and not math.isnan(layer.isolated_cosine) and layer.judged]

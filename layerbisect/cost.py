@@ -4,7 +4,7 @@ run of each model).
 
 Knows nothing of ONNX: a layer is the bytes of its float and quantized values, a piece a run
 of consecutive layers that one pass measures (the scan's pieces, which fit the memory budget).
-Each strategy's passes are laid out as ``layerbisect.find`` runs them, and priced from what
+Each strategy's passes are laid out as ``layerbisect.passes`` runs them, and priced from what
 they run and compare: a fixed cost a pass, a cost a layer of the segments it cuts and makes
 sessions for, a cost a byte of values computed, and one a byte of values compared. Where the
 first bad layer is matters (the prefix stops there, bisection probes towards it), and is not

@@ -62,13 +62,15 @@ from layerbisect.align import Pair
 from layerbisect.compare import Aggregate, compare
 from layerbisect.errors import NO_SAMPLES, LayerbisectError
 from layerbisect.fallback import _activate, _carried, _constants, _drop_unread, _dropped_activations, bypass
-from layerbisect.find import _feeders, find_first_bad_layer, setup
+from layerbisect.find import find_first_bad_layer
+from layerbisect.footprint import feeders
 from layerbisect.graph import Readout
 from layerbisect.grid import broadcastable, dequantize, integer_range, quantize
 from layerbisect.inputs import Sample, reusable, samples_of
 from layerbisect.isolate import cut
 from layerbisect.load import ModelLike, tensor_array
 from layerbisect.options import DEFAULT_PROVIDERS, check_threshold
+from layerbisect.pipeline import setup
 from layerbisect.qdqform import qdq_form
 from layerbisect.report import LayerComparison, Report
 from layerbisect.run import Session, int8_products_saturate, usable_providers
@@ -519,7 +521,7 @@ class _Work:
         ``quant_proto`` the quantized model in QDQ form, ``form`` how it was quantized."""
         self.float_proto, self.quant_proto, self.pairs, self.form = float_proto, quant_proto, pairs, form
         self.samples, self.providers, self.threshold = samples, providers, threshold
-        self.feeders = _feeders(float_proto, pairs)
+        self.feeders = feeders(float_proto, pairs)
         self.types = Segments(quant_proto).types
         self.float_constants = _constants(float_proto)
         self.model_runs = self.layer_runs = self.fixes_tried = 0

@@ -38,12 +38,12 @@ from layerbisect import assemble
 from layerbisect.align import ACTIVATIONS, Pair
 from layerbisect.errors import NO_SAMPLES, LayerbisectError
 from layerbisect.files import sources, write
-from layerbisect.find import setup
 from layerbisect.graph import outer_scope_reads
 from layerbisect.inputs import Sample, reusable, samples_of
 from layerbisect.load import ModelLike, tensor_array, with_data
 from layerbisect.measure import Saved, Totals, measure, prepare
 from layerbisect.options import DEFAULT_PROVIDERS, check_past_length, check_threshold
+from layerbisect.pipeline import setup
 from layerbisect.progress import steps
 from layerbisect.report import LayerComparison
 from layerbisect.run import usable_providers

@@ -12,6 +12,7 @@ import pytest
 
 import layerbisect
 import layerbisect.find
+import layerbisect.passes
 from layerbisect.cli import main
 from layerbisect.datasets import BatchedNpz, NpzFolder
 
@@ -312,7 +313,7 @@ def test_python_m_layerbisect_answers_help():
 def test_the_progress_bar_gets_the_count_where_it_is_known(models, dataset, monkeypatch, feeds, total):
     folder, _ = dataset
     totals = []
-    monkeypatch.setattr(layerbisect.find, "progress", lambda samples, quiet, count=None, desc=None: (
+    monkeypatch.setattr(layerbisect.passes, "progress", lambda samples, quiet, count=None, desc=None: (
         totals.append(count) or samples))
     main([str(models["float"]), str(models["broken"]), *(a.replace("@", f"{folder}/") for a in feeds), "--quiet"])
     assert totals == [total]

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from layerbisect import LayerbisectError, find_first_bad_layer
 from layerbisect.fallback import bypass, keep_in_float
-from layerbisect.find import setup
+from layerbisect.pipeline import setup
 
 from fuzz_graphs import OPS, Unquantizable, corrupt, random_model, rewrite, weighted_nodes
 from models import (

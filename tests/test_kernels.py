@@ -99,7 +99,7 @@ def test_a_q_dq_models_values_do_not_depend_on_what_is_exposed():
 
 def test_the_7_bit_fix_halves_a_layers_integers_at_twice_the_scale_as_reduce_range_does():
     from layerbisect.diagnosis import _seven_bit
-    from layerbisect.find import setup
+    from layerbisect.pipeline import setup
     from layerbisect.qdqform import qdq_form
 
     float_model = make_cnn()

@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from layerbisect import diagnose, find_first_bad_layer, keep_in_float
 from layerbisect.fallback import bypass
-from layerbisect.find import setup
+from layerbisect.pipeline import setup
 from layerbisect.run import int8_products_saturate
 
 from models import corrupt_weights, output_cosines, quant_node_for, quantization_left, quantize, scaled_columns

@@ -5,7 +5,8 @@ import numpy as np
 import onnx
 import pytest
 
-import layerbisect.find as find
+import layerbisect.footprint as footprint
+import layerbisect.passes as passes_module
 from layerbisect import find_first_bad_layer
 from layerbisect.compare import compare
 from layerbisect.expose import expose
@@ -72,15 +73,15 @@ def test_bisection_resumes_each_pass_and_finds_the_same_layer_as_a_scan(monkeypa
     samples = [random_inputs(float_model, seed) for seed in range(3)]
     scan = find_first_bad_layer(float_model, quant, samples, strategy="scan")
     passes = []
-    prepare = find.prepare
+    prepare = passes_module.prepare
 
     def spy(*args, **kwargs):
         measurement = prepare(*args, **kwargs)
         passes.append((kwargs["start"] is not None, measurement))
         return measurement
 
-    monkeypatch.setattr(find, "prepare", spy)
-    monkeypatch.setattr(find, "LAST_PASS_LAYERS", 1)  # a pass per probe, down to one layer
+    monkeypatch.setattr(passes_module, "prepare", spy)
+    monkeypatch.setattr(footprint, "LAST_PASS_LAYERS", 1)  # a pass per probe, down to one layer
     # without isolated error: the probes alone (with it, the layers up to the first bad one follow)
     bisect = find_first_bad_layer(float_model, quant, samples, strategy="bisect", memory_budget=1 << 20,
                                   isolated=False)
@@ -102,13 +103,13 @@ def test_a_segment_resumed_after_a_value_that_a_subgraph_reads_runs(monkeypatch)
     broken = control_flow(1.0, inner_gain=-2.0)  # the If's then-branch is wrong
     scan = find_first_bad_layer(control_flow(1.0), broken, x, strategy="scan")
     starts = []
-    prepare = find.prepare
+    prepare = passes_module.prepare
 
     def spy(*args, **kwargs):
         starts.append(set(kwargs["start"].dtypes(0)) if kwargs["start"] else set())
         return prepare(*args, **kwargs)
 
-    monkeypatch.setattr(find, "prepare", spy)
+    monkeypatch.setattr(passes_module, "prepare", spy)
     # 128 bytes: after the probes, the layers up to the first bad one in two pieces
     bisect = find_first_bad_layer(control_flow(1.0), broken, x, strategy="bisect", memory_budget=128)
     assert bisect.first_bad.float_nodes == scan.first_bad.float_nodes == ("choose",)

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from layerbisect import find_first_bad_layer
-from layerbisect.find import _cause, _contributors, _culprit
+from layerbisect.assemble import _cause, _contributors, _culprit
 from layerbisect.report import LayerComparison
 
 from models import quantize
