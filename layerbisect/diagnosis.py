@@ -61,7 +61,7 @@ from onnx import helper, numpy_helper
 from layerbisect.align import Pair
 from layerbisect.compare import Aggregate, compare
 from layerbisect.errors import NO_SAMPLES, LayerbisectError
-from layerbisect.fallback import _activate, _carried, _constants, _drop_unread, _dropped_activations, bypass
+from layerbisect.fallback import _activate, _carried, _drop_unread, _dropped_activations, bypass
 from layerbisect.find import find_first_bad_layer
 from layerbisect.footprint import feeders
 from layerbisect.graph import Readout
@@ -76,7 +76,7 @@ from layerbisect.report import LayerComparison, Report
 from layerbisect.run import Session, int8_products_saturate, usable_providers
 from layerbisect.segment import Segments
 from layerbisect.text import number
-from layerbisect.wiring import produced, producers
+from layerbisect.wiring import constants, produced, producers
 
 CAUSES = ("weights", "saturation", "resolution", "kernel")
 DEFAULT_TOP = 3  # layers diagnosed, worst isolated cosine first (the culprit always)
@@ -523,7 +523,7 @@ class _Work:
         self.samples, self.providers, self.threshold = samples, providers, threshold
         self.feeders = feeders(float_proto, pairs)
         self.types = Segments(quant_proto).types
-        self.float_constants = _constants(float_proto)
+        self.float_constants = constants(float_proto.graph)
         self.model_runs = self.layer_runs = self.fixes_tried = 0
         self.feeds = [plan.feeds(sample, seed) for sample in samples]
         by_tensor = {p.float_tensor: p for p in pairs}
@@ -538,7 +538,7 @@ class _Work:
 
     def _run(self, model, names, role, float_side=False) -> list[dict[str, np.ndarray]]:
         """Run ``model`` (whole, its inputs fed) once per sample, reading ``names``."""
-        made = produced(model.graph)
+        made = produced(model.graph.node)
         names = [n for n in dict.fromkeys(names) if n in made]
         session = Session(Segments(model).extract(names, {}), role, self.providers)
         declared = {i.name for i in session.session.get_inputs()}
@@ -994,7 +994,7 @@ def _readable(quant_proto: onnx.ModelProto, model: onnx.ModelProto, pair: Pair) 
     it) as float: the DequantizeLinear output (or the Identity standing for it) carrying its
     quantized tensor on, else the tensor as the pair reads it."""
     carried = _carried(model, pair.quant_tensor)
-    made = produced(model.graph)
+    made = produced(model.graph.node)
     if carried == pair.quant_tensor and pair.quant_tensor not in made:
         carried = _carried(quant_proto, pair.quant_tensor)
     if carried != pair.quant_tensor:
@@ -1005,7 +1005,7 @@ def _readable(quant_proto: onnx.ModelProto, model: onnx.ModelProto, pair: Pair) 
 def _readable_pair(quant_proto: onnx.ModelProto, model: onnx.ModelProto, pair: Pair) -> Pair:
     """``pair`` as read in ``model``: its quantized tensor if still made there, else where it
     is carried on."""
-    made = produced(model.graph) | {i.name for i in model.graph.input}
+    made = produced(model.graph.node) | {i.name for i in model.graph.input}
     if pair.quant_tensor in made:
         return pair
     tensor = _carried(quant_proto, pair.quant_tensor)

@@ -49,7 +49,7 @@ from layerbisect.report import LayerComparison
 from layerbisect.run import usable_providers
 from layerbisect.search import bisect_first_failing
 from layerbisect.segment import Segments
-from layerbisect.wiring import consumers, produced, producers
+from layerbisect.wiring import constants, consumers, produced, producers
 
 FOLDED_INTO_WEIGHTS = {"BatchNormalization"}
 
@@ -259,7 +259,7 @@ def _read_in(carriers: Mapping[str, str], model: onnx.ModelProto, pairs: Sequenc
     """``pairs`` as read in ``model``, a bypass of the quantized model whose ``_carriers`` are
     given: a value kept in float has lost its QuantizeLinear, and is read where the
     DequantizeLinear that read it was (now an Identity)."""
-    made = produced(model.graph) | {i.name for i in model.graph.input}
+    made = produced(model.graph.node) | {i.name for i in model.graph.input}
     read = []
     for pair in pairs:
         if pair.quant_tensor not in made:
@@ -286,7 +286,7 @@ def bypass(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, pairs: It
         out for node in graph.node if node.op_type == "Constant" for out in node.output
     }
     float_nodes = {node.name: node for node in float_model.graph.node}
-    float_constants = _constants(float_model)
+    float_constants = constants(float_model.graph)
     nodes = {node.name: node for node in graph.node}
     for pair in pairs:
         span_ops = {float_nodes[n].op_type for n in pair.float_nodes if n in float_nodes}
@@ -317,16 +317,6 @@ def bypass(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, pairs: It
                         dq.CopyFrom(helper.make_node("Identity", [value], [dq.output[0]], name=dq.name))
     _drop_unread(graph)  # with the QuantizeLinear nodes that nothing reads any more
     return model
-
-
-def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    """The constant values of ``model``'s graph by name: its initializers and the tensors of
-    its Constant nodes (paddle2onnx exports hold their weights there)."""
-    found = {init.name: init for init in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            found[node.output[0]] = node.attribute[0].t
-    return found
 
 
 def _float_constant(twin, position: int, float_constants: Mapping, graph: onnx.GraphProto) -> str | None:

@@ -23,6 +23,7 @@ from onnx import helper
 from layerbisect.align import Pair
 from layerbisect.graph import inferred_types
 from layerbisect.load import declared_inputs
+from layerbisect.wiring import produced
 
 UNKNOWN_TENSOR_BYTES = 1 << 20  # assumed size of a value whose shape is unknown
 DEFAULT_BUDGET_CAP = 1 << 30  # beyond this, holding more activations only costs memory
@@ -45,8 +46,7 @@ def feeders(model: onnx.ModelProto, pairs: Sequence[Pair]) -> list[tuple[int, ..
     feeders = []
     for i, pair in enumerate(pairs):
         span = [nodes[name] for name in pair.float_nodes if name in nodes]
-        produced = {out for node in span for out in node.output}
-        read = {name for node in span for name in node.input} - produced
+        read = {name for node in span for name in node.input} - produced(span)
         feeders.append(tuple(sorted(index_of[t] for t in read if t in index_of and index_of[t] < i)))
     return feeders
 

@@ -133,7 +133,7 @@ class Segments:
             helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), None)
             for name, dtype in starts.items() if name in read and name not in initializers
         )
-        made = produced(graph)
+        made = produced(graph.node)
         graph.value_info.extend(v for v in source.value_info if v.name in made and v.name not in outputs)
         declared = {v.name: v for v in [*source.output, *source.value_info]}
         for name in outputs:

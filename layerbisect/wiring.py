@@ -7,13 +7,13 @@ Empty names (an optional input or output left out) are no tensor: no node makes 
 ...                           "g", [], [])
 >>> producers(graph)["z"].op_type, [node.op_type for node in consumers(graph)["y"]]
 ('Neg', ['Neg'])
->>> sorted(produced(graph))
+>>> sorted(produced(graph.node))
 ['y', 'z']
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import onnx
 
@@ -33,9 +33,19 @@ def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     return readers
 
 
-def produced(graph: onnx.GraphProto) -> set[str]:
-    """The names of the tensors the graph's nodes make."""
-    return {out for node in graph.node for out in node.output if out}
+def produced(nodes: Iterable[onnx.NodeProto]) -> set[str]:
+    """The names of the tensors ``nodes`` make (a graph's ``node``, or some of them)."""
+    return {out for node in nodes for out in node.output if out}
+
+
+def constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """The constant tensors of ``graph`` by name: its initializers and the values of its
+    Constant nodes (paddle2onnx exports hold their weights there)."""
+    found = {init.name: init for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            found[node.output[0]] = node.attribute[0].t
+    return found
 
 
 def producer_positions(nodes: Sequence[onnx.NodeProto]) -> dict[str, int]:
