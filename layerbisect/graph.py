@@ -19,7 +19,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import networkx as nx
 import numpy as np
@@ -343,6 +343,9 @@ class _Builder:
         self.source: dict[str, ValueRef | str] = {}
         self.mask_reads: list[ValueRef] = []
         self.graph = OpGraph()
+        # The fields of each operation's Op but its readouts, which are known once every node
+        # is in the graph (a shell node is one that did not become a graph node).
+        self.op_fields: dict[str, dict] = {}
 
     def build(self) -> OpGraph:
         for init in self.graph_proto.initializer:
@@ -357,12 +360,13 @@ class _Builder:
                 readouts=(Readout(info.name),), shapes=(self._shape(info.name),), dtypes=(self._dtype(info.name),),
             ))
             self.source[info.name] = (node_id, 0)
-        for order, node in _topological(self.graph_proto.node):
-            self._add(node, order)
-        for node_id, op in list(self.graph.ops()):
-            if op.kind == "op":
-                readouts = tuple(self._readout(out) for out in op.outputs)
-                self.graph.nodes[node_id]["op"] = replace(op, readouts=readouts)
+        nodes = self.graph_proto.node
+        reads = [[*node.input, *outer_scope_reads(node)] for node in nodes]  # If/Loop/Scan bodies read outer values
+        for order, node in _topological(nodes, reads):
+            self._add(node, order, reads[order])
+        for node_id, fields in self.op_fields.items():
+            readouts = tuple(self._readout(out) for out in fields["outputs"])
+            self.graph.nodes[node_id]["op"] = Op(**fields, readouts=readouts)
         self.graph.graph["tensors"] = {
             name: ref for name, ref in self.source.items() if isinstance(ref, tuple)
         }
@@ -381,8 +385,9 @@ class _Builder:
                 found |= behind
         return frozenset(found)
 
-    def _add(self, node: onnx.NodeProto, order: int) -> None:
-        names = [*node.input, *outer_scope_reads(node)]  # If/Loop/Scan bodies read outer values
+    def _add(self, node: onnx.NodeProto, order: int, names: list[str]) -> None:
+        """Add ``node``, at position ``order`` in the model, reading ``names`` (its inputs,
+        then what its subgraphs read from outside)."""
         inputs = [self.source.get(name, CONST) if name else CONST for name in names]
         for position in MASK_INPUTS.get(node.op_type, ()):
             read = inputs[position] if position < len(inputs) else None
@@ -422,13 +427,14 @@ class _Builder:
         shape, when not ``node``'s)."""
         shapes = tuple(self._shape(out) for out in outputs)
         fingerprint, weight_shape = self._fingerprint(node) if weight is None else weight
-        self.graph.add_node(node_id, op=Op(
+        self.graph.add_node(node_id)  # its Op once its readouts are known (build)
+        self.op_fields[node_id] = dict(
             kind="op", name=node.name, op_type=node.op_type, role=role, order=order, sources=tuple(data),
-            outputs=outputs, readouts=(), shapes=shapes, dtypes=tuple(self._dtype(out) for out in outputs),
+            outputs=outputs, shapes=shapes, dtypes=tuple(self._dtype(out) for out in outputs),
             fingerprint=fingerprint, weight_shape=weight_shape, bias=_has_input(node, BIAS_INPUT.get(node.op_type)),
             perm=self._perm(node, shapes[0]) if node.op_type == "Transpose" else None,
             layout=_channels_last(node, shapes[0]),
-        ))
+        )
         for src, _ in dict.fromkeys(data):
             self.graph.add_edge(src, node_id)
         for index, out in enumerate(outputs):
@@ -451,8 +457,10 @@ class _Builder:
 
     def _accumulator_cast(self, node: onnx.NodeProto) -> bool:
         """Whether ``node`` casts the integer result of MatMulInteger/ConvInteger to float."""
-        produced_by = self.producer.get(node.input[0]) if node.input else None
-        return node.op_type == "Cast" and produced_by is not None and produced_by.op_type in INTEGER_OPS
+        if node.op_type != "Cast" or not node.input:
+            return False
+        produced_by = self.producer.get(node.input[0])
+        return produced_by is not None and produced_by.op_type in INTEGER_OPS
 
     def _readout(self, tensor: str) -> Readout:
         """Follow a value through its quantization shell to the last tensor holding it: the
@@ -463,21 +471,23 @@ class _Builder:
         current = tensor
         for _ in range(8):
             step = self._shell_consumer(current)
-            if step is None or (step.op_type == "DequantizeLinear" and self._qparams(current)[0] is not None):
+            if step is None:
                 break
+            if step.op_type == "DequantizeLinear":
+                qparams = self._qparams(current)
+                if qparams[0] is not None:
+                    return Readout(current, *qparams)
             current = step.output[0]
-        scale, zero_point, axis = self._qparams(current)
-        return Readout(current, scale, zero_point, axis)
+        return Readout(current, *self._qparams(current))
 
     def _shell_consumer(self, tensor: str) -> onnx.NodeProto | None:
         """The quantization-shell node that carries ``tensor`` on, if any (shell nodes are the
         ones that did not become graph nodes)."""
         for node in self.consumers.get(tensor, []):
-            carries = node.op_type == "Mul" or (node.input and node.input[0] == tensor)
-            plumbing = node.op_type in ("QuantizeLinear", "DequantizeLinear", "Mul") or self._accumulator_cast(node)
-            if carries and plumbing:
-                if not self.graph.has_node(node.name):
-                    return node
+            op_type = node.op_type
+            plumbing = op_type in ("QuantizeLinear", "DequantizeLinear", "Mul") or self._accumulator_cast(node)
+            if plumbing and (op_type == "Mul" or node.input[0] == tensor) and not self.graph.has_node(node.name):
+                return node
         return None
 
     def _qparams(self, tensor: str, depth: int = 0) -> tuple:
@@ -557,7 +567,6 @@ class _Builder:
         if node.op_type == "MatMulNBits":
             head = self._blocked_head(node)
             return (None, None) if head is None else (head, (_attr(node, "K"), _attr(node, "N")))
-        transposed = _attr(node, "transB") == 1  # Gemm computes x @ B.T
         if node.op_type in WEIGHT_QPARAMS:
             w_at, scale_at, zp_at = WEIGHT_QPARAMS[node.op_type]
             weight = self._weight(node.input[w_at]) if w_at < len(node.input) and node.input[w_at] else None
@@ -565,6 +574,7 @@ class _Builder:
                 return None, None
             zero_point = self._const(node, zp_at) if zp_at is not None else None
             zp = 0.0 if zero_point is None or zero_point.size != 1 else float(zero_point.ravel()[0])
+            transposed = _transposed(node)
             return _head(*weight, transposed) - zp, _oriented(weight[0].shape, transposed)
         candidates = [self._weight(name) for name in node.input if self.source.get(name) == CONST]
         weights = [
@@ -574,6 +584,7 @@ class _Builder:
         if not weights:
             return None, None
         array, readout = max(weights, key=lambda weight: weight[0].size)
+        transposed = _transposed(node)
         return _head(array, readout, transposed), _oriented(array.shape, transposed)
 
     def _blocked_head(self, node: onnx.NodeProto) -> np.ndarray | None:
@@ -652,19 +663,22 @@ def _head(array: np.ndarray, readout: Readout, transposed: bool) -> np.ndarray:
     return values.ravel()[:FINGERPRINT_SIZE].astype(np.float64)
 
 
+def _transposed(node: onnx.NodeProto) -> bool:
+    """Whether ``node`` reads its weight transposed: a Gemm with transB computes x @ B.T."""
+    return _attr(node, "transB") == 1
+
+
 def _oriented(shape: tuple, transposed: bool) -> tuple:
     """A weight's shape as ``_head`` samples it: a matrix's transposed when ``transposed``."""
     return tuple(reversed(shape)) if transposed and len(shape) == 2 else tuple(shape)
 
 
-def _topological(nodes) -> list[tuple[int, onnx.NodeProto]]:
-    """``(position, node)`` in an order where every node follows what it reads, subgraphs'
-    outer-scope reads included (files are sorted without them), and otherwise file order."""
+def _topological(nodes, reads: Sequence[Sequence[str]]) -> list[tuple[int, onnx.NodeProto]]:
+    """``(position, node)`` in an order where every node follows what it reads (``reads``, per
+    node: its inputs and its subgraphs' outer-scope reads, which files are sorted without),
+    and otherwise file order."""
     producer = producer_positions(nodes)
-    waits_on = [
-        {producer[name] for name in [*node.input, *outer_scope_reads(node)] if name in producer} - {i}
-        for i, node in enumerate(nodes)
-    ]
+    waits_on = [{producer[name] for name in names if name in producer} - {i} for i, names in enumerate(reads)]
     readers: dict[int, list[int]] = {}
     for i, needed in enumerate(waits_on):
         for j in needed:
