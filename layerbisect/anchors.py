@@ -25,7 +25,6 @@ and shape pair a weight that was changed (a fault) and the weights decide among 
 
 from __future__ import annotations
 
-import networkx as nx
 import numpy as np
 
 from layerbisect.graph import Op, OpGraph
@@ -46,8 +45,7 @@ KINDS = {"Conv": "Conv", "ConvTranspose": "ConvTranspose", "MatMul": "MatMul", "
 
 def weighted_sequence(graph: OpGraph) -> list[str]:
     """The weighted operations of ``graph`` in topological order (ties in model order)."""
-    order = nx.lexicographical_topological_sort(graph, key=lambda n: graph.op(n).order)
-    return [n for n in order if _kind(graph.op(n)) is not None]
+    return [n for n in graph.in_order() if _kind(graph.op(n)) is not None]
 
 
 def anchor_pairs(float_graph: OpGraph, quant_graph: OpGraph) -> dict[str, tuple[str, float]]:

@@ -175,6 +175,11 @@ class OpGraph(nx.DiGraph):
         for node, data in self.nodes(data=True):
             yield node, data["op"]
 
+    def in_order(self) -> Iterator[str]:
+        """The nodes in a topological order, ties broken by the model's order (networkx's
+        lexicographical topological sort)."""
+        return nx.lexicographical_topological_sort(self, key=lambda n: self.op(n).order)
+
     @property
     def tensors(self) -> Mapping[str, ValueRef]:
         """The ValueRef of each tensor that holds a data value, by name."""
